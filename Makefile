@@ -1,0 +1,39 @@
+# Every target does its own set-up: a fresh clone needs nothing but python3.11 and the network.
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-$(shell cat setup.py | md5sum | cut -c1-8)
+
+.PHONY: venv test test-fast parity demo bench clean
+
+venv: $(STAMP)
+
+$(STAMP): setup.py
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[torch,mindspore,dev]"
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+## The whole suite: unit tests, conformance with the official release, and the cross-backend parity suite.
+test: venv
+	$(PY) -m pytest -q tests
+
+## Everything but the slow tests.
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow" tests
+
+## Only the cross-backend parity suite.
+parity: venv
+	$(PY) -m pytest -q -m parity tests
+
+## The shipped Fashion-MNIST DVT on sample images.
+demo: venv
+	$(VENV)/bin/dvt demo
+
+bench: venv
+	$(PY) benchmarks/bench_early_exit.py
+	$(PY) benchmarks/bench_policy.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,162 @@
+"""The DVT cascade in PyTorch: stages of growing token grids, feature and relation reuse, early exit.
+
+Mirrors ``backends/mindspore/cascade.py``. ``DVT(spec)(images)`` returns one logits tensor per exit;
+``DVT.adaptive(images, thresholds)`` runs true early exit (the loop lives in dvt_core.early_exit).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from dvt_core.early_exit import AdaptiveResult, run_adaptive
+from dvt_core.errors import InputError, check_images_shape
+from dvt_core.specs import CascadeSpec, sinusoid_position_table
+
+from .layers import Block, GridResize, stage_reuse_modules
+from .tokenizers import build_tokenizer
+
+
+class Reuse(NamedTuple):
+    """What a stage hands to the next: its final tokens (pre-norm) and its attention logits."""
+
+    features: Optional[torch.Tensor]  # (B, N, C)
+    relations: Optional[torch.Tensor]  # (B, heads x depth, N, N)
+
+
+class Stage(nn.Module):
+    """One exit: a ViT / T2T-ViT at its own grid, reading what the previous stage left for reuse."""
+
+    def __init__(self, spec: CascadeSpec, index: int):
+        super().__init__()
+        st = spec.stages[index]
+        self.index = index
+        self.num_heads = st.num_heads
+        self.tokenizer = build_tokenizer(st, spec.in_chans)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, st.embed_dim))
+        if st.pos_embed == "sinusoid":  # fixed table, as in T2T-ViT; still part of the checkpoint
+            self.pos_embed = nn.Parameter(torch.from_numpy(sinusoid_position_table(st.num_tokens, st.embed_dim)),
+                                          requires_grad=False)
+        else:
+            self.pos_embed = nn.Parameter(torch.zeros(1, st.num_tokens, st.embed_dim))
+        feature_reuse, self.relation_reuse = stage_reuse_modules(spec, index)
+        reuse_dim = spec.feature_reuse_dim if feature_reuse else 0
+        dpr = np.linspace(0, spec.drop_path_rate, st.depth).tolist()
+        self.blocks = nn.ModuleList(
+            Block(st, reuse_dim, dpr[j], feature_reuse() if feature_reuse else None) for j in range(st.depth))
+        if feature_reuse:
+            self.feature_resize = GridResize(spec.stages[index - 1].grid, st.grid)
+        self.norm = nn.LayerNorm(st.embed_dim, eps=st.ln_eps)
+        self.head = nn.Linear(st.embed_dim, spec.num_classes)
+        self.has_feature_reuse = feature_reuse is not None
+
+    def _reused_features(self, prev: torch.Tensor) -> torch.Tensor:
+        """Every block's reused features, resampled once for the whole stage: (depth, B, N, reuse_dim).
+
+        Each block has its own MLP on the previous grid; one batched resize serves them all. The
+        class-token row stays zero, as in the official model.
+        """
+        f = torch.stack([blk.feature_reuse(prev)[:, 1:] for blk in self.blocks])  # (D, B, n, r)
+        f = self.feature_resize.tokens(f)  # (D, B, N-1, r)
+        return F.pad(f, (0, 0, 1, 0))  # zero class-token row
+
+    def forward(self, images: torch.Tensor, reuse: Optional[Reuse] = None, keep_relations: bool = True):
+        b = images.shape[0]
+        x = self.tokenizer(images)
+        x = torch.cat((self.cls_token.expand(b, -1, -1), x), dim=1) + self.pos_embed
+        feats = rels = None
+        if reuse is not None and self.has_feature_reuse:
+            feats = self._reused_features(reuse.features)
+        if reuse is not None and self.relation_reuse is not None:
+            rels = self.relation_reuse(reuse.relations)
+        h = self.num_heads
+        logits_per_block = []
+        for j, blk in enumerate(self.blocks):
+            x, logits = blk(x, None if feats is None else feats[j],
+                            None if rels is None else rels[:, j * h:(j + 1) * h])
+            if keep_relations:
+                logits_per_block.append(logits)
+        out = self.head(self.norm(x)[:, 0])
+        relations = torch.cat(logits_per_block, dim=1) if keep_relations else None
+        return out, Reuse(x, relations)
+
+
+class DVT(nn.Module):
+    """A Dynamic Vision Transformer: ``forward`` returns the logits of every exit, in exit order."""
+
+    def __init__(self, spec: CascadeSpec):
+        super().__init__()
+        self.spec = spec.validate()
+        self.stages = nn.ModuleList(Stage(spec, i) for i in range(spec.num_exits))
+        self.checkpoint_meta: dict = {}
+        self.reset_parameters()
+
+    # ---- initialisation (timm's ViT recipe) ----------------------------------------------------
+    def reset_parameters(self) -> None:
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        for st in self.stages:
+            nn.init.trunc_normal_(st.cls_token, std=0.02)
+            if st.pos_embed.requires_grad:
+                nn.init.trunc_normal_(st.pos_embed, std=0.02)
+
+    # ---- inference ---------------------------------------------------------------------------------
+    def check_images(self, images) -> None:
+        if not torch.is_tensor(images):
+            raise InputError(f"expected a torch.Tensor image batch, got {type(images).__name__}")
+        check_images_shape(images.shape, self.spec)
+
+    def run_stage(self, index: int, images: torch.Tensor, reuse: Optional[Reuse] = None):
+        """Logits of exit ``index`` and what the next stage reuses (None after the last)."""
+        last = index == len(self.stages) - 1
+        keep = not last and self.spec.relation_reuse
+        logits, out = self.stages[index](images, reuse, keep_relations=keep)
+        if last:
+            return logits, None
+        return logits, Reuse(out.features if self.spec.feature_reuse else None, out.relations)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        self.check_images(images)
+        outputs, reuse = [], None
+        for i in range(len(self.stages)):
+            logits, reuse = self.run_stage(i, images, reuse)
+            outputs.append(logits)
+        return tuple(outputs)
+
+    @torch.no_grad()
+    def adaptive(self, images: torch.Tensor, thresholds: Sequence[float], confidence: str = "max_softmax"
+                 ) -> AdaptiveResult:
+        """True early exit: an image leaves at the first exit whose confidence reaches its threshold.
+
+        Only the images that go on run the next stage, with their rows of the reused features and
+        attention logits. ``thresholds`` has one value per exit (the last is ignored) or one fewer.
+        """
+        from dvt_core.macs import exit_macs
+
+        self.check_images(images)
+
+        def select(imgs, reuse, rows):
+            idx = torch.as_tensor(rows, device=imgs.device)
+            picked = Reuse(*(None if t is None else t.index_select(0, idx) for t in reuse))
+            return imgs.index_select(0, idx), picked
+
+        return run_adaptive(self.run_stage, lambda t: t.detach().float().cpu().numpy(), select,
+                            images, images.shape[0], thresholds, exit_macs(self.spec), confidence)
+
+    # ---- training ----------------------------------------------------------------------------------
+    @staticmethod
+    def loss(outputs: Sequence[torch.Tensor], targets: torch.Tensor, weights: Optional[Sequence[float]] = None,
+             label_smoothing: float = 0.0) -> torch.Tensor:
+        """The paper's objective: the sum over exits of each exit's cross entropy."""
+        weights = weights or [1.0] * len(outputs)
+        return sum(w * F.cross_entropy(o, targets, label_smoothing=label_smoothing)
+                   for w, o in zip(weights, outputs))

@@ -1,0 +1,174 @@
+"""Transformer blocks and the two reuse modules of DVT, in PyTorch.
+
+Every width, epsilon and grid comes from a :class:`dvt_core.specs.StageSpec`; the resampling
+matrices come from :mod:`dvt_core.resample`. Mirrors ``backends/mindspore/layers.py``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from dvt_core.resample import resize_matrix
+from dvt_core.specs import CascadeSpec, StageSpec
+
+
+class Mlp(nn.Module):
+    """fc1 -> exact GELU -> fc2 (dropout after each, as in timm)."""
+
+    def __init__(self, in_features: int, hidden: int, out_features: int, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden)
+        self.act = nn.GELU()  # exact (erf) GELU, the spec's numerics
+        self.fc2 = nn.Linear(hidden, out_features)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop whole residual branches per sample while training."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention that also returns its pre-softmax logits (what relation reuse carries)."""
+
+    def __init__(self, stage: StageSpec):
+        super().__init__()
+        self.num_heads = stage.num_heads
+        self.scale = stage.head_dim ** -0.5
+        self.qkv = nn.Linear(stage.embed_dim, 3 * stage.embed_dim, bias=stage.qkv_bias)
+        self.proj = nn.Linear(stage.embed_dim, stage.embed_dim)
+
+    def forward(self, x: torch.Tensor, reused_logits: Optional[torch.Tensor] = None):
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        logits = (q @ k.transpose(-2, -1)) * self.scale
+        if reused_logits is not None:
+            logits = logits + reused_logits
+        x = (logits.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, n, c)
+        return self.proj(x), logits
+
+
+class FeatureReuse(nn.Module):
+    """Per-block MLP over the previous stage's final tokens (LayerNorm -> fc1 -> GELU -> fc2).
+
+    It runs on the previous (small) grid; the stage resamples all blocks' outputs at once.
+    """
+
+    def __init__(self, prev_dim: int, hidden: int, out_dim: int, ln_eps: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(prev_dim, eps=ln_eps)
+        self.fc1 = nn.Linear(prev_dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, out_dim)
+
+    def forward(self, prev_tokens: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(self.norm(prev_tokens))))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; with feature reuse, the MLP reads [tokens, reused features]."""
+
+    def __init__(self, stage: StageSpec, reuse_dim: int = 0, drop_path: float = 0.0,
+                 feature_reuse: Optional[FeatureReuse] = None):
+        super().__init__()
+        dim = stage.embed_dim
+        self.norm1 = nn.LayerNorm(dim, eps=stage.ln_eps)
+        self.attn = Attention(stage)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim + reuse_dim, eps=stage.ln_eps)
+        self.mlp = Mlp(dim + reuse_dim, stage.mlp_hidden, dim)
+        if feature_reuse is not None:
+            self.feature_reuse = feature_reuse
+
+    def forward(self, x: torch.Tensor, reused_features: Optional[torch.Tensor] = None,
+                reused_logits: Optional[torch.Tensor] = None):
+        y, logits = self.attn(self.norm1(x), reused_logits)
+        x = x + self.drop_path(y)
+        h = x if reused_features is None else torch.cat((x, reused_features), dim=2)
+        x = x + self.drop_path(self.mlp(self.norm2(h)))
+        return x, logits
+
+
+class GridResize(nn.Module):
+    """The reuse resize from one token grid to another, as two small matrix products per axis.
+
+    Equal to the official nearest-upsample + adaptive-average-pool chain (see dvt_core.resample).
+    The class token is never resampled: callers split it off.
+    """
+
+    def __init__(self, old: int, new: int):
+        super().__init__()
+        self.old, self.new = old, new
+        self.register_buffer("matrix", torch.from_numpy(resize_matrix(old, new)), persistent=False)
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., old*old, C) grid tokens -> (..., new*new, C)."""
+        lead, c = x.shape[:-2], x.shape[-1]
+        r = self.matrix
+        x = x.reshape(*lead, self.old, self.old, c)
+        x = r @ x  # along columns: (..., old, new, C)
+        x = r @ x.reshape(*lead, self.old, self.new * c)  # along rows: (..., new, new*C)
+        return x.reshape(*lead, self.new * self.new, c)
+
+    def keys(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., old*old) along the last axis -> (..., new*new)."""
+        lead = x.shape[:-1]
+        r = self.matrix
+        x = x.reshape(*lead, self.old, self.old) @ r.t()  # columns: (..., old, new)
+        x = r @ x  # rows: (..., new, new)
+        return x.reshape(*lead, self.new * self.new)
+
+
+class RelationReuse(nn.Module):
+    """Mixes the previous stage's attention logits (1x1-conv MLP over heads x depth) and resizes them.
+
+    The mixing runs on the small grid, before resampling (the cheap order). Output: the logits to add
+    to every block's attention, (B, heads x depth, N, N) on this stage's grid, class token kept apart.
+    """
+
+    def __init__(self, prev_channels: int, channels: int, expand: int, prev_grid: int, grid: int):
+        super().__init__()
+        self.expand = nn.Conv2d(prev_channels, channels * expand, kernel_size=1)
+        self.act = nn.GELU()
+        self.reduce = nn.Conv2d(channels * expand, channels, kernel_size=1)
+        self.resize = GridResize(prev_grid, grid)
+
+    def forward(self, prev_logits: torch.Tensor) -> torch.Tensor:
+        r = self.reduce(self.act(self.expand(prev_logits)))  # (B, C, n, n) on the previous grid
+        # keys axis (every query row, class-token column kept)
+        r = torch.cat((r[..., :1], self.resize.keys(r[..., 1:])), dim=-1)
+        # queries axis (class-token row kept): transpose so queries are last, resize, transpose back
+        rt = r.transpose(-1, -2)
+        rt = torch.cat((rt[..., :1], self.resize.keys(rt[..., 1:])), dim=-1)
+        return rt.transpose(-1, -2)
+
+
+def stage_reuse_modules(spec: CascadeSpec, index: int):
+    """(FeatureReuse factory or None, RelationReuse or None) for stage ``index`` of ``spec``."""
+    stage = spec.stages[index]
+    prev = spec.stages[index - 1] if index > 0 else None
+    relation = None
+    if spec.uses_relation_reuse(index):
+        relation = RelationReuse(prev.relation_channels, stage.relation_channels, spec.relation_reuse_expand,
+                                 prev.grid, stage.grid)
+    feature = None
+    if spec.uses_feature_reuse(index):
+        def feature():
+            return FeatureReuse(prev.embed_dim, spec.feature_reuse_hidden, spec.feature_reuse_dim, stage.ln_eps)
+    return feature, relation

@@ -1,0 +1,64 @@
+"""``build``: a spec (or zoo name) plus optional weights -> a backend model, importing only that backend."""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Optional, Union
+
+from .checkpoints import Checkpoint, read_checkpoint
+from .errors import CheckpointError, InputError
+from .specs import CascadeSpec
+from .zoo import get_spec
+
+BACKENDS = ("torch", "mindspore")
+
+
+def get_backend(name: str):
+    """The backend module ``backends.<name>``, imported on first use."""
+    if name not in BACKENDS:
+        raise InputError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    try:
+        return importlib.import_module(f"backends.{name}")
+    except ImportError as exc:
+        raise InputError(f"the {name} backend needs the {name} package ({exc}); "
+                         f"install it with: pip install 'dvt[{name}]'") from None
+
+
+def resolve_spec(name_or_spec: Union[str, CascadeSpec, None], ckpt: Optional[Checkpoint], **overrides) -> CascadeSpec:
+    """The spec to build: the checkpoint's own when it carries one, else the zoo entry; plus overrides."""
+    meta_spec = (ckpt.meta or {}).get("spec") if ckpt is not None else None
+    if meta_spec is not None:
+        saved = CascadeSpec.from_dict(meta_spec)
+        wanted = name_or_spec.name if isinstance(name_or_spec, CascadeSpec) else name_or_spec
+        arch = ckpt.meta.get("arch", saved.name)
+        if wanted is not None and wanted not in (arch, saved.name):
+            raise CheckpointError(f"{ckpt.path} holds weights of {arch}, not {wanted}")
+        return get_spec(saved, **overrides)
+    if name_or_spec is None:
+        raise InputError("name a model (its checkpoint carries no architecture)")
+    return get_spec(name_or_spec, **overrides)
+
+
+def build(name_or_spec: Union[str, CascadeSpec, None] = None, backend: str = "torch",
+          weights: Union[str, Path, None] = None, **overrides):
+    """Build a DVT for ``backend`` ("torch" or "mindspore").
+
+    ``weights`` is a path to an official release ``.pth.tar``, a torch state dict, a ``.safetensors``
+    or a MindSpore ``.ckpt`` (recognised from the content), or ``"default"`` for the weights this
+    project ships for that model. The checkpoint's metadata is kept as ``model.checkpoint_meta``.
+    """
+    ckpt = None
+    if weights is not None:
+        if str(weights) == "default":
+            from .weights import default_weights_path
+
+            name = name_or_spec.name if isinstance(name_or_spec, CascadeSpec) else name_or_spec
+            weights = default_weights_path(name)
+        ckpt = read_checkpoint(weights)
+    spec = resolve_spec(name_or_spec, ckpt, **overrides)
+    mod = get_backend(backend)
+    model = mod.build_model(spec)
+    if ckpt is not None:
+        mod.load_state(model, ckpt.canonical_state(spec.num_exits), source=str(weights))
+        model.checkpoint_meta = dict(ckpt.meta)
+    return model

@@ -1,0 +1,53 @@
+"""Errors a user can cause. Each names the problem; the CLI prints its message as one line, exit 2."""
+from __future__ import annotations
+
+from .specs import SpecError
+
+
+class DVTError(ValueError):
+    """Base class of user-facing errors that are not spec errors."""
+
+
+class InputError(DVTError):
+    """An image batch that does not fit the model (rank, channels, size) or bad call arguments."""
+
+
+class CheckpointError(DVTError):
+    """A file that is not a usable checkpoint for the requested model."""
+
+    def __init__(self, message: str, missing=(), unexpected=(), mismatched=()):
+        self.missing = list(missing)
+        self.unexpected = list(unexpected)
+        self.mismatched = list(mismatched)
+        super().__init__(message)
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A pickle that would run code when loaded: refused, never executed."""
+
+
+def check_images_shape(shape, spec) -> None:
+    """Raise InputError unless ``shape`` is (B, in_chans, img_size, img_size) for ``spec``."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 4:
+        raise InputError(f"{spec.name} expects an image batch shaped (B, C, H, W); got rank {len(shape)} "
+                         f"shape {shape}")
+    b, c, h, w = shape
+    if c != spec.in_chans:
+        raise InputError(f"{spec.name} expects {spec.in_chans} channel(s); the batch has {c} (shape {shape})")
+    if (h, w) != (spec.img_size, spec.img_size):
+        raise InputError(f"{spec.name} expects {spec.img_size}x{spec.img_size} images; got {h}x{w}")
+    if b < 1:
+        raise InputError(f"empty image batch (shape {shape})")
+
+
+def list_problems(missing, unexpected, mismatched, limit: int = 12) -> str:
+    """One readable line listing key problems of a state dict."""
+    parts = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("mismatched", mismatched)):
+        items = list(items)
+        if items:
+            shown = ", ".join(str(i) for i in items[:limit])
+            more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
+            parts.append(f"{len(items)} {label}: {shown}{more}")
+    return "; ".join(parts)

@@ -1,0 +1,66 @@
+"""Resampling plans for feature and relationship reuse, computed once from two token grids.
+
+The official code moves a previous stage's token maps onto the next stage's grid with nearest
+upsampling to an intermediate size followed by adaptive average pooling (7x7 -> 14x14 -> 10x10 and
+10x10 -> 20x20 -> 14x14). Both operations are separable, fixed linear maps, so the whole resize is one
+small ``(new_grid, old_grid)`` matrix per axis. A backend applies it as two matrix products instead
+of upsample / pool / reshape chains (see README, "Performance").
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import numpy as np
+
+
+def intermediate_size(old: int, new: int) -> int:
+    """Size the official code upsamples to before pooling: twice the old grid (never below the new one).
+
+    This reproduces the official constants (7 -> 14 -> 10, 10 -> 20 -> 14, and 7 -> 14 directly for the
+    two-exit MindSpore release) and extends them to any pair of grids.
+    """
+    return max(2 * old, new)
+
+
+def nearest_matrix(old: int, new: int) -> np.ndarray:
+    """``(new, old)`` matrix of nearest-neighbour resizing (source index floor(i * old / new))."""
+    m = np.zeros((new, old), dtype=np.float64)
+    scale = old / new
+    for i in range(new):
+        m[i, min(int(math.floor(i * scale)), old - 1)] = 1.0
+    return m
+
+
+def adaptive_avg_matrix(old: int, new: int) -> np.ndarray:
+    """``(new, old)`` matrix of adaptive average pooling (bins [floor(i*old/new), ceil((i+1)*old/new)))."""
+    m = np.zeros((new, old), dtype=np.float64)
+    for i in range(new):
+        start = (i * old) // new
+        end = -((-(i + 1) * old) // new)
+        m[i, start:end] = 1.0 / (end - start)
+    return m
+
+
+@lru_cache(maxsize=None)
+def _resize_matrix(old: int, new: int) -> np.ndarray:
+    mid = intermediate_size(old, new)
+    out = adaptive_avg_matrix(mid, new) @ nearest_matrix(old, mid)
+    out.setflags(write=False)
+    return out
+
+
+def resize_matrix(old: int, new: int, dtype=np.float32) -> np.ndarray:
+    """``(new, old)`` per-axis matrix of the reuse resize from an ``old`` to a ``new`` token grid."""
+    if old < 1 or new < 1:
+        raise ValueError(f"grids must be positive, got {old} -> {new}")
+    return _resize_matrix(int(old), int(new)).astype(dtype)
+
+
+def resize_macs(rows: int, old: int, new: int, channels_last: int = 1) -> int:
+    """MACs of applying the per-axis matrix to ``rows`` maps of ``old x old`` (x ``channels_last``).
+
+    Along the second axis first (old -> new over ``old`` rows), then the first (old -> new over ``new``
+    columns): ``rows * channels_last * (old*new*old + new*old*new)``.
+    """
+    return rows * channels_last * (old * new * old + new * old * new)

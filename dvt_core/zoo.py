@@ -1,0 +1,132 @@
+"""The model zoo: named cascade specs, ``list_models`` and ``get_spec``.
+
+Entries reproduce the official DVT releases literally (grids, tokenizer geometry, LayerNorm eps).
+Everything a user changes goes through :func:`get_spec`'s overrides, which re-validate.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Union
+
+from .specs import CascadeSpec, SpecError, StageSpec, T2TSpec, apply_overrides
+
+_REGISTRY: dict[str, Callable[[], CascadeSpec]] = {}
+
+
+def register(fn: Callable[[], CascadeSpec]) -> Callable[[], CascadeSpec]:
+    name = fn.__name__
+    if name in _REGISTRY:
+        raise ValueError(f"model {name!r} registered twice")
+    _REGISTRY[name] = fn
+    return fn
+
+
+def list_models(pattern: str = "") -> list[str]:
+    """Registered model names, sorted; ``pattern`` keeps names containing it."""
+    return sorted(n for n in _REGISTRY if pattern in n)
+
+
+def get_spec(name_or_spec: Union[str, CascadeSpec], **overrides) -> CascadeSpec:
+    """The spec of a zoo model (or a given spec) with ``overrides`` applied and validated."""
+    if isinstance(name_or_spec, CascadeSpec):
+        return apply_overrides(name_or_spec, **overrides)
+    if not isinstance(name_or_spec, str):
+        raise TypeError(f"expected a model name or a CascadeSpec, got {type(name_or_spec).__name__}")
+    if name_or_spec not in _REGISTRY:
+        import difflib
+
+        close = difflib.get_close_matches(name_or_spec, list(_REGISTRY), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(list_models())}"
+        raise SpecError(f"unknown model {name_or_spec!r}{hint}")
+    return apply_overrides(_REGISTRY[name_or_spec](), **overrides)
+
+
+# ---- T2T-ViT ----------------------------------------------------------------------------------
+# The official DVT T2T-ViT exits: tokens-to-token first soft split (kernel, stride, padding) per grid.
+_T2T_SPLITS_224 = {7: (14, 8, 3), 10: (11, 6, 5), 14: (7, 4, 2)}
+
+
+def _t2t_stage(grid: int, embed_dim: int, depth: int, num_heads: int, mlp_ratio: float) -> StageSpec:
+    k, s, p = _T2T_SPLITS_224[grid]
+    t2t = T2TSpec(kernels=(k, 3, 3), strides=(s, 2, 2), paddings=(p, 1, 1), token_dim=64, token_type="performer")
+    return StageSpec(family="t2t", embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
+                     grid=grid, qkv_bias=False, ln_eps=1e-5, pos_embed="sinusoid", t2t=t2t)
+
+
+def _dvt_t2t(name: str, embed_dim: int, depth: int, num_heads: int, mlp_ratio: float) -> CascadeSpec:
+    stages = tuple(_t2t_stage(g, embed_dim, depth, num_heads, mlp_ratio) for g in (7, 10, 14))
+    return CascadeSpec(name=name, stages=stages)
+
+
+@register
+def dvt_t2t_vit_7():
+    return _dvt_t2t("dvt_t2t_vit_7", 256, 7, 4, 2.0)
+
+
+@register
+def dvt_t2t_vit_10():
+    return _dvt_t2t("dvt_t2t_vit_10", 256, 10, 4, 2.0)
+
+
+@register
+def dvt_t2t_vit_12():
+    return _dvt_t2t("dvt_t2t_vit_12", 256, 12, 4, 2.0)
+
+
+@register
+def dvt_t2t_vit_14():
+    return _dvt_t2t("dvt_t2t_vit_14", 384, 14, 6, 3.0)
+
+
+@register
+def dvt_t2t_vit_19():
+    return _dvt_t2t("dvt_t2t_vit_19", 448, 19, 7, 3.0)
+
+
+@register
+def dvt_t2t_vit_24():
+    return _dvt_t2t("dvt_t2t_vit_24", 512, 24, 8, 3.0)
+
+
+# ---- ViT / DeiT ---------------------------------------------------------------------------------
+# Official DVT DeiT exits at 224 px: patch (kernel = stride, padding) per grid.
+_VIT_PATCHES_224 = {7: (32, 0), 10: (23, 3), 14: (16, 0)}
+
+
+def _vit_stage(grid: int, embed_dim: int, depth: int, num_heads: int) -> StageSpec:
+    k, p = _VIT_PATCHES_224[grid]
+    return StageSpec(family="vit", embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=4.0,
+                     grid=grid, qkv_bias=True, ln_eps=1e-6, pos_embed="learned",
+                     patch_kernel=k, patch_stride=k, patch_padding=p)
+
+
+def _dvt_vit(name: str, embed_dim: int, depth: int, num_heads: int, grids=(7, 10, 14)) -> CascadeSpec:
+    return CascadeSpec(name=name, stages=tuple(_vit_stage(g, embed_dim, depth, num_heads) for g in grids))
+
+
+@register
+def dvt_deit_tiny():
+    return _dvt_vit("dvt_deit_tiny", 192, 12, 3)
+
+
+@register
+def dvt_deit_small():
+    return _dvt_vit("dvt_deit_small", 384, 12, 6)
+
+
+@register
+def dvt_deit_base():
+    return _dvt_vit("dvt_deit_base", 768, 12, 12)
+
+
+@register
+def dvt_vit_base():
+    """Two exits, 7x7 then 14x14 tokens: the shape of the MindSpore DVT release."""
+    return _dvt_vit("dvt_vit_base", 768, 12, 12, grids=(7, 14))
+
+
+def static_spec(spec: CascadeSpec, exit_index: int, name: str | None = None) -> CascadeSpec:
+    """A single-exit (static) model made of one stage of ``spec``: the baseline at that grid."""
+    st = spec.stages[exit_index]
+    return dataclasses.replace(spec, name=name or f"{spec.name}_static_{st.grid}x{st.grid}", stages=(st,),
+                               feature_reuse=False, relation_reuse=False).validate()

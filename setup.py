@@ -1,0 +1,26 @@
+"""dvt: Dynamic Vision Transformer for PyTorch and MindSpore, behind one API."""
+from setuptools import find_packages, setup
+
+# torch is pinned to the CPU build this project is tested with; a looser requirement lets pip pick a
+# multi-GB CUDA build. MindSpore 2.x needs numpy < 2 (with numpy 2 every op fails to import).
+TORCH = ["torch==2.13.0"]
+MINDSPORE = ["mindspore==2.10.0", "numpy<2"]
+
+setup(
+    name="dvt",
+    version="0.1.0",
+    description="Dynamic Vision Transformer (NeurIPS 2021): one API, PyTorch and MindSpore backends, true early exit",
+    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["dvt_core", "dvt_core.*", "backends", "backends.*"]),
+    package_data={"dvt_core": ["assets/*", "*.yaml"]},
+    data_files=[],
+    install_requires=["numpy<2", "pyyaml>=6", "safetensors>=0.4", "tqdm>=4.60", "pillow>=9", "matplotlib>=3.6"],
+    extras_require={
+        "torch": TORCH,
+        "mindspore": MINDSPORE,
+        "dev": ["pytest>=7"],
+    },
+    entry_points={"console_scripts": ["dvt=dvt_core.cli:main"]},
+)

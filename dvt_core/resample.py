@@ -64,3 +64,31 @@ def resize_macs(rows: int, old: int, new: int, channels_last: int = 1) -> int:
     columns): ``rows * channels_last * (old*new*old + new*old*new)``.
     """
     return rows * channels_last * (old * new * old + new * old * new)
+
+
+@lru_cache(maxsize=None)
+def _token_matrix(old: int, new: int, class_token: str) -> np.ndarray:
+    r = _resize_matrix(old, new)
+    grid = np.kron(r, r)  # row-major token order: (new*new, old*old)
+    m = np.zeros((new * new + 1, old * old + 1))
+    m[1:, 1:] = grid
+    if class_token == "keep":
+        m[0, 0] = 1.0
+    m.setflags(write=False)
+    return m
+
+
+def token_resize_matrix(old: int, new: int, class_token: str = "keep", dtype=np.float32) -> np.ndarray:
+    """``(new*new + 1, old*old + 1)`` matrix moving a token sequence (class token first) between grids.
+
+    ``class_token="keep"`` carries the class token over unchanged (relation reuse: its row and column
+    of the attention logits are kept apart from the resize); ``"zero"`` gives it a zero row (feature
+    reuse: the official model appends zeros for the class token). Applied as one matrix product per
+    token axis: measured on a 2-core CPU, one product with this matrix beats two per-axis products
+    plus the slicing and concatenation the class token would need (see README, Performance).
+    """
+    if class_token not in ("keep", "zero"):
+        raise ValueError(f"class_token must be 'keep' or 'zero', got {class_token!r}")
+    if old < 1 or new < 1:
+        raise ValueError(f"grids must be positive, got {old} -> {new}")
+    return _token_matrix(int(old), int(new), class_token).astype(dtype)

@@ -16,7 +16,7 @@ from dvt_core.early_exit import AdaptiveResult, run_adaptive
 from dvt_core.errors import InputError, check_images_shape
 from dvt_core.specs import CascadeSpec, sinusoid_position_table
 
-from .layers import Block, GridResize, stage_reuse_modules
+from .layers import Block, TokenResize, stage_reuse_modules
 from .tokenizers import build_tokenizer
 
 
@@ -48,7 +48,7 @@ class Stage(nn.Module):
         self.blocks = nn.ModuleList(
             Block(st, reuse_dim, dpr[j], feature_reuse() if feature_reuse else None) for j in range(st.depth))
         if feature_reuse:
-            self.feature_resize = GridResize(spec.stages[index - 1].grid, st.grid)
+            self.feature_resize = TokenResize(spec.stages[index - 1].grid, st.grid, "zero")
         self.norm = nn.LayerNorm(st.embed_dim, eps=st.ln_eps)
         self.head = nn.Linear(st.embed_dim, spec.num_classes)
         self.has_feature_reuse = feature_reuse is not None
@@ -59,9 +59,8 @@ class Stage(nn.Module):
         Each block has its own MLP on the previous grid; one batched resize serves them all. The
         class-token row stays zero, as in the official model.
         """
-        f = torch.stack([blk.feature_reuse(prev)[:, 1:] for blk in self.blocks])  # (D, B, n, r)
-        f = self.feature_resize.tokens(f)  # (D, B, N-1, r)
-        return F.pad(f, (0, 0, 1, 0))  # zero class-token row
+        f = torch.stack([blk.feature_reuse(prev) for blk in self.blocks])  # (D, B, n, r)
+        return self.feature_resize(f)  # (D, B, N, r), class-token row zero
 
     def forward(self, images: torch.Tensor, reuse: Optional[Reuse] = None, keep_relations: bool = True):
         b = images.shape[0]

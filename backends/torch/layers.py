@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from dvt_core.resample import resize_matrix
+from dvt_core.resample import token_resize_matrix
 from dvt_core.specs import CascadeSpec, StageSpec
 
 
@@ -105,41 +105,30 @@ class Block(nn.Module):
         return x, logits
 
 
-class GridResize(nn.Module):
-    """The reuse resize from one token grid to another, as two small matrix products per axis.
+class TokenResize(nn.Module):
+    """Moves token sequences (class token first) from one grid to another: ``matrix @ tokens``.
 
-    Equal to the official nearest-upsample + adaptive-average-pool chain (see dvt_core.resample).
-    The class token is never resampled: callers split it off.
+    The matrix comes from dvt_core.resample and equals the official nearest-upsample +
+    adaptive-average-pool chain on the grid tokens; ``class_token`` says whether the class token is
+    carried over ("keep", relation reuse) or zeroed ("zero", feature reuse).
     """
 
-    def __init__(self, old: int, new: int):
+    def __init__(self, old: int, new: int, class_token: str):
         super().__init__()
-        self.old, self.new = old, new
-        self.register_buffer("matrix", torch.from_numpy(resize_matrix(old, new)), persistent=False)
+        self.register_buffer("matrix", torch.from_numpy(token_resize_matrix(old, new, class_token)),
+                             persistent=False)
 
-    def tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., old*old, C) grid tokens -> (..., new*new, C)."""
-        lead, c = x.shape[:-2], x.shape[-1]
-        r = self.matrix
-        x = x.reshape(*lead, self.old, self.old, c)
-        x = r @ x  # along columns: (..., old, new, C)
-        x = r @ x.reshape(*lead, self.old, self.new * c)  # along rows: (..., new, new*C)
-        return x.reshape(*lead, self.new * self.new, c)
-
-    def keys(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., old*old) along the last axis -> (..., new*new)."""
-        lead = x.shape[:-1]
-        r = self.matrix
-        x = x.reshape(*lead, self.old, self.old) @ r.t()  # columns: (..., old, new)
-        x = r @ x  # rows: (..., new, new)
-        return x.reshape(*lead, self.new * self.new)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., n_old, C) -> (..., n_new, C)."""
+        return torch.matmul(self.matrix, x)
 
 
 class RelationReuse(nn.Module):
     """Mixes the previous stage's attention logits (1x1-conv MLP over heads x depth) and resizes them.
 
-    The mixing runs on the small grid, before resampling (the cheap order). Output: the logits to add
-    to every block's attention, (B, heads x depth, N, N) on this stage's grid, class token kept apart.
+    The mixing runs on the small grid, before resampling (the cheap order), as matrix products over
+    the channel axis (faster than a 1x1 convolution on CPU; the weights keep the conv layout of the
+    official checkpoints). Output: (B, heads x depth, N, N) logits on this stage's grid.
     """
 
     def __init__(self, prev_channels: int, channels: int, expand: int, prev_grid: int, grid: int):
@@ -147,16 +136,19 @@ class RelationReuse(nn.Module):
         self.expand = nn.Conv2d(prev_channels, channels * expand, kernel_size=1)
         self.act = nn.GELU()
         self.reduce = nn.Conv2d(channels * expand, channels, kernel_size=1)
-        self.resize = GridResize(prev_grid, grid)
+        self.resize = TokenResize(prev_grid, grid, "keep")
+
+    @staticmethod
+    def _mix(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+        # (B, C_in, L) -> (B, C_out, L): a 1x1 convolution as one matrix product per image
+        return torch.matmul(conv.weight.flatten(1), x) + conv.bias[:, None]
 
     def forward(self, prev_logits: torch.Tensor) -> torch.Tensor:
-        r = self.reduce(self.act(self.expand(prev_logits)))  # (B, C, n, n) on the previous grid
-        # keys axis (every query row, class-token column kept)
-        r = torch.cat((r[..., :1], self.resize.keys(r[..., 1:])), dim=-1)
-        # queries axis (class-token row kept): transpose so queries are last, resize, transpose back
-        rt = r.transpose(-1, -2)
-        rt = torch.cat((rt[..., :1], self.resize.keys(rt[..., 1:])), dim=-1)
-        return rt.transpose(-1, -2)
+        b, c, n, _ = prev_logits.shape
+        r = self._mix(self.reduce, self.act(self._mix(self.expand, prev_logits.reshape(b, c, n * n))))
+        r = r.reshape(b, -1, n, n)
+        m = self.resize.matrix
+        return torch.matmul(m, torch.matmul(r, m.t()))  # keys axis, then queries axis
 
 
 def stage_reuse_modules(spec: CascadeSpec, index: int):

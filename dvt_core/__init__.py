@@ -25,7 +25,7 @@ build.__doc__ = """Build a DVT for a backend; see :func:`dvt_core.builder.build`
 
 def __getattr__(name):
     # Submodules with heavier imports load on first use.
-    if name in ("exit_macs", "stage_macs", "stage_params", "macs_table"):
+    if name in ("exit_macs", "stage_macs", "stage_params", "exit_params", "macs_table"):
         from . import macs
 
         return getattr(macs, name)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ import numpy as np
 from .errors import CheckpointError, UnsafeCheckpointError
 from .naming import canonical_to_mindspore, is_official_layout, mindspore_to_canonical, rename_official
 
+_MS_META_KEY, _MS_SHAPES_KEY = "dvt_meta", "dvt_shapes"  # append_dict entries of a MindSpore .ckpt
 OFFICIAL_META_KEYS = ("flops", "anytime_classification", "dynamic_threshold", "budgeted_batch_classification")
 FORMATS = ("official", "torch", "safetensors", "mindspore")
 
@@ -101,6 +103,38 @@ def _numpy_safe_globals():
     return out
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_CODE_OPS = {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "NEWOBJ", "NEWOBJ_EX", "REDUCE", "BUILD"}
+
+
+def _pickle_payloads(path: Path) -> list[bytes]:
+    """The pickle bytes of a torch file: ``data.pkl`` inside the zip, or the raw file."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as zf:
+            return [zf.read(n) for n in zf.namelist() if n.endswith(".pkl")]
+    return [path.read_bytes()]
+
+
+def _referenced_globals(path: Path) -> Optional[list[str]]:
+    """Globals a pickle would import, read with pickletools (nothing is executed); None if unreadable."""
+    import pickletools
+
+    found = []
+    try:
+        for payload in _pickle_payloads(path):
+            strings = []
+            for op, arg, _ in pickletools.genops(payload):
+                if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "STRING", "BINSTRING"):
+                    strings.append(str(arg))
+                elif op.name == "GLOBAL":
+                    found.append(str(arg).replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    found.append(f"{strings[-2]}.{strings[-1]}")
+    except Exception:  # truncated or not a pickle: the caller reports corruption
+        return None
+    return found
+
+
 def _torch_load(path: Path):
     import pickle
 
@@ -110,14 +144,20 @@ def _torch_load(path: Path):
         with torch.serialization.safe_globals(_numpy_safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else "unpickling refused"
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc) or "GLOBAL" in str(exc):
+        text = _ANSI.sub("", str(exc))
+        blocked = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        refs = _referenced_globals(path)
+        foreign = [g for g in (refs or []) if not g.startswith(("torch.", "collections.OrderedDict", "numpy."))]
+        if blocked or foreign:
+            what = blocked.group(1) if blocked else ", ".join(sorted(set(foreign))[:3])
             raise UnsafeCheckpointError(
-                f"{path}: refused to load: the pickle references code outside plain tensors and data "
-                f"({msg}). Only weights are loaded, never arbitrary objects") from None
-        raise CheckpointError(f"{path} is not a readable torch checkpoint ({msg})") from None
+                f"{path}: refused to load: its pickle would import {what}, which is code, not weights "
+                "(only tensors and plain data are ever unpickled)") from None
+        first = next((ln.strip() for ln in text.splitlines() if ln.strip() and "weights_only" not in ln), "")
+        raise CheckpointError(f"{path} is not a readable torch checkpoint (truncated or corrupt"
+                              f"{': ' + first if first else ''})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        first = _ANSI.sub("", str(exc)).splitlines()[0] if str(exc) else type(exc).__name__
         raise CheckpointError(f"{path} is not a readable torch checkpoint (truncated or corrupt: {first})") from None
 
 
@@ -209,14 +249,26 @@ def _read_mindspore(path: Path) -> Checkpoint:
         raise CheckpointError(f"{path} is not a readable MindSpore checkpoint "
                               f"({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})"
                               ) from None
-    meta, state = {}, {}
-    for name, value in params.items():
-        if name == "dvt_meta":
-            meta = json.loads(value if isinstance(value, str) else str(value))
-            continue
-        if isinstance(value, (str, int, float, bool)):
-            continue
-        state[mindspore_to_canonical(name)] = value.asnumpy()
+    meta, shapes, state = {}, {}, {}
+    try:
+        for name, value in params.items():
+            if name in (_MS_META_KEY, _MS_SHAPES_KEY):
+                decoded = json.loads(value if isinstance(value, str) else str(value))
+                if name == _MS_META_KEY:
+                    meta = decoded
+                else:
+                    shapes = decoded
+                continue
+            if isinstance(value, (str, int, float, bool)):
+                continue  # other append_dict entries (epoch_num, step_num, ...)
+            state[mindspore_to_canonical(name)] = value.asnumpy()
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{path}: its {_MS_META_KEY!r} metadata is not valid JSON") from None
+    # MindSpore stores a 0-d tensor as shape (1,); the writer records every shape to undo that.
+    for name, shape in shapes.items():
+        k = mindspore_to_canonical(name)
+        if k in state and tuple(state[k].shape) != tuple(shape) and state[k].size == int(np.prod(shape)):
+            state[k] = state[k].reshape(shape)
     return Checkpoint(state, meta, "mindspore", "canonical")
 
 
@@ -285,8 +337,20 @@ def _write_mindspore(tmp: Path, state, meta) -> None:
         import mindspore as ms
     except ImportError:
         raise CheckpointError("writing a MindSpore checkpoint needs mindspore (pip install 'dvt[mindspore]')") from None
-    params = [{"name": canonical_to_mindspore(k), "data": ms.Tensor(v)} for k, v in state.items()]
+    names = {k: canonical_to_mindspore(k) for k in state}
+    clash = sorted({n for n in names.values() if list(names.values()).count(n) > 1} & set(names.values()))
+    reserved = sorted(set(names.values()) & {_MS_META_KEY, _MS_SHAPES_KEY})
+    if clash or reserved:
+        raise CheckpointError(f"cannot write a MindSpore checkpoint: parameter names {clash or reserved} "
+                              "collide after renaming for MindSpore")
+    params = [{"name": names[k], "data": ms.Tensor(v)} for k, v in state.items()]
+    shapes = {names[k]: list(np.shape(v)) for k, v in state.items()}
     # MindSpore appends ".ckpt" to names without it; the temporary name has none, so write beside it.
     target = str(tmp) + ".ckpt"
-    ms.save_checkpoint(params, target, append_dict={"dvt_meta": json.dumps(meta)})
-    os.replace(target, tmp)
+    try:
+        ms.save_checkpoint(params, target, append_dict={_MS_META_KEY: json.dumps(meta),
+                                                         _MS_SHAPES_KEY: json.dumps(shapes)})
+        os.replace(target, tmp)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(target)

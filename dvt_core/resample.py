@@ -57,15 +57,6 @@ def resize_matrix(old: int, new: int, dtype=np.float32) -> np.ndarray:
     return _resize_matrix(int(old), int(new)).astype(dtype)
 
 
-def resize_macs(rows: int, old: int, new: int, channels_last: int = 1) -> int:
-    """MACs of applying the per-axis matrix to ``rows`` maps of ``old x old`` (x ``channels_last``).
-
-    Along the second axis first (old -> new over ``old`` rows), then the first (old -> new over ``new``
-    columns): ``rows * channels_last * (old*new*old + new*old*new)``.
-    """
-    return rows * channels_last * (old * new * old + new * old * new)
-
-
 @lru_cache(maxsize=None)
 def _token_matrix(old: int, new: int, class_token: str) -> np.ndarray:
     r = _resize_matrix(old, new)

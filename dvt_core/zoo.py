@@ -130,3 +130,47 @@ def static_spec(spec: CascadeSpec, exit_index: int, name: str | None = None) -> 
     st = spec.stages[exit_index]
     return dataclasses.replace(spec, name=name or f"{spec.name}_static_{st.grid}x{st.grid}", stages=(st,),
                                feature_reuse=False, relation_reuse=False).validate()
+
+
+# ---- Fashion-MNIST (28x28 grey) -------------------------------------------------------------------
+# Exits at 2x2, 4x4 and 7x7 tokens (patches of 14, 7 and 4 pixels). A small ViT: the data set is
+# 28x28, and every stage keeps the same heads x depth so relation reuse applies between all of them.
+# Feature reuse keeps the paper's proportions scaled to the width (16 reused channels of 64).
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
+FASHION_MNIST_GRIDS = (2, 4, 7)
+
+
+def _fashion_stage(grid: int) -> StageSpec:
+    k = 28 // grid
+    return StageSpec(family="vit", embed_dim=64, depth=6, num_heads=4, mlp_ratio=2.0, grid=grid, qkv_bias=True,
+                     ln_eps=1e-6, pos_embed="learned", patch_kernel=k, patch_stride=k, patch_padding=0)
+
+
+@register
+def dvt_fashion_mnist():
+    """DVT for Fashion-MNIST: three exits (2x2, 4x4, 7x7 tokens) with feature and relation reuse."""
+    return CascadeSpec(name="dvt_fashion_mnist", stages=tuple(_fashion_stage(g) for g in FASHION_MNIST_GRIDS),
+                       num_classes=10, img_size=28, in_chans=1, mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD,
+                       feature_reuse_dim=16, feature_reuse_hidden=64, drop_path_rate=0.1)
+
+
+def _static_fashion(grid: int) -> CascadeSpec:
+    return static_spec(dvt_fashion_mnist(), FASHION_MNIST_GRIDS.index(grid), name=f"static_fashion_mnist_{grid}x{grid}")
+
+
+@register
+def static_fashion_mnist_2x2():
+    """Static single-exit baseline: the Fashion-MNIST backbone at 2x2 tokens."""
+    return _static_fashion(2)
+
+
+@register
+def static_fashion_mnist_4x4():
+    """Static single-exit baseline: the Fashion-MNIST backbone at 4x4 tokens."""
+    return _static_fashion(4)
+
+
+@register
+def static_fashion_mnist_7x7():
+    """Static single-exit baseline: the Fashion-MNIST backbone at 7x7 tokens (the full grid)."""
+    return _static_fashion(7)

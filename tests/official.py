@@ -60,3 +60,24 @@ def write_official_release(path: Path, state: dict, meta: dict | None = None) ->
     })
     torch.save(obj, path)
     return path
+
+
+def exit_differences(ours, reference) -> list[float]:
+    """max |difference| of each exit's logits (tensors or arrays, matching shapes required)."""
+    assert len(ours) == len(reference), f"{len(ours)} exits vs {len(reference)} in the reference"
+    out = []
+    for i, (a, b) in enumerate(zip(ours, reference)):
+        a = a.detach().cpu().numpy() if hasattr(a, "detach") else np.asarray(a)
+        b = b.detach().cpu().numpy() if hasattr(b, "detach") else np.asarray(b)
+        assert a.shape == b.shape, f"exit {i + 1}: shape {a.shape} vs {b.shape} in the reference"
+        out.append(float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max()))
+    return out
+
+
+def assert_exits_close(ours, reference, atol: float = 1e-4, what: str = "") -> None:
+    """Every exit within ``atol`` of the reference; the message names the worst exit and difference."""
+    diffs = exit_differences(ours, reference)
+    worst = int(np.argmax(diffs))
+    per_exit = ", ".join(f"{d:.2e}" for d in diffs)
+    assert diffs[worst] <= atol, (f"{what}: worst max|difference| {diffs[worst]:.3e} at exit {worst + 1} "
+                                  f"exceeds {atol:g} (per exit: {per_exit})")

@@ -1,0 +1,171 @@
+"""Training a DVT (or a static baseline) with PyTorch: AdamW, cosine schedule, multi-exit loss.
+
+Single process, or data-parallel over several processes started by ``torchrun`` (gloo on the CPU,
+NCCL on GPUs): the launcher's environment (WORLD_SIZE, RANK, LOCAL_RANK) is all it needs.
+Checkpoints are written atomically every ``checkpoint_every`` epochs; ``resume=True`` continues from
+the last one, bit for bit on the same machine.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from dvt_core import data as dvt_data
+from dvt_core.checkpoints import atomic_path, write_checkpoint
+from dvt_core.macs import exit_macs
+from dvt_core.specs import CascadeSpec
+from dvt_core.training import TrainConfig, cosine_lr, epoch_batches, steps_per_epoch
+
+from .cascade import DVT
+from .io import model_state
+
+
+def _dist_env():
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    return world, rank, local
+
+
+def _pick_device(device: Optional[str], local_rank: int) -> torch.device:
+    if device:
+        d = torch.device(device)
+        if d.type == "cuda" and d.index is None:
+            d = torch.device("cuda", local_rank)
+        return d
+    return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
+@torch.no_grad()
+def evaluate_exits(model: DVT, images: np.ndarray, labels: np.ndarray, batch_size: int = 500,
+                   device: Optional[torch.device] = None, progress: bool = False) -> np.ndarray:
+    """Softmax probabilities of every exit, (exits, N, classes), in evaluation mode."""
+    from tqdm.auto import tqdm
+
+    spec = model.spec
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    outs = []
+    starts = range(0, len(images), batch_size)
+    for s in tqdm(starts, desc="evaluate", unit="batch", disable=not progress, leave=False):
+        x = torch.from_numpy(dvt_data.normalize(images[s:s + batch_size], spec.mean, spec.std)).to(device)
+        outs.append(torch.stack([o.float().softmax(-1) for o in model(x)]).cpu().numpy())
+    model.train(was_training)
+    return np.concatenate(outs, axis=1)
+
+
+def train(spec: CascadeSpec, images: np.ndarray, labels: np.ndarray, cfg: TrainConfig, out_dir,
+          device: Optional[str] = None, resume: bool = False, progress: bool = True,
+          extra_meta: Optional[dict] = None) -> Path:
+    """Train ``spec`` on uint8 ``images`` (N, H, W[, C]) and ``labels``; returns the final weights path.
+
+    ``cfg.holdout`` images (chosen by ``cfg.seed``) are kept out of training; their indices are saved
+    so thresholds can later be calibrated on exactly them. Writes ``<out_dir>/last.pth`` (resumable
+    state) and ``<out_dir>/<spec.name>.safetensors`` (weights + metadata).
+    """
+    from tqdm.auto import tqdm
+
+    world, rank, local = _dist_env()
+    dev = _pick_device(device, local)
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend=backend)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if cfg.batch_size % world:
+        raise ValueError(f"batch size {cfg.batch_size} does not split evenly over {world} processes")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    main = rank == 0
+
+    train_idx, hold_idx = dvt_data.split_holdout(len(images), cfg.holdout, cfg.seed)
+    x_train, y_train = images[train_idx], labels[train_idx]
+
+    torch.manual_seed(cfg.seed)
+    model = DVT(spec).to(dev)
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith(("cls_token", "pos_embed")) else decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    spe = steps_per_epoch(len(x_train), cfg)
+    total = spe * cfg.epochs
+    warmup = int(cfg.warmup_epochs * spe)
+    start_epoch, history = 0, []
+    state_path = out_dir / "last.pth"
+    if resume and state_path.exists():
+        st = torch.load(state_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["optimizer"])
+        start_epoch = int(st["epoch"])
+        history = json.loads(st["history"])
+        if main:
+            print(f"resumed from {state_path} at epoch {start_epoch}")
+    net = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+
+    step = start_epoch * spe
+    t0 = time.time()
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        bar = tqdm(epoch_batches(x_train, y_train, cfg, epoch, spec.mean, spec.std, rank, world), total=spe,
+                   desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", disable=not (progress and main),
+                   leave=False)
+        running, seen = 0.0, 0
+        for xb, yb in bar:
+            lr = cosine_lr(step, total, warmup, cfg.lr, cfg.min_lr)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            x = torch.from_numpy(xb).to(dev, non_blocking=True)
+            y = torch.from_numpy(yb).to(dev, non_blocking=True)
+            loss = DVT.loss(net(x), y, label_smoothing=cfg.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            step += 1
+            running += float(loss.detach()) * len(yb)
+            seen += len(yb)
+            bar.set_postfix(loss=f"{running / seen:.4f}", lr=f"{lr:.2e}")
+            if cfg.max_steps is not None and step >= cfg.max_steps:
+                break
+        record = {"epoch": epoch + 1, "loss": running / max(seen, 1), "seconds": round(time.time() - t0, 1)}
+        if main and len(hold_idx):
+            probs = evaluate_exits(model, images[hold_idx], labels[hold_idx], device=dev)
+            record["holdout_accuracy"] = [float(a) for a in (probs.argmax(-1) == labels[hold_idx]).mean(1) * 100]
+        history.append(record)
+        if main:
+            accs = record.get("holdout_accuracy")
+            acc_txt = " holdout acc " + "/".join(f"{a:.2f}" for a in accs) if accs else ""
+            print(f"epoch {epoch + 1}/{cfg.epochs} loss {record['loss']:.4f}{acc_txt} ({record['seconds']} s)",
+                  flush=True)
+        done = epoch + 1 == cfg.epochs or (cfg.max_steps is not None and step >= cfg.max_steps)
+        if main and ((epoch + 1) % cfg.checkpoint_every == 0 or done):
+            with atomic_path(state_path, force=True) as tmp:
+                torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
+                            "history": json.dumps(history)}, tmp)
+        if done:
+            break
+
+    final = out_dir / f"{spec.name}.safetensors"
+    if main:
+        meta = {"arch": spec.name, "spec": spec.to_dict(), "exit_macs": exit_macs(spec), "train": cfg.to_dict(),
+                "history": history, "holdout_indices_seed": cfg.seed, "holdout": int(len(hold_idx)),
+                "train_seconds": round(time.time() - t0, 1), "device": str(dev), "world_size": world}
+        meta.update(extra_meta or {})
+        write_checkpoint(final, model_state(model), meta, force=True)
+    if world > 1:
+        torch.distributed.barrier()
+    return final

@@ -1,0 +1,267 @@
+"""Analytic MACs and parameter counts of a DVT cascade, from its spec alone (no framework import).
+
+Convention: a MAC is one multiply-accumulate of a matrix product, linear layer, convolution (1x1 ones
+included) or attention product: exactly what ``torch.utils.flop_counter.FlopCounterMode`` counts on
+the torch backend, divided by 2. Biases, elementwise ops, softmax, exp, LayerNorm, GELU, sums,
+concatenations, unfold and padding count nothing. Figures are per image (batch 1).
+
+Every formula mirrors an op of ``backends/torch`` (named in the comments); ``tests/test_macs.py``
+checks them against ``FlopCounterMode`` and the parameter counts against the torch model.
+
+Public API:
+
+- :func:`stage_macs` / :func:`exit_macs`: MACs of one stage (with its reuse modules) and the
+  cumulative MACs to reach each exit.
+- :func:`stage_params` / :func:`exit_params`: parameter counts, per stage and cumulative.
+- :func:`macs_table`: one row per stage, for ``dvt flops``.
+"""
+from __future__ import annotations
+
+from typing import Union
+
+from .specs import CascadeSpec, StageSpec, T2TSpec
+from .zoo import get_spec
+
+__all__ = ["stage_macs", "exit_macs", "stage_params", "exit_params", "macs_table",
+           "tokenizer_macs", "block_macs", "feature_reuse_macs", "relation_reuse_macs", "token_resize_macs"]
+
+
+def _spec(name_or_spec: Union[str, CascadeSpec], **overrides) -> CascadeSpec:
+    return get_spec(name_or_spec, **overrides)
+
+
+def _linear(tokens: int, fan_in: int, fan_out: int) -> int:
+    """``nn.Linear`` / 1x1 convolution over ``tokens`` positions (the bias counts nothing)."""
+    return tokens * fan_in * fan_out
+
+
+# ---- tokenizers ---------------------------------------------------------------------------------
+
+def _performer_macs(tokens: int, dim: int, t2t: T2TSpec) -> int:
+    """``TokenPerformer`` on ``tokens`` tokens of width ``dim`` (one-head random-feature attention)."""
+    t, e, m = tokens, t2t.token_dim, t2t.performer_features
+    return (_linear(t, dim, 3 * e)  # kqv
+            + 2 * t * e * m  # _features: x @ w.T, for k and for q
+            + t * m  # d = qp @ kp.sum(1): (T, m) @ (m, 1)
+            + e * t * m  # kptv = v.T @ kp: (emb, T) @ (T, m)
+            + t * m * e  # qp @ kptv.T: (T, m) @ (m, emb)
+            + _linear(t, e, e)  # proj
+            + _linear(t, e, e) + _linear(t, e, e))  # mlp fc1, fc2 (hidden = emb)
+
+
+def _token_transformer_macs(tokens: int, dim: int, t2t: T2TSpec) -> int:
+    """``TokenTransformer`` (T2T-ViT-t): one-head softmax attention that changes the width to emb."""
+    t, e = tokens, t2t.token_dim
+    return (_linear(t, dim, 3 * e)  # qkv
+            + t * t * e  # q @ k.T
+            + t * t * e  # attn @ v
+            + _linear(t, e, e)  # proj
+            + _linear(t, e, e) + _linear(t, e, e))  # mlp fc1, fc2 (hidden = emb)
+
+
+def tokenizer_macs(stage: StageSpec, img_size: int, in_chans: int) -> int:
+    """Image -> grid tokens: the patch-embedding convolution, or the whole tokens-to-token module."""
+    if stage.family != "t2t":
+        # PatchEmbed: conv, every output position does in_chans x k x k MACs per output channel
+        k = stage.patch_kernel
+        return stage.grid * stage.grid * in_chans * k * k * stage.embed_dim
+    t2t = stage.t2t
+    block = _performer_macs if t2t.token_type == "performer" else _token_transformer_macs
+    g0, g1, g2 = t2t.split_grids(img_size)
+    k0, k1, k2 = t2t.kernels
+    return (block(g0 * g0, in_chans * k0 * k0, t2t)  # attention1 on the first soft split (unfold)
+            + block(g1 * g1, t2t.token_dim * k1 * k1, t2t)  # attention2 on the second soft split
+            + _linear(g2 * g2, t2t.token_dim * k2 * k2, stage.embed_dim))  # project the last split
+
+
+# ---- transformer blocks and reuse modules -------------------------------------------------------
+
+def block_macs(stage: StageSpec, reuse_dim: int = 0) -> int:
+    """One ``Block`` on the stage's N = grid^2 + 1 tokens; its MLP reads ``reuse_dim`` extra features."""
+    n, c = stage.num_tokens, stage.embed_dim
+    return (_linear(n, c, 3 * c)  # attn.qkv
+            + n * n * c  # q @ k.T: heads x (N, head_dim) @ (head_dim, N)
+            + n * n * c  # softmax(logits) @ v: heads x (N, N) @ (N, head_dim)
+            + _linear(n, c, c)  # attn.proj
+            + _linear(n, c + reuse_dim, stage.mlp_hidden)  # mlp.fc1 on [tokens, reused features]
+            + _linear(n, stage.mlp_hidden, c))  # mlp.fc2
+
+
+def token_resize_macs(rows: int, old: int, new: int, channels: int = 1) -> int:
+    """``TokenResize``: the ``(new^2 + 1, old^2 + 1)`` token matrix of dvt_core.resample (class token
+    included) applied as one dense product to ``rows`` sequences of ``old^2 + 1`` tokens x ``channels``."""
+    return rows * (new * new + 1) * (old * old + 1) * channels
+
+
+def feature_reuse_macs(spec: CascadeSpec, index: int, count_resize: bool = True) -> int:
+    """Feature reuse of stage ``index``: a ``FeatureReuse`` MLP per block on the previous stage's tokens
+    (class token included), then one ``TokenResize`` product batched over the depth."""
+    if not spec.uses_feature_reuse(index):
+        return 0
+    prev, st = spec.stages[index - 1], spec.stages[index]
+    r, hid = spec.feature_reuse_dim, spec.feature_reuse_hidden
+    mlp = (_linear(prev.num_tokens, prev.embed_dim, hid)  # FeatureReuse.fc1
+           + _linear(prev.num_tokens, hid, r))  # FeatureReuse.fc2
+    # Stage._reused_features: matrix @ (depth, B, n_prev, r)
+    resize = token_resize_macs(st.depth, prev.grid, st.grid, channels=r)
+    return st.depth * mlp + (resize if count_resize else 0)
+
+
+def relation_reuse_macs(spec: CascadeSpec, index: int, count_resize: bool = True) -> int:
+    """Relation reuse of stage ``index``: ``RelationReuse``'s two 1x1 convs (run as channel matmuls) on
+    the previous stage's attention logits (previous grid), then the token resize of both axes."""
+    if not spec.uses_relation_reuse(index):
+        return 0
+    prev, st = spec.stages[index - 1], spec.stages[index]
+    n_prev, n = prev.num_tokens, st.num_tokens
+    c_prev, c = prev.relation_channels, st.relation_channels
+    hidden = c * spec.relation_reuse_expand
+    mix = (_linear(n_prev * n_prev, c_prev, hidden)  # expand: (C*e, C_prev) @ (C_prev, n_prev^2)
+           + _linear(n_prev * n_prev, hidden, c))  # reduce: (C, C*e) @ (C*e, n_prev^2)
+    resize = (token_resize_macs(c * n_prev, prev.grid, st.grid)  # keys axis: r @ m.T, (n_prev, n_prev) -> (n_prev, N)
+              + token_resize_macs(c * n, prev.grid, st.grid))  # queries axis: m @ r, -> (N, N)
+    return mix + (resize if count_resize else 0)
+
+
+def stage_macs(spec: Union[str, CascadeSpec], index: int, count_resize: bool = True) -> int:
+    """MACs (per image) of running stage ``index`` on an image, given its reuse inputs.
+
+    Tokenizer + blocks + head, plus this stage's own reuse modules (feature-reuse MLPs and resize,
+    relation-reuse convs and resize). The previous stages are not included: see :func:`exit_macs`.
+    Whether a stage keeps its attention logits for the next one changes no MACs (they are computed
+    for its own attention anyway).
+
+    ``count_resize=False`` leaves out the reuse resizes (matrix products here; nearest upsampling and
+    average pooling in the official code, which its MAC counts leave out): the official arithmetic.
+    """
+    spec = _spec(spec)
+    st = spec.stages[index]
+    reuse_dim = spec.feature_reuse_dim if spec.uses_feature_reuse(index) else 0
+    return (tokenizer_macs(st, spec.img_size, spec.in_chans)
+            + st.depth * block_macs(st, reuse_dim)
+            + feature_reuse_macs(spec, index, count_resize)
+            + relation_reuse_macs(spec, index, count_resize)
+            + _linear(1, st.embed_dim, spec.num_classes))  # head on the class token
+
+
+def _cumulative(values: list[int]) -> list[int]:
+    out, total = [], 0
+    for v in values:
+        total += v
+        out.append(total)
+    return out
+
+
+def exit_macs(name_or_spec: Union[str, CascadeSpec], count_resize: bool = True, **overrides) -> list[int]:
+    """Cumulative MACs per image to produce each exit's prediction: exit k = stages 0..k.
+
+    ``overrides`` go to :func:`dvt_core.zoo.get_spec`; ``count_resize``: see :func:`stage_macs`.
+
+    >>> [round(m / 1e9, 3) for m in exit_macs("dvt_t2t_vit_12")]
+    [0.468, 1.486, 3.791]
+    >>> [round(m / 1e9, 3) for m in exit_macs("dvt_t2t_vit_12", count_resize=False)]
+    [0.468, 1.446, 3.455]
+    """
+    spec = _spec(name_or_spec, **overrides)
+    return _cumulative([stage_macs(spec, i, count_resize) for i in range(spec.num_exits)])
+
+
+# ---- parameters ---------------------------------------------------------------------------------
+
+def _linear_params(fan_in: int, fan_out: int, bias: bool = True) -> int:
+    return fan_in * fan_out + (fan_out if bias else 0)
+
+
+def _norm_params(dim: int) -> int:
+    return 2 * dim  # LayerNorm weight and bias
+
+
+def _token_block_params(dim: int, t2t: T2TSpec, trainable_only: bool) -> int:
+    e = t2t.token_dim
+    mlp = _linear_params(e, e) + _linear_params(e, e)
+    if t2t.token_type == "performer":
+        w = 0 if trainable_only else t2t.performer_features * e  # frozen random features ``w``
+        return (_linear_params(dim, 3 * e) + _linear_params(e, e) + _norm_params(dim) + _norm_params(e)
+                + mlp + w)
+    # TokenTransformer: qkv without bias
+    return _norm_params(dim) + _linear_params(dim, 3 * e, bias=False) + _linear_params(e, e) + _norm_params(e) + mlp
+
+
+def _tokenizer_params(stage: StageSpec, in_chans: int, trainable_only: bool) -> int:
+    if stage.family != "t2t":
+        k = stage.patch_kernel
+        return in_chans * k * k * stage.embed_dim + stage.embed_dim  # conv weight + bias
+    t2t = stage.t2t
+    k0, k1, k2 = t2t.kernels
+    return (_token_block_params(in_chans * k0 * k0, t2t, trainable_only)
+            + _token_block_params(t2t.token_dim * k1 * k1, t2t, trainable_only)
+            + _linear_params(t2t.token_dim * k2 * k2, stage.embed_dim))
+
+
+def stage_params(spec: Union[str, CascadeSpec], index: int, trainable_only: bool = False) -> int:
+    """Parameters of stage ``index`` (the sum of ``numel`` over the torch ``Stage``'s parameters).
+
+    Frozen parameters that are part of the state dict count too: the Performer random features ``w``
+    and the fixed sinusoid ``pos_embed`` of T2T stages. ``trainable_only=True`` leaves them out.
+    Non-persistent buffers (the resize matrices) are not parameters.
+    """
+    spec = _spec(spec)
+    st = spec.stages[index]
+    c = st.embed_dim
+    fr = spec.uses_feature_reuse(index)
+    r = spec.feature_reuse_dim if fr else 0
+    total = _tokenizer_params(st, spec.in_chans, trainable_only)
+    total += c  # cls_token
+    if not (trainable_only and st.pos_embed == "sinusoid"):
+        total += st.num_tokens * c  # pos_embed
+    block = (_norm_params(c)  # norm1
+             + _linear_params(c, 3 * c, bias=st.qkv_bias) + _linear_params(c, c)  # attn.qkv, attn.proj
+             + _norm_params(c + r)  # norm2
+             + _linear_params(c + r, st.mlp_hidden) + _linear_params(st.mlp_hidden, c))  # mlp
+    if fr:
+        prev = spec.stages[index - 1]
+        block += (_norm_params(prev.embed_dim)  # FeatureReuse.norm
+                  + _linear_params(prev.embed_dim, spec.feature_reuse_hidden)  # FeatureReuse.fc1
+                  + _linear_params(spec.feature_reuse_hidden, r))  # FeatureReuse.fc2
+    total += st.depth * block
+    if spec.uses_relation_reuse(index):
+        prev = spec.stages[index - 1]
+        hidden = st.relation_channels * spec.relation_reuse_expand
+        total += (_linear_params(prev.relation_channels, hidden)  # RelationReuse.expand (1x1 conv)
+                  + _linear_params(hidden, st.relation_channels))  # RelationReuse.reduce (1x1 conv)
+    total += _norm_params(c) + _linear_params(c, spec.num_classes)  # final norm, head
+    return total
+
+
+def exit_params(name_or_spec: Union[str, CascadeSpec], trainable_only: bool = False, **overrides) -> list[int]:
+    """Cumulative parameters needed to reach each exit (exit k = stages 0..k); see :func:`stage_params`."""
+    spec = _spec(name_or_spec, **overrides)
+    return _cumulative([stage_params(spec, i, trainable_only) for i in range(spec.num_exits)])
+
+
+# ---- table --------------------------------------------------------------------------------------
+
+def macs_table(name_or_spec: Union[str, CascadeSpec], **overrides) -> list[dict]:
+    """One row per stage: ``stage`` (index), ``name``, ``grid`` ("7x7"), ``tokens`` (incl. class token),
+    ``stage_macs``, ``exit_macs`` (cumulative), ``params``, ``trainable_params``, ``exit_params``
+    (cumulative). MACs are per image, with the reuse resizes counted; ``overrides`` go to
+    :func:`dvt_core.zoo.get_spec`."""
+    spec = _spec(name_or_spec, **overrides)
+    rows, macs_total, params_total = [], 0, 0
+    for i, st in enumerate(spec.stages):
+        m = stage_macs(spec, i)
+        p = stage_params(spec, i)
+        macs_total += m
+        params_total += p
+        rows.append({
+            "stage": i,
+            "name": f"{spec.name}[{i}]",
+            "grid": f"{st.grid}x{st.grid}",
+            "tokens": st.num_tokens,
+            "stage_macs": m,
+            "exit_macs": macs_total,
+            "params": p,
+            "trainable_params": stage_params(spec, i, trainable_only=True),
+            "exit_params": params_total,
+        })
+    return rows

@@ -1,0 +1,15 @@
+"""Shared set-up for the test suite.
+
+* The helpers beside the tests (official.py, reference_official.py) are importable.
+* One intra-op thread unless OMP_NUM_THREADS says otherwise: the test machine has two shared cores, and
+  OpenMP threads that spin-wait for a descheduled partner made the suite about 3x slower there.
+"""
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # read by torch when it is first imported
+
+_TESTS = str(Path(__file__).resolve().parent)
+if _TESTS not in sys.path:
+    sys.path.insert(0, _TESTS)

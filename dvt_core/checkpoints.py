@@ -30,7 +30,6 @@ import numpy as np
 from .errors import CheckpointError, UnsafeCheckpointError
 from .naming import canonical_to_mindspore, is_official_layout, mindspore_to_canonical, rename_official
 
-_MS_META_KEY, _MS_SHAPES_KEY = "dvt_meta", "dvt_shapes"  # append_dict entries of a MindSpore .ckpt
 OFFICIAL_META_KEYS = ("flops", "anytime_classification", "dynamic_threshold", "budgeted_batch_classification")
 FORMATS = ("official", "torch", "safetensors", "mindspore")
 
@@ -238,6 +237,7 @@ def _read_safetensors(path: Path) -> Checkpoint:
 # ---- MindSpore -------------------------------------------------------------------------------------
 
 def _read_mindspore(path: Path) -> Checkpoint:
+    meta_key = "dvt_meta"  # the append_dict entry _write_mindspore stores the JSON metadata under
     try:
         import mindspore as ms
     except ImportError:
@@ -249,26 +249,17 @@ def _read_mindspore(path: Path) -> Checkpoint:
         raise CheckpointError(f"{path} is not a readable MindSpore checkpoint "
                               f"({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})"
                               ) from None
-    meta, shapes, state = {}, {}, {}
-    try:
-        for name, value in params.items():
-            if name in (_MS_META_KEY, _MS_SHAPES_KEY):
-                decoded = json.loads(value if isinstance(value, str) else str(value))
-                if name == _MS_META_KEY:
-                    meta = decoded
-                else:
-                    shapes = decoded
-                continue
-            if isinstance(value, (str, int, float, bool)):
-                continue  # other append_dict entries (epoch_num, step_num, ...)
-            state[mindspore_to_canonical(name)] = value.asnumpy()
-    except json.JSONDecodeError:
-        raise CheckpointError(f"{path}: its {_MS_META_KEY!r} metadata is not valid JSON") from None
-    # MindSpore stores a 0-d tensor as shape (1,); the writer records every shape to undo that.
-    for name, shape in shapes.items():
-        k = mindspore_to_canonical(name)
-        if k in state and tuple(state[k].shape) != tuple(shape) and state[k].size == int(np.prod(shape)):
-            state[k] = state[k].reshape(shape)
+    meta, state = {}, {}
+    for name, value in params.items():
+        if name == meta_key:
+            try:
+                meta = json.loads(value if isinstance(value, str) else str(value))
+            except json.JSONDecodeError:
+                raise CheckpointError(f"{path}: its {meta_key!r} metadata is not valid JSON") from None
+            continue
+        if isinstance(value, (str, int, float, bool)):
+            continue  # other append_dict entries (epoch_num, step_num, ...)
+        state[mindspore_to_canonical(name)] = value.asnumpy()
     return Checkpoint(state, meta, "mindspore", "canonical")
 
 
@@ -333,23 +324,24 @@ def _write_torch(tmp: Path, state, meta) -> None:
 
 
 def _write_mindspore(tmp: Path, state, meta) -> None:
+    meta_key = "dvt_meta"  # read back by _read_mindspore
     try:
         import mindspore as ms
     except ImportError:
         raise CheckpointError("writing a MindSpore checkpoint needs mindspore (pip install 'dvt[mindspore]')") from None
     names = {k: canonical_to_mindspore(k) for k in state}
-    clash = sorted({n for n in names.values() if list(names.values()).count(n) > 1} & set(names.values()))
-    reserved = sorted(set(names.values()) & {_MS_META_KEY, _MS_SHAPES_KEY})
-    if clash or reserved:
-        raise CheckpointError(f"cannot write a MindSpore checkpoint: parameter names {clash or reserved} "
-                              "collide after renaming for MindSpore")
+    seen, clash = set(), set()
+    for n in list(names.values()) + [meta_key]:
+        (clash if n in seen else seen).add(n)
+    if clash:
+        raise CheckpointError(f"cannot write a MindSpore checkpoint: the names {sorted(clash)} collide once "
+                              "renamed for MindSpore")
     params = [{"name": names[k], "data": ms.Tensor(v)} for k, v in state.items()]
-    shapes = {names[k]: list(np.shape(v)) for k, v in state.items()}
-    # MindSpore appends ".ckpt" to names without it; the temporary name has none, so write beside it.
+    # MindSpore appends ".ckpt" to names without it; the temporary name has none, so write beside it
+    # (and never leave that file behind: atomic_path only knows the temporary name).
     target = str(tmp) + ".ckpt"
     try:
-        ms.save_checkpoint(params, target, append_dict={_MS_META_KEY: json.dumps(meta),
-                                                         _MS_SHAPES_KEY: json.dumps(shapes)})
+        ms.save_checkpoint(params, target, append_dict={meta_key: json.dumps(meta)})
         os.replace(target, tmp)
     finally:
         with contextlib.suppress(FileNotFoundError):

@@ -9,4 +9,30 @@ def build_model(spec) -> DVT:
     return DVT(spec)
 
 
-__all__ = ["DVT", "Stage", "Reuse", "build_model", "load_state", "model_state", "NAME"]
+__all__ = ["DVT", "Stage", "Reuse", "build_model", "load_state", "model_state", "forward_numpy", "adaptive_numpy", "NAME"]
+
+
+def forward_numpy(model: DVT, images):
+    """Per-exit logits of a float32 numpy batch (N, C, H, W), as numpy arrays; no gradients, eval mode."""
+    import numpy as np
+    import torch
+
+    dev = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.from_numpy(np.ascontiguousarray(images)).to(dev, dtype))
+    model.train(was)
+    return [o.float().cpu().numpy() for o in out]
+
+
+def adaptive_numpy(model: DVT, images, thresholds, confidence: str = "max_softmax"):
+    """``model.adaptive`` on a float32 numpy batch."""
+    import numpy as np
+    import torch
+
+    dev = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    model.eval()
+    return model.adaptive(torch.from_numpy(np.ascontiguousarray(images)).to(dev, dtype), thresholds, confidence)

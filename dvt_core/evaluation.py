@@ -1,0 +1,61 @@
+"""Backend-neutral evaluation: per-exit probabilities of a data set, anytime accuracy, budget curves.
+
+A model is driven through its backend's ``forward_numpy`` / ``adaptive_numpy``, so the same code
+evaluates a torch and a MindSpore model.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+
+from . import data as dvt_data
+from . import policy
+
+
+def backend_of(model) -> str:
+    mod = type(model).__module__
+    if mod.startswith("backends.torch"):
+        return "torch"
+    if mod.startswith("backends.mindspore"):
+        return "mindspore"
+    raise TypeError(f"not a dvt model: {type(model).__name__}")
+
+
+def _backend(model):
+    from .builder import get_backend
+
+    return get_backend(backend_of(model))
+
+
+def exit_probs(model, images: np.ndarray, batch_size: int = 500, progress: bool = False,
+               desc: str = "evaluate") -> np.ndarray:
+    """Softmax probabilities of every exit for uint8 ``images``: (exits, N, classes) float32."""
+    from tqdm.auto import tqdm
+
+    spec = model.spec
+    fwd = _backend(model).forward_numpy
+    chunks = []
+    for s in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
+        x = dvt_data.normalize(images[s:s + batch_size], spec.mean, spec.std)
+        chunks.append(np.stack([policy.softmax(lg) for lg in fwd(model, x)]))
+    return np.concatenate(chunks, axis=1).astype(np.float32)
+
+
+def adaptive(model, images: np.ndarray, thresholds, batch_size: int = 500, confidence: str = "max_softmax",
+             progress: bool = False):
+    """True early exit over uint8 ``images`` in batches; one merged :class:`AdaptiveResult`."""
+    from tqdm.auto import tqdm
+
+    from .early_exit import AdaptiveResult
+
+    spec = model.spec
+    run = _backend(model).adaptive_numpy
+    parts = []
+    for s in tqdm(range(0, len(images), batch_size), desc="adaptive", unit="batch", disable=not progress,
+                  leave=False):
+        parts.append(run(model, dvt_data.normalize(images[s:s + batch_size], spec.mean, spec.std), thresholds,
+                         confidence))
+    cat = lambda f: np.concatenate([getattr(p, f) for p in parts])
+    return AdaptiveResult(cat("prediction"), cat("exit_index"), cat("confidence"), cat("logits"), cat("macs"),
+                          sum(p.exit_counts for p in parts))

@@ -34,5 +34,4 @@ def adaptive_numpy(model: DVT, images, thresholds, confidence: str = "max_softma
 
     dev = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    model.eval()
     return model.adaptive(torch.from_numpy(np.ascontiguousarray(images)).to(dev, dtype), thresholds, confidence)

@@ -138,18 +138,24 @@ class DVT(nn.Module):
 
         Only the images that go on run the next stage, with their rows of the reused features and
         attention logits. ``thresholds`` has one value per exit (the last is ignored) or one fewer.
+        Runs in evaluation mode (dropout and stochastic depth off) and restores the previous mode.
         """
         from dvt_core.macs import exit_macs
 
         self.check_images(images)
+        was_training = self.training
+        self.eval()
 
         def select(imgs, reuse, rows):
             idx = torch.as_tensor(rows, device=imgs.device)
             picked = Reuse(*(None if t is None else t.index_select(0, idx) for t in reuse))
             return imgs.index_select(0, idx), picked
 
-        return run_adaptive(self.run_stage, lambda t: t.detach().float().cpu().numpy(), select,
-                            images, images.shape[0], thresholds, exit_macs(self.spec), confidence)
+        try:
+            return run_adaptive(self.run_stage, lambda t: t.detach().float().cpu().numpy(), select,
+                                images, images.shape[0], thresholds, exit_macs(self.spec), confidence)
+        finally:
+            self.train(was_training)
 
     # ---- training ----------------------------------------------------------------------------------
     @staticmethod

@@ -91,6 +91,8 @@ def train(spec: CascadeSpec, images: np.ndarray, labels: np.ndarray, cfg: TrainC
 
     torch.manual_seed(cfg.seed)
     model = DVT(spec).to(dev)
+    if rank:  # DDP broadcasts rank 0's weights; each process then draws its own stochastic-depth masks
+        torch.manual_seed(cfg.seed * 1000 + rank)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -109,6 +111,9 @@ def train(spec: CascadeSpec, images: np.ndarray, labels: np.ndarray, cfg: TrainC
         opt.load_state_dict(st["optimizer"])
         start_epoch = int(st["epoch"])
         history = json.loads(st["history"])
+        torch.set_rng_state(st["rng_cpu"])  # stochastic depth draws continue where they stopped
+        if dev.type == "cuda" and "rng_cuda" in st:
+            torch.cuda.set_rng_state(st["rng_cuda"], dev)
         if main:
             print(f"resumed from {state_path} at epoch {start_epoch}")
     net = model
@@ -154,8 +159,11 @@ def train(spec: CascadeSpec, images: np.ndarray, labels: np.ndarray, cfg: TrainC
         done = epoch + 1 == cfg.epochs or (cfg.max_steps is not None and step >= cfg.max_steps)
         if main and ((epoch + 1) % cfg.checkpoint_every == 0 or done):
             with atomic_path(state_path, force=True) as tmp:
-                torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
-                            "history": json.dumps(history)}, tmp)
+                state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
+                         "history": json.dumps(history), "rng_cpu": torch.get_rng_state()}
+                if dev.type == "cuda":
+                    state["rng_cuda"] = torch.cuda.get_rng_state(dev)
+                torch.save(state, tmp)
         if done:
             break
 

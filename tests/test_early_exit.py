@@ -153,7 +153,7 @@ class StageSpy:
             self.calls.append(dict(
                 index=stage.index, images=images.detach().clone(), keep_relations=keep_relations,
                 features=None if reuse is None or reuse.features is None else reuse.features.detach().clone(),
-                relations=None if reuse is None or reuse.relations is None else reuse.relations.detach().clone()))
+                relations=None if reuse is None or reuse.relations is None else torch.cat(reuse.relations, 1).detach().clone()))
             return forward(images, reuse, keep_relations)
         return spy
 

@@ -24,7 +24,9 @@ class Reuse(NamedTuple):
     """What a stage hands to the next: its final tokens (pre-norm) and its attention logits."""
 
     features: Optional[torch.Tensor]  # (B, N, C)
-    relations: Optional[torch.Tensor]  # (B, heads x depth, N, N)
+    # per block (B, heads, N, N): kept apart so early exit slices only the images that go on before
+    # anything is concatenated
+    relations: Optional[tuple[torch.Tensor, ...]]
 
 
 class Stage(nn.Module):
@@ -79,8 +81,7 @@ class Stage(nn.Module):
             if keep_relations:
                 logits_per_block.append(logits)
         out = self.head(self.norm(x)[:, 0])
-        relations = torch.cat(logits_per_block, dim=1) if keep_relations else None
-        return out, Reuse(x, relations)
+        return out, Reuse(x, tuple(logits_per_block) if keep_relations else None)
 
 
 class DVT(nn.Module):
@@ -148,8 +149,9 @@ class DVT(nn.Module):
 
         def select(imgs, reuse, rows):
             idx = torch.as_tensor(rows, device=imgs.device)
-            picked = Reuse(*(None if t is None else t.index_select(0, idx) for t in reuse))
-            return imgs.index_select(0, idx), picked
+            features = None if reuse.features is None else reuse.features.index_select(0, idx)
+            relations = None if reuse.relations is None else tuple(r.index_select(0, idx) for r in reuse.relations)
+            return imgs.index_select(0, idx), Reuse(features, relations)
 
         try:
             return run_adaptive(self.run_stage, lambda t: t.detach().float().cpu().numpy(), select,

@@ -5,7 +5,7 @@ matrices come from :mod:`dvt_core.resample`. Mirrors ``backends/mindspore/layers
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -140,12 +140,16 @@ class RelationReuse(nn.Module):
 
     @staticmethod
     def _mix(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-        # (B, C_in, L) -> (B, C_out, L): a 1x1 convolution as one matrix product per image
-        return torch.matmul(conv.weight.flatten(1), x) + conv.bias[:, None]
+        # (B, C_in, L) -> (B, C_out, L): a 1x1 convolution as one batched matrix product
+        b, _, length = x.shape
+        w = conv.weight.flatten(1)
+        return torch.baddbmm(conv.bias[None, :, None].expand(b, -1, length), w.expand(b, -1, -1), x)
 
-    def forward(self, prev_logits: torch.Tensor) -> torch.Tensor:
-        b, c, n, _ = prev_logits.shape
-        r = self._mix(self.reduce, self.act(self._mix(self.expand, prev_logits.reshape(b, c, n * n))))
+    def forward(self, prev_logits: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``prev_logits``: the previous stage's per-block logits, each (B, heads, n, n)."""
+        x = torch.cat(tuple(prev_logits), dim=1)
+        b, c, n, _ = x.shape
+        r = self._mix(self.reduce, self.act(self._mix(self.expand, x.reshape(b, c, n * n))))
         r = r.reshape(b, -1, n, n)
         m = self.resize.matrix
         return torch.matmul(m, torch.matmul(r, m.t()))  # keys axis, then queries axis

@@ -74,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help="image files (PNG/JPEG) or folders of them")
     _common(p)
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--budget", type=float, default=None, help="target average MACs per image")
+    g.add_argument("--budget", type=float, default=None,
+                   help="target average MACs per image: the most accurate operating point calibrated in the "
+                        "checkpoint whose held-out average cost fits")
     g.add_argument("--thresholds", default=None, help="comma-separated confidence thresholds, one per exit")
     p.add_argument("--json", action="store_true", help="one JSON object per image")
 
@@ -89,12 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baselines", default="auto", help="static baselines to plot: auto, none, or comma-separated names")
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
+    p.add_argument("--calibration-limit", type=int, default=None, metavar="N",
+                   help="find thresholds on only the first N held-out images (quick runs; default: all)")
 
     p = sub.add_parser("calibrate", help="store the thresholds for a target average cost in a checkpoint")
     _common(p)
     p.add_argument("--budget", type=float, required=True, help="target average MACs per image")
     p.add_argument("--dataset", default="fashion-mnist")
     p.add_argument("--out", default=None, help="checkpoint to write (default: overwrite --weights)")
+    p.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="calibrate on only the first N held-out images (quick runs; default: all)")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out")
     p.add_argument("--json", default=None, help="write the result as JSON here ('-' for stdout)")
 

@@ -292,7 +292,7 @@ def write_checkpoint(path, state: dict[str, np.ndarray], meta: Optional[dict] = 
     path = Path(path)
     fmt = fmt or format_for_suffix(path)
     meta = _plain(meta or {})
-    state = {k: np.ascontiguousarray(v) for k, v in state.items()}
+    state = {k: np.require(v, requirements="C") for k, v in state.items()}  # keeps 0-d tensors 0-d
     writer = {"safetensors": _write_safetensors, "torch": _write_torch, "mindspore": _write_mindspore}.get(fmt)
     if writer is None:
         raise CheckpointError(f"cannot write format {fmt!r}; choose one of torch, safetensors, mindspore")

@@ -1,0 +1,35 @@
+"""MindSpore backend: ``build_model(spec)``, ``load_state(model, state)``, ``model_state(model)``.
+
+Mirrors ``backends.torch`` file for file; every MindSpore version quirk lives in ``compat``.
+"""
+from . import compat
+from .cascade import DVT, Reuse, Stage
+from .io import load_state, model_state
+
+NAME = "mindspore"
+
+
+def build_model(spec) -> DVT:
+    compat.configure_runtime()
+    return DVT(spec)
+
+
+def forward_numpy(model: DVT, images):
+    """Per-exit logits of a float32 numpy batch (N, C, H, W), as numpy arrays; eval mode, no gradients."""
+    was = model.training
+    model.set_train(False)
+    try:
+        out = model(compat.to_tensor(images))
+    finally:
+        model.set_train(was)
+    return [compat.to_numpy(o).astype("float32", copy=False) for o in out]
+
+
+def adaptive_numpy(model: DVT, images, thresholds, confidence: str = "max_softmax"):
+    """``model.adaptive`` on a float32 numpy batch (eval mode)."""
+    model.set_train(False)
+    return model.adaptive(compat.to_tensor(images), thresholds, confidence)
+
+
+__all__ = ["DVT", "Stage", "Reuse", "build_model", "load_state", "model_state", "forward_numpy", "adaptive_numpy",
+           "NAME"]

@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat setup.py | md5sum | cut -c1-8)
 
-.PHONY: venv test test-fast parity demo bench clean
+.PHONY: venv data test test-fast parity demo bench clean
 
 venv: $(STAMP)
 
@@ -14,6 +14,10 @@ $(STAMP): setup.py
 	$(PY) -m pip install --quiet -e ".[torch,mindspore,dev]"
 	@rm -f $(VENV)/.installed-*
 	@touch $@
+
+## Fashion-MNIST's IDX files (Debian's dataset-fashion-mnist) for the tests and `dvt evaluate`; needs root.
+data:
+	@test -d /usr/share/datasets/fashion-mnist || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }
 
 ## The whole suite: unit tests, conformance with the official release, and the cross-backend parity suite.
 test: venv
@@ -34,6 +38,7 @@ demo: venv
 bench: venv
 	$(PY) benchmarks/bench_early_exit.py
 	$(PY) benchmarks/bench_policy.py
+	$(PY) benchmarks/bench_mindspore.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -96,30 +96,30 @@ def token_resize_macs(rows: int, old: int, new: int, channels: int = 1) -> int:
 def feature_reuse_macs(spec: CascadeSpec, index: int, count_resize: bool = True) -> int:
     """Feature reuse of stage ``index``: a ``FeatureReuse`` MLP per block on the previous stage's tokens
     (class token included), then one ``TokenResize`` product batched over the depth."""
-    if not spec.uses_feature_reuse(index):
+    plan = spec.reuse_plan(index).feature
+    if plan is None:
         return 0
     prev, st = spec.stages[index - 1], spec.stages[index]
-    r, hid = spec.feature_reuse_dim, spec.feature_reuse_hidden
-    mlp = (_linear(prev.num_tokens, prev.embed_dim, hid)  # FeatureReuse.fc1
-           + _linear(prev.num_tokens, hid, r))  # FeatureReuse.fc2
+    mlp = (_linear(prev.num_tokens, plan.in_dim, plan.hidden)  # FeatureReuse.fc1
+           + _linear(prev.num_tokens, plan.hidden, plan.out_dim))  # FeatureReuse.fc2
     # Stage._reused_features: matrix @ (depth, B, n_prev, r)
-    resize = token_resize_macs(st.depth, prev.grid, st.grid, channels=r)
+    resize = token_resize_macs(st.depth, plan.old_grid, plan.new_grid, channels=plan.out_dim)
     return st.depth * mlp + (resize if count_resize else 0)
 
 
 def relation_reuse_macs(spec: CascadeSpec, index: int, count_resize: bool = True) -> int:
     """Relation reuse of stage ``index``: ``RelationReuse``'s two 1x1 convs (run as channel matmuls) on
     the previous stage's attention logits (previous grid), then the token resize of both axes."""
-    if not spec.uses_relation_reuse(index):
+    plan = spec.reuse_plan(index).relation
+    if plan is None:
         return 0
     prev, st = spec.stages[index - 1], spec.stages[index]
     n_prev, n = prev.num_tokens, st.num_tokens
-    c_prev, c = prev.relation_channels, st.relation_channels
-    hidden = c * spec.relation_reuse_expand
+    c_prev, hidden, c = plan.in_channels, plan.hidden_channels, plan.out_channels
     mix = (_linear(n_prev * n_prev, c_prev, hidden)  # expand: (C*e, C_prev) @ (C_prev, n_prev^2)
            + _linear(n_prev * n_prev, hidden, c))  # reduce: (C, C*e) @ (C*e, n_prev^2)
-    resize = (token_resize_macs(c * n_prev, prev.grid, st.grid)  # keys axis: r @ m.T, (n_prev, n_prev) -> (n_prev, N)
-              + token_resize_macs(c * n, prev.grid, st.grid))  # queries axis: m @ r, -> (N, N)
+    resize = (token_resize_macs(c * n_prev, plan.old_grid, plan.new_grid)  # keys axis: r @ m.T -> (n_prev, N)
+              + token_resize_macs(c * n, plan.old_grid, plan.new_grid))  # queries axis: m @ r, -> (N, N)
     return mix + (resize if count_resize else 0)
 
 

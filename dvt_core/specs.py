@@ -108,6 +108,37 @@ class StageSpec:
 
 
 @dataclass(frozen=True)
+class FeatureReusePlan:
+    """Per-block MLP over the previous stage's final tokens: LayerNorm(in) -> in->hidden -> GELU -> out."""
+
+    in_dim: int
+    hidden: int
+    out_dim: int
+    ln_eps: float
+    old_grid: int
+    new_grid: int
+
+
+@dataclass(frozen=True)
+class RelationReusePlan:
+    """1x1-conv MLP over the previous stage's attention logits (in -> hidden -> out channels), then resize."""
+
+    in_channels: int
+    hidden_channels: int
+    out_channels: int
+    old_grid: int
+    new_grid: int
+
+
+@dataclass(frozen=True)
+class ReusePlan:
+    """What stage ``index`` reuses from the one before it; None where it reuses nothing."""
+
+    feature: Optional[FeatureReusePlan]
+    relation: Optional[RelationReusePlan]
+
+
+@dataclass(frozen=True)
 class CascadeSpec:
     """A DVT: stages in exit order, plus how later stages reuse earlier ones."""
 
@@ -140,6 +171,19 @@ class CascadeSpec:
 
     def uses_relation_reuse(self, index: int) -> bool:
         return self.relation_reuse and index > 0
+
+    def reuse_plan(self, index: int) -> ReusePlan:
+        """Every width and grid the reuse modules of stage ``index`` are built with."""
+        st = self.stages[index]
+        prev = self.stages[index - 1] if index > 0 else None
+        feature = relation = None
+        if self.uses_feature_reuse(index):
+            feature = FeatureReusePlan(prev.embed_dim, self.feature_reuse_hidden, self.feature_reuse_dim, st.ln_eps,
+                                       prev.grid, st.grid)
+        if self.uses_relation_reuse(index):
+            relation = RelationReusePlan(prev.relation_channels, st.relation_channels * self.relation_reuse_expand,
+                                         st.relation_channels, prev.grid, st.grid)
+        return ReusePlan(feature, relation)
 
     def validate(self) -> "CascadeSpec":
         if not self.stages:

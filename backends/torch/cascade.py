@@ -16,7 +16,7 @@ from dvt_core.early_exit import AdaptiveResult, run_adaptive
 from dvt_core.errors import InputError, check_images_shape
 from dvt_core.specs import CascadeSpec, sinusoid_position_table
 
-from .layers import Block, TokenResize, stage_reuse_modules
+from .layers import Block, FeatureReuse, RelationReuse, TokenResize
 from .tokenizers import build_tokenizer
 
 
@@ -44,16 +44,17 @@ class Stage(nn.Module):
                                           requires_grad=False)
         else:
             self.pos_embed = nn.Parameter(torch.zeros(1, st.num_tokens, st.embed_dim))
-        feature_reuse, self.relation_reuse = stage_reuse_modules(spec, index)
-        reuse_dim = spec.feature_reuse_dim if feature_reuse else 0
+        plan = spec.reuse_plan(index)
+        fr = plan.feature
+        self.relation_reuse = RelationReuse(plan.relation) if plan.relation else None
         dpr = np.linspace(0, spec.drop_path_rate, st.depth).tolist()
-        self.blocks = nn.ModuleList(
-            Block(st, reuse_dim, dpr[j], feature_reuse() if feature_reuse else None) for j in range(st.depth))
-        if feature_reuse:
-            self.feature_resize = TokenResize(spec.stages[index - 1].grid, st.grid, "zero")
+        self.blocks = nn.ModuleList(Block(st, fr.out_dim if fr else 0, dpr[j], FeatureReuse(fr) if fr else None)
+                                    for j in range(st.depth))
+        if fr:
+            self.feature_resize = TokenResize(fr.old_grid, fr.new_grid, "zero")
         self.norm = nn.LayerNorm(st.embed_dim, eps=st.ln_eps)
         self.head = nn.Linear(st.embed_dim, spec.num_classes)
-        self.has_feature_reuse = feature_reuse is not None
+        self.has_feature_reuse = fr is not None
 
     def _reused_features(self, prev: torch.Tensor) -> torch.Tensor:
         """Every block's reused features, resampled once for the whole stage: (depth, B, N, reuse_dim).

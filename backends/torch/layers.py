@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from dvt_core.resample import token_resize_matrix
-from dvt_core.specs import CascadeSpec, StageSpec
+from dvt_core.specs import FeatureReusePlan, RelationReusePlan, StageSpec
 
 
 class Mlp(nn.Module):
@@ -70,12 +70,12 @@ class FeatureReuse(nn.Module):
     It runs on the previous (small) grid; the stage resamples all blocks' outputs at once.
     """
 
-    def __init__(self, prev_dim: int, hidden: int, out_dim: int, ln_eps: float):
+    def __init__(self, plan: FeatureReusePlan):
         super().__init__()
-        self.norm = nn.LayerNorm(prev_dim, eps=ln_eps)
-        self.fc1 = nn.Linear(prev_dim, hidden)
+        self.norm = nn.LayerNorm(plan.in_dim, eps=plan.ln_eps)
+        self.fc1 = nn.Linear(plan.in_dim, plan.hidden)
         self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, out_dim)
+        self.fc2 = nn.Linear(plan.hidden, plan.out_dim)
 
     def forward(self, prev_tokens: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(self.norm(prev_tokens))))
@@ -131,12 +131,12 @@ class RelationReuse(nn.Module):
     official checkpoints). Output: (B, heads x depth, N, N) logits on this stage's grid.
     """
 
-    def __init__(self, prev_channels: int, channels: int, expand: int, prev_grid: int, grid: int):
+    def __init__(self, plan: RelationReusePlan):
         super().__init__()
-        self.expand = nn.Conv2d(prev_channels, channels * expand, kernel_size=1)
+        self.expand = nn.Conv2d(plan.in_channels, plan.hidden_channels, kernel_size=1)
         self.act = nn.GELU()
-        self.reduce = nn.Conv2d(channels * expand, channels, kernel_size=1)
-        self.resize = TokenResize(prev_grid, grid, "keep")
+        self.reduce = nn.Conv2d(plan.hidden_channels, plan.out_channels, kernel_size=1)
+        self.resize = TokenResize(plan.old_grid, plan.new_grid, "keep")
 
     @staticmethod
     def _mix(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -153,18 +153,3 @@ class RelationReuse(nn.Module):
         r = r.reshape(b, -1, n, n)
         m = self.resize.matrix
         return torch.matmul(m, torch.matmul(r, m.t()))  # keys axis, then queries axis
-
-
-def stage_reuse_modules(spec: CascadeSpec, index: int):
-    """(FeatureReuse factory or None, RelationReuse or None) for stage ``index`` of ``spec``."""
-    stage = spec.stages[index]
-    prev = spec.stages[index - 1] if index > 0 else None
-    relation = None
-    if spec.uses_relation_reuse(index):
-        relation = RelationReuse(prev.relation_channels, stage.relation_channels, spec.relation_reuse_expand,
-                                 prev.grid, stage.grid)
-    feature = None
-    if spec.uses_feature_reuse(index):
-        def feature():
-            return FeatureReuse(prev.embed_dim, spec.feature_reuse_hidden, spec.feature_reuse_dim, stage.ln_eps)
-    return feature, relation

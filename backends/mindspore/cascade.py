@@ -15,7 +15,7 @@ from dvt_core.errors import InputError, check_images_shape
 from dvt_core.specs import CascadeSpec, sinusoid_position_table
 
 from . import compat as C
-from .layers import Block, TokenResize, stage_reuse_modules
+from .layers import Block, FeatureReuse, RelationReuse, TokenResize
 from .tokenizers import build_tokenizer
 
 # timm's ViT recipe, as the torch backend: trunc-normal(0.02) class token and learned position table.
@@ -54,16 +54,17 @@ class Stage(C.Cell):
             self.pos_embed = C.array_param(sinusoid_position_table(st.num_tokens, st.embed_dim), requires_grad=False)
         else:
             self.pos_embed = C.trunc_normal_param((1, st.num_tokens, st.embed_dim), INIT_STD)
-        feature_reuse, self.relation_reuse = stage_reuse_modules(spec, index)
-        reuse_dim = spec.feature_reuse_dim if feature_reuse else 0
+        plan = spec.reuse_plan(index)
+        fr = plan.feature
+        self.relation_reuse = RelationReuse(plan.relation) if plan.relation else None
         dpr = np.linspace(0, spec.drop_path_rate, st.depth).tolist()
         self.blocks = C.CellList(
-            [Block(st, reuse_dim, dpr[j], feature_reuse() if feature_reuse else None) for j in range(st.depth)])
-        if feature_reuse:
-            self.feature_resize = TokenResize(spec.stages[index - 1].grid, st.grid, "zero")
+            [Block(st, fr.out_dim if fr else 0, dpr[j], FeatureReuse(fr) if fr else None) for j in range(st.depth)])
+        if fr:
+            self.feature_resize = TokenResize(fr.old_grid, fr.new_grid, "zero")
         self.norm = C.layer_norm(st.embed_dim, st.ln_eps)
         self.head = C.dense(st.embed_dim, spec.num_classes)
-        self.has_feature_reuse = feature_reuse is not None
+        self.has_feature_reuse = fr is not None
         self.has_relation_reuse = self.relation_reuse is not None
 
     def _reused_features(self, prev):

@@ -7,7 +7,7 @@ parameter names are the torch ones (LayerNorm's ``gamma``/``beta`` aside; see dv
 from __future__ import annotations
 
 from dvt_core.resample import token_resize_matrix
-from dvt_core.specs import CascadeSpec, StageSpec
+from dvt_core.specs import FeatureReusePlan, RelationReusePlan, StageSpec
 
 from . import compat as C
 
@@ -83,12 +83,12 @@ class FeatureReuse(C.Cell):
     It runs on the previous (small) grid; the stage resamples all blocks' outputs at once.
     """
 
-    def __init__(self, prev_dim: int, hidden: int, out_dim: int, ln_eps: float):
+    def __init__(self, plan: FeatureReusePlan):
         super().__init__()
-        self.norm = C.layer_norm(prev_dim, ln_eps)
-        self.fc1 = C.dense(prev_dim, hidden)
+        self.norm = C.layer_norm(plan.in_dim, plan.ln_eps)
+        self.fc1 = C.dense(plan.in_dim, plan.hidden)
         self.act = C.gelu()
-        self.fc2 = C.dense(hidden, out_dim)
+        self.fc2 = C.dense(plan.hidden, plan.out_dim)
 
     def construct(self, prev_tokens):
         return self.fc2(self.act(self.fc1(self.norm(prev_tokens))))
@@ -145,12 +145,12 @@ class RelationReuse(C.Cell):
     logits on this stage's grid.
     """
 
-    def __init__(self, prev_channels: int, channels: int, expand: int, prev_grid: int, grid: int):
+    def __init__(self, plan: RelationReusePlan):
         super().__init__()
-        self.expand = C.conv2d(prev_channels, channels * expand, 1)
+        self.expand = C.conv2d(plan.in_channels, plan.hidden_channels, 1)
         self.act = C.gelu()
-        self.reduce = C.conv2d(channels * expand, channels, 1)
-        self.resize = TokenResize(prev_grid, grid, "keep")
+        self.reduce = C.conv2d(plan.hidden_channels, plan.out_channels, 1)
+        self.resize = TokenResize(plan.old_grid, plan.new_grid, "keep")
 
     def construct(self, prev_logits):
         c_in, b, n, _ = prev_logits.shape
@@ -161,18 +161,3 @@ class RelationReuse(C.Cell):
         r = C.matmul_nt(r.reshape(c * b * n, n), m)  # keys axis: (C*B*n, N)
         r = self.resize(r.reshape(c * b, n, big))  # queries axis: (C*B, N, N)
         return r.reshape(c, b, big, big)
-
-
-def stage_reuse_modules(spec: CascadeSpec, index: int):
-    """(FeatureReuse factory or None, RelationReuse or None) for stage ``index`` of ``spec``."""
-    stage = spec.stages[index]
-    prev = spec.stages[index - 1] if index > 0 else None
-    relation = None
-    if spec.uses_relation_reuse(index):
-        relation = RelationReuse(prev.relation_channels, stage.relation_channels, spec.relation_reuse_expand,
-                                 prev.grid, stage.grid)
-    feature = None
-    if spec.uses_feature_reuse(index):
-        def feature():
-            return FeatureReuse(prev.embed_dim, spec.feature_reuse_hidden, spec.feature_reuse_dim, stage.ln_eps)
-    return feature, relation

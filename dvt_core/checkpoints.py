@@ -274,11 +274,11 @@ def atomic_path(dst, force: bool = False):
     dst.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=str(dst.parent))
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a checkpoint is an ordinary file
     try:
         yield Path(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp and some writers make 0600/0400; a checkpoint is an ordinary file
         os.replace(tmp, dst)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

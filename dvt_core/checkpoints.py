@@ -55,6 +55,17 @@ class Checkpoint:
         return self.meta.get("arch")
 
 
+def _framework_files(name: str, path, action: str = "reading"):
+    """``backends.<name>.files``: the framework's own file reader/writer, imported only now."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"backends.{name}.files")
+    except ImportError:
+        raise CheckpointError(f"{path} is a {name} checkpoint; {action} it needs {name} "
+                              f"(pip install 'dvt[{name}]')") from None
+
+
 # ---- format detection -----------------------------------------------------------------------------
 
 def sniff_format(path) -> str:
@@ -93,17 +104,7 @@ def read_checkpoint(path) -> Checkpoint:
 
 # ---- torch -----------------------------------------------------------------------------------------
 
-def _numpy_safe_globals():
-    """numpy types a weights-only unpickler may rebuild: plain data, no code."""
-    import numpy.core.multiarray as ma
-
-    out = [ma._reconstruct, np.ndarray, np.dtype, ma.scalar]
-    out += [type(np.dtype(t)) for t in ("float32", "float64", "int64", "int32", "bool", "float16", "uint8")]
-    return out
-
-
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_CODE_OPS = {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "NEWOBJ", "NEWOBJ_EX", "REDUCE", "BUILD"}
 
 
 def _pickle_payloads(path: Path) -> list[bytes]:
@@ -137,11 +138,9 @@ def _referenced_globals(path: Path) -> Optional[list[str]]:
 def _torch_load(path: Path):
     import pickle
 
-    import torch
-
+    files = _framework_files("torch", path)
     try:
-        with torch.serialization.safe_globals(_numpy_safe_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
+        return files.load(path)  # torch.load(..., weights_only=True), tensors as numpy
     except pickle.UnpicklingError as exc:
         text = _ANSI.sub("", str(exc))
         blocked = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
@@ -161,26 +160,17 @@ def _torch_load(path: Path):
 
 
 def _to_numpy_state(d: dict, path: Path) -> dict[str, np.ndarray]:
-    import torch
-
     out = {}
     for k, v in d.items():
-        if not isinstance(k, str) or not torch.is_tensor(v):
+        if not isinstance(k, str) or not isinstance(v, np.ndarray):
             raise CheckpointError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor; "
                                   "this does not look like a state dict")
-        out[k] = v.detach().cpu().numpy()
+        out[k] = v
     return out
 
 
 def _plain(obj):
-    """Metadata as JSON-friendly Python values (tensors and numpy arrays become lists)."""
-    try:
-        import torch
-
-        if torch.is_tensor(obj):
-            return obj.tolist()
-    except ImportError:  # pragma: no cover
-        pass
+    """Metadata as JSON-friendly Python values (numpy arrays become lists)."""
     if isinstance(obj, np.ndarray):
         return obj.tolist()
     if isinstance(obj, np.generic):
@@ -238,13 +228,9 @@ def _read_safetensors(path: Path) -> Checkpoint:
 
 def _read_mindspore(path: Path) -> Checkpoint:
     meta_key = "dvt_meta"  # the append_dict entry _write_mindspore stores the JSON metadata under
+    files = _framework_files("mindspore", path)
     try:
-        import mindspore as ms
-    except ImportError:
-        raise CheckpointError(f"{path} is a MindSpore checkpoint; reading it needs mindspore "
-                              "(pip install 'dvt[mindspore]')") from None
-    try:
-        params = ms.load_checkpoint(str(path))
+        params = files.load(path)
     except Exception as exc:  # MindSpore raises ValueError/RuntimeError with long messages
         raise CheckpointError(f"{path} is not a readable MindSpore checkpoint "
                               f"({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})"
@@ -259,7 +245,7 @@ def _read_mindspore(path: Path) -> Checkpoint:
             continue
         if isinstance(value, (str, int, float, bool)):
             continue  # other append_dict entries (epoch_num, step_num, ...)
-        state[mindspore_to_canonical(name)] = value.asnumpy()
+        state[mindspore_to_canonical(name)] = value
     return Checkpoint(state, meta, "mindspore", "canonical")
 
 
@@ -320,18 +306,12 @@ def _write_safetensors(tmp: Path, state, meta) -> None:
 
 
 def _write_torch(tmp: Path, state, meta) -> None:
-    import torch
-
-    sd = {k: torch.from_numpy(np.array(v)) for k, v in state.items()}
-    torch.save({"state_dict": sd, "dvt_meta": json.dumps(meta)}, str(tmp))
+    _framework_files("torch", tmp, "writing").save(tmp, state, meta)
 
 
 def _write_mindspore(tmp: Path, state, meta) -> None:
     meta_key = "dvt_meta"  # read back by _read_mindspore
-    try:
-        import mindspore as ms
-    except ImportError:
-        raise CheckpointError("writing a MindSpore checkpoint needs mindspore (pip install 'dvt[mindspore]')") from None
+    files = _framework_files("mindspore", tmp, "writing")
     names = {k: canonical_to_mindspore(k) for k in state}
     seen, clash = set(), set()
     for n in list(names.values()) + [meta_key]:
@@ -339,13 +319,4 @@ def _write_mindspore(tmp: Path, state, meta) -> None:
     if clash:
         raise CheckpointError(f"cannot write a MindSpore checkpoint: the names {sorted(clash)} collide once "
                               "renamed for MindSpore")
-    params = [{"name": names[k], "data": ms.Tensor(v)} for k, v in state.items()]
-    # MindSpore appends ".ckpt" to names without it; the temporary name has none, so write beside it
-    # (and never leave that file behind: atomic_path only knows the temporary name).
-    target = str(tmp) + ".ckpt"
-    try:
-        ms.save_checkpoint(params, target, append_dict={meta_key: json.dumps(meta)})
-        os.replace(target, tmp)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(target)
+    files.save(tmp, {names[k]: v for k, v in state.items()}, {meta_key: json.dumps(meta)})

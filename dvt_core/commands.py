@@ -141,28 +141,12 @@ def build_from_args(args, weights=None):
 
 
 def to_device(model, backend: str, device):
+    """The model on ``device`` (the backend knows its devices); InputError for one it does not have."""
     if device is None:
         return model
-    if backend == "torch":
-        import torch
+    from .builder import get_backend
 
-        try:
-            dev = torch.device(device)
-        except RuntimeError:
-            raise UserError(f"unknown torch device {device!r}; use cpu, cuda, cuda:N or mps") from None
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise UserError(f"device {device!r} asked for, but torch sees no CUDA device")
-        if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-            raise UserError(f"device {device!r} asked for, but torch sees no MPS device")
-        return model.to(dev)
-    import mindspore as ms
-
-    target = {"cpu": "CPU", "gpu": "GPU", "cuda": "GPU", "ascend": "Ascend", "npu": "Ascend"}.get(
-        str(device).split(":")[0].lower())
-    if target is None:
-        raise UserError(f"unknown MindSpore device {device!r}; use cpu, gpu or ascend")
-    ms.set_context(device_target=target)
-    return model
+    return get_backend(backend).to_device(model, device)
 
 
 def _meta(model) -> dict:
@@ -356,23 +340,10 @@ def cmd_convert(args) -> int:
 # ---- train -------------------------------------------------------------------------------------------
 
 def _check_resumable(state: Path, spec) -> None:
-    """UserError unless ``state`` (a trainer's last.pth) holds the weights of ``spec``'s architecture."""
-    import torch
+    """InputError unless ``state`` (a trainer's last.pth) holds the weights of ``spec``'s architecture."""
+    from backends.torch.train import check_resumable
 
-    from backends.torch import build_model
-
-    try:
-        saved = torch.load(state, map_location="cpu", weights_only=True)["model"]
-    except Exception as exc:  # a truncated or foreign file
-        raise UserError(f"cannot resume from {state}: not a readable training checkpoint "
-                        f"({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})") from None
-    want = {k: tuple(v.shape) for k, v in build_model(spec).state_dict().items()}
-    have = {k: tuple(v.shape) for k, v in saved.items()}
-    if want != have:
-        diff = sorted(set(want) ^ set(have)) or [k for k in want if want[k] != have.get(k)]
-        raise UserError(f"cannot resume from {state}: it holds another architecture than {spec.name} with these "
-                        f"overrides ({len(diff)} tensors differ, e.g. {diff[0]}); use the same --model and -O, "
-                        "or another --out")
+    check_resumable(state, spec)
 
 
 def cmd_train(args) -> int:

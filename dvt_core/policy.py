@@ -17,8 +17,8 @@ Exactness notes, all following the official float32 PyTorch pipeline:
 
 The official search walks the samples one by one in Python; here each exit's confidences are sorted
 once and every budget is a handful of vectorised passes over the presorted arrays (see
-:func:`budget_sweep`; ``benchmarks/bench_policy.py`` measures the difference). The module must not
-import torch or mindspore: it serves both backends.
+:func:`budget_sweep`; ``benchmarks/bench_policy.py`` measures the difference). Plain numpy, no
+framework: it serves both backends.
 """
 from __future__ import annotations
 

@@ -239,7 +239,7 @@ def test_float64_agrees_with_float32(name):
 
 
 def test_no_cuda_calls_in_library_source():
-    """Tensors follow the model's device: no ``.cuda()`` anywhere (the official code had one), and the
+    """Tensors follow the model's device: no hard-coded CUDA call anywhere (the official code had one), and the
     model modules never name a device at all (device choice lives in the CLI / training code)."""
     offenders = []
     model_files = {REPO / "backends" / "torch" / f"{m}.py" for m in ("cascade", "layers", "tokenizers", "io")}

@@ -31,5 +31,17 @@ def adaptive_numpy(model: DVT, images, thresholds, confidence: str = "max_softma
     return model.adaptive(compat.to_tensor(images), thresholds, confidence)
 
 
+def to_device(model: DVT, device) -> DVT:
+    """Select MindSpore's device target for ``device`` (cpu, gpu/cuda, ascend/npu); InputError otherwise."""
+    from dvt_core.errors import InputError
+
+    target = {"cpu": "CPU", "gpu": "GPU", "cuda": "GPU", "ascend": "Ascend", "npu": "Ascend"}.get(
+        str(device).split(":")[0].lower())
+    if target is None:
+        raise InputError(f"unknown MindSpore device {device!r}; use cpu, gpu or ascend")
+    C.set_device_target(target)
+    return model
+
+
 __all__ = ["DVT", "Stage", "Reuse", "build_model", "load_state", "model_state", "forward_numpy", "adaptive_numpy",
-           "NAME"]
+           "to_device", "NAME"]

@@ -294,3 +294,8 @@ def is_graph_mode() -> bool:
 def jit(fn):
     """Compile ``fn`` in graph mode (``ms.jit``), whatever the global mode."""
     return ms.jit(fn)
+
+
+def set_device_target(target: str) -> None:
+    """Run on "CPU", "GPU" or "Ascend" from now on (MindSpore's device is process-wide context)."""
+    ms.set_context(device_target=target)

@@ -9,7 +9,7 @@ def build_model(spec) -> DVT:
     return DVT(spec)
 
 
-__all__ = ["DVT", "Stage", "Reuse", "build_model", "load_state", "model_state", "forward_numpy", "adaptive_numpy", "NAME"]
+__all__ = ["DVT", "Stage", "Reuse", "build_model", "load_state", "model_state", "forward_numpy", "adaptive_numpy", "to_device", "NAME"]
 
 
 def forward_numpy(model: DVT, images):
@@ -35,3 +35,20 @@ def adaptive_numpy(model: DVT, images, thresholds, confidence: str = "max_softma
     dev = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     return model.adaptive(torch.from_numpy(np.ascontiguousarray(images)).to(dev, dtype), thresholds, confidence)
+
+
+def to_device(model: DVT, device) -> DVT:
+    """``model.to(device)``, with a clear InputError for a device torch does not have here."""
+    import torch
+
+    from dvt_core.errors import InputError
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise InputError(f"unknown torch device {device!r}; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {device!r} asked for, but torch sees no CUDA device")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise InputError(f"device {device!r} asked for, but torch sees no MPS device")
+    return model.to(dev)

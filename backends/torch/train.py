@@ -27,6 +27,24 @@ from .cascade import DVT
 from .io import model_state
 
 
+def check_resumable(state_path, spec: CascadeSpec) -> None:
+    """InputError unless ``state_path`` (a trainer's last.pth) holds weights of ``spec``'s architecture."""
+    from dvt_core.errors import InputError
+
+    try:
+        saved = torch.load(state_path, map_location="cpu", weights_only=True)["model"]
+    except Exception as exc:  # a truncated or foreign file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"cannot resume from {state_path}: not a readable training checkpoint ({first})") from None
+    want = {k: tuple(v.shape) for k, v in DVT(spec).state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in saved.items()}
+    if want != have:
+        diff = sorted(set(want) ^ set(have)) or [k for k in want if want[k] != have.get(k)]
+        raise InputError(f"cannot resume from {state_path}: it holds another architecture than {spec.name} with "
+                         f"these overrides ({len(diff)} tensors differ, e.g. {diff[0]}); use the same --model "
+                         "and -O, or another --out")
+
+
 def _dist_env():
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))

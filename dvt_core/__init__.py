@@ -29,7 +29,8 @@ def __getattr__(name):
         from . import macs
 
         return getattr(macs, name)
-    if name in ("policy", "checkpoints", "naming", "resample", "early_exit", "data", "macs", "weights"):
+    if name in ("policy", "checkpoints", "naming", "resample", "early_exit", "data", "macs", "weights", "evaluation",
+                "training", "convert", "plots"):
         import importlib
 
         return importlib.import_module(f".{name}", __name__)

@@ -11,6 +11,7 @@ from typing import NamedTuple, Optional, Sequence
 import numpy as np
 
 from dvt_core.early_exit import AdaptiveResult, run_adaptive
+from dvt_core.macs import exit_macs
 from dvt_core.errors import InputError, check_images_shape
 from dvt_core.specs import CascadeSpec, sinusoid_position_table
 
@@ -110,6 +111,7 @@ class DVT(C.Cell):
         self.relation_reuse = spec.relation_reuse
         self.stages = C.CellList([Stage(spec, i) for i in range(spec.num_exits)])
         self.checkpoint_meta: dict = {}
+        self.exit_macs = exit_macs(self.spec)  # per image, cumulative; the spec is frozen
         self._compiled = None
 
     # ---- inference ---------------------------------------------------------------------------------
@@ -162,8 +164,6 @@ class DVT(C.Cell):
         Only the images that go on run the next stage, with their rows of the reused features and
         attention logits. ``thresholds`` has one value per exit (the last is ignored) or one fewer.
         """
-        from dvt_core.macs import exit_macs
-
         self.check_images(images)
 
         def select(imgs, reuse, rows):
@@ -173,7 +173,7 @@ class DVT(C.Cell):
             return C.gather_rows(imgs, idx), picked
 
         return run_adaptive(self.run_stage, C.to_numpy, select, images, C.shape_of(images)[0], thresholds,
-                            exit_macs(self.spec), confidence)
+                            self.exit_macs, confidence)
 
     # ---- training ----------------------------------------------------------------------------------
     @staticmethod

@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from dvt_core.early_exit import AdaptiveResult, run_adaptive
+from dvt_core.macs import exit_macs
 from dvt_core.errors import InputError, check_images_shape
 from dvt_core.specs import CascadeSpec, sinusoid_position_table
 
@@ -93,6 +94,7 @@ class DVT(nn.Module):
         self.spec = spec.validate()
         self.stages = nn.ModuleList(Stage(spec, i) for i in range(spec.num_exits))
         self.checkpoint_meta: dict = {}
+        self.exit_macs = exit_macs(self.spec)  # per image, cumulative; the spec is frozen
         self.reset_parameters()
 
     # ---- initialisation (timm's ViT recipe) ----------------------------------------------------
@@ -142,8 +144,6 @@ class DVT(nn.Module):
         attention logits. ``thresholds`` has one value per exit (the last is ignored) or one fewer.
         Runs in evaluation mode (dropout and stochastic depth off) and restores the previous mode.
         """
-        from dvt_core.macs import exit_macs
-
         self.check_images(images)
         was_training = self.training
         self.eval()
@@ -156,7 +156,7 @@ class DVT(nn.Module):
 
         try:
             return run_adaptive(self.run_stage, lambda t: t.detach().float().cpu().numpy(), select,
-                                images, images.shape[0], thresholds, exit_macs(self.spec), confidence)
+                                images, images.shape[0], thresholds, self.exit_macs, confidence)
         finally:
             self.train(was_training)
 

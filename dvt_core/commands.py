@@ -31,8 +31,9 @@ def load_dataset(name: str, split: str, spec, holdout: Optional[int] = None, see
     if _is_fashion_mnist(name):
         if split == "holdout":
             x, y = dvt_data.load_fashion_mnist("train")
-            size = holdout_size(spec) if holdout is None else int(holdout)
-            _, hold = dvt_data.split_holdout(len(x), size, 0 if seed is None else int(seed))
+            default_size, default_seed = holdout_params(None)
+            size = default_size if holdout is None else int(holdout)
+            _, hold = dvt_data.split_holdout(len(x), size, default_seed if seed is None else int(seed))
             return x[hold], y[hold], list(dvt_data.FASHION_MNIST_CLASSES)
         x, y = dvt_data.load_fashion_mnist(split)
         return x, y, list(dvt_data.FASHION_MNIST_CLASSES)
@@ -43,12 +44,6 @@ def load_dataset(name: str, split: str, spec, holdout: Optional[int] = None, see
         raise UserError(f"{spec.name} takes {spec.in_chans}-channel images; image files give 1 (grey) or 3 (RGB)")
     x, y, classes = dvt_data.load_image_folder(root, img_size=spec.img_size, channels=spec.in_chans)
     return x, y, classes
-
-
-def holdout_size(spec) -> int:
-    from .training import TrainConfig
-
-    return TrainConfig().holdout
 
 
 def holdout_params(meta: Optional[dict]) -> tuple[int, int]:

@@ -27,7 +27,6 @@ def forward_numpy(model: DVT, images):
 
 def adaptive_numpy(model: DVT, images, thresholds, confidence: str = "max_softmax"):
     """``model.adaptive`` on a float32 numpy batch (eval mode)."""
-    model.set_train(False)
     return model.adaptive(compat.to_tensor(images), thresholds, confidence)
 
 

@@ -163,8 +163,11 @@ class DVT(C.Cell):
 
         Only the images that go on run the next stage, with their rows of the reused features and
         attention logits. ``thresholds`` has one value per exit (the last is ignored) or one fewer.
+        Runs in evaluation mode (dropout and stochastic depth off) and restores the previous mode.
         """
         self.check_images(images)
+        was_training = self.training
+        self.set_train(False)
 
         def select(imgs, reuse, rows):
             idx = C.index_tensor(rows)
@@ -172,8 +175,11 @@ class DVT(C.Cell):
                            for t, axis in zip(reuse, (FEATURE_BATCH_AXIS, RELATION_BATCH_AXIS)))
             return C.gather_rows(imgs, idx), picked
 
-        return run_adaptive(self.run_stage, C.to_numpy, select, images, C.shape_of(images)[0], thresholds,
-                            self.exit_macs, confidence)
+        try:
+            return run_adaptive(self.run_stage, C.to_numpy, select, images, C.shape_of(images)[0], thresholds,
+                                self.exit_macs, confidence)
+        finally:
+            self.set_train(was_training)
 
     # ---- training ----------------------------------------------------------------------------------
     @staticmethod

@@ -19,6 +19,7 @@ from torch import nn
 
 from dvt_core import data as dvt_data
 from dvt_core.checkpoints import atomic_path, write_checkpoint
+from dvt_core.evaluation import exit_probs
 from dvt_core.macs import exit_macs
 from dvt_core.specs import CascadeSpec
 from dvt_core.training import TrainConfig, cosine_lr, epoch_batches, steps_per_epoch
@@ -59,25 +60,6 @@ def _pick_device(device: Optional[str], local_rank: int) -> torch.device:
             d = torch.device("cuda", local_rank)
         return d
     return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-
-
-@torch.no_grad()
-def evaluate_exits(model: DVT, images: np.ndarray, labels: np.ndarray, batch_size: int = 500,
-                   device: Optional[torch.device] = None, progress: bool = False) -> np.ndarray:
-    """Softmax probabilities of every exit, (exits, N, classes), in evaluation mode."""
-    from tqdm.auto import tqdm
-
-    spec = model.spec
-    device = device or next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    outs = []
-    starts = range(0, len(images), batch_size)
-    for s in tqdm(starts, desc="evaluate", unit="batch", disable=not progress, leave=False):
-        x = torch.from_numpy(dvt_data.normalize(images[s:s + batch_size], spec.mean, spec.std)).to(device)
-        outs.append(torch.stack([o.float().softmax(-1) for o in model(x)]).cpu().numpy())
-    model.train(was_training)
-    return np.concatenate(outs, axis=1)
 
 
 def train(spec: CascadeSpec, images: np.ndarray, labels: np.ndarray, cfg: TrainConfig, out_dir,
@@ -166,7 +148,7 @@ def train(spec: CascadeSpec, images: np.ndarray, labels: np.ndarray, cfg: TrainC
                 break
         record = {"epoch": epoch + 1, "loss": running / max(seen, 1), "seconds": round(time.time() - t0, 1)}
         if main and len(hold_idx):
-            probs = evaluate_exits(model, images[hold_idx], labels[hold_idx], device=dev)
+            probs = exit_probs(model, images[hold_idx])
             record["holdout_accuracy"] = [float(a) for a in (probs.argmax(-1) == labels[hold_idx]).mean(1) * 100]
         history.append(record)
         if main:

@@ -1,9 +1,6 @@
 """Errors a user can cause. Each names the problem; the CLI prints its message as one line, exit 2."""
 from __future__ import annotations
 
-from .specs import SpecError
-
-
 class DVTError(ValueError):
     """Base class of user-facing errors that are not spec errors."""
 

@@ -5,8 +5,6 @@ evaluates a torch and a MindSpore model.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
-
 import numpy as np
 
 from . import data as dvt_data

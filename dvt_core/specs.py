@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
 
 FAMILIES = ("t2t", "vit")
 T2T_TOKEN_TYPES = ("performer", "transformer")

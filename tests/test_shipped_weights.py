@@ -109,3 +109,16 @@ def test_torch_and_mindspore_agree_on_the_whole_test_set():
             disagree[k] += int((a[k].argmax(1) != b[k].argmax(1)).sum())
     assert worst.max() <= 1e-4, f"worst |torch - MindSpore| logit difference per exit: {worst.tolist()}"
     assert disagree.sum() == 0, f"predictions differ on {disagree.tolist()} images per exit"
+
+
+@pytest.mark.parametrize("backend", ["torch", "mindspore"])
+def test_each_backend_moves_a_model_to_a_device_or_names_the_bad_one(backend):
+    if backend == "mindspore":
+        pytest.importorskip("mindspore")
+    from dvt_core.builder import get_backend
+
+    mod = get_backend(backend)
+    model = dvt_core.build("static_fashion_mnist_2x2", backend=backend, weights="default")
+    assert mod.to_device(model, "cpu") is not None
+    with pytest.raises(dvt_core.InputError, match="tpu"):
+        mod.to_device(model, "tpu")

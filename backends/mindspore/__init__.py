@@ -38,7 +38,7 @@ def to_device(model: DVT, device) -> DVT:
         str(device).split(":")[0].lower())
     if target is None:
         raise InputError(f"unknown MindSpore device {device!r}; use cpu, gpu or ascend")
-    C.set_device_target(target)
+    compat.set_device_target(target)
     return model
 
 

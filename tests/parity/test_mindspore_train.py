@@ -14,7 +14,6 @@ torch = pytest.importorskip("torch", reason="the gradients are compared with the
 import backends.mindspore as bm  # noqa: E402
 import backends.torch as bt  # noqa: E402
 import dvt_core  # noqa: E402
-from official import official_weight  # noqa: E402
 
 from .conftest import random_images, small_overrides  # noqa: E402
 

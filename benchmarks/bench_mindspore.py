@@ -70,9 +70,9 @@ def main(argv=None) -> int:
     import mindspore as ms
     import torch
 
-    import backends.mindspore as bm
-    import backends.torch as bt
-    import dvt_core
+    import dvt_core  # first: registers dvt_backends in a checkout
+    import dvt_backends.mindspore as bm
+    import dvt_backends.torch as bt
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,12 +1,16 @@
 """dvt_core: the framework-agnostic half of DVT (Dynamic Vision Transformer, NeurIPS 2021).
 
 Specs, the model zoo, exit policies and MAC accounting live here; ``build`` hands a spec to a backend
-(``backends.torch`` or ``backends.mindspore``), importing that framework only then.
+(``dvt_backends.torch`` or ``dvt_backends.mindspore``), importing that framework only then.
 
     >>> import dvt_core
     >>> model = dvt_core.build("dvt_t2t_vit_12", backend="torch")
     >>> dvt_core.exit_macs("dvt_t2t_vit_12")
 """
+from ._layout import register_checkout_backends
+
+register_checkout_backends()
+
 from .errors import CheckpointError, DVTError, InputError, UnsafeCheckpointError
 from .specs import CascadeSpec, SpecError, StageSpec, T2TSpec
 from .zoo import get_spec, list_models, static_spec

@@ -14,11 +14,11 @@ BACKENDS = ("torch", "mindspore")
 
 
 def get_backend(name: str):
-    """The backend module ``backends.<name>``, imported on first use."""
+    """The backend module ``dvt_backends.<name>``, imported on first use."""
     if name not in BACKENDS:
         raise InputError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     try:
-        return importlib.import_module(f"backends.{name}")
+        return importlib.import_module(f"dvt_backends.{name}")
     except ImportError as exc:
         raise InputError(f"the {name} backend needs the {name} package ({exc}); "
                          f"install it with: pip install 'dvt[{name}]'") from None

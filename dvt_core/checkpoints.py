@@ -56,11 +56,11 @@ class Checkpoint:
 
 
 def _framework_files(name: str, path, action: str = "reading"):
-    """``backends.<name>.files``: the framework's own file reader/writer, imported only now."""
+    """``dvt_backends.<name>.files``: the framework's own file reader/writer, imported only now."""
     import importlib
 
     try:
-        return importlib.import_module(f"backends.{name}.files")
+        return importlib.import_module(f"dvt_backends.{name}.files")
     except ImportError:
         raise CheckpointError(f"{path} is a {name} checkpoint; {action} it needs {name} "
                               f"(pip install 'dvt[{name}]')") from None

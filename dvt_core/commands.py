@@ -336,7 +336,7 @@ def cmd_convert(args) -> int:
 
 def _check_resumable(state: Path, spec) -> None:
     """InputError unless ``state`` (a trainer's last.pth) holds the weights of ``spec``'s architecture."""
-    from backends.torch.train import check_resumable
+    from dvt_backends.torch.train import check_resumable
 
     check_resumable(state, spec)
 
@@ -348,7 +348,7 @@ def cmd_train(args) -> int:
         raise UserError("name a model to train with --model")
     if args.backend != "torch":
         raise UserError("`dvt train` runs on the torch backend; fine-tune in MindSpore with "
-                        "backends.mindspore.train_step (see README)")
+                        "(see README)")
     spec = get_spec(args.model, **parse_overrides(args.override))
     cfg = TrainConfig()
     for field, value in (("epochs", args.epochs), ("batch_size", args.batch_size), ("lr", args.lr),
@@ -381,7 +381,7 @@ def cmd_train(args) -> int:
         print(f"nothing to resume ({state} does not exist): starting from scratch")
     elif args.resume:
         _check_resumable(state, spec)
-    from backends.torch.train import train
+    from dvt_backends.torch.train import train
 
     t0 = time.time()
     path = train(spec, images, labels, cfg, args.out, device=args.device, resume=args.resume,

@@ -18,11 +18,11 @@ from .errors import CheckpointError, list_problems
 def expected_shapes(spec) -> dict[str, tuple]:
     """Canonical key -> shape of ``spec``'s state, from whichever backend is installed."""
     try:
-        from backends.torch import build_model
+        from dvt_backends.torch import build_model
 
         return {k: tuple(v.shape) for k, v in build_model(spec).state_dict().items()}
     except ImportError:
-        from backends.mindspore import build_model, model_state
+        from dvt_backends.mindspore import build_model, model_state
 
         return {k: tuple(v.shape) for k, v in model_state(build_model(spec)).items()}
 

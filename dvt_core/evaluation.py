@@ -13,9 +13,9 @@ from . import policy
 
 def backend_of(model) -> str:
     mod = type(model).__module__
-    if mod.startswith("backends.torch"):
+    if mod.startswith("dvt_backends.torch"):
         return "torch"
-    if mod.startswith("backends.mindspore"):
+    if mod.startswith("dvt_backends.mindspore"):
         return "mindspore"
     raise TypeError(f"not a dvt model: {type(model).__name__}")
 

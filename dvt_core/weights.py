@@ -16,15 +16,19 @@ WEIGHTS_ENV = "DVT_WEIGHTS_DIR"
 
 
 def weights_dir() -> Path:
-    """``$DVT_WEIGHTS_DIR``, else the ``weights/`` folder beside the package (source checkout or install)."""
+    """``$DVT_WEIGHTS_DIR``, else ``weights/`` beside ``dvt_core`` (a checkout), else the installed ``dvt_weights``."""
     env = os.environ.get(WEIGHTS_ENV)
     if env:
         return Path(env)
-    here = Path(__file__).resolve().parent
-    for cand in (here.parent / "weights", here / "weights"):
-        if (cand / "registry.yaml").exists():
-            return cand
-    return here.parent / "weights"
+    checkout = Path(__file__).resolve().parent.parent / "weights"
+    if (checkout / "registry.yaml").exists():
+        return checkout
+    import importlib.util
+
+    installed = importlib.util.find_spec("dvt_weights")  # locates the package without importing anything
+    if installed is not None and installed.submodule_search_locations:
+        return Path(list(installed.submodule_search_locations)[0])
+    return checkout
 
 
 @lru_cache(maxsize=4)

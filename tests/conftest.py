@@ -13,3 +13,4 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # read by torch when it is first 
 _TESTS = str(Path(__file__).resolve().parent)
 if _TESTS not in sys.path:
     sys.path.insert(0, _TESTS)
+import dvt_core  # noqa: F401,E402  (registers dvt_backends in a checkout)

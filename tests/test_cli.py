@@ -40,7 +40,7 @@ needs_fashion = pytest.mark.skipif(not _fashion_installed(),
 def _has_mindspore() -> bool:
     try:
         import mindspore  # noqa: F401
-        import backends.mindspore  # noqa: F401
+        import dvt_backends.mindspore  # noqa: F401
     except Exception:
         return False
     return True

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import dvt_core
-from backends.torch import DVT, model_state
+from dvt_backends.torch import DVT, model_state
 from dvt_core import CheckpointError, InputError, UnsafeCheckpointError
 from dvt_core.checkpoints import write_checkpoint
 

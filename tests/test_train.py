@@ -1,4 +1,4 @@
-"""The PyTorch trainer (``backends.torch.train.train``) and ``dvt train`` under torchrun.
+"""The PyTorch trainer (``dvt_backends.torch.train.train``) and ``dvt train`` under torchrun.
 
 A tiny Fashion-MNIST-shaped DVT (one block per stage, width 16) trains on synthetic uint8 images whose
 class is the position of a bright square (mirrored, so the flip augmentation keeps the class): the
@@ -21,9 +21,9 @@ import pytest
 import torch
 
 import dvt_core
-from backends.torch import train as trainer
-from backends.torch.cascade import DVT
-from backends.torch.io import model_state
+from dvt_backends.torch import train as trainer
+from dvt_backends.torch.cascade import DVT
+from dvt_backends.torch.io import model_state
 from dvt_core.checkpoints import read_checkpoint
 from dvt_core.macs import exit_macs
 from dvt_core.training import TrainConfig, cosine_lr, steps_per_epoch

@@ -1,6 +1,6 @@
 """MindSpore backend: ``build_model(spec)``, ``load_state(model, state)``, ``model_state(model)``.
 
-Mirrors ``backends.torch`` file for file; every MindSpore version quirk lives in ``compat``.
+Mirrors ``dvt_backends.torch`` file for file; every MindSpore version quirk lives in ``compat``.
 """
 from . import compat
 from .cascade import DVT, Reuse, Stage

@@ -11,8 +11,8 @@ import pytest
 ms = pytest.importorskip("mindspore", reason="the MindSpore backend needs mindspore")
 torch = pytest.importorskip("torch", reason="the gradients are compared with the PyTorch backend's")
 
-import backends.mindspore as bm  # noqa: E402
-import backends.torch as bt  # noqa: E402
+import dvt_backends.mindspore as bm  # noqa: E402
+import dvt_backends.torch as bt  # noqa: E402
 import dvt_core  # noqa: E402
 
 from .conftest import random_images, small_overrides  # noqa: E402

@@ -1,0 +1,1 @@
+"""The weights dvt ships (safetensors with metadata) and their registry; data only."""

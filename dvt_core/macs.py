@@ -2,8 +2,10 @@
 
 Convention: a MAC is one multiply-accumulate of a matrix product, linear layer, convolution (1x1 ones
 included) or attention product: exactly what ``torch.utils.flop_counter.FlopCounterMode`` counts on
-the torch backend, divided by 2. Biases, elementwise ops, softmax, exp, LayerNorm, GELU, sums,
-concatenations, unfold and padding count nothing. Figures are per image (batch 1).
+the torch backend, divided by 2 (fused attention counted as its two products), plus one per weighted
+term of the reuse resize (``embedding_bag`` with per-sample weights: a gather and a weighted sum,
+which FlopCounterMode does not see). Biases, other elementwise ops, softmax, exp, LayerNorm, GELU,
+sums, concatenations, unfold and padding count nothing. Figures are per image (batch 1).
 
 Every formula mirrors an op of ``backends/torch`` (named in the comments); ``tests/test_macs.py``
 checks them against ``FlopCounterMode`` and the parameter counts against the torch model.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 from typing import Union
 
+from .resample import token_resize_taps
 from .specs import CascadeSpec, StageSpec, T2TSpec
 from .zoo import get_spec
 
@@ -87,23 +90,23 @@ def block_macs(stage: StageSpec, reuse_dim: int = 0) -> int:
             + _linear(n, stage.mlp_hidden, c))  # mlp.fc2
 
 
-def token_resize_macs(rows: int, old: int, new: int, channels: int = 1) -> int:
-    """``TokenResize``: the ``(new^2 + 1, old^2 + 1)`` token matrix of dvt_core.resample (class token
-    included) applied as one dense product to ``rows`` sequences of ``old^2 + 1`` tokens x ``channels``."""
-    return rows * (new * new + 1) * (old * old + 1) * channels
+def token_resize_macs(rows: int, old: int, new: int, channels: int = 1, class_token: str = "keep") -> int:
+    """``TokenResize``: the weighted terms of dvt_core.resample.token_resize_taps (class token included),
+    one multiply-accumulate each per channel, applied to ``rows`` sequences of ``old^2 + 1`` tokens."""
+    return rows * token_resize_taps(old, new, class_token).nnz * channels
 
 
 def feature_reuse_macs(spec: CascadeSpec, index: int, count_resize: bool = True) -> int:
     """Feature reuse of stage ``index``: a ``FeatureReuse`` MLP per block on the previous stage's tokens
-    (class token included), then one ``TokenResize`` product batched over the depth."""
+    (class token included), then one ``TokenResize`` batched over the depth."""
     plan = spec.reuse_plan(index).feature
     if plan is None:
         return 0
     prev, st = spec.stages[index - 1], spec.stages[index]
     mlp = (_linear(prev.num_tokens, plan.in_dim, plan.hidden)  # FeatureReuse.fc1
            + _linear(prev.num_tokens, plan.hidden, plan.out_dim))  # FeatureReuse.fc2
-    # Stage._reused_features: matrix @ (depth, B, n_prev, r)
-    resize = token_resize_macs(st.depth, plan.old_grid, plan.new_grid, channels=plan.out_dim)
+    # Stage._reused_features: resize of (depth, B, n_prev, r), zero class-token row
+    resize = token_resize_macs(st.depth, plan.old_grid, plan.new_grid, channels=plan.out_dim, class_token="zero")
     return st.depth * mlp + (resize if count_resize else 0)
 
 
@@ -118,8 +121,8 @@ def relation_reuse_macs(spec: CascadeSpec, index: int, count_resize: bool = True
     c_prev, hidden, c = plan.in_channels, plan.hidden_channels, plan.out_channels
     mix = (_linear(n_prev * n_prev, c_prev, hidden)  # expand: (C*e, C_prev) @ (C_prev, n_prev^2)
            + _linear(n_prev * n_prev, hidden, c))  # reduce: (C, C*e) @ (C*e, n_prev^2)
-    resize = (token_resize_macs(c * n_prev, plan.old_grid, plan.new_grid)  # keys axis: r @ m.T -> (n_prev, N)
-              + token_resize_macs(c * n, plan.old_grid, plan.new_grid))  # queries axis: m @ r, -> (N, N)
+    resize = (token_resize_macs(c, plan.old_grid, plan.new_grid, channels=n_prev)  # queries axis -> (N, n_prev)
+              + token_resize_macs(c, plan.old_grid, plan.new_grid, channels=n))  # keys axis -> (N, N)
     return mix + (resize if count_resize else 0)
 
 
@@ -131,8 +134,9 @@ def stage_macs(spec: Union[str, CascadeSpec], index: int, count_resize: bool = T
     Whether a stage keeps its attention logits for the next one changes no MACs (they are computed
     for its own attention anyway).
 
-    ``count_resize=False`` leaves out the reuse resizes (matrix products here; nearest upsampling and
-    average pooling in the official code, which its MAC counts leave out): the official arithmetic.
+    ``count_resize=False`` leaves out the reuse resizes (gathers and weighted sums here; nearest
+    upsampling and average pooling in the official code, which its MAC counts leave out): the official
+    arithmetic.
     """
     spec = _spec(spec)
     st = spec.stages[index]
@@ -158,7 +162,7 @@ def exit_macs(name_or_spec: Union[str, CascadeSpec], count_resize: bool = True, 
     ``overrides`` go to :func:`dvt_core.zoo.get_spec`; ``count_resize``: see :func:`stage_macs`.
 
     >>> [round(m / 1e9, 3) for m in exit_macs("dvt_t2t_vit_12")]
-    [0.468, 1.486, 3.791]
+    [0.468, 1.448, 3.464]
     >>> [round(m / 1e9, 3) for m in exit_macs("dvt_t2t_vit_12", count_resize=False)]
     [0.468, 1.446, 3.455]
     """

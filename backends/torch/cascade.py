@@ -79,7 +79,7 @@ class Stage(nn.Module):
         logits_per_block = []
         for j, blk in enumerate(self.blocks):
             x, logits = blk(x, None if feats is None else feats[j],
-                            None if rels is None else rels[:, j * h:(j + 1) * h])
+                            None if rels is None else rels[:, j * h:(j + 1) * h], keep_relations)
             if keep_relations:
                 logits_per_block.append(logits)
         out = self.head(self.norm(x)[:, 0])

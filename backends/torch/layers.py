@@ -9,8 +9,9 @@ from typing import Optional, Sequence
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
-from dvt_core.resample import token_resize_matrix
+from dvt_core.resample import token_resize_taps
 from dvt_core.specs import FeatureReusePlan, RelationReusePlan, StageSpec
 
 
@@ -44,7 +45,12 @@ class DropPath(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention that also returns its pre-softmax logits (what relation reuse carries)."""
+    """Multi-head self-attention that returns its pre-softmax logits when asked (relation reuse carries them).
+
+    With ``need_logits=False`` (the last stage, a model without relation reuse, the static backbones)
+    the logits are never materialised: the fused ``scaled_dot_product_attention`` runs, with the
+    reused logits, if any, as its additive mask. Same arithmetic, same scale.
+    """
 
     def __init__(self, stage: StageSpec):
         super().__init__()
@@ -53,10 +59,14 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(stage.embed_dim, 3 * stage.embed_dim, bias=stage.qkv_bias)
         self.proj = nn.Linear(stage.embed_dim, stage.embed_dim)
 
-    def forward(self, x: torch.Tensor, reused_logits: Optional[torch.Tensor] = None):
+    def forward(self, x: torch.Tensor, reused_logits: Optional[torch.Tensor] = None, need_logits: bool = True):
         b, n, c = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
+        if not need_logits:
+            mask = None if reused_logits is None else reused_logits.to(q.dtype)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+            return self.proj(y.transpose(1, 2).reshape(b, n, c)), None
         logits = (q @ k.transpose(-2, -1)) * self.scale
         if reused_logits is not None:
             logits = logits + reused_logits
@@ -97,8 +107,8 @@ class Block(nn.Module):
             self.feature_reuse = feature_reuse
 
     def forward(self, x: torch.Tensor, reused_features: Optional[torch.Tensor] = None,
-                reused_logits: Optional[torch.Tensor] = None):
-        y, logits = self.attn(self.norm1(x), reused_logits)
+                reused_logits: Optional[torch.Tensor] = None, need_logits: bool = True):
+        y, logits = self.attn(self.norm1(x), reused_logits, need_logits)
         x = x + self.drop_path(y)
         h = x if reused_features is None else torch.cat((x, reused_features), dim=2)
         x = x + self.drop_path(self.mlp(self.norm2(h)))
@@ -106,21 +116,33 @@ class Block(nn.Module):
 
 
 class TokenResize(nn.Module):
-    """Moves token sequences (class token first) from one grid to another: ``matrix @ tokens``.
+    """Moves token sequences (class token first) from one grid to another along axis -2.
 
-    The matrix comes from dvt_core.resample and equals the official nearest-upsample +
-    adaptive-average-pool chain on the grid tokens; ``class_token`` says whether the class token is
-    carried over ("keep", relation reuse) or zeroed ("zero", feature reuse).
+    Each new token is a weighted sum of at most four old tokens (dvt_core.resample.token_resize_taps,
+    equal to the official nearest-upsample + adaptive-average-pool chain on the grid tokens), run as
+    one ``embedding_bag`` (a fused gather and weighted sum) over every sequence of the batch.
+    ``class_token`` says whether the class token is carried over ("keep", relation reuse) or zeroed
+    ("zero", feature reuse).
     """
 
     def __init__(self, old: int, new: int, class_token: str):
         super().__init__()
-        self.register_buffer("matrix", torch.from_numpy(token_resize_matrix(old, new, class_token)),
-                             persistent=False)
+        taps = token_resize_taps(old, new, class_token)
+        self.n_old, self.n_new, self.nnz = taps.n_old, taps.n_new, taps.nnz
+        self.register_buffer("indices", torch.from_numpy(taps.indices), persistent=False)
+        self.register_buffer("offsets", torch.from_numpy(taps.indptr[:-1].copy()), persistent=False)
+        self.register_buffer("weights", torch.from_numpy(taps.weights), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., n_old, C) -> (..., n_new, C)."""
-        return torch.matmul(self.matrix, x)
+        lead, width = x.shape[:-2], x.shape[-1]
+        table = x.reshape(-1, width)  # every sequence's tokens, one row each
+        seqs = table.shape[0] // self.n_old
+        base = torch.arange(seqs, device=x.device)[:, None]
+        out = F.embedding_bag((base * self.n_old + self.indices).reshape(-1), table,
+                              (base * self.nnz + self.offsets).reshape(-1), mode="sum",
+                              per_sample_weights=self.weights.to(table.dtype).repeat(seqs))
+        return out.reshape(lead + (self.n_new, width))
 
 
 class RelationReuse(nn.Module):
@@ -150,6 +172,6 @@ class RelationReuse(nn.Module):
         x = torch.cat(tuple(prev_logits), dim=1)
         b, c, n, _ = x.shape
         r = self._mix(self.reduce, self.act(self._mix(self.expand, x.reshape(b, c, n * n))))
-        r = r.reshape(b, -1, n, n)
-        m = self.resize.matrix
-        return torch.matmul(m, torch.matmul(r, m.t()))  # keys axis, then queries axis
+        r = self.resize(r.reshape(b, -1, n, n))  # queries axis: (B, C, N, n)
+        # keys axis on the transpose; the result is handed on as a transposed view (B, C, N, N)
+        return self.resize(r.transpose(-2, -1)).transpose(-2, -1)

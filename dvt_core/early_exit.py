@@ -90,9 +90,10 @@ def run_adaptive(run_stage: Callable[[int, Any, Any], tuple[Any, Any]],
         logits_out[rows] = lg[leave]
         if leave.all():
             break
-        stay = np.flatnonzero(~leave)
-        alive = alive[stay]
-        images, carry = select(images, carry, stay)
+        if leave.any():  # when every image goes on, nothing is sliced
+            stay = np.flatnonzero(~leave)
+            alive = alive[stay]
+            images, carry = select(images, carry, stay)
     macs = np.asarray(exit_macs, dtype=np.int64)[exit_index]
     counts = np.bincount(exit_index, minlength=num_exits)
     return AdaptiveResult(pred, exit_index, conf_out, logits_out, macs, counts)

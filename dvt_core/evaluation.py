@@ -41,19 +41,48 @@ def exit_probs(model, images: np.ndarray, batch_size: int = 500, progress: bool 
 
 
 def adaptive(model, images: np.ndarray, thresholds, batch_size: int = 500, confidence: str = "max_softmax",
-             progress: bool = False):
-    """True early exit over uint8 ``images`` in batches; one merged :class:`AdaptiveResult`."""
+             progress: bool = False, streaming: bool = True):
+    """True early exit over uint8 ``images``; one :class:`AdaptiveResult` in input order.
+
+    ``streaming`` (the default): the images that go on are queued per stage and the later stages run
+    on full batches gathered across input batches (dvt_core.streaming); the same exits and
+    predictions as ``streaming=False``, which runs every input batch through the cascade on its own.
+    """
     from tqdm.auto import tqdm
 
-    from .early_exit import AdaptiveResult
-
     spec = model.spec
+    starts = tqdm(range(0, len(images), batch_size), desc="adaptive", unit="batch", disable=not progress,
+                  leave=False)
+    batches = (dvt_data.normalize(images[s:s + batch_size], spec.mean, spec.std) for s in starts)
+    return _run_batches(model, batches, thresholds, batch_size, confidence, streaming)
+
+
+def adaptive_files(model, files, thresholds, batch_size: int = 64, confidence: str = "max_softmax",
+                   workers: int = 2, streaming: bool = True):
+    """True early exit over image files, decoded and resized by ``workers`` threads while the model
+    runs (``dvt_data.load_image``); one :class:`AdaptiveResult` in the order of ``files``."""
+    spec = model.spec
+
+    def load(path):
+        return dvt_data.normalize(dvt_data.load_image(path, spec.img_size, spec.in_chans)[None], spec.mean,
+                                  spec.std)[0]
+
+    from .streaming import prefetch
+
+    return _run_batches(model, prefetch(list(files), load, batch_size, workers), thresholds, batch_size,
+                        confidence, streaming)
+
+
+def _run_batches(model, batches, thresholds, batch_size, confidence, streaming):
+    from .early_exit import AdaptiveResult
+    from .streaming import stream_adaptive
+
+    if streaming:
+        return stream_adaptive(model.stage_ops(), batches, thresholds, batch_size, confidence)
     run = _backend(model).adaptive_numpy
-    parts = []
-    for s in tqdm(range(0, len(images), batch_size), desc="adaptive", unit="batch", disable=not progress,
-                  leave=False):
-        parts.append(run(model, dvt_data.normalize(images[s:s + batch_size], spec.mean, spec.std), thresholds,
-                         confidence))
+    parts = [run(model, x, thresholds, confidence) for x in batches]
+    if not parts:
+        return stream_adaptive(model.stage_ops(), [], thresholds, batch_size, confidence)
     cat = lambda f: np.concatenate([getattr(p, f) for p in parts])
     return AdaptiveResult(cat("prediction"), cat("exit_index"), cat("confidence"), cat("logits"), cat("macs"),
                           sum(p.exit_counts for p in parts))

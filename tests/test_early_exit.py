@@ -349,8 +349,11 @@ def test_shipped_fashion_mnist_reproduces_release_numbers(fashion, monkeypatch):
     meta = model.checkpoint_meta
     thresholds = meta["thresholds"]
     stored = meta["subset_adaptive"]
-    costs = exit_macs(model.spec)
-    assert costs == meta["exit_macs"]
+    # the release recorded its MACs before the reuse resize became gathers: the current count is
+    # lower for the later exits, the same for the first; the release figures use the recorded costs
+    costs = meta["exit_macs"]
+    now = exit_macs(model.spec)
+    assert now[0] == costs[0] and all(n < c for n, c in zip(now[1:], costs[1:]))
 
     result, ref, full_calls, calls = run_both(model, x, thresholds, monkeypatch)
     n = len(y)
@@ -369,7 +372,7 @@ def test_shipped_fashion_mnist_reproduces_release_numbers(fashion, monkeypatch):
     ambiguous = int(ref["ambiguous"].sum())
     if ambiguous == 0:
         assert accuracy == pytest.approx(stored["accuracy"], abs=1e-9)
-        assert result.mean_macs == pytest.approx(stored["mean_macs"], rel=1e-12)
+        assert np.asarray(costs)[result.exit_index].mean() == pytest.approx(stored["mean_macs"], rel=1e-12)
     else:  # an image on the fence may go either way; each moves the figures by at most its share
         assert abs(accuracy - stored["accuracy"]) <= ambiguous * 100.0 / n + 1e-9
-        assert abs(result.mean_macs - stored["mean_macs"]) <= ambiguous * (costs[-1] - costs[0]) / n + 1e-6
+        assert abs(np.asarray(costs)[result.exit_index].mean() - stored["mean_macs"]) <= ambiguous * (costs[-1] - costs[0]) / n + 1e-6

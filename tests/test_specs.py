@@ -17,7 +17,7 @@ from dvt_core.resample import intermediate_size, resize_matrix
 REPO = Path(__file__).resolve().parents[1]
 REQUIRED_MODELS = ("dvt_t2t_vit_7", "dvt_t2t_vit_10", "dvt_t2t_vit_12", "dvt_t2t_vit_14", "dvt_t2t_vit_19",
                    "dvt_t2t_vit_24", "dvt_deit_tiny", "dvt_deit_small", "dvt_deit_base", "dvt_vit_base")
-CORE_MODULES = ("specs", "zoo", "resample", "naming", "checkpoints", "builder", "errors", "early_exit")
+CORE_MODULES = ("specs", "zoo", "resample", "naming", "checkpoints", "builder", "errors", "early_exit", "streaming")
 ZOO = list_models()
 
 

@@ -6,6 +6,7 @@ Runs in MindSpore's default PyNative mode; ``DVT.compiled()`` gives a graph-mode
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
@@ -14,6 +15,7 @@ from dvt_core.early_exit import AdaptiveResult, run_adaptive
 from dvt_core.macs import exit_macs
 from dvt_core.errors import InputError, check_images_shape
 from dvt_core.specs import CascadeSpec, sinusoid_position_table
+from dvt_core.streaming import StageOps
 
 from . import compat as C
 from .layers import Block, FeatureReuse, RelationReuse, TokenResize
@@ -37,6 +39,23 @@ class Reuse(NamedTuple):
 
 
 FEATURE_BATCH_AXIS, RELATION_BATCH_AXIS = 0, 1
+_AXES = (FEATURE_BATCH_AXIS, RELATION_BATCH_AXIS)
+
+
+def _select(images, reuse, rows):
+    """Rows ``rows`` of a batch and of what it carries for reuse."""
+    idx = C.index_tensor(rows)
+    picked = tuple(None if t is None else C.gather_rows(t, idx, axis) for t, axis in zip(reuse, _AXES))
+    return C.gather_rows(images, idx), picked
+
+
+def _join(parts):
+    """``[(images, reuse), ...]`` -> one batch: everything concatenated along its batch axis."""
+    images = C.cat([p[0] for p in parts], 0)
+    reuses = [p[1] for p in parts]
+    joined = tuple(None if reuses[0][k] is None else C.cat([r[k] for r in reuses], axis)
+                   for k, axis in enumerate(_AXES))
+    return images, joined
 
 
 class Stage(C.Cell):
@@ -166,20 +185,24 @@ class DVT(C.Cell):
         Runs in evaluation mode (dropout and stochastic depth off) and restores the previous mode.
         """
         self.check_images(images)
+        with self._inference():
+            return run_adaptive(self.run_stage, C.to_numpy, _select, images, C.shape_of(images)[0], thresholds,
+                                self.exit_macs, confidence)
+
+    @contextmanager
+    def _inference(self):
+        """Evaluation mode (dropout and stochastic depth off); restores the previous mode."""
         was_training = self.training
         self.set_train(False)
-
-        def select(imgs, reuse, rows):
-            idx = C.index_tensor(rows)
-            picked = tuple(None if t is None else C.gather_rows(t, idx, axis)
-                           for t, axis in zip(reuse, (FEATURE_BATCH_AXIS, RELATION_BATCH_AXIS)))
-            return C.gather_rows(imgs, idx), picked
-
         try:
-            return run_adaptive(self.run_stage, C.to_numpy, select, images, C.shape_of(images)[0], thresholds,
-                                self.exit_macs, confidence)
+            yield
         finally:
             self.set_train(was_training)
+
+    def stage_ops(self) -> StageOps:
+        """This model's stage runner and carry operations, for dvt_core.streaming."""
+        return StageOps(run_stage=self.run_stage, to_numpy=C.to_numpy, select=_select, join=_join,
+                        from_numpy=C.to_tensor, exit_macs=self.exit_macs, session=self._inference)
 
     # ---- training ----------------------------------------------------------------------------------
     @staticmethod

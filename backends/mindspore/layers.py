@@ -47,6 +47,8 @@ class Attention(C.Cell):
     ``qkv`` weight and its output goes through its columns of ``proj``, so no activation is ever
     transposed (MindSpore's CPU transposes are slow). Logits travel head-major: a list of (B, N, N),
     and ``reused_logits`` is this block's (heads, B, N, N) slice of the relation-reuse output.
+    MindSpore's fused attention (``ops.flash_attention_score``) exists for Ascend only, not for CPU or
+    GPU, so every stage computes its logits explicitly (torch's fuses where they are not reused).
     """
 
     def __init__(self, stage: StageSpec):
@@ -122,7 +124,12 @@ class TokenResize(C.Cell):
     The matrix comes from dvt_core.resample and equals the official nearest-upsample +
     adaptive-average-pool chain on the grid tokens; ``class_token`` says whether the class token is
     carried over ("keep", relation reuse) or zeroed ("zero", feature reuse). It is a constant tensor,
-    not a parameter (torch keeps it as a non-persistent buffer).
+    not a parameter.
+
+    Unlike torch's, which runs only the matrix's non-zero terms (dvt_core.resample.token_resize_taps)
+    as gathers and weighted sums, this stays a dense product: MindSpore 2.10's CPU ``Gather`` made the
+    tap form 10-40x slower than this product (2-core CPU, relation maps of 7 -> 10 and 10 -> 14 grids,
+    batch 1 and 16). Same values; it spends more multiply-accumulates than ``exit_macs`` counts.
     """
 
     def __init__(self, old: int, new: int, class_token: str):

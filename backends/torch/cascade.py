@@ -5,6 +5,7 @@ Mirrors ``backends/mindspore/cascade.py``. ``DVT(spec)(images)`` returns one log
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
@@ -16,6 +17,7 @@ from dvt_core.early_exit import AdaptiveResult, run_adaptive
 from dvt_core.macs import exit_macs
 from dvt_core.errors import InputError, check_images_shape
 from dvt_core.specs import CascadeSpec, sinusoid_position_table
+from dvt_core.streaming import StageOps
 
 from .layers import Block, FeatureReuse, RelationReuse, TokenResize
 from .tokenizers import build_tokenizer
@@ -28,6 +30,28 @@ class Reuse(NamedTuple):
     # per block (B, heads, N, N): kept apart so early exit slices only the images that go on before
     # anything is concatenated
     relations: Optional[tuple[torch.Tensor, ...]]
+
+
+def _to_numpy(logits: torch.Tensor) -> np.ndarray:
+    return logits.detach().float().cpu().numpy()
+
+
+def _select(images: torch.Tensor, reuse: Reuse, rows: np.ndarray):
+    """Rows ``rows`` of a batch and of what it carries for reuse (per block, nothing concatenated)."""
+    idx = torch.as_tensor(rows, device=images.device)
+    features = None if reuse.features is None else reuse.features.index_select(0, idx)
+    relations = None if reuse.relations is None else tuple(r.index_select(0, idx) for r in reuse.relations)
+    return images.index_select(0, idx), Reuse(features, relations)
+
+
+def _join(parts):
+    """``[(images, reuse), ...]`` -> one batch: everything concatenated along the batch axis."""
+    images = torch.cat([p[0] for p in parts])
+    reuses = [p[1] for p in parts]
+    features = None if reuses[0].features is None else torch.cat([r.features for r in reuses])
+    relations = (None if reuses[0].relations is None
+                 else tuple(torch.cat(blocks) for blocks in zip(*(r.relations for r in reuses))))
+    return images, Reuse(features, relations)
 
 
 class Stage(nn.Module):
@@ -145,20 +169,27 @@ class DVT(nn.Module):
         Runs in evaluation mode (dropout and stochastic depth off) and restores the previous mode.
         """
         self.check_images(images)
+        with self._inference():
+            return run_adaptive(self.run_stage, _to_numpy, _select, images, images.shape[0], thresholds,
+                                self.exit_macs, confidence)
+
+    @contextmanager
+    def _inference(self):
+        """Evaluation mode (dropout and stochastic depth off) without gradients; restores the mode."""
         was_training = self.training
         self.eval()
-
-        def select(imgs, reuse, rows):
-            idx = torch.as_tensor(rows, device=imgs.device)
-            features = None if reuse.features is None else reuse.features.index_select(0, idx)
-            relations = None if reuse.relations is None else tuple(r.index_select(0, idx) for r in reuse.relations)
-            return imgs.index_select(0, idx), Reuse(features, relations)
-
         try:
-            return run_adaptive(self.run_stage, lambda t: t.detach().float().cpu().numpy(), select,
-                                images, images.shape[0], thresholds, self.exit_macs, confidence)
+            with torch.no_grad():
+                yield
         finally:
             self.train(was_training)
+
+    def stage_ops(self) -> StageOps:
+        """This model's stage runner and carry operations, for dvt_core.streaming."""
+        p = next(self.parameters())
+        return StageOps(run_stage=self.run_stage, to_numpy=_to_numpy, select=_select, join=_join,
+                        from_numpy=lambda x: torch.from_numpy(np.ascontiguousarray(x)).to(p.device, p.dtype),
+                        exit_macs=self.exit_macs, session=self._inference)
 
     # ---- training ----------------------------------------------------------------------------------
     @staticmethod

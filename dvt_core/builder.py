@@ -40,12 +40,14 @@ def resolve_spec(name_or_spec: Union[str, CascadeSpec, None], ckpt: Optional[Che
 
 
 def build(name_or_spec: Union[str, CascadeSpec, None] = None, backend: str = "torch",
-          weights: Union[str, Path, None] = None, **overrides):
+          weights: Union[str, Path, None] = None, compile: bool = False, **overrides):
     """Build a DVT for ``backend`` ("torch" or "mindspore").
 
     ``weights`` is a path to an official release ``.pth.tar``, a torch state dict, a ``.safetensors``
     or a MindSpore ``.ckpt`` (recognised from the content), or ``"default"`` for the weights this
     project ships for that model. The checkpoint's metadata is kept as ``model.checkpoint_meta``.
+    ``compile=True`` (torch) compiles the stages after the weights are loaded (``model.compile()``:
+    torch.compile with dynamic batch sizes).
     """
     ckpt = None
     if weights is not None:
@@ -61,4 +63,6 @@ def build(name_or_spec: Union[str, CascadeSpec, None] = None, backend: str = "to
     if ckpt is not None:
         mod.load_state(model, ckpt.canonical_state(spec.num_exits), source=str(weights))
         model.checkpoint_meta = dict(ckpt.meta)
+    if compile:
+        mod.compile_model(model)
     return model

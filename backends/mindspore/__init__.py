@@ -14,6 +14,13 @@ def build_model(spec) -> DVT:
     return DVT(spec)
 
 
+def compile_model(model: DVT) -> DVT:
+    """``build(..., compile=True)`` is torch's; MindSpore compiles with ``model.compiled()`` (graph mode)."""
+    from dvt_core.errors import InputError
+
+    raise InputError("compile=True is for the torch backend; on MindSpore use model.compiled() (graph mode)")
+
+
 def forward_numpy(model: DVT, images):
     """Per-exit logits of a float32 numpy batch (N, C, H, W), as numpy arrays; eval mode, no gradients."""
     was = model.training
@@ -43,4 +50,4 @@ def to_device(model: DVT, device) -> DVT:
 
 
 __all__ = ["DVT", "Stage", "Reuse", "build_model", "load_state", "model_state", "forward_numpy", "adaptive_numpy",
-           "to_device", "NAME"]
+           "to_device", "compile_model", "NAME"]

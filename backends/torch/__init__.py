@@ -9,7 +9,12 @@ def build_model(spec) -> DVT:
     return DVT(spec)
 
 
-__all__ = ["DVT", "Stage", "Reuse", "build_model", "load_state", "model_state", "forward_numpy", "adaptive_numpy", "to_device", "NAME"]
+__all__ = ["DVT", "Stage", "Reuse", "build_model", "load_state", "model_state", "forward_numpy", "adaptive_numpy", "to_device", "compile_model", "NAME"]
+
+
+def compile_model(model: DVT) -> DVT:
+    """``build(..., compile=True)``: torch.compile of every stage, dynamic batch sizes."""
+    return model.compile()
 
 
 def forward_numpy(model: DVT, images):

@@ -159,6 +159,18 @@ class DVT(nn.Module):
             outputs.append(logits)
         return tuple(outputs)
 
+    def compile(self, **kwargs) -> "DVT":
+        """Compile every stage with ``torch.compile`` (opt-in; in place; returns the model).
+
+        ``dynamic=True`` unless given: early exit hands each later stage a different number of images,
+        which must not recompile per batch size. Same outputs as eager (to float rounding); the first
+        call of each stage pays the compilation.
+        """
+        kwargs.setdefault("dynamic", True)
+        for st in self.stages:
+            st.compile(**kwargs)
+        return self
+
     @torch.no_grad()
     def adaptive(self, images: torch.Tensor, thresholds: Sequence[float], confidence: str = "max_softmax"
                  ) -> AdaptiveResult:

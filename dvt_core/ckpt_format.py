@@ -301,7 +301,7 @@ def _encoded_entries(tensors: dict, strings: dict | None):
         a = np.asarray(value)
         kind = ms_dtype_name(a.dtype)
         a = np.require(a, dtype=MS_DTYPES[kind], requirements="C")  # keeps 0-d arrays 0-d
-        yield _entry(name, a.shape or (0,), kind, a.tobytes())  # MindSpore spells a 0-d shape [0]
+        yield _entry(name, a.shape, kind, a.tobytes())  # a 0-d tensor has no dims, as MindSpore writes it
     for name, text in (strings or {}).items():
         yield _entry(name, [0], "str", str(text).encode("utf-32-le"))
 

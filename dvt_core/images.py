@@ -86,8 +86,8 @@ def open_image(source, target: Optional[int] = None, max_pixels: int = MAX_PIXEL
     except IsADirectoryError:
         raise ImageReadError(f"{name}: is a directory, not an image") from None
     except Image.UnidentifiedImageError:
-        raise ImageReadError(f"{name}: not an image in an accepted format "
-                             f"({', '.join(ALLOWED_FORMATS)})") from None
+        raise ImageReadError(f"{name}: unreadable image (not an image in an accepted format: "
+                             f"{', '.join(ALLOWED_FORMATS)})") from None
     except Image.DecompressionBombError as exc:
         raise ImageReadError(f"{name}: refused as a decompression bomb ({exc})") from None
     except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as exc:
@@ -145,7 +145,8 @@ def peek_is_gray(path) -> bool:
     except FileNotFoundError:
         raise ImageReadError(f"{name}: image file not found") from None
     except Image.UnidentifiedImageError:
-        raise ImageReadError(f"{name}: not an image in an accepted format ({', '.join(ALLOWED_FORMATS)})") from None
+        raise ImageReadError(f"{name}: unreadable image (not an image in an accepted format: "
+                             f"{', '.join(ALLOWED_FORMATS)})") from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise ImageReadError(f"{name}: unreadable image ({exc})") from None
 

@@ -446,3 +446,45 @@ def test_registry_needs_sha256_and_stays_inside(tmp_path, monkeypatch):
             weights.verify_sha256(tmp_path / "w.safetensors", "0" * 64)
     finally:
         weights._registry.cache_clear()
+
+
+# ---- honest output and outputs that are never clobbered -------------------------------------------
+
+def test_control_characters_are_escaped_in_text_output(tmp_path):
+    ck = _fm_state()
+    meta = dict(ck.meta)
+    meta["classes"] = ["\x1b[31mred\x1b[0m"] + [f"c{i}" for i in range(1, 10)]
+    w = write_checkpoint(tmp_path / "w.safetensors", ck.state, meta)
+    img = _png(tmp_path / "a\nforged line.png")
+    proc = run(["predict", img, "--weights", w, "--thresholds", "0,0,0"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "\x1b" not in proc.stdout and len(proc.stdout.strip().splitlines()) == 1
+    assert "a\\x0aforged line.png" in proc.stdout
+
+
+def test_outputs_refuse_overwrite_without_force(tmp_path):
+    existing = tmp_path / "out.png"
+    existing.write_text("keep")
+    from dvt_core import plots
+    from dvt_core.commands._shared import emit_json
+
+    with pytest.raises(FileExistsError):
+        plots.accuracy_macs_plot(existing, "m", [1], [50])
+    with pytest.raises(FileExistsError):
+        emit_json({"a": 1}, str(existing))
+    with pytest.raises(InputError, match="x.gif"):
+        plots.accuracy_macs_plot(tmp_path / "x.gif", "m", [1], [50])
+    plots.accuracy_macs_plot(tmp_path / "p.jpg", "m", [1], [50])
+    assert (tmp_path / "p.jpg").read_bytes()[:2] == b"\xff\xd8"
+    assert existing.read_text() == "keep"
+
+
+def test_sha256_option_checks_an_explicit_file(tmp_path):
+    ck = _fm_state()
+    w = write_checkpoint(tmp_path / "w.safetensors", ck.state, ck.meta)
+    img = _png(tmp_path / "a.png")
+    refused(run(["predict", img, "--weights", w, "--sha256", "0" * 64], tmp_path), "w.safetensors", "SHA-256")
+    from dvt_core.weights import sha256
+
+    ok = run(["predict", img, "--weights", w, "--sha256", sha256(w), "--thresholds", "0,0,0"], tmp_path)
+    assert ok.returncode == 0, ok.stderr[-2000:]

@@ -9,33 +9,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
-
 from .checkpoints import format_for_suffix, read_checkpoint, write_checkpoint
-from .errors import CheckpointError, list_problems
+from .errors import CheckpointError
+from .shapes import check_spec_state, state_shapes
 
 
 def expected_shapes(spec) -> dict[str, tuple]:
-    """Canonical key -> shape of ``spec``'s state, from whichever backend is installed."""
-    try:
-        from dvt_backends.torch import build_model
-
-        return {k: tuple(v.shape) for k, v in build_model(spec).state_dict().items()}
-    except ImportError:
-        from dvt_backends.mindspore import build_model, model_state
-
-        return {k: tuple(v.shape) for k, v in model_state(build_model(spec)).items()}
+    """Canonical key -> shape of ``spec``'s state, from the spec alone (no framework, no model)."""
+    return state_shapes(spec)
 
 
 def check_state(state: dict, spec, source: str) -> None:
-    want = expected_shapes(spec)
-    missing = [k for k in want if k not in state]
-    unexpected = [k for k in state if k not in want]
-    mismatched = [f"{k} {tuple(np.shape(state[k]))} vs {want[k]}" for k in want
-                  if k in state and tuple(np.shape(state[k])) != want[k]]
-    if missing or unexpected or mismatched:
-        raise CheckpointError(f"{source} does not match {spec.name}: " + list_problems(missing, unexpected, mismatched),
-                              missing, unexpected, mismatched)
+    check_spec_state(spec, state, source)
 
 
 def convert(src, dst, arch: Optional[str] = None, to: Optional[str] = None, force: bool = False,

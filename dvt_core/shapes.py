@@ -106,9 +106,16 @@ def state_shapes(spec: CascadeSpec) -> dict[str, Shape]:
     return out
 
 
-def num_parameters(spec: CascadeSpec) -> int:
-    """Number of values in ``spec``'s state (frozen tensors included)."""
-    return sum(int(np.prod(s)) for s in state_shapes(spec).values())
+def frozen_names(spec: CascadeSpec) -> set[str]:
+    """State entries that training never changes: the Performer's random features and sinusoid position tables."""
+    out = set()
+    for name in state_shapes(spec):
+        stage = spec.stages[int(name.split(".")[1])]
+        if name.endswith(".pos_embed") and stage.pos_embed == "sinusoid":
+            out.add(name)
+        elif stage.family == "t2t" and ".tokenizer.attention" in name and name.endswith(".w"):
+            out.add(name)
+    return out
 
 
 def _shape(value) -> Shape:

@@ -15,7 +15,8 @@ import pytest
 
 import dvt_core
 from dvt_core import CheckpointError, get_spec, list_models
-from dvt_core.shapes import check_spec_state, num_parameters, state_diff, state_shapes
+from dvt_core.macs import exit_params, stage_params
+from dvt_core.shapes import check_spec_state, frozen_names, state_diff, state_shapes
 
 from parity.conftest import small_overrides
 
@@ -23,17 +24,19 @@ ZOO = list_models()
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _torch_shapes(spec, meta: bool = False) -> dict:
+def _torch_model(spec, meta: bool = False):
     import torch
 
     from dvt_backends.torch import DVT
 
     if meta:
         with torch.device("meta"):
-            model = DVT(spec)
-    else:
-        model = DVT(spec)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+            return DVT(spec)
+    return DVT(spec)
+
+
+def _torch_shapes(spec, meta: bool = False) -> dict:
+    return {k: tuple(v.shape) for k, v in _torch_model(spec, meta).state_dict().items()}
 
 
 def _transformer_tokens(spec):
@@ -77,8 +80,19 @@ def test_parameter_count_of_the_official_t2t_12():
     # T2T-ViT-12 has 6.9M parameters (paper, Table 1); DVT stacks three exits of it, with reuse modules.
     spec = get_spec("dvt_t2t_vit_12")
     single = dvt_core.static_spec(spec, 2)
-    assert 6.8e6 < num_parameters(single) < 7.0e6
-    assert num_parameters(spec) > 3 * num_parameters(single)
+    assert 6.8e6 < stage_params(single, 0) < 7.0e6
+    assert exit_params(spec)[-1] > 3 * stage_params(single, 0)
+
+
+@pytest.mark.parametrize("name", ["dvt_t2t_vit_12", "dvt_deit_tiny"])
+def test_frozen_entries_are_those_torch_does_not_train(name):
+    spec = get_spec(name, **small_overrides(name))
+    model = _torch_model(spec)
+    frozen = {k for k, p in model.named_parameters() if not p.requires_grad}
+    assert frozen_names(spec) == frozen
+    assert bool(frozen) == ("t2t" in name)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert sum(stage_params(spec, i, trainable_only=True) for i in range(spec.num_exits)) == trainable
 
 
 def test_the_table_needs_no_framework():

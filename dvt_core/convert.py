@@ -11,16 +11,7 @@ from typing import Optional
 
 from .checkpoints import format_for_suffix, read_checkpoint, write_checkpoint
 from .errors import CheckpointError
-from .shapes import check_spec_state, state_shapes
-
-
-def expected_shapes(spec) -> dict[str, tuple]:
-    """Canonical key -> shape of ``spec``'s state, from the spec alone (no framework, no model)."""
-    return state_shapes(spec)
-
-
-def check_state(state: dict, spec, source: str) -> None:
-    check_spec_state(spec, state, source)
+from .shapes import check_spec_state
 
 
 def convert(src, dst, arch: Optional[str] = None, to: Optional[str] = None, force: bool = False,
@@ -38,7 +29,7 @@ def convert(src, dst, arch: Optional[str] = None, to: Optional[str] = None, forc
         raise CheckpointError(f"{src} does not say which model it holds; pass --arch NAME")
     spec = resolve_spec(arch, ckpt, **(overrides or {}))
     state = ckpt.canonical_state(spec.num_exits)
-    check_state(state, spec, str(src))
+    check_spec_state(spec, state, str(src))  # names and shapes from the spec: no model is allocated
     meta = dict(ckpt.meta)
     if ckpt.format == "official":
         meta = {"official": {k: v for k, v in ckpt.meta.items()}}

@@ -124,3 +124,24 @@ def test_check_names_every_problem_against_the_spec():
     err = info.value
     assert err.missing == ["stages.0.norm.bias"] and err.unexpected == ["extra.weight"]
     assert err.mismatched == [f"{head} (3, 3) vs {state_shapes(spec)[head]}"]
+
+
+def test_convert_checks_shapes_without_a_framework(tmp_path):
+    """safetensors -> safetensors: checked against the spec's table, no torch or MindSpore model made."""
+    shipped = REPO / "weights" / "dvt_fashion_mnist.safetensors"
+    dst = tmp_path / "copy.safetensors"
+    code = ("import sys, dvt_core; from dvt_core.convert import convert; "
+            f"s = convert({str(shipped)!r}, {str(dst)!r}); "
+            "assert not {'torch', 'mindspore'} & set(sys.modules), 'a framework was imported'; print(s['tensors'])")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert int(r.stdout) == len(state_shapes(get_spec("dvt_fashion_mnist")))
+    from dvt_core.checkpoints import write_checkpoint
+    from dvt_core.convert import convert
+
+    state = {k: np.zeros(v, np.float32) for k, v in state_shapes(get_spec("dvt_fashion_mnist")).items()}
+    del state["stages.1.head.bias"]
+    write_checkpoint(tmp_path / "bare.safetensors", state)  # no metadata: the architecture comes from --arch
+    with pytest.raises(CheckpointError, match="does not match dvt_fashion_mnist: 1 missing: stages.1.head.bias"):
+        convert(tmp_path / "bare.safetensors", tmp_path / "out.safetensors", arch="dvt_fashion_mnist")
+    assert not (tmp_path / "out.safetensors").exists()

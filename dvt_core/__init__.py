@@ -44,7 +44,8 @@ def __getattr__(name):
 
         return getattr(macs, name)
     if name in ("policy", "checkpoints", "naming", "resample", "early_exit", "data", "macs", "weights", "evaluation",
-                "training", "convert", "plots", "images", "fileio", "ckpt_format"):
+                "training", "convert", "plots", "backend", "shapes", "recipe", "images", "fileio",
+                "ckpt_format"):
         import importlib
 
         return importlib.import_module(f".{name}", __name__)

@@ -1,27 +1,14 @@
 """``build``: a spec (or zoo name) plus optional weights -> a backend model, importing only that backend."""
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Optional, Union
 
+from .backend import BACKENDS, get_backend  # noqa: F401  (get_backend is used from here too)
 from .checkpoints import Checkpoint, checked_state, read_checkpoint
 from .errors import CheckpointError, InputError
 from .specs import CascadeSpec
 from .zoo import get_spec
-
-BACKENDS = ("torch", "mindspore")
-
-
-def get_backend(name: str):
-    """The backend module ``dvt_backends.<name>``, imported on first use."""
-    if name not in BACKENDS:
-        raise InputError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    try:
-        return importlib.import_module(f"dvt_backends.{name}")
-    except ImportError as exc:
-        raise InputError(f"the {name} backend needs the {name} package ({exc}); "
-                         f"install it with: pip install 'dvt[{name}]'") from None
 
 
 def resolve_spec(name_or_spec: Union[str, CascadeSpec, None], ckpt: Optional[Checkpoint], **overrides) -> CascadeSpec:
@@ -48,6 +35,9 @@ def build(name_or_spec: Union[str, CascadeSpec, None] = None, backend: str = "to
     project ships for that model. The checkpoint's metadata is kept as ``model.checkpoint_meta``.
     The tensors are checked against the spec before the model is built; NaN / inf and lossy dtype
     casts (int to float, float64 beyond tolerance) are refused unless ``allow_lossy_cast``.
+
+    The model comes back in evaluation mode in every backend (dropout and stochastic depth off):
+    call ``model.train()`` (torch) or ``model.set_train(True)`` (MindSpore) to train it.
     """
     ckpt = None
     if weights is not None:

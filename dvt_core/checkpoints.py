@@ -50,6 +50,7 @@ SUFFIX_FORMATS = ((".safetensors", "safetensors"), (".ckpt", "mindspore"), (".pt
 
 class CheckpointWarning(UserWarning):
     """A lossless change made while loading (a dtype widened to float32), listed rather than hidden."""
+META_ENTRY = "dvt_meta"  # the entry of a torch or MindSpore file that holds the metadata as JSON
 
 
 @dataclass
@@ -88,11 +89,12 @@ class Checkpoint:
 
 
 def _framework_files(name: str, path, action: str = "reading"):
-    """``dvt_backends.<name>.files``: the framework's own file reader/writer, imported only now."""
+    """The backend ``dvt_backends.<name>``, whose ``read_file`` / ``write_file`` handle the framework's own
+    files; imported only now."""
     import importlib
 
     try:
-        return importlib.import_module(f"dvt_backends.{name}.files")
+        return importlib.import_module(f"dvt_backends.{name}")
     except ImportError:
         raise CheckpointError(f"{path} is a {name} checkpoint; {action} it needs {name} "
                               f"(pip install 'dvt[{name}]')") from None
@@ -189,7 +191,7 @@ def _torch_load(path: Path):
 
     files = _framework_files("torch", path)
     try:
-        return files.load(path)  # torch.load(..., weights_only=True), tensors as numpy
+        return files.read_file(path)  # torch.load(..., weights_only=True), tensors as numpy
     except pickle.UnpicklingError as exc:
         text = _ANSI.sub("", str(exc))
         blocked = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
@@ -310,7 +312,7 @@ def _read_safetensors(path: Path) -> Checkpoint:
 
 # ---- MindSpore -------------------------------------------------------------------------------------
 
-MINDSPORE_META_KEY = "dvt_meta"  # the append_dict entry holding the JSON metadata
+MINDSPORE_META_KEY = META_ENTRY  # the append_dict entry holding the JSON metadata
 
 
 def _read_mindspore(path: Path) -> Checkpoint:
@@ -394,7 +396,7 @@ def _write_safetensors(tmp: Path, state, meta) -> None:
 
 
 def _write_torch(tmp: Path, state, meta) -> None:
-    _framework_files("torch", tmp, "writing").save(tmp, state, meta)
+    _framework_files("torch", tmp, "writing").write_file(tmp, state, {META_ENTRY: json.dumps(meta)})
 
 
 def _write_mindspore(tmp: Path, state, meta) -> None:

@@ -8,8 +8,8 @@ batches; whatever is left runs at the end. Every image takes the same exit with 
 prediction as in per-batch early exit (each image's arithmetic does not depend on its batch
 neighbours, up to float rounding), and results come back in input order.
 
-Backend-neutral: a backend hands over its stage runner and carry operations as :class:`StageOps`
-(``model.stage_ops()`` on either backend).
+Backend-neutral: the engine drives the backend contract (dvt_core.backend: ``run_stage``,
+``select``, ``join``, ``to_tensor``, ``to_numpy``, ``inference``) through :func:`stage_ops`.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ class StageOps:
     last); ``to_numpy(logits)`` -> float32 (B, classes); ``select(images, carry, rows)`` keeps ``rows``
     (int64 numpy) of both; ``join(parts)`` concatenates ``[(images, carry), ...]`` along the batch;
     ``from_numpy(x)`` turns a float32 numpy batch into the backend's input; ``session()`` is the
-    context the stages run in (evaluation mode, no gradients).
+    context the stages run in (evaluation mode, no gradients). :func:`stage_ops` builds it for a model.
     """
 
     run_stage: Callable[[int, Any, Any], tuple[Any, Any]]
@@ -42,6 +42,16 @@ class StageOps:
     from_numpy: Callable[[np.ndarray], Any]
     exit_macs: Sequence[int]
     session: Callable[[], ContextManager] = contextlib.nullcontext
+
+
+def stage_ops(model) -> StageOps:
+    """The :class:`StageOps` of any model, from its backend's contract members."""
+    from .backend import backend_of
+
+    b = backend_of(model)
+    return StageOps(run_stage=lambda i, images, carry: b.run_stage(model, i, images, carry), to_numpy=b.to_numpy,
+                    select=b.select, join=b.join, from_numpy=lambda x: b.to_tensor(model, x),
+                    exit_macs=model.exit_macs, session=lambda: b.inference(model))
 
 
 class _Collector:

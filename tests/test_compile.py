@@ -48,8 +48,9 @@ def test_compiled_stages_give_eager_outputs_and_do_not_recompile_per_batch_size(
 
 
 def test_build_compile_flag(monkeypatch):
-    seen = []
     from dvt_backends.torch import DVT
+
+    seen = []
 
     monkeypatch.setattr(DVT, "compile", lambda self, **kw: seen.append(kw) or self)
     model = dvt_core.build("dvt_deit_tiny", compile=True, **SMALL)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dvt_core import evaluation
-from dvt_core.streaming import StreamingAdaptive, prefetch, stream_adaptive
+from dvt_core.streaming import StreamingAdaptive, prefetch, stage_ops, stream_adaptive
 from test_early_exit import TIE, assert_matches, full_run, make_images, reference, small_model, spread_thresholds
 
 
@@ -39,7 +39,7 @@ def test_streaming_equals_per_batch_adaptive_in_input_order(family, feature_reus
     ref = reference(logits, conf, thresholds, model.exit_macs)
     bs = 6
     per_batch = [model.adaptive(images[s:s + bs], thresholds) for s in range(0, len(images), bs)]
-    ops, calls = recording(model.stage_ops())
+    ops, calls = recording(stage_ops(model))
     result = stream_adaptive(ops, (images[s:s + bs].numpy() for s in range(0, len(images), bs)), thresholds, bs)
 
     assert_matches(result, ref, model.spec.num_exits)
@@ -68,7 +68,7 @@ def test_streaming_engine_takes_batches_of_any_size_and_feeds_nothing_twice():
     logits, conf = full_run(model, images)
     thresholds = spread_thresholds(conf)
     ref = reference(logits, conf, thresholds, model.exit_macs)
-    ops, calls = recording(model.stage_ops())
+    ops, calls = recording(stage_ops(model))
     engine = StreamingAdaptive(ops, thresholds, batch_size=8)
     with ops.session():
         for a, b in [(0, 1), (1, 9), (9, 9), (9, 20)]:  # 1, 8, 0 and 11 images
@@ -82,7 +82,7 @@ def test_streaming_engine_takes_batches_of_any_size_and_feeds_nothing_twice():
 
 def test_empty_input_gives_an_empty_result():
     model = small_model("t2t")
-    result = stream_adaptive(model.stage_ops(), [], [0.5, 0.5], 4)
+    result = stream_adaptive(stage_ops(model), [], [0.5, 0.5], 4)
     assert len(result) == 0 and result.exit_counts.tolist() == [0, 0, 0]
 
 
@@ -145,7 +145,7 @@ def test_mindspore_streaming_equals_its_adaptive():
     thresholds = spread_thresholds(conf)  # a third of the images per exit, none on a threshold
     want = model.adaptive(C.to_tensor(x), thresholds)
     assert 0 < int((want.exit_index == 0).sum()) < 14, want.exit_index
-    got = stream_adaptive(model.stage_ops(), (x[s:s + 4] for s in range(0, 14, 4)), thresholds, 4)
+    got = stream_adaptive(stage_ops(model), (x[s:s + 4] for s in range(0, 14, 4)), thresholds, 4)
     np.testing.assert_array_equal(got.exit_index, want.exit_index)
     np.testing.assert_array_equal(got.prediction, want.prediction)
     np.testing.assert_allclose(got.logits, want.logits, rtol=0, atol=1e-5)

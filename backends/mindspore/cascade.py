@@ -13,17 +13,13 @@ import numpy as np
 
 from dvt_core.early_exit import AdaptiveResult, run_adaptive
 from dvt_core.macs import exit_macs
+from dvt_core.recipe import INIT_STD, drop_path_rates
 from dvt_core.errors import InputError, check_images_shape
 from dvt_core.specs import CascadeSpec, sinusoid_position_table
-from dvt_core.streaming import StageOps
 
 from . import compat as C
 from .layers import Block, FeatureReuse, RelationReuse, TokenResize
 from .tokenizers import build_tokenizer
-
-# timm's ViT recipe, as the torch backend: trunc-normal(0.02) class token and learned position table.
-INIT_STD = 0.02
-
 
 class Reuse(NamedTuple):
     """What a stage hands to the next: its final tokens (pre-norm) and its attention logits.
@@ -39,22 +35,22 @@ class Reuse(NamedTuple):
 
 
 FEATURE_BATCH_AXIS, RELATION_BATCH_AXIS = 0, 1
-_AXES = (FEATURE_BATCH_AXIS, RELATION_BATCH_AXIS)
 
 
-def _select(images, reuse, rows):
-    """Rows ``rows`` of a batch and of what it carries for reuse."""
+def select(images, carry, rows):
+    """The ``rows`` of an image batch and of its ``(features, relations)`` carry (the images that go on)."""
     idx = C.index_tensor(rows)
-    picked = tuple(None if t is None else C.gather_rows(t, idx, axis) for t, axis in zip(reuse, _AXES))
+    picked = tuple(None if t is None else C.gather_rows(t, idx, axis)
+                   for t, axis in zip(carry, (FEATURE_BATCH_AXIS, RELATION_BATCH_AXIS)))
     return C.gather_rows(images, idx), picked
 
 
-def _join(parts):
-    """``[(images, reuse), ...]`` -> one batch: everything concatenated along its batch axis."""
+def join(parts):
+    """``[(images, carry), ...]`` -> one batch: images and carries concatenated along their batch axes."""
     images = C.cat([p[0] for p in parts], 0)
-    reuses = [p[1] for p in parts]
-    joined = tuple(None if reuses[0][k] is None else C.cat([r[k] for r in reuses], axis)
-                   for k, axis in enumerate(_AXES))
+    carries = [p[1] for p in parts]
+    joined = tuple(None if carries[0][k] is None else C.cat([c[k] for c in carries], axis)
+                   for k, axis in enumerate((FEATURE_BATCH_AXIS, RELATION_BATCH_AXIS)))
     return images, joined
 
 
@@ -77,7 +73,7 @@ class Stage(C.Cell):
         plan = spec.reuse_plan(index)
         fr = plan.feature
         self.relation_reuse = RelationReuse(plan.relation) if plan.relation else None
-        dpr = np.linspace(0, spec.drop_path_rate, st.depth).tolist()
+        dpr = drop_path_rates(spec, index)
         self.blocks = C.CellList(
             [Block(st, fr.out_dim if fr else 0, dpr[j], FeatureReuse(fr) if fr else None) for j in range(st.depth)])
         if fr:
@@ -185,12 +181,12 @@ class DVT(C.Cell):
         Runs in evaluation mode (dropout and stochastic depth off) and restores the previous mode.
         """
         self.check_images(images)
-        with self._inference():
-            return run_adaptive(self.run_stage, C.to_numpy, _select, images, C.shape_of(images)[0], thresholds,
+        with self.inference():
+            return run_adaptive(self.run_stage, C.to_numpy, select, images, C.shape_of(images)[0], thresholds,
                                 self.exit_macs, confidence)
 
     @contextmanager
-    def _inference(self):
+    def inference(self):
         """Evaluation mode (dropout and stochastic depth off); restores the previous mode."""
         was_training = self.training
         self.set_train(False)
@@ -198,11 +194,6 @@ class DVT(C.Cell):
             yield
         finally:
             self.set_train(was_training)
-
-    def stage_ops(self) -> StageOps:
-        """This model's stage runner and carry operations, for dvt_core.streaming."""
-        return StageOps(run_stage=self.run_stage, to_numpy=C.to_numpy, select=_select, join=_join,
-                        from_numpy=C.to_tensor, exit_macs=self.exit_macs, session=self._inference)
 
     # ---- training ----------------------------------------------------------------------------------
     @staticmethod

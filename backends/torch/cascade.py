@@ -15,9 +15,9 @@ from torch.nn import functional as F
 
 from dvt_core.early_exit import AdaptiveResult, run_adaptive
 from dvt_core.macs import exit_macs
+from dvt_core.recipe import INIT_STD, TRUNC_BOUND, drop_path_rates
 from dvt_core.errors import InputError, check_images_shape
 from dvt_core.specs import CascadeSpec, sinusoid_position_table
-from dvt_core.streaming import StageOps
 
 from .layers import Block, FeatureReuse, RelationReuse, TokenResize
 from .tokenizers import build_tokenizer
@@ -36,21 +36,21 @@ def _to_numpy(logits: torch.Tensor) -> np.ndarray:
     return logits.detach().float().cpu().numpy()
 
 
-def _select(images: torch.Tensor, reuse: Reuse, rows: np.ndarray):
-    """Rows ``rows`` of a batch and of what it carries for reuse (per block, nothing concatenated)."""
+def select(images: torch.Tensor, carry: Reuse, rows) -> tuple[torch.Tensor, Reuse]:
+    """The ``rows`` of an image batch and of its carry (the images that go on to the next stage)."""
     idx = torch.as_tensor(rows, device=images.device)
-    features = None if reuse.features is None else reuse.features.index_select(0, idx)
-    relations = None if reuse.relations is None else tuple(r.index_select(0, idx) for r in reuse.relations)
+    features = None if carry.features is None else carry.features.index_select(0, idx)
+    relations = None if carry.relations is None else tuple(r.index_select(0, idx) for r in carry.relations)
     return images.index_select(0, idx), Reuse(features, relations)
 
 
-def _join(parts):
-    """``[(images, reuse), ...]`` -> one batch: everything concatenated along the batch axis."""
+def join(parts) -> tuple[torch.Tensor, Reuse]:
+    """``[(images, carry), ...]`` -> one batch: images and carries concatenated along the batch axis."""
     images = torch.cat([p[0] for p in parts])
-    reuses = [p[1] for p in parts]
-    features = None if reuses[0].features is None else torch.cat([r.features for r in reuses])
-    relations = (None if reuses[0].relations is None
-                 else tuple(torch.cat(blocks) for blocks in zip(*(r.relations for r in reuses))))
+    carries = [p[1] for p in parts]
+    features = None if carries[0].features is None else torch.cat([c.features for c in carries])
+    relations = (None if carries[0].relations is None
+                 else tuple(torch.cat(blocks) for blocks in zip(*(c.relations for c in carries))))
     return images, Reuse(features, relations)
 
 
@@ -72,7 +72,7 @@ class Stage(nn.Module):
         plan = spec.reuse_plan(index)
         fr = plan.feature
         self.relation_reuse = RelationReuse(plan.relation) if plan.relation else None
-        dpr = np.linspace(0, spec.drop_path_rate, st.depth).tolist()
+        dpr = drop_path_rates(spec, index)
         self.blocks = nn.ModuleList(Block(st, fr.out_dim if fr else 0, dpr[j], FeatureReuse(fr) if fr else None)
                                     for j in range(st.depth))
         if fr:
@@ -121,20 +121,23 @@ class DVT(nn.Module):
         self.exit_macs = exit_macs(self.spec)  # per image, cumulative; the spec is frozen
         self.reset_parameters()
 
-    # ---- initialisation (timm's ViT recipe) ----------------------------------------------------
+    # ---- initialisation (dvt_core.recipe) -------------------------------------------------------
     def reset_parameters(self) -> None:
+        def trunc_normal(t):
+            nn.init.trunc_normal_(t, std=INIT_STD, a=-TRUNC_BOUND, b=TRUNC_BOUND)
+
         for name, m in self.named_modules():
             if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
+                trunc_normal(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
         for st in self.stages:
-            nn.init.trunc_normal_(st.cls_token, std=0.02)
+            trunc_normal(st.cls_token)
             if st.pos_embed.requires_grad:
-                nn.init.trunc_normal_(st.pos_embed, std=0.02)
+                trunc_normal(st.pos_embed)
 
     # ---- inference ---------------------------------------------------------------------------------
     def check_images(self, images) -> None:
@@ -181,12 +184,12 @@ class DVT(nn.Module):
         Runs in evaluation mode (dropout and stochastic depth off) and restores the previous mode.
         """
         self.check_images(images)
-        with self._inference():
-            return run_adaptive(self.run_stage, _to_numpy, _select, images, images.shape[0], thresholds,
+        with self.inference():
+            return run_adaptive(self.run_stage, _to_numpy, select, images, images.shape[0], thresholds,
                                 self.exit_macs, confidence)
 
     @contextmanager
-    def _inference(self):
+    def inference(self):
         """Evaluation mode (dropout and stochastic depth off) without gradients; restores the mode."""
         was_training = self.training
         self.eval()
@@ -195,13 +198,6 @@ class DVT(nn.Module):
                 yield
         finally:
             self.train(was_training)
-
-    def stage_ops(self) -> StageOps:
-        """This model's stage runner and carry operations, for dvt_core.streaming."""
-        p = next(self.parameters())
-        return StageOps(run_stage=self.run_stage, to_numpy=_to_numpy, select=_select, join=_join,
-                        from_numpy=lambda x: torch.from_numpy(np.ascontiguousarray(x)).to(p.device, p.dtype),
-                        exit_macs=self.exit_macs, session=self._inference)
 
     # ---- training ----------------------------------------------------------------------------------
     @staticmethod

@@ -120,7 +120,8 @@ class TokenResize(nn.Module):
 
     Each new token is a weighted sum of at most four old tokens (dvt_core.resample.token_resize_taps,
     equal to the official nearest-upsample + adaptive-average-pool chain on the grid tokens), run as
-    one ``embedding_bag`` (a fused gather and weighted sum) over every sequence of the batch.
+    one ``embedding_bag`` (a fused gather and weighted sum) over every sequence of the batch; narrow
+    sequences (the reused features) are laid out tokens-first so that each term is one long row.
     ``class_token`` says whether the class token is carried over ("keep", relation reuse) or zeroed
     ("zero", feature reuse).
     """
@@ -136,6 +137,11 @@ class TokenResize(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., n_old, C) -> (..., n_new, C)."""
         lead, width = x.shape[:-2], x.shape[-1]
+        if width < 64:  # narrow rows (reused features): tokens first, every sequence in one long row
+            table = x.reshape(-1, self.n_old, width).transpose(0, 1).reshape(self.n_old, -1)
+            out = F.embedding_bag(self.indices, table, self.offsets, mode="sum",
+                                  per_sample_weights=self.weights.to(table.dtype))
+            return out.reshape(self.n_new, -1, width).transpose(0, 1).reshape(lead + (self.n_new, width))
         table = x.reshape(-1, width)  # every sequence's tokens, one row each
         seqs = table.shape[0] // self.n_old
         base = torch.arange(seqs, device=x.device)[:, None]

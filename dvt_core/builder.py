@@ -59,6 +59,6 @@ def build(name_or_spec: Union[str, CascadeSpec, None] = None, backend: str = "to
     mod = get_backend(backend)
     model = mod.build_model(spec)
     if ckpt is not None:
-        mod.load_state(model, ckpt.canonical_state(spec.num_exits), source=str(weights))
+        mod.load_state(model, ckpt.canonical_state(spec.num_exits, spec.in_chans), source=str(weights))
         model.checkpoint_meta = dict(ckpt.meta)
     return model

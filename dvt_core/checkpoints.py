@@ -28,10 +28,13 @@ from typing import Any, Optional
 import numpy as np
 
 from .errors import CheckpointError, UnsafeCheckpointError
-from .naming import canonical_to_mindspore, is_official_layout, mindspore_to_canonical, rename_official
+from .naming import (canonical_to_mindspore, canonical_to_ms_official, is_ms_official_layout, is_ms_training_state,
+                     is_official_layout, mindspore_to_canonical, ms_official_to_canonical, rename_official)
 
 OFFICIAL_META_KEYS = ("flops", "anytime_classification", "dynamic_threshold", "budgeted_batch_classification")
 FORMATS = ("official", "torch", "safetensors", "mindspore")
+#: Writable formats: this project's three, plus the layout of the authors' MindSpore code (a .ckpt).
+WRITE_FORMATS = ("torch", "safetensors", "mindspore", "mindspore-official")
 
 
 @dataclass
@@ -41,13 +44,15 @@ class Checkpoint:
     state: dict[str, np.ndarray]
     meta: dict[str, Any] = field(default_factory=dict)
     format: str = "torch"
-    layout: str = "canonical"  # "canonical" or "official"
+    layout: str = "canonical"  # "canonical", "official" (PyTorch release) or "ms_official" (MindSpore release)
     path: Optional[str] = None
 
-    def canonical_state(self, num_exits: int) -> dict[str, np.ndarray]:
+    def canonical_state(self, num_exits: int, in_chans: int = 3) -> dict[str, np.ndarray]:
         """The tensors under canonical names (official keys renamed for a ``num_exits`` cascade)."""
         if self.layout == "official":
             return rename_official(self.state, num_exits)
+        if self.layout == "ms_official":
+            return ms_official_to_canonical(self.state, in_chans)
         return dict(self.state)
 
     @property
@@ -235,6 +240,8 @@ def _read_mindspore(path: Path) -> Checkpoint:
         raise CheckpointError(f"{path} is not a readable MindSpore checkpoint "
                               f"({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})"
                               ) from None
+    if is_ms_official_layout(params):
+        return _ms_official_checkpoint(params)
     meta, state = {}, {}
     for name, value in params.items():
         if name == meta_key:
@@ -247,6 +254,18 @@ def _read_mindspore(path: Path) -> Checkpoint:
             continue  # other append_dict entries (epoch_num, step_num, ...)
         state[mindspore_to_canonical(name)] = value
     return Checkpoint(state, meta, "mindspore", "canonical")
+
+
+def _ms_official_checkpoint(params: dict) -> Checkpoint:
+    """A checkpoint of the authors' MindSpore code: its names kept, training state dropped and listed."""
+    state, dropped = {}, []
+    for name, value in params.items():
+        if is_ms_training_state(name) or not isinstance(value, np.ndarray):
+            dropped.append(name)
+        else:
+            state[name] = value
+    return Checkpoint(state, {"source_layout": "mindspore-official", "dropped_training_state": dropped},
+                      "mindspore", "ms_official")
 
 
 # ---- writing ---------------------------------------------------------------------------------------
@@ -279,9 +298,10 @@ def write_checkpoint(path, state: dict[str, np.ndarray], meta: Optional[dict] = 
     fmt = fmt or format_for_suffix(path)
     meta = _plain(meta or {})
     state = {k: np.require(v, requirements="C") for k, v in state.items()}  # keeps 0-d tensors 0-d
-    writer = {"safetensors": _write_safetensors, "torch": _write_torch, "mindspore": _write_mindspore}.get(fmt)
+    writer = {"safetensors": _write_safetensors, "torch": _write_torch, "mindspore": _write_mindspore,
+              "mindspore-official": _write_mindspore_official}.get(fmt)
     if writer is None:
-        raise CheckpointError(f"cannot write format {fmt!r}; choose one of torch, safetensors, mindspore")
+        raise CheckpointError(f"cannot write format {fmt!r}; choose one of {', '.join(WRITE_FORMATS)}")
     with atomic_path(path, force=force) as tmp:
         writer(tmp, state, meta)
     return path
@@ -320,3 +340,12 @@ def _write_mindspore(tmp: Path, state, meta) -> None:
         raise CheckpointError(f"cannot write a MindSpore checkpoint: the names {sorted(clash)} collide once "
                               "renamed for MindSpore")
     files.save(tmp, {names[k]: v for k, v in state.items()}, {meta_key: json.dumps(meta)})
+
+
+def _write_mindspore_official(tmp: Path, state, meta) -> None:
+    """The authors' MindSpore layout: their names and order, nothing else (no metadata entry)."""
+    try:
+        params = canonical_to_ms_official(state)
+    except ValueError as exc:
+        raise CheckpointError(f"cannot write the authors' MindSpore layout: {exc}") from None
+    _framework_files("mindspore", tmp, "writing").save(tmp, params, {})

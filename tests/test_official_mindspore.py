@@ -245,3 +245,35 @@ def test_gelu_flavour_reaches_every_mlp():
         dvt_core.get_spec(NAME, gelu="sigmoid")
     with pytest.raises(dvt_core.SpecError, match="feature_reuse_norm"):
         dvt_core.get_spec(NAME, feature_reuse_norm="skip")
+
+
+# ---- the command line ------------------------------------------------------------------------------------
+
+@pytest.mark.convert
+def test_cli_converts_there_and_back(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    small = dict(SMALL)
+    spec = dvt_core.get_spec(NAME, **small)
+    src, state = save_official_ckpt(tmp_path / "train.ckpt", R.ms_official_shapes(spec))
+    plain, _ = save_official_ckpt(tmp_path / "plain.ckpt", R.ms_official_shapes(spec), training_state=False)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+
+    def dvt(*args):
+        return subprocess.run([sys.executable, "-m", "dvt_core", *map(str, args)], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300)
+
+    opts = [x for k, v in small.items() for x in ("-O", f"{k}={list(v) if isinstance(v, tuple) else v}")]
+    r = dvt("convert", src, tmp_path / "m.safetensors", "--arch", NAME, *opts)
+    assert r.returncode == 0, r.stderr
+    r = dvt("convert", tmp_path / "m.safetensors", tmp_path / "back.ckpt", "--to", "mindspore-official")
+    assert r.returncode == 0, r.stderr
+    assert "mindspore-official" in r.stdout
+    assert (tmp_path / "back.ckpt").read_bytes() == plain.read_bytes()
+    r = dvt("convert", tmp_path / "m.safetensors", tmp_path / "back.ckpt", "--to", "mindspore-official")
+    assert r.returncode == 2 and "--force" in r.stderr and "Traceback" not in r.stderr
+    r = dvt("convert", src, tmp_path / "x.ckpt", "--arch", NAME, "--to", "mindspore-official")  # full size: 2 x 12
+    assert r.returncode == 2 and "does not match" in r.stderr and "Traceback" not in r.stderr

@@ -5,7 +5,9 @@ safetensors files store them as they are. Two explicit tables translate:
 
 * the official DVT PyTorch release (``less_less_token.``/``less_token.``/``normal_token.``, its
   ``feature_resuse_mlp`` spelling, ``nn.Sequential`` indices) -> canonical;
-* canonical -> MindSpore (``nn.LayerNorm`` names its parameters ``gamma`` and ``beta``), and back.
+* canonical -> MindSpore (``nn.LayerNorm`` names its parameters ``gamma`` and ``beta``), and back;
+* the authors' MindSpore release (``less_token.``/``normal_token.``, ``layers.``, ``attn.to_q``, ...)
+  <-> canonical, both ways, with the two reshapes that layout needs (``MS_OFFICIAL_NAMES``).
 
 No name is guessed: a key that no rule covers passes unchanged and is then reported as unexpected by
 the loader.

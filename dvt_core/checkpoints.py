@@ -35,6 +35,7 @@ OFFICIAL_META_KEYS = ("flops", "anytime_classification", "dynamic_threshold", "b
 FORMATS = ("official", "torch", "safetensors", "mindspore")
 #: Writable formats: this project's three, plus the layout of the authors' MindSpore code (a .ckpt).
 WRITE_FORMATS = ("torch", "safetensors", "mindspore", "mindspore-official")
+META_ENTRY = "dvt_meta"  # the entry of a torch or MindSpore file that holds the metadata as JSON
 
 
 @dataclass
@@ -61,11 +62,12 @@ class Checkpoint:
 
 
 def _framework_files(name: str, path, action: str = "reading"):
-    """``dvt_backends.<name>.files``: the framework's own file reader/writer, imported only now."""
+    """The backend ``dvt_backends.<name>``, whose ``read_file`` / ``write_file`` handle the framework's own
+    files; imported only now."""
     import importlib
 
     try:
-        return importlib.import_module(f"dvt_backends.{name}.files")
+        return importlib.import_module(f"dvt_backends.{name}")
     except ImportError:
         raise CheckpointError(f"{path} is a {name} checkpoint; {action} it needs {name} "
                               f"(pip install 'dvt[{name}]')") from None
@@ -145,7 +147,7 @@ def _torch_load(path: Path):
 
     files = _framework_files("torch", path)
     try:
-        return files.load(path)  # torch.load(..., weights_only=True), tensors as numpy
+        return files.read_file(path)  # torch.load(..., weights_only=True), tensors as numpy
     except pickle.UnpicklingError as exc:
         text = _ANSI.sub("", str(exc))
         blocked = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
@@ -198,7 +200,7 @@ def _read_torch(path: Path) -> Checkpoint:
         return Checkpoint(state, meta, "official", layout)
     if "state_dict" in obj and isinstance(obj["state_dict"], dict):
         state = _to_numpy_state(obj["state_dict"], path)
-        meta = _plain(obj.get("dvt_meta", {}))
+        meta = _plain(obj.get(META_ENTRY, {}))
         if isinstance(meta, str):
             meta = json.loads(meta)
     else:
@@ -232,10 +234,10 @@ def _read_safetensors(path: Path) -> Checkpoint:
 # ---- MindSpore -------------------------------------------------------------------------------------
 
 def _read_mindspore(path: Path) -> Checkpoint:
-    meta_key = "dvt_meta"  # the append_dict entry _write_mindspore stores the JSON metadata under
+    meta_key = META_ENTRY
     files = _framework_files("mindspore", path)
     try:
-        params = files.load(path)
+        params = files.read_file(path)
     except Exception as exc:  # MindSpore raises ValueError/RuntimeError with long messages
         raise CheckpointError(f"{path} is not a readable MindSpore checkpoint "
                               f"({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})"
@@ -326,11 +328,11 @@ def _write_safetensors(tmp: Path, state, meta) -> None:
 
 
 def _write_torch(tmp: Path, state, meta) -> None:
-    _framework_files("torch", tmp, "writing").save(tmp, state, meta)
+    _framework_files("torch", tmp, "writing").write_file(tmp, state, {META_ENTRY: json.dumps(meta)})
 
 
 def _write_mindspore(tmp: Path, state, meta) -> None:
-    meta_key = "dvt_meta"  # read back by _read_mindspore
+    meta_key = META_ENTRY
     files = _framework_files("mindspore", tmp, "writing")
     names = {k: canonical_to_mindspore(k) for k in state}
     seen, clash = set(), set()
@@ -339,7 +341,7 @@ def _write_mindspore(tmp: Path, state, meta) -> None:
     if clash:
         raise CheckpointError(f"cannot write a MindSpore checkpoint: the names {sorted(clash)} collide once "
                               "renamed for MindSpore")
-    files.save(tmp, {names[k]: v for k, v in state.items()}, {meta_key: json.dumps(meta)})
+    files.write_file(tmp, {names[k]: v for k, v in state.items()}, {meta_key: json.dumps(meta)})
 
 
 def _write_mindspore_official(tmp: Path, state, meta) -> None:
@@ -348,4 +350,4 @@ def _write_mindspore_official(tmp: Path, state, meta) -> None:
         params = canonical_to_ms_official(state)
     except ValueError as exc:
         raise CheckpointError(f"cannot write the authors' MindSpore layout: {exc}") from None
-    _framework_files("mindspore", tmp, "writing").save(tmp, params, {})
+    _framework_files("mindspore", tmp, "writing").write_file(tmp, params, {})

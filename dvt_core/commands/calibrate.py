@@ -147,7 +147,7 @@ def run(args) -> int:
         meta["budgets"] = [{"budget": int(b), "thresholds": [float(v) for v in t], "holdout_accuracy": float(a),
                             "holdout_macs": float(c)}
                            for b, t, a, c in zip(sweep.budgets, sweep.thresholds, sweep.accuracy, sweep.cost)]
-    write_checkpoint(dst, ckpt.canonical_state(spec.num_exits), meta, fmt=fmt, force=True)
+    write_checkpoint(dst, ckpt.canonical_state(spec.num_exits, spec.in_chans), meta, fmt=fmt, force=True)
 
     how = (f"budget index {chosen['budget_index']}" if "budget_index" in chosen else chosen["policy"])
     out = sys.stderr if args.json == "-" else sys.stdout

@@ -54,6 +54,31 @@ def optimizer_groups(model: DVT, weight_decay: float) -> list[dict]:
     return [{"params": [params[n] for n in g["names"]], "weight_decay": g["weight_decay"]} for g in groups]
 
 
+def make_optimizer(model: DVT, cfg: TrainConfig) -> torch.optim.AdamW:
+    return torch.optim.AdamW(optimizer_groups(model, cfg.weight_decay), lr=cfg.lr)
+
+
+def make_train_step(model: DVT, net, opt: torch.optim.Optimizer, cfg: TrainConfig, dev=torch.device("cpu")):
+    """``step(x, y, lr) -> loss`` (float): one multi-exit loss, gradient and AdamW update on numpy batches
+    (``net`` is ``model`` or its DistributedDataParallel wrapper)."""
+    def step(xb: np.ndarray, yb: np.ndarray, lr: float, index: int = 0, epoch: int = 0) -> float:
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x = torch.from_numpy(xb).to(dev, non_blocking=True)
+        y = torch.from_numpy(np.asarray(yb, dtype=np.int64)).to(dev, non_blocking=True)
+        loss = DVT.loss(net(x), y, label_smoothing=cfg.label_smoothing)
+        value = float(loss.detach())
+        check_finite_loss(value, index, epoch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        return value
+
+    return step
+
+
 def _dist_env():
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -112,7 +137,7 @@ def train(spec: CascadeSpec, images: np.ndarray, labels: np.ndarray, cfg: TrainC
     model = model.to(dev)
     if rank:  # DDP broadcasts rank 0's weights; each process then draws its own stochastic-depth masks
         torch.manual_seed(cfg.seed * 1000 + rank)
-    opt = torch.optim.AdamW(optimizer_groups(model, cfg.weight_decay), lr=cfg.lr)
+    opt = make_optimizer(model, cfg)
     spe = steps_per_epoch(len(x_train), cfg)
     total = spe * cfg.epochs
     warmup = int(cfg.warmup_epochs * spe)
@@ -138,6 +163,7 @@ def train(spec: CascadeSpec, images: np.ndarray, labels: np.ndarray, cfg: TrainC
     net = model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    step_fn = make_train_step(model, net, opt, cfg, dev)
 
     t0 = time.time()
     probs = None
@@ -152,19 +178,9 @@ def train(spec: CascadeSpec, images: np.ndarray, labels: np.ndarray, cfg: TrainC
         running, seen = partial if skip else (0.0, 0)
         for xb, yb in bar:
             lr = cosine_lr(step, total, warmup, cfg.lr, cfg.min_lr)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            x = torch.from_numpy(xb).to(dev, non_blocking=True)
-            y = torch.from_numpy(yb).to(dev, non_blocking=True)
-            loss = DVT.loss(net(x), y, label_smoothing=cfg.label_smoothing)
-            check_finite_loss(float(loss.detach()), step, epoch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
+            loss = step_fn(xb, yb, lr, step, epoch)
             step += 1
-            running += float(loss.detach()) * len(yb)
+            running += loss * len(yb)
             seen += len(yb)
             bar.set_postfix(loss=f"{running / seen:.4f}", lr=f"{lr:.2e}")
             if cfg.max_steps is not None and step >= cfg.max_steps:

@@ -10,7 +10,7 @@ import numpy as np
 from .. import data as dvt_data
 from ._shared import (UserError, add_common_options, resolve_weights, build_from_args, _meta, _class_names,
                       exit_names, _fmt_thresholds, _mmacs, parse_thresholds, choose_thresholds, _early_spec,
-                      _check_budget)
+                      _check_budget, parse_budget)
 
 HELP = "classify image files with early exit"
 
@@ -19,8 +19,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("inputs", nargs="+", help="image files (PNG/JPEG) or folders of them")
     add_common_options(parser)
     g = parser.add_mutually_exclusive_group()
-    g.add_argument("--budget", type=float, default=None,
-                   help="target average MACs per image: the most accurate operating point calibrated in the "
+    g.add_argument("--budget", type=parse_budget, default=None,
+                   help="target average MACs per image (5e6, 5M, 300K): the most accurate operating point calibrated in the "
                         "checkpoint whose held-out average cost fits")
     g.add_argument("--thresholds", default=None, help="comma-separated confidence thresholds, one per exit")
     parser.add_argument("--json", action="store_true", help="one JSON object per image")
@@ -58,7 +58,7 @@ def run(args) -> int:
     early = _early_spec(args)
     images = None
     if early is not None:  # the usual mistakes, before the model is built
-        if args.thresholds:
+        if args.thresholds is not None:
             parse_thresholds(args.thresholds, early.num_exits)
         _check_budget(args.budget, early)
         images = _load_images(files, early)

@@ -251,13 +251,32 @@ def _read_mindspore(path: Path) -> Checkpoint:
 
 # ---- writing ---------------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def atomic_path(dst, force: bool = False):
-    """Yield a temporary path beside ``dst``; on success rename it onto ``dst``, on failure remove it."""
+def check_writable(dst, force: bool = False) -> Path:
+    """Refuse, naming ``dst``, an output that could not be written: a folder, a file that exists
+    (unless ``force``), a parent folder that is missing (never created silently), not a folder, or not
+    writable. Call it before the work whose result goes there."""
+    from .errors import InputError
+
     dst = Path(dst)
+    if dst.is_dir():
+        raise InputError(f"cannot write {dst}: it is a folder; name a file")
     if dst.exists() and not force:
         raise FileExistsError(f"{dst} exists; pass force=True (--force) to overwrite it")
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    parent = dst.parent
+    if not parent.exists():
+        raise InputError(f"cannot write {dst}: the folder {parent} does not exist (create it first)")
+    if not parent.is_dir():
+        raise InputError(f"cannot write {dst}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write {dst}: the folder {parent} is not writable")
+    return dst
+
+
+@contextlib.contextmanager
+def atomic_path(dst, force: bool = False):
+    """Yield a temporary path beside ``dst``; on success rename it onto ``dst``, on failure remove it.
+    ``dst`` must be writable (:func:`check_writable`); a missing parent folder is not created."""
+    dst = check_writable(dst, force)
     fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=str(dst.parent))
     os.close(fd)
     try:

@@ -1,7 +1,8 @@
 """Pictures the CLI writes: the accuracy-MACs curve of ``dvt evaluate`` and the exit gallery of ``dvt demo``.
 
 matplotlib is imported lazily with the non-interactive Agg backend, so no display is needed; every
-figure is written atomically (a temporary file renamed into place) as PNG.
+figure is written atomically (a temporary file renamed into place) as PNG, JPEG, PDF or SVG (from the
+file's suffix).
 """
 from __future__ import annotations
 
@@ -20,12 +21,41 @@ def _pyplot():
     return plt
 
 
+PLOT_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".pdf": "pdf", ".svg": "svg"}
+
+
+def plot_format(path) -> str:
+    """The image format a picture written to ``path`` gets, from its suffix; InputError for a suffix
+    that is not one of :data:`PLOT_FORMATS`."""
+    from .errors import InputError
+
+    suffix = Path(path).suffix.lower()
+    if suffix not in PLOT_FORMATS:
+        raise InputError(f"cannot write a picture to {path}: name it .png, .jpg, .pdf or .svg "
+                         f"(got {suffix or 'no suffix'})")
+    if PLOT_FORMATS[suffix] == "jpeg":
+        try:
+            import PIL  # noqa: F401  (matplotlib writes JPEG through Pillow)
+        except ImportError:
+            raise InputError(f"writing {path} as JPEG needs Pillow (pip install pillow); or name it .png") from None
+    return PLOT_FORMATS[suffix]
+
+
+def check_plot_path(path, force: bool = True) -> Path:
+    """Refuse, before any work, a picture path with an unknown suffix or that cannot be written."""
+    from .checkpoints import check_writable
+
+    plot_format(path)
+    return check_writable(path, force)
+
+
 def _save(fig, path, dpi: int = 120) -> Path:
     from .checkpoints import atomic_path
 
     path = Path(path)
+    fmt = plot_format(path)
     with atomic_path(path, force=True) as tmp:
-        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
+        fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight")
     _pyplot().close(fig)
     return path
 

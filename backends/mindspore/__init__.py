@@ -30,17 +30,24 @@ def adaptive_numpy(model: DVT, images, thresholds=None, confidence: str = "max_s
     return model.adaptive(compat.to_tensor(images), thresholds, confidence)
 
 
-def to_device(model: DVT, device) -> DVT:
-    """Select MindSpore's device target for ``device`` (cpu, gpu/cuda, ascend/npu); InputError otherwise."""
+def device_for(device) -> str:
+    """MindSpore's device target ("CPU", "GPU", "Ascend") for ``device`` (cpu, gpu/cuda, ascend/npu);
+    InputError for an unknown name or a device this build cannot use here."""
     from dvt_core.errors import InputError
 
     target = {"cpu": "CPU", "gpu": "GPU", "cuda": "GPU", "ascend": "Ascend", "npu": "Ascend"}.get(
         str(device).split(":")[0].lower())
     if target is None:
         raise InputError(f"unknown MindSpore device {device!r}; use cpu, gpu or ascend")
-    compat.set_device_target(target)
+    compat.check_device_target(target)
+    return target
+
+
+def to_device(model: DVT, device) -> DVT:
+    """Select MindSpore's device target for ``device`` (cpu, gpu/cuda, ascend/npu); InputError otherwise."""
+    compat.set_device_target(device_for(device))
     return model
 
 
 __all__ = ["DVT", "Stage", "Reuse", "build_model", "load_state", "model_state", "forward_numpy", "adaptive_numpy",
-           "to_device", "NAME"]
+           "to_device", "device_for", "NAME"]

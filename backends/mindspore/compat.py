@@ -317,12 +317,17 @@ def device_available(target: str) -> bool:
         logger.setLevel(level)
 
 
-def set_device_target(target: str) -> None:
-    """Run on "CPU", "GPU" or "Ascend" from now on (MindSpore's device is process-wide context);
-    InputError when this build cannot use that device."""
+def check_device_target(target: str) -> None:
+    """InputError when this MindSpore build cannot use ``target`` here."""
     if not device_available(target):
         from dvt_core.errors import InputError
 
         raise InputError(f"device {target} asked for, but this MindSpore build cannot use it here "
                          f"(MindSpore {ms.__version__}; use --device cpu, or install MindSpore's {target} build)")
+
+
+def set_device_target(target: str) -> None:
+    """Run on "CPU", "GPU" or "Ascend" from now on (MindSpore's device is process-wide context);
+    InputError when this build cannot use that device."""
+    check_device_target(target)
     ms.set_context(device_target=target)

@@ -9,7 +9,8 @@ def build_model(spec) -> DVT:
     return DVT(spec)
 
 
-__all__ = ["DVT", "Stage", "Reuse", "build_model", "load_state", "model_state", "forward_numpy", "adaptive_numpy", "to_device", "NAME"]
+__all__ = ["DVT", "Stage", "Reuse", "build_model", "load_state", "model_state", "forward_numpy", "adaptive_numpy", "to_device",
+           "device_for", "NAME"]
 
 
 def forward_numpy(model: DVT, images):
@@ -37,8 +38,8 @@ def adaptive_numpy(model: DVT, images, thresholds=None, confidence: str = "max_s
     return model.adaptive(torch.from_numpy(np.ascontiguousarray(images)).to(dev, dtype), thresholds, confidence)
 
 
-def to_device(model: DVT, device) -> DVT:
-    """``model.to(device)``, with a clear InputError for a device torch does not have here."""
+def device_for(device):
+    """The ``torch.device`` named by ``device``; InputError for one torch does not have here."""
     import torch
 
     from dvt_core.errors import InputError
@@ -51,4 +52,9 @@ def to_device(model: DVT, device) -> DVT:
         raise InputError(f"device {device!r} asked for, but torch sees no CUDA device")
     if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise InputError(f"device {device!r} asked for, but torch sees no MPS device")
-    return model.to(dev)
+    return dev
+
+
+def to_device(model: DVT, device) -> DVT:
+    """``model.to(device)``, with a clear InputError for a device torch does not have here."""
+    return model.to(device_for(device))

@@ -85,6 +85,20 @@ def _has_shipped_weights(name: Optional[str]) -> bool:
         return False
 
 
+def check_outputs(plots=(), files=()) -> None:
+    """Before any work: refuse each picture (suffix, folder) and file output (folder) that could not be
+    written, naming the path as given. None and '-' (stdout) are skipped."""
+    from ..checkpoints import check_writable
+    from ..plots import check_plot_path
+
+    for p in plots:
+        if p:
+            check_plot_path(p)
+    for f in files:
+        if f not in (None, "", "-"):
+            check_writable(f, force=True)
+
+
 def _is_shipped_file(path) -> bool:
     """True when ``path`` is one of the weight files this project ships (their SHA-256 is registered)."""
     from ..weights import registry, weights_dir
@@ -129,6 +143,7 @@ def build_from_args(args, weights=None):
 
         default_weights_path(args.model, verify=False)  # no weights ship for this model: say so now
     get_backend(args.backend)
+    check_device(args.backend, args.device)
     try:
         model = build(args.model, backend=args.backend, weights=weights, **overrides)
     except CheckpointError as exc:
@@ -150,6 +165,15 @@ def to_device(model, backend: str, device):
     from ..builder import get_backend
 
     return get_backend(backend).to_device(model, device)
+
+
+def check_device(backend: str, device) -> None:
+    """Before any work: InputError for a --device the backend cannot use here (None: its default)."""
+    if device is None:
+        return
+    from ..builder import get_backend
+
+    get_backend(backend).device_for(device)
 
 
 def _meta(model) -> dict:

@@ -9,7 +9,8 @@ import numpy as np
 from ..zoo import get_spec
 from ._shared import (UserError, parse_overrides, add_common_options, emit_json, _is_fashion_mnist,
                       load_dataset, holdout_params, _progress, _check_limit, _is_shipped_file, build_from_args,
-                      _fmt_thresholds, _mmacs, match_folder_classes, _check_budget, parse_budget)
+                      _fmt_thresholds, _mmacs, match_folder_classes, _check_budget, parse_budget,
+                      check_outputs)
 
 HELP = "store the thresholds for a target average cost in a checkpoint"
 
@@ -61,6 +62,7 @@ def run(args) -> int:
         except CheckpointError:
             raise UserError(f"cannot tell the format of {dst} from its suffix; use .safetensors, .pth or .ckpt") \
                 from None
+    check_outputs(files=[dst, args.json])
     limit = _check_limit(args.limit, "--limit")
     if not np.isfinite(args.budget) or args.budget <= 0:
         raise UserError(f"--budget must be a positive number of MACs, got {args.budget:g}")

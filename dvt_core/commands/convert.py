@@ -19,7 +19,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from ..checkpoints import format_for_suffix
+    from ..checkpoints import check_writable, format_for_suffix
     from ..convert import convert
     from ..errors import CheckpointError
 
@@ -31,6 +31,7 @@ def run(args) -> int:
                             "or .ckpt, or pass --to torch|safetensors|mindspore") from None
     if not Path(args.src).exists():
         raise UserError(f"checkpoint not found: {args.src}")
+    check_writable(args.dst, force=args.force)
     out = convert(args.src, args.dst, arch=args.arch, to=args.to, force=args.force,
                   overrides=parse_overrides(args.override))
     print(f"wrote {out['path']} ({out['format']}, {out['tensors']} tensors, arch {out['arch']})")

@@ -5,7 +5,7 @@ import time
 from pathlib import Path
 
 from ..zoo import get_spec
-from ._shared import (UserError, parse_overrides, add_common_options, load_dataset, _progress)
+from ._shared import (UserError, parse_overrides, add_common_options, load_dataset, _progress, check_device)
 
 HELP = "train a DVT or a static baseline (torchrun for several processes)"
 
@@ -43,6 +43,7 @@ def run(args) -> int:
         raise UserError("`dvt train` runs on the torch backend; fine-tune in MindSpore with "
                         "(see README)")
     spec = get_spec(args.model, **parse_overrides(args.override))
+    check_device(args.backend, args.device)
     cfg = TrainConfig()
     for field, value in (("epochs", args.epochs), ("batch_size", args.batch_size), ("lr", args.lr),
                          ("weight_decay", args.weight_decay), ("warmup_epochs", args.warmup_epochs),

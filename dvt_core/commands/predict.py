@@ -42,8 +42,8 @@ def collect_images(inputs) -> list[str]:
                 found.extend(os.path.join(dirpath, f) for f in filenames
                              if not f.startswith(".") and f.lower().endswith(dvt_data.IMAGE_EXTENSIONS))
             if not found:
-                exts = "/".join(e.lstrip(".").upper() for e in dvt_data.IMAGE_EXTENSIONS)
-                raise UserError(f"folder {item} holds no {exts} images (sub-folders included)")
+                exts = ", ".join(dvt_data.IMAGE_EXTENSIONS)
+                raise UserError(f"folder {item} holds no image files ({exts}; sub-folders included)")
             files.extend(sorted(found))
         else:
             files.append(str(p))

@@ -154,8 +154,8 @@ def model_thresholds(model, thresholds=None) -> np.ndarray:
     if thresholds is not None:
         return thresholds
     meta = getattr(model, "checkpoint_meta", None)
-    source = "the checkpoint this model was built from" if meta is not None else \
-        "this model (built without weights)"
+    source = "the checkpoint this model was built from" if meta else \
+        "this model (built without weights, or from a checkpoint without metadata)"
     return stored_thresholds(model.spec, meta, source)
 
 

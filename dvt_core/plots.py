@@ -35,7 +35,7 @@ def plot_format(path) -> str:
                          f"(got {suffix or 'no suffix'})")
     if PLOT_FORMATS[suffix] == "jpeg":
         try:
-            import PIL  # noqa: F401  (matplotlib writes JPEG through Pillow)
+            import PIL  # noqa: F401  # matplotlib writes JPEG through Pillow
         except ImportError:
             raise InputError(f"writing {path} as JPEG needs Pillow (pip install pillow); or name it .png") from None
     return PLOT_FORMATS[suffix]

@@ -10,8 +10,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ..datasets import (holdout_params, is_fashion_mnist as _is_fashion_mnist, load_dataset,  # noqa: F401
-                        match_folder_classes as _match_folder_classes, model_classes)
+from ..datasets import match_folder_classes as _match_folder_classes, model_classes
 from ..errors import DVTError
 from ..operating_point import check_budget, choose_thresholds as _choose_thresholds, exit_costs, parse_macs
 from ..zoo import get_spec

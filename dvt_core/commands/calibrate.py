@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 
 from ..zoo import get_spec
-from ._shared import (UserError, parse_overrides, add_common_options, emit_json, _is_fashion_mnist,
-                      load_dataset, holdout_params, _progress, _check_limit, _is_shipped_file, build_from_args,
-                      _fmt_thresholds, _mmacs, match_folder_classes, _check_budget, parse_budget,
-                      check_outputs)
+from ..datasets import is_fashion_mnist as _is_fashion_mnist, load_dataset, holdout_params
+from ._shared import (UserError, parse_overrides, add_common_options, emit_json, _progress, _check_limit,
+                      _is_shipped_file, build_from_args, _fmt_thresholds, _mmacs, match_folder_classes, _check_budget,
+                      parse_budget, check_outputs)
 
 HELP = "store the thresholds for a target average cost in a checkpoint"
 

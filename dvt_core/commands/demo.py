@@ -21,7 +21,8 @@ def add_arguments(parser) -> None:
     add_common_options(parser, model=False, weights=False)
     parser.add_argument("--out", default="dvt_demo.png", help="where to write the picture (.png, .jpg, .pdf, .svg)")
     parser.add_argument("--full", action="store_true", help="use the whole installed test set, not the samples")
-    parser.add_argument("--budget", type=parse_budget, default=None, help="target average MACs per image (5e6, 5M, 300K, 1.2G)")
+    parser.add_argument("--budget", type=parse_budget, default=None,
+                        help="target average MACs per image (5e6, 5M, 300K, 1.2G)")
     parser.add_argument("--json", default=None, help="also write the results as JSON to this file ('-' for stdout)")
     parser.add_argument("--limit", type=int, default=None, help="rows of the per-image table to print")
 

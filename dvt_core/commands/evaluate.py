@@ -6,10 +6,10 @@ from pathlib import Path
 
 from ..errors import DVTError
 from ..zoo import get_spec
-from ._shared import (UserError, add_common_options, emit_json, _is_fashion_mnist, load_dataset,
-                      holdout_params, _progress, _check_limit, _has_shipped_weights, resolve_weights,
-                      build_from_args, _meta, exit_names, _mmacs, _table, exit_macs, match_folder_classes,
-                      _early_spec, check_outputs)
+from ..datasets import is_fashion_mnist as _is_fashion_mnist, load_dataset, holdout_params
+from ._shared import (UserError, add_common_options, emit_json, _progress, _check_limit, _has_shipped_weights,
+                      resolve_weights, build_from_args, _meta, exit_names, _mmacs, _table, exit_macs,
+                      match_folder_classes, _early_spec, check_outputs)
 
 HELP = "anytime accuracy and the budget curve on a data set"
 

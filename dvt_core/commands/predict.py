@@ -21,8 +21,8 @@ def add_arguments(parser) -> None:
     add_common_options(parser)
     g = parser.add_mutually_exclusive_group()
     g.add_argument("--budget", type=parse_budget, default=None,
-                   help="target average MACs per image (5e6, 5M, 300K): the most accurate operating point calibrated in the "
-                        "checkpoint whose held-out average cost fits")
+                   help="target average MACs per image (5e6, 5M, 300K): the most accurate operating point "
+                        "calibrated in the checkpoint whose held-out average cost fits")
     g.add_argument("--thresholds", default=None, help="comma-separated confidence thresholds, one per exit")
     parser.add_argument("--json", action="store_true", help="one JSON object per image")
 

@@ -5,7 +5,8 @@ import time
 from pathlib import Path
 
 from ..zoo import get_spec
-from ._shared import (UserError, parse_overrides, add_common_options, load_dataset, _progress, check_device)
+from ..datasets import load_dataset
+from ._shared import (UserError, parse_overrides, add_common_options, _progress, check_device)
 
 HELP = "train a DVT or a static baseline (torchrun for several processes)"
 

@@ -25,7 +25,7 @@ def forward_numpy(model: DVT, images):
     return [compat.to_numpy(o).astype("float32", copy=False) for o in out]
 
 
-def adaptive_numpy(model: DVT, images, thresholds=None, confidence: str = "max_softmax"):
+def adaptive_numpy(model: DVT, images, thresholds, confidence: str = "max_softmax"):
     """``model.adaptive`` on a float32 numpy batch (eval mode)."""
     return model.adaptive(compat.to_tensor(images), thresholds, confidence)
 

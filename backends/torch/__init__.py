@@ -28,7 +28,7 @@ def forward_numpy(model: DVT, images):
     return [o.float().cpu().numpy() for o in out]
 
 
-def adaptive_numpy(model: DVT, images, thresholds=None, confidence: str = "max_softmax"):
+def adaptive_numpy(model: DVT, images, thresholds, confidence: str = "max_softmax"):
     """``model.adaptive`` on a float32 numpy batch."""
     import numpy as np
     import torch

@@ -1,27 +1,14 @@
 """``build``: a spec (or zoo name) plus optional weights -> a backend model, importing only that backend."""
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Optional, Union
 
+from .backend import BACKENDS, get_backend  # noqa: F401  (get_backend is used from here too)
 from .checkpoints import Checkpoint, read_checkpoint
 from .errors import CheckpointError, InputError
 from .specs import CascadeSpec
 from .zoo import get_spec
-
-BACKENDS = ("torch", "mindspore")
-
-
-def get_backend(name: str):
-    """The backend module ``dvt_backends.<name>``, imported on first use."""
-    if name not in BACKENDS:
-        raise InputError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    try:
-        return importlib.import_module(f"dvt_backends.{name}")
-    except ImportError as exc:
-        raise InputError(f"the {name} backend needs the {name} package ({exc}); "
-                         f"install it with: pip install 'dvt[{name}]'") from None
 
 
 def resolve_spec(name_or_spec: Union[str, CascadeSpec, None], ckpt: Optional[Checkpoint], **overrides) -> CascadeSpec:
@@ -46,6 +33,9 @@ def build(name_or_spec: Union[str, CascadeSpec, None] = None, backend: str = "to
     ``weights`` is a path to an official release ``.pth.tar``, a torch state dict, a ``.safetensors``
     or a MindSpore ``.ckpt`` (recognised from the content), or ``"default"`` for the weights this
     project ships for that model. The checkpoint's metadata is kept as ``model.checkpoint_meta``.
+
+    The model comes back in evaluation mode in every backend (dropout and stochastic depth off):
+    call ``model.train()`` (torch) or ``model.set_train(True)`` (MindSpore) to train it.
     """
     ckpt = None
     if weights is not None:

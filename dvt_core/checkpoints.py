@@ -32,6 +32,7 @@ from .naming import canonical_to_mindspore, is_official_layout, mindspore_to_can
 
 OFFICIAL_META_KEYS = ("flops", "anytime_classification", "dynamic_threshold", "budgeted_batch_classification")
 FORMATS = ("official", "torch", "safetensors", "mindspore")
+META_ENTRY = "dvt_meta"  # the entry of a torch or MindSpore file that holds the metadata as JSON
 
 
 @dataclass
@@ -56,11 +57,12 @@ class Checkpoint:
 
 
 def _framework_files(name: str, path, action: str = "reading"):
-    """``dvt_backends.<name>.files``: the framework's own file reader/writer, imported only now."""
+    """The backend ``dvt_backends.<name>``, whose ``read_file`` / ``write_file`` handle the framework's own
+    files; imported only now."""
     import importlib
 
     try:
-        return importlib.import_module(f"dvt_backends.{name}.files")
+        return importlib.import_module(f"dvt_backends.{name}")
     except ImportError:
         raise CheckpointError(f"{path} is a {name} checkpoint; {action} it needs {name} "
                               f"(pip install 'dvt[{name}]')") from None
@@ -140,7 +142,7 @@ def _torch_load(path: Path):
 
     files = _framework_files("torch", path)
     try:
-        return files.load(path)  # torch.load(..., weights_only=True), tensors as numpy
+        return files.read_file(path)  # torch.load(..., weights_only=True), tensors as numpy
     except pickle.UnpicklingError as exc:
         text = _ANSI.sub("", str(exc))
         blocked = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
@@ -193,7 +195,7 @@ def _read_torch(path: Path) -> Checkpoint:
         return Checkpoint(state, meta, "official", layout)
     if "state_dict" in obj and isinstance(obj["state_dict"], dict):
         state = _to_numpy_state(obj["state_dict"], path)
-        meta = _plain(obj.get("dvt_meta", {}))
+        meta = _plain(obj.get(META_ENTRY, {}))
         if isinstance(meta, str):
             meta = json.loads(meta)
     else:
@@ -227,10 +229,10 @@ def _read_safetensors(path: Path) -> Checkpoint:
 # ---- MindSpore -------------------------------------------------------------------------------------
 
 def _read_mindspore(path: Path) -> Checkpoint:
-    meta_key = "dvt_meta"  # the append_dict entry _write_mindspore stores the JSON metadata under
+    meta_key = META_ENTRY
     files = _framework_files("mindspore", path)
     try:
-        params = files.load(path)
+        params = files.read_file(path)
     except Exception as exc:  # MindSpore raises ValueError/RuntimeError with long messages
         raise CheckpointError(f"{path} is not a readable MindSpore checkpoint "
                               f"({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})"
@@ -325,11 +327,11 @@ def _write_safetensors(tmp: Path, state, meta) -> None:
 
 
 def _write_torch(tmp: Path, state, meta) -> None:
-    _framework_files("torch", tmp, "writing").save(tmp, state, meta)
+    _framework_files("torch", tmp, "writing").write_file(tmp, state, {META_ENTRY: json.dumps(meta)})
 
 
 def _write_mindspore(tmp: Path, state, meta) -> None:
-    meta_key = "dvt_meta"  # read back by _read_mindspore
+    meta_key = META_ENTRY
     files = _framework_files("mindspore", tmp, "writing")
     names = {k: canonical_to_mindspore(k) for k in state}
     seen, clash = set(), set()
@@ -338,4 +340,4 @@ def _write_mindspore(tmp: Path, state, meta) -> None:
     if clash:
         raise CheckpointError(f"cannot write a MindSpore checkpoint: the names {sorted(clash)} collide once "
                               "renamed for MindSpore")
-    files.save(tmp, {names[k]: v for k, v in state.items()}, {meta_key: json.dumps(meta)})
+    files.write_file(tmp, {names[k]: v for k, v in state.items()}, {meta_key: json.dumps(meta)})

@@ -1,7 +1,7 @@
 """Backend-neutral evaluation: per-exit probabilities of a data set, anytime accuracy, budget curves.
 
-A model is driven through its backend's ``forward_numpy`` / ``adaptive_numpy``, so the same code
-evaluates a torch and a MindSpore model.
+A model is driven through its backend's ``forward_numpy`` / ``adaptive_numpy`` (the backend contract,
+``dvt_core.backend``), so the same code evaluates a model of any backend.
 """
 from __future__ import annotations
 
@@ -9,21 +9,7 @@ import numpy as np
 
 from . import data as dvt_data
 from . import policy
-
-
-def backend_of(model) -> str:
-    mod = type(model).__module__
-    if mod.startswith("dvt_backends.torch"):
-        return "torch"
-    if mod.startswith("dvt_backends.mindspore"):
-        return "mindspore"
-    raise TypeError(f"not a dvt model: {type(model).__name__}")
-
-
-def _backend(model):
-    from .builder import get_backend
-
-    return get_backend(backend_of(model))
+from .backend import backend_of
 
 
 def exit_probs(model, images: np.ndarray, batch_size: int = 500, progress: bool = False,
@@ -32,7 +18,7 @@ def exit_probs(model, images: np.ndarray, batch_size: int = 500, progress: bool 
     from tqdm.auto import tqdm
 
     spec = model.spec
-    fwd = _backend(model).forward_numpy
+    fwd = backend_of(model).forward_numpy
     chunks = []
     for s in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
         x = dvt_data.normalize(images[s:s + batch_size], spec.mean, spec.std)
@@ -50,9 +36,8 @@ def adaptive(model, images: np.ndarray, thresholds=None, batch_size: int = 500, 
     from .operating_point import model_thresholds
 
     thresholds = model_thresholds(model, thresholds)
-
     spec = model.spec
-    run = _backend(model).adaptive_numpy
+    run = backend_of(model).adaptive_numpy
     parts = []
     for s in tqdm(range(0, len(images), batch_size), desc="adaptive", unit="batch", disable=not progress,
                   leave=False):

@@ -233,6 +233,7 @@ REAL = os.path.isfile(os.path.join(data.fashion_mnist_root(), "train-labels-idx1
     os.path.isfile(os.path.join(data.fashion_mnist_root(), "train-labels-idx1-ubyte"))
 
 
+@pytest.mark.dataset
 @pytest.mark.skipif(not REAL, reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
 def test_real_fashion_mnist():
     for split, n in (("train", 60000), ("test", 10000)):

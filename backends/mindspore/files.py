@@ -18,14 +18,14 @@ def load(path) -> dict:
     return out
 
 
-def save(path, params: dict, append: dict) -> None:
-    """Write ``params`` (MindSpore names -> numpy arrays) and string entries ``append`` to ``path``."""
-    items = [{"name": name, "data": ms.Tensor(v)} for name, v in params.items()]
+def save(path, state: dict, entries: dict) -> None:
+    """Write ``state`` (MindSpore names -> numpy arrays) and the string ``entries`` (``append_dict``) to ``path``."""
+    items = [{"name": name, "data": ms.Tensor(v)} for name, v in state.items()]
     # MindSpore appends ".ckpt" to names without it; write beside the requested name and move it there,
     # never leaving that file behind.
     target = str(path) + ".ckpt"
     try:
-        ms.save_checkpoint(items, target, append_dict=dict(append))
+        ms.save_checkpoint(items, target, append_dict=dict(entries))
         os.replace(target, path)
     finally:
         with contextlib.suppress(FileNotFoundError):

@@ -38,7 +38,7 @@ parity: venv
 
 ## The shipped Fashion-MNIST DVT on sample images.
 demo: venv
-	$(VENV)/bin/dvt demo
+	$(VENV)/bin/dvt demo --force   # replaces its own dvt_demo.png from an earlier run
 
 bench: venv
 	$(PY) benchmarks/bench_early_exit.py

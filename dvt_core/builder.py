@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from .backend import BACKENDS, get_backend  # noqa: F401  (get_backend is used from here too)
-from .checkpoints import Checkpoint, read_checkpoint
+from .checkpoints import Checkpoint, checked_state, read_checkpoint
 from .errors import CheckpointError, InputError
 from .specs import CascadeSpec
 from .zoo import get_spec
@@ -27,12 +27,14 @@ def resolve_spec(name_or_spec: Union[str, CascadeSpec, None], ckpt: Optional[Che
 
 
 def build(name_or_spec: Union[str, CascadeSpec, None] = None, backend: str = "torch",
-          weights: Union[str, Path, None] = None, **overrides):
+          weights: Union[str, Path, None] = None, allow_lossy_cast: bool = False, **overrides):
     """Build a DVT for ``backend`` ("torch" or "mindspore").
 
     ``weights`` is a path to an official release ``.pth.tar``, a torch state dict, a ``.safetensors``
     or a MindSpore ``.ckpt`` (recognised from the content), or ``"default"`` for the weights this
     project ships for that model. The checkpoint's metadata is kept as ``model.checkpoint_meta``.
+    The tensors are checked against the spec before the model is built; NaN / inf and lossy dtype
+    casts (int to float, float64 beyond tolerance) are refused unless ``allow_lossy_cast``.
 
     The model comes back in evaluation mode in every backend (dropout and stochastic depth off):
     call ``model.train()`` (torch) or ``model.set_train(True)`` (MindSpore) to train it.
@@ -46,9 +48,12 @@ def build(name_or_spec: Union[str, CascadeSpec, None] = None, backend: str = "to
             weights = default_weights_path(name)
         ckpt = read_checkpoint(weights)
     spec = resolve_spec(name_or_spec, ckpt, **overrides)
+    state = None
+    if ckpt is not None:  # names, shapes and values checked before any model is allocated
+        state = checked_state(ckpt, spec, source=str(weights), allow_lossy=allow_lossy_cast)
     mod = get_backend(backend)
     model = mod.build_model(spec)
     if ckpt is not None:
-        mod.load_state(model, ckpt.canonical_state(spec.num_exits), source=str(weights))
+        mod.load_state(model, state, source=str(weights))
         model.checkpoint_meta = dict(ckpt.meta)
     return model

@@ -9,20 +9,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from .checkpoints import format_for_suffix, read_checkpoint, write_checkpoint
+from . import fileio
+from .checkpoints import check_values, format_for_suffix, read_checkpoint, write_checkpoint
 from .errors import CheckpointError
 from .shapes import check_spec_state
 
 
 def convert(src, dst, arch: Optional[str] = None, to: Optional[str] = None, force: bool = False,
-            overrides: Optional[dict] = None) -> dict:
+            overrides: Optional[dict] = None, allow_lossy_cast: bool = False) -> dict:
     """Convert ``src`` to ``dst``; returns a summary (path, format, arch, tensor count)."""
     from .builder import resolve_spec
     from .macs import exit_macs
 
-    dst = Path(dst)
-    if dst.exists() and not force:
-        raise FileExistsError(f"{dst} exists; pass --force to overwrite it")
+    dst = fileio.check_writable(dst, force=force, parents=True)
     fmt = to or format_for_suffix(dst)
     ckpt = read_checkpoint(src)
     if arch is None and "spec" not in ckpt.meta:
@@ -30,6 +29,7 @@ def convert(src, dst, arch: Optional[str] = None, to: Optional[str] = None, forc
     spec = resolve_spec(arch, ckpt, **(overrides or {}))
     state = ckpt.canonical_state(spec.num_exits)
     check_spec_state(spec, state, str(src))  # names and shapes from the spec: no model is allocated
+    state, _ = check_values(state, str(src), allow_lossy=allow_lossy_cast)
     meta = dict(ckpt.meta)
     if ckpt.format == "official":
         meta = {"official": {k: v for k, v in ckpt.meta.items()}}

@@ -1,8 +1,7 @@
 """Pictures the CLI writes: the accuracy-MACs curve of ``dvt evaluate`` and the exit gallery of ``dvt demo``.
 
 matplotlib is imported lazily with the non-interactive Agg backend, so no display is needed; every
-figure is written atomically (a temporary file renamed into place) as PNG, JPEG, PDF or SVG (from the
-file's suffix).
+figure is written atomically (a temporary file renamed into place) as PNG.
 """
 from __future__ import annotations
 
@@ -21,40 +20,20 @@ def _pyplot():
     return plt
 
 
-PLOT_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".pdf": "pdf", ".svg": "svg"}
+PLOT_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".svg": "svg", ".pdf": "pdf"}
 
 
-def plot_format(path) -> str:
-    """The image format a picture written to ``path`` gets, from its suffix; InputError for a suffix
-    that is not one of :data:`PLOT_FORMATS`."""
+def _save(fig, path, dpi: int = 120, force: bool = False) -> Path:
+    """Write ``fig`` in the format its suffix names (PNG, JPEG, SVG, PDF); an existing file needs ``force``."""
+    from .checkpoints import atomic_path
     from .errors import InputError
 
-    suffix = Path(path).suffix.lower()
-    if suffix not in PLOT_FORMATS:
-        raise InputError(f"cannot write a picture to {path}: name it .png, .jpg, .pdf or .svg "
-                         f"(got {suffix or 'no suffix'})")
-    if PLOT_FORMATS[suffix] == "jpeg":
-        try:
-            import PIL  # noqa: F401  # matplotlib writes JPEG through Pillow
-        except ImportError:
-            raise InputError(f"writing {path} as JPEG needs Pillow (pip install pillow); or name it .png") from None
-    return PLOT_FORMATS[suffix]
-
-
-def check_plot_path(path, force: bool = True) -> Path:
-    """Refuse, before any work, a picture path with an unknown suffix or that cannot be written."""
-    from .checkpoints import check_writable
-
-    plot_format(path)
-    return check_writable(path, force)
-
-
-def _save(fig, path, dpi: int = 120) -> Path:
-    from .checkpoints import atomic_path
-
     path = Path(path)
-    fmt = plot_format(path)
-    with atomic_path(path, force=True) as tmp:
+    fmt = PLOT_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        _pyplot().close(fig)
+        raise InputError(f"{path}: a picture is written as {', '.join(PLOT_FORMATS)}; name it with one of these")
+    with atomic_path(path, force=force, parents=False) as tmp:
         fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight")
     _pyplot().close(fig)
     return path
@@ -62,7 +41,7 @@ def _save(fig, path, dpi: int = 120) -> Path:
 
 def accuracy_macs_plot(path, model: str, exit_macs: Sequence[float], anytime_accuracy: Sequence[float],
                        budgets: Sequence[dict] = (), baselines: Sequence[dict] = (), grids: Sequence[int] = (),
-                       title: Optional[str] = None) -> Path:
+                       title: Optional[str] = None, force: bool = False) -> Path:
     """Accuracy (percent) against average MACs per image.
 
     ``budgets``: dicts with ``macs`` and ``accuracy`` (the DVT budget curve, drawn as a line);
@@ -89,12 +68,12 @@ def accuracy_macs_plot(path, model: str, exit_macs: Sequence[float], anytime_acc
     ax.set_title(title or f"{model}: accuracy vs. computation")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    return _save(fig, path)
+    return _save(fig, path, force=force)
 
 
 def exit_gallery(path, images: np.ndarray, exit_index: Sequence[int], predictions: Sequence[str],
                  labels: Optional[Sequence[str]], exit_names: Sequence[str], per_row: int = 12,
-                 title: Optional[str] = None) -> Path:
+                 title: Optional[str] = None, force: bool = False) -> Path:
     """Sample images grouped by the exit they took: one row per exit, at most ``per_row`` images each.
 
     Each image is titled with its predicted class (and the true one when ``labels`` is given); wrong
@@ -139,4 +118,4 @@ def exit_gallery(path, images: np.ndarray, exit_index: Sequence[int], prediction
                               ha="right", va="center", labelpad=10)
     fig.suptitle(title or "Images grouped by the exit they took", fontsize=10)
     fig.tight_layout()
-    return _save(fig, path)
+    return _save(fig, path, force=force)

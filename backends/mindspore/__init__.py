@@ -79,7 +79,7 @@ def read_file(path) -> dict:
 
 
 def write_file(path, state: dict, entries: dict) -> None:
-    """``state`` (MindSpore names) and the string ``entries`` (``append_dict``) with ``save_checkpoint``."""
+    """``state`` (MindSpore names) and the string ``entries`` (``append_dict``), written by dvt_core.ckpt_format."""
     from . import files
 
     files.save(path, state, entries)

@@ -28,7 +28,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from .. import evaluation, operating_point
+    from .. import evaluation, fileio, operating_point
     from ..checkpoints import format_for_suffix, read_checkpoint, write_checkpoint
     from ..errors import CheckpointError
 
@@ -62,7 +62,8 @@ def run(args) -> int:
         except CheckpointError:
             raise UserError(f"cannot tell the format of {dst} from its suffix; use .safetensors, .pth or .ckpt") \
                 from None
-    check_outputs(files=[dst, args.json])
+    fileio.check_writable(dst, force=True)  # in place or a new --out: its folder must exist and be writable
+    check_outputs(args, args.json)
     limit = _check_limit(args.limit, "--limit")
     if not np.isfinite(args.budget) or args.budget <= 0:
         raise UserError(f"--budget must be a positive number of MACs, got {args.budget:g}")
@@ -112,5 +113,6 @@ def run(args) -> int:
           f"{_mmacs(chosen['holdout_macs'])} MACs on average; exits taken "
           f"{' / '.join(f'{s:.0%}' for s in shares)}", file=out)
     print(f"wrote {dst}", file=out)
-    emit_json({"model": spec.name, "weights": str(dst), "thresholds": meta["thresholds"], **chosen}, args.json)
+    emit_json({"model": spec.name, "weights": str(dst), "thresholds": meta["thresholds"], **chosen}, args.json,
+              force=args.force)
     return 0

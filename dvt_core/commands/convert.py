@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ._shared import (UserError, parse_overrides)
+from ._shared import (UserError, check_outputs, parse_overrides)
 
 HELP = "convert a checkpoint between official, torch, safetensors and MindSpore"
 
@@ -19,7 +19,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from ..checkpoints import check_writable, format_for_suffix
+    from ..checkpoints import format_for_suffix
     from ..convert import convert
     from ..errors import CheckpointError
 
@@ -31,7 +31,7 @@ def run(args) -> int:
                             "or .ckpt, or pass --to torch|safetensors|mindspore") from None
     if not Path(args.src).exists():
         raise UserError(f"checkpoint not found: {args.src}")
-    check_writable(args.dst, force=args.force)
+    check_outputs(args, args.dst)  # before reading SRC: DST's folder must exist (it is not created)
     out = convert(args.src, args.dst, arch=args.arch, to=args.to, force=args.force,
                   overrides=parse_overrides(args.override))
     print(f"wrote {out['path']} ({out['format']}, {out['tensors']} tensors, arch {out['arch']})")

@@ -2,22 +2,20 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from .. import data as dvt_data
 from ._shared import (UserError, add_common_options, resolve_weights, build_from_args, _meta, _class_names,
-                      exit_names, _fmt_thresholds, _mmacs, parse_thresholds, choose_thresholds, _early_spec,
-                      _check_budget, parse_budget)
+                      exit_names, escape_text, _fmt_thresholds, _mmacs, parse_thresholds, choose_thresholds,
+                      _early_spec, _check_budget, parse_budget)
 
 HELP = "classify image files with early exit"
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("inputs", nargs="+", help="image files (PNG/JPEG) or folders of them (sub-folders included)")
+    parser.add_argument("inputs", nargs="+", help="image files or folders of them (sub-folders included)")
     add_common_options(parser)
     g = parser.add_mutually_exclusive_group()
     g.add_argument("--budget", type=parse_budget, default=None,
@@ -30,21 +28,19 @@ def add_arguments(parser) -> None:
 def collect_images(inputs) -> list[str]:
     """Image files named, and those found in folders named and their sub-folders (sorted; hidden
     files and folders skipped); an error for a path that does not exist or a folder without images."""
+    from ..images import IMAGE_EXTENSIONS, find_images
+
     files = []
     for item in inputs:
         p = Path(item)
         if not p.exists():
             raise UserError(f"no such file or folder: {item}")
         if p.is_dir():
-            found = []
-            for dirpath, dirnames, filenames in os.walk(p):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                found.extend(os.path.join(dirpath, f) for f in filenames
-                             if not f.startswith(".") and f.lower().endswith(dvt_data.IMAGE_EXTENSIONS))
+            found = find_images(p, recursive=True)
             if not found:
-                exts = ", ".join(dvt_data.IMAGE_EXTENSIONS)
-                raise UserError(f"folder {item} holds no image files ({exts}; sub-folders included)")
-            files.extend(sorted(found))
+                raise UserError(f"folder {item} holds no image files ({', '.join(IMAGE_EXTENSIONS)}; "
+                                "sub-folders included)")
+            files.extend(found)
         else:
             files.append(str(p))
     return files
@@ -52,14 +48,16 @@ def collect_images(inputs) -> list[str]:
 
 def _load_images(files, spec) -> tuple[list, np.ndarray, list]:
     """(files read, their uint8 batch, one 'path: reason' line per file that could not be read)."""
+    from ..images import ImageReadError, read_image
+
     if spec.in_chans not in (1, 3):
         raise UserError(f"{spec.name} takes {spec.in_chans}-channel images; image files give 1 (grey) or 3 (RGB)")
     read, images, failed = [], [], []
     for f in files:
         try:
-            images.append(dvt_data.load_image(f, spec.img_size, spec.in_chans))
+            images.append(read_image(f, spec.img_size, spec.in_chans))
             read.append(f)
-        except (dvt_data.DataError, OSError) as exc:
+        except (ImageReadError, OSError) as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             failed.append(reason if reason.startswith(f) else f"{f}: {reason}")
     return read, (np.stack(images) if images else None), failed
@@ -84,7 +82,7 @@ def run(args) -> int:
         loaded = _load_images(files, spec)
     files, images, failed = loaded
     for line in failed:  # reported and skipped; the status says so at the end
-        print(f"dvt predict: skipped {line}", file=sys.stderr)
+        print(f"dvt predict: skipped {escape_text(line)}", file=sys.stderr)
     if images is None:
         print(f"dvt predict: none of the {len(failed)} image(s) could be read", file=sys.stderr)
         return 1
@@ -93,17 +91,19 @@ def run(args) -> int:
     names = exit_names(spec)
     if not args.json:
         print(f"# {spec.name} ({args.backend}), thresholds {_fmt_thresholds(thresholds)} ({how})", file=sys.stderr)
-    width = max(len(f) for f in files)
+    shown = [escape_text(f) for f in files]
+    width = max(len(f) for f in shown)
     for i, f in enumerate(files):
         k = int(res.exit_index[i])
         pred = int(res.prediction[i])
         label = classes[pred] if classes else str(pred)
+        text_label = escape_text(label)
         if args.json:
             print(json.dumps({"path": f, "prediction": label, "class_index": pred,
                               "confidence": round(float(res.confidence[i]), 6), "exit": k + 1,
                               "exits": spec.num_exits, "grid": spec.stages[k].grid, "macs": int(res.macs[i])}))
         else:
-            print(f"{f.ljust(width)}  {label:<12}  {float(res.confidence[i]):6.1%}  {names[k]}  "
+            print(f"{shown[i].ljust(width)}  {text_label:<12}  {float(res.confidence[i]):6.1%}  {names[k]}  "
                   f"{_mmacs(int(res.macs[i]))} MACs")
     if failed:
         print(f"dvt predict: {len(failed)} of {len(failed) + len(files)} image(s) could not be read (skipped)",

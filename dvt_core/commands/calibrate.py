@@ -103,7 +103,7 @@ def run(args) -> int:
     shares = chosen["exit_shares"]
     meta = operating_point.calibrated_meta(ckpt.meta, spec, thresholds, chosen, found["budgets"],
                                            holdout_anytime_accuracy=found["holdout_anytime_accuracy"])
-    write_checkpoint(dst, ckpt.canonical_state(spec.num_exits), meta, fmt=fmt, force=True)
+    write_checkpoint(dst, ckpt.canonical_state(spec.num_exits, spec.in_chans), meta, fmt=fmt, force=True)
 
     how = (f"budget index {chosen['budget_index']}" if "budget_index" in chosen else chosen["policy"])
     out = sys.stderr if args.json == "-" else sys.stdout

@@ -11,8 +11,8 @@ An operating point is one threshold per exit. A checkpoint may store
 - ``holdout_anytime_accuracy``: each exit's held-out accuracy, which prices the "every image leaves at
   exit k" corners that the official sweep does not contain.
 
-Everything here is numpy; no framework is imported. The CLI and ``tools/release_fashion_mnist.py``
-both use these functions, so a checkpoint's metadata has one writer.
+Everything here is numpy; no framework is imported. The CLI, the trainers (``dvt_core.training``) and
+``tools/release_fashion_mnist.py`` all use these functions, so a checkpoint's metadata has one writer.
 """
 from __future__ import annotations
 
@@ -23,6 +23,9 @@ import numpy as np
 
 from . import policy
 from .errors import InputError
+
+DEFAULT_RULE = "cheapest budget whose held-out accuracy reaches the last exit's"
+"""How a trainer picks the default operating point it stores (:func:`default_operating_point`)."""
 
 STALE_KEYS = ("default_budget", "default_operating_point", "subset_adaptive")
 """Metadata describing an earlier default operating point; dropped when a new one is stored."""
@@ -257,3 +260,30 @@ def reaching(table: Sequence[dict], target_accuracy: float) -> dict:
         raise InputError("an empty budgets table has no operating point")
     ok = [b for b in table if b["holdout_accuracy"] >= target_accuracy]
     return min(ok, key=lambda b: b["holdout_macs"]) if ok else max(table, key=lambda b: b["holdout_accuracy"])
+
+
+def default_operating_point(budgets: list, target: float, rule: str = DEFAULT_RULE) -> dict:
+    """The row of ``budgets`` chosen by :func:`reaching` for ``target``, with the ``rule`` and the
+    ``holdout_target_accuracy`` that chose it."""
+    return dict(reaching(budgets, target), rule=rule, holdout_target_accuracy=float(target))
+
+
+def calibration_meta(probs: np.ndarray, labels: np.ndarray, costs, data: Optional[dict] = None,
+                     target: Optional[float] = None, rule: str = DEFAULT_RULE) -> dict:
+    """Metadata to merge into a checkpoint calibrated on held-out ``probs`` (exits, images, classes), as a
+    trainer stores it: ``holdout_anytime_accuracy``, ``budgets``, ``thresholds`` (the default operating
+    point's), ``default_budget``, ``default_operating_point`` and ``calibration`` (what data it came
+    from). ``target`` defaults to the last exit's held-out accuracy."""
+    anytime = policy.anytime_accuracy(probs, labels)
+    meta = {"holdout_anytime_accuracy": [float(a) for a in anytime]}
+    if len(costs) < 2:
+        return meta
+    budgets = budgets_table(probs, labels, costs)
+    op = default_operating_point(budgets, float(anytime[-1]) if target is None else target, rule)
+    meta.update({"budgets": budgets, "thresholds": op["thresholds"], "default_budget": op["budget"],
+                 "default_operating_point": {k: op[k] for k in ("rule", "holdout_target_accuracy",
+                                                                 "holdout_accuracy", "holdout_macs")},
+                 "calibration": {"images": int(len(labels)), "holdout_accuracy": op["holdout_accuracy"],
+                                 "holdout_macs": op["holdout_macs"], "budget_index": op["budget"],
+                                 **(data or {})}})
+    return meta

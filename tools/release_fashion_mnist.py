@@ -80,15 +80,14 @@ def main() -> None:
         })
         if spec.num_exits > 1:
             budgets = operating_point.budgets_table(r["hold"], r["y_hold"], costs, r["test"], y_test)
-            default = operating_point.reaching(budgets, target)
+            default = operating_point.default_operating_point(
+                budgets, target, "cheapest budget whose held-out accuracy reaches static_fashion_mnist_7x7's")
             sub_acc, sub_macs = policy.evaluate(r["sub"], sub_y, np.float32(default["thresholds"]), costs)
             meta = operating_point.calibrated_meta(
                 meta, spec, default["thresholds"], budgets=budgets, keep_budgets=False,
                 default_budget=default["budget"],
-                default_operating_point={
-                    "rule": "cheapest budget whose held-out accuracy reaches static_fashion_mnist_7x7's",
-                    "holdout_target_accuracy": target, **{k: default[k] for k in
-                    ("holdout_accuracy", "holdout_macs", "test_accuracy", "test_macs")}},
+                default_operating_point={k: default[k] for k in ("rule", "holdout_target_accuracy", "holdout_accuracy",
+                                                                 "holdout_macs", "test_accuracy", "test_macs")},
                 subset_adaptive={"accuracy": float(sub_acc), "mean_macs": float(sub_macs)})
             print(f"{name}: default budget {default['budget']}: test {default['test_accuracy']:.2f}% at "
                   f"{default['test_macs'] / 1e6:.2f} MMACs (static 7x7 test "

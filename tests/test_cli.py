@@ -397,7 +397,7 @@ def _error_cases(f, tmp):
         (["evaluate", "--model", "dvt_fashion_mnist", "--limit", "0"], ["--limit"]),
         (["convert", SHIPPED, tmp / "exists.pth"], ["exists", "--force"]),
         (["convert", SHIPPED, tmp / "out.txt"], ["--to"]),
-        (["train", "--model", "dvt_fashion_mnist", "--dataset", f["folder"], "--out", tmp / "r"], ["--holdout"]),
+        (["train", "--model", "dvt_fashion_mnist", "--dataset", f["folder"], "--out", tmp / "r"], ["--batch-size"]),
         (["flops", "nope"], ["unknown model"]),
         (["demo", "--backend", "jax"], ["unknown backend"]),
     ]

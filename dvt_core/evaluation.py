@@ -26,9 +26,10 @@ def exit_probs(model, images: np.ndarray, batch_size: int = 500, progress: bool 
     return np.concatenate(chunks, axis=1).astype(np.float32)
 
 
-def adaptive(model, images: np.ndarray, thresholds, batch_size: int = 500, confidence: str = "max_softmax",
+def adaptive(model, images: np.ndarray, thresholds=None, batch_size: int = 500, confidence: str = "max_softmax",
              progress: bool = False, streaming: bool = True):
-    """True early exit over uint8 ``images``; one :class:`AdaptiveResult` in input order.
+    """True early exit over uint8 ``images``; one :class:`AdaptiveResult` in input order. Without
+    ``thresholds``, the default operating point stored in the model's checkpoint.
 
     ``streaming`` (the default): the images that go on are queued per stage and the later stages run
     on full batches gathered across input batches (dvt_core.streaming); the same exits and
@@ -36,6 +37,9 @@ def adaptive(model, images: np.ndarray, thresholds, batch_size: int = 500, confi
     """
     from tqdm.auto import tqdm
 
+    from .operating_point import model_thresholds
+
+    thresholds = model_thresholds(model, thresholds)
     spec = model.spec
     starts = tqdm(range(0, len(images), batch_size), desc="adaptive", unit="batch", disable=not progress,
                   leave=False)
@@ -43,10 +47,13 @@ def adaptive(model, images: np.ndarray, thresholds, batch_size: int = 500, confi
     return _run_batches(model, batches, thresholds, batch_size, confidence, streaming)
 
 
-def adaptive_files(model, files, thresholds, batch_size: int = 64, confidence: str = "max_softmax",
+def adaptive_files(model, files, thresholds=None, batch_size: int = 64, confidence: str = "max_softmax",
                    workers: int = 2, streaming: bool = True):
     """True early exit over image files, decoded and resized by ``workers`` threads while the model
     runs (``dvt_data.load_image``); one :class:`AdaptiveResult` in the order of ``files``."""
+    from .operating_point import model_thresholds
+
+    thresholds = model_thresholds(model, thresholds)
     spec = model.spec
 
     def load(path):

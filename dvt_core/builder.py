@@ -10,7 +10,9 @@ from .errors import CheckpointError, InputError
 from .specs import CascadeSpec
 from .zoo import get_spec
 
-BACKENDS = ("torch", "mindspore")
+BACKENDS = ("torch", "mindspore", "onnx", "mindir")
+EXPORT_BACKENDS = ("onnx", "mindir")  # run a `dvt export` folder; nothing to build
+PACKAGES = {"onnx": "onnxruntime", "mindir": "mindspore"}
 
 
 def get_backend(name: str):
@@ -20,7 +22,7 @@ def get_backend(name: str):
     try:
         return importlib.import_module(f"dvt_backends.{name}")
     except ImportError as exc:
-        raise InputError(f"the {name} backend needs the {name} package ({exc}); "
+        raise InputError(f"the {name} backend needs the {PACKAGES.get(name, name)} package ({exc}); "
                          f"install it with: pip install 'dvt[{name}]'") from None
 
 
@@ -41,12 +43,20 @@ def resolve_spec(name_or_spec: Union[str, CascadeSpec, None], ckpt: Optional[Che
 
 def build(name_or_spec: Union[str, CascadeSpec, None] = None, backend: str = "torch",
           weights: Union[str, Path, None] = None, **overrides):
-    """Build a DVT for ``backend`` ("torch" or "mindspore").
+    """Build a DVT for ``backend`` ("torch" or "mindspore"), or load an export ("onnx" or "mindir").
 
     ``weights`` is a path to an official release ``.pth.tar``, a torch state dict, a ``.safetensors``
     or a MindSpore ``.ckpt`` (recognised from the content), or ``"default"`` for the weights this
     project ships for that model. The checkpoint's metadata is kept as ``model.checkpoint_meta``.
     """
+    if backend in EXPORT_BACKENDS:  # build(DIR, backend="onnx") or build(NAME, backend="onnx", weights=DIR)
+        directory = weights if weights is not None else name_or_spec
+        if directory is None or isinstance(directory, CascadeSpec):
+            raise InputError(f"the {backend} backend runs an export folder: build(DIR, backend={backend!r})")
+        if overrides:
+            raise InputError(f"an export's spec is fixed; the {backend} backend takes no overrides")
+        wanted = None if weights is None else getattr(name_or_spec, "name", name_or_spec)
+        return get_backend(backend).load(directory, model=wanted)
     ckpt = None
     if weights is not None:
         if str(weights) == "default":

@@ -12,11 +12,11 @@ from . import policy
 
 
 def backend_of(model) -> str:
-    mod = type(model).__module__
-    if mod.startswith("dvt_backends.torch"):
-        return "torch"
-    if mod.startswith("dvt_backends.mindspore"):
-        return "mindspore"
+    from .builder import BACKENDS
+
+    parts = type(model).__module__.split(".")
+    if len(parts) > 1 and parts[0] == "dvt_backends" and parts[1] in BACKENDS:
+        return parts[1]
     raise TypeError(f"not a dvt model: {type(model).__name__}")
 
 

@@ -1,0 +1,65 @@
+"""Per-stage MindIR graphs through ``mindspore.load`` / ``nn.GraphCell``, behind the DVT model API."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Union
+
+import mindspore as ms
+import numpy as np
+from mindspore import nn
+
+from dvt_core.errors import CheckpointError, InputError
+from dvt_core.export import ExportedDVT, read_manifest
+
+TARGETS = {"cpu": "CPU", "gpu": "GPU", "cuda": "GPU", "ascend": "Ascend", "npu": "Ascend"}
+
+
+class MindirDVT(ExportedDVT):
+    graph_format = "mindir"
+
+    def __init__(self, directory, manifest: dict):
+        super().__init__(directory, manifest)
+        cells = []
+        for st in manifest["stages"]:
+            path = self.directory / st["file"]
+            try:
+                cells.append(nn.GraphCell(ms.load(str(path))))
+            except Exception as exc:  # noqa: BLE001 - MindSpore raises RuntimeError / ValueError variously
+                raise CheckpointError(f"{path}: MindSpore cannot load it ({str(exc).splitlines()[0]})") from None
+        self.cells = cells
+
+    def to_device(self, device) -> "MindirDVT":
+        target = TARGETS.get(str(device or "cpu").split(":")[0].lower())
+        if target is None:
+            raise InputError(f"unknown MindSpore device {device!r}; use cpu, gpu or ascend")
+        ms.set_context(device_target=target)
+        return self
+
+    def _run_graph(self, index: int, feeds: dict) -> list:
+        names = self.manifest["stages"][index]["inputs"]
+        outs = self.cells[index](*[feeds[n] if isinstance(feeds[n], ms.Tensor) else ms.Tensor(feeds[n])
+                                   for n in names])
+        outs = outs if isinstance(outs, (tuple, list)) else (outs,)
+        return list(outs)
+
+    def run_stage(self, index: int, images, carry: Optional[dict] = None):
+        # the carry stays in MindSpore tensors between stages; images go in as numpy
+        return super().run_stage(index, images, carry)
+
+    def select(self, images, carry, rows):
+        axes = self.manifest.get("batch_axes") or {}
+        idx = ms.Tensor(np.asarray(rows, dtype=np.int32))
+        picked = {k: v.gather(idx, int(axes.get(k, 0))) if isinstance(v, ms.Tensor)
+                  else np.take(v, rows, axis=int(axes.get(k, 0))) for k, v in (carry or {}).items()}
+        return np.take(images, rows, axis=0), picked
+
+    @staticmethod
+    def to_numpy(x) -> np.ndarray:
+        return (x.asnumpy() if isinstance(x, ms.Tensor) else np.asarray(x)).astype(np.float32, copy=False)
+
+
+def load(directory: Union[str, Path], model: Optional[str] = None, device: Optional[str] = None) -> MindirDVT:
+    """The exported DVT in ``directory`` on MindSpore; ``model`` (a zoo name) must match when given."""
+    manifest = read_manifest(directory, fmt="mindir", model=model)
+    m = MindirDVT(directory, manifest)
+    return m.to_device(device) if device is not None else m

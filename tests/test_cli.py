@@ -272,9 +272,9 @@ def test_calibrate_in_place_on_image_folder(files, tmp_path):
     assert_same_tensors(read_state(ck), read_state(SHIPPED))
     # predict picks the stored thresholds up as the default
     proc = ok(dvt("predict", next(iter(files["truth"])), "--weights", ck))
-    from dvt_core.commands import _fmt_thresholds
-
-    assert f"thresholds {_fmt_thresholds(meta['thresholds'])} (the default stored in {ck})" in proc.stderr
+    spelled = {-1e8: "-1e8 (all leave)", 1e8: "1e8 (none leave)"}  # sentinels are named, numbers get 4 decimals
+    stored = ", ".join(spelled.get(t, f"{t:.4f}") for t in meta["thresholds"][:-1])
+    assert f"thresholds {stored} (the default stored in {ck})" in proc.stderr
 
 
 # ---- convert -------------------------------------------------------------------------------------------

@@ -1,0 +1,37 @@
+"""``dvt convert``: checkpoints between the official release, torch, safetensors and MindSpore."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ._shared import (UserError, parse_overrides)
+
+HELP = "convert a checkpoint between official, torch, safetensors and MindSpore"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("src")
+    parser.add_argument("dst")
+    parser.add_argument("--arch", default=None, help="model name (needed when SRC carries no architecture)")
+    parser.add_argument("--to", default=None, choices=["torch", "mindspore", "safetensors"],
+                   help="output format (default: from DST's suffix)")
+    parser.add_argument("--force", action="store_true", help="overwrite DST")
+    parser.add_argument("--override", "-O", action="append", metavar="KEY=VALUE")
+
+
+def run(args) -> int:
+    from ..checkpoints import format_for_suffix
+    from ..convert import convert
+    from ..errors import CheckpointError
+
+    if args.to is None:
+        try:
+            format_for_suffix(args.dst)
+        except CheckpointError:
+            raise UserError(f"cannot tell the output format from {args.dst}'s suffix; name it .safetensors, .pth "
+                            "or .ckpt, or pass --to torch|safetensors|mindspore") from None
+    if not Path(args.src).exists():
+        raise UserError(f"checkpoint not found: {args.src}")
+    out = convert(args.src, args.dst, arch=args.arch, to=args.to, force=args.force,
+                  overrides=parse_overrides(args.override))
+    print(f"wrote {out['path']} ({out['format']}, {out['tensors']} tensors, arch {out['arch']})")
+    return 0

@@ -257,3 +257,76 @@ except dvt_core.InputError as exc:
     assert r.returncode == 0, r.stderr[-3000:]
     assert "InputError: the onnx backend needs the onnxruntime package" in r.stdout
     assert "pip install 'dvt[onnx]'" in r.stdout
+
+
+# ---- the command line -------------------------------------------------------------------------------------
+
+
+def dvt(*args, cwd, extra_path: str = "") -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(p for p in (extra_path, str(ROOT)) if p))
+    return subprocess.run([sys.executable, "-m", "dvt_core", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def one_line_error(r, command: str, fragment: str) -> None:
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"dvt {command}: error:") and fragment in lines[0], r.stderr
+
+
+@pytest.fixture(scope="module")
+def fashion_cli(tmp_path_factory):
+    """`dvt export` of the shipped Fashion-MNIST DVT, and three PNGs of the shipped test subset."""
+    from PIL import Image
+
+    tmp = tmp_path_factory.mktemp("cli")
+    r = dvt("export", "dvt_fashion_mnist", "--weights", "default", "--format", "onnx", "--out", "fm", cwd=tmp)
+    assert r.returncode == 0, r.stderr[-2000:]
+    with np.load(ROOT / "dvt_core" / "assets" / "fashion_mnist_test_subset.npz") as d:
+        for i in range(3):
+            Image.fromarray(d["images"][i]).save(tmp / f"img{i}.png")
+    return tmp
+
+
+def test_cli_export_then_predict_matches_torch(fashion_cli):
+    r = dvt("predict", "--backend", "onnx", "--weights", "fm", "--json", "img0.png", "img1.png", "img2.png",
+            cwd=fashion_cli)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ref = dvt("predict", "--model", "dvt_fashion_mnist", "--json", "img0.png", "img1.png", "img2.png",
+              cwd=fashion_cli)
+    ours = [json.loads(x) for x in r.stdout.splitlines()]
+    theirs = [json.loads(x) for x in ref.stdout.splitlines()]
+    assert [(o["prediction"], o["exit"], o["macs"]) for o in ours] == \
+        [(o["prediction"], o["exit"], o["macs"]) for o in theirs]
+
+
+def test_cli_demo_on_onnx(fashion_cli):
+    r = dvt("demo", "--backend", "onnx", "--weights", "fm", "--limit", "0", "--out", "d.png", cwd=fashion_cli)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "export of the shipped weights" in r.stdout and "accuracy:" in r.stdout
+
+
+def test_cli_export_refuses_overwrite(fashion_cli):
+    r = dvt("export", "dvt_fashion_mnist", "--weights", "default", "--format", "onnx", "--out", "fm", cwd=fashion_cli)
+    one_line_error(r, "export", "exists; pass --force")
+
+
+def test_cli_bad_exports(fashion_cli, tmp_path):
+    import shutil
+
+    (tmp_path / "empty").mkdir()
+    one_line_error(dvt("predict", "--backend", "onnx", "--weights", tmp_path / "empty", fashion_cli / "img0.png",
+                       cwd=tmp_path), "predict", "is not a dvt export")
+    shutil.copytree(fashion_cli / "fm", tmp_path / "bad")
+    with open(tmp_path / "bad" / "stage3.onnx", "ab") as f:
+        f.write(b"x")
+    one_line_error(dvt("predict", "--backend", "onnx", "--weights", tmp_path / "bad", fashion_cli / "img0.png",
+                       cwd=tmp_path), "predict", "SHA-256 differs")
+    one_line_error(dvt("predict", "--backend", "onnx", "--model", "dvt_deit_small", "--weights", fashion_cli / "fm",
+                       fashion_cli / "img0.png", cwd=tmp_path), "predict", "export of dvt_fashion_mnist, not dvt_deit_small")
+    blocker = tmp_path / "block"
+    blocker.mkdir()
+    (blocker / "onnxruntime.py").write_text("raise ImportError('No module named onnxruntime')\n")
+    one_line_error(dvt("predict", "--backend", "onnx", "--weights", fashion_cli / "fm", fashion_cli / "img0.png",
+                       cwd=tmp_path, extra_path=str(blocker)), "predict", "needs the onnxruntime package")

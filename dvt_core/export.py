@@ -218,6 +218,22 @@ def read_manifest(directory: Union[str, Path], fmt: Optional[str] = None, model:
     return m
 
 
+class Carry(dict):
+    """What one exported stage hands to the next: graph output name -> array, and each one's batch axis."""
+
+    def __init__(self, items, axes: dict):
+        super().__init__(items)
+        self.axes = {k: int(axes.get(k, 0)) for k in self}
+
+
+def select_numpy(images, carry: Optional[Carry], rows):
+    """The ``rows`` of a numpy image batch and of its carry (each array along its own batch axis)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    picked = None if carry is None else Carry({k: np.take(v, rows, axis=carry.axes[k]) for k, v in carry.items()},
+                                              carry.axes)
+    return np.take(images, rows, axis=0), picked
+
+
 class ExportedDVT:
     """A DVT served from exported per-stage graphs; same user API as the framework backends.
 
@@ -230,6 +246,7 @@ class ExportedDVT:
     graph_format = ""
 
     def __init__(self, directory: Union[str, Path], manifest: dict):
+        self.backend_name = self.graph_format
         self.directory = Path(directory)
         self.manifest = manifest
         self.spec = manifest["_spec"]
@@ -250,16 +267,18 @@ class ExportedDVT:
         outs = self._run_graph(index, feeds)
         logits = outs[0]
         names = st["outputs"][1:]
-        return logits, (dict(zip(names, outs[1:])) if names else None)
+        return logits, (Carry(zip(names, outs[1:]), self.manifest.get("batch_axes") or {}) if names else None)
 
     def select(self, images, carry, rows):
-        axes = self.manifest.get("batch_axes") or {}
-        picked = {k: np.take(v, rows, axis=int(axes.get(k, 0))) for k, v in (carry or {}).items()}
-        return np.take(images, rows, axis=0), picked
+        return select_numpy(images, carry, rows)
 
     @staticmethod
     def to_numpy(x) -> np.ndarray:
         return np.asarray(x, dtype=np.float32)
+
+    def to_tensor(self, array) -> np.ndarray:
+        """A numpy image batch as this runtime's input (checked against the spec)."""
+        return self._images(array)
 
     # user API -----------------------------------------------------------------------------------------
     def _images(self, images) -> np.ndarray:

@@ -330,3 +330,22 @@ def test_cli_bad_exports(fashion_cli, tmp_path):
     (blocker / "onnxruntime.py").write_text("raise ImportError('No module named onnxruntime')\n")
     one_line_error(dvt("predict", "--backend", "onnx", "--weights", fashion_cli / "fm", fashion_cli / "img0.png",
                        cwd=tmp_path, extra_path=str(blocker)), "predict", "needs the onnxruntime package")
+
+
+def test_backend_module_members_drive_early_exit(exported):
+    """The onnx backend module's run_stage / select / to_numpy drive dvt_core.early_exit like a framework's."""
+    from dvt_core.early_exit import run_adaptive
+
+    import dvt_backends.onnx as b
+
+    model, out, images = exported
+    rt = b.load(out)
+    assert rt.backend_name == b.NAME == "onnx"
+    x = b.to_tensor(rt, images)
+    res = run_adaptive(lambda i, imgs, c: b.run_stage(rt, i, imgs, c), b.to_numpy, b.select, x, len(x),
+                       THRESHOLDS, rt.exit_macs)
+    np.testing.assert_array_equal(res.exit_index, model.adaptive(torch.from_numpy(images), THRESHOLDS).exit_index)
+    for fn, args in ((b.build_model, (model.spec,)), (b.model_state, (rt,)), (b.load_state, (rt, {})),
+                     (b.read_file, ("x",)), (b.write_file, ("x", {}, {}))):
+        with pytest.raises(InputError, match="onnx"):
+            fn(*args)

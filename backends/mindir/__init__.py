@@ -2,7 +2,11 @@
 and ``nn.GraphCell`` (no model code). ``load(directory)`` is what ``dvt_core.build(DIR, backend="mindir")``
 calls.
 """
-from .runtime import MindirDVT, load
+from dvt_core.errors import InputError
+
+from .runtime import MindirDVT, load, select
+
+RUNTIME = MindirDVT
 
 NAME = "mindir"
 EXPORTED = True
@@ -20,4 +24,41 @@ def to_device(model: MindirDVT, device) -> MindirDVT:
     return model.to_device(device)
 
 
-__all__ = ["MindirDVT", "load", "forward_numpy", "adaptive_numpy", "to_device", "NAME"]
+# ---- the backend contract (dvt_core.backend), where it applies to a fixed, exported graph ----------------
+
+
+def to_tensor(model, array):
+    return model.to_tensor(array)
+
+
+def to_numpy(tensor):
+    return RUNTIME.to_numpy(tensor)
+
+
+def run_stage(model, index: int, images, carry=None):
+    return model.run_stage(index, images, carry)
+
+
+def build_model(spec):
+    raise InputError(f"the {NAME} backend runs exported graphs: make them with `dvt export`, then "
+                     f"dvt_core.build(DIR, backend={NAME!r})")
+
+
+def model_state(model):
+    raise InputError(f"an exported {NAME} model has no editable state; export again from a checkpoint")
+
+
+def load_state(model, state, source: str = "checkpoint"):
+    raise InputError(f"an exported {NAME} model's weights are fixed in its graphs; export again with new weights")
+
+
+def read_file(path):
+    raise InputError(f"the {NAME} backend reads export folders, not checkpoint files ({path})")
+
+
+def write_file(path, state, entries):
+    raise InputError(f"the {NAME} backend writes no checkpoints; use torch, safetensors or mindspore")
+
+
+__all__ = ["MindirDVT", "load", "forward_numpy", "adaptive_numpy", "to_device", "to_tensor", "to_numpy",
+           "run_stage", "select", "build_model", "model_state", "load_state", "read_file", "write_file", "NAME"]

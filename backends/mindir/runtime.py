@@ -9,7 +9,7 @@ import numpy as np
 from mindspore import nn
 
 from dvt_core.errors import CheckpointError, InputError
-from dvt_core.export import ExportedDVT, read_manifest
+from dvt_core.export import Carry, ExportedDVT, read_manifest
 
 TARGETS = {"cpu": "CPU", "gpu": "GPU", "cuda": "GPU", "ascend": "Ascend", "npu": "Ascend"}
 
@@ -42,20 +42,21 @@ class MindirDVT(ExportedDVT):
         outs = outs if isinstance(outs, (tuple, list)) else (outs,)
         return list(outs)
 
-    def run_stage(self, index: int, images, carry: Optional[dict] = None):
-        # the carry stays in MindSpore tensors between stages; images go in as numpy
-        return super().run_stage(index, images, carry)
-
     def select(self, images, carry, rows):
-        axes = self.manifest.get("batch_axes") or {}
-        idx = ms.Tensor(np.asarray(rows, dtype=np.int32))
-        picked = {k: v.gather(idx, int(axes.get(k, 0))) if isinstance(v, ms.Tensor)
-                  else np.take(v, rows, axis=int(axes.get(k, 0))) for k, v in (carry or {}).items()}
-        return np.take(images, rows, axis=0), picked
+        return select(images, carry, rows)
 
     @staticmethod
     def to_numpy(x) -> np.ndarray:
         return (x.asnumpy() if isinstance(x, ms.Tensor) else np.asarray(x)).astype(np.float32, copy=False)
+
+
+def select(images, carry: Optional[Carry], rows):
+    """The ``rows`` of a numpy image batch and of its carry; the carry stays in MindSpore tensors."""
+    idx = ms.Tensor(np.asarray(rows, dtype=np.int32))
+    picked = None if carry is None else Carry(
+        {k: v.gather(idx, carry.axes[k]) if isinstance(v, ms.Tensor) else np.take(v, rows, axis=carry.axes[k])
+         for k, v in carry.items()}, carry.axes)
+    return np.take(images, np.asarray(rows, dtype=np.int64), axis=0), picked
 
 
 def load(directory: Union[str, Path], model: Optional[str] = None, device: Optional[str] = None) -> MindirDVT:

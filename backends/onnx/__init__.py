@@ -3,7 +3,12 @@
 ``load(directory)`` (what ``dvt_core.build(DIR, backend="onnx")`` calls) returns an :class:`OnnxDVT`.
 Imports onnxruntime and numpy only.
 """
+from dvt_core.errors import InputError
+from dvt_core.export import select_numpy as select
+
 from .runtime import OnnxDVT, load
+
+RUNTIME = OnnxDVT
 
 NAME = "onnx"
 EXPORTED = True
@@ -21,4 +26,41 @@ def to_device(model: OnnxDVT, device) -> OnnxDVT:
     return model.to_device(device)
 
 
-__all__ = ["OnnxDVT", "load", "forward_numpy", "adaptive_numpy", "to_device", "NAME"]
+# ---- the backend contract (dvt_core.backend), where it applies to a fixed, exported graph ----------------
+
+
+def to_tensor(model, array):
+    return model.to_tensor(array)
+
+
+def to_numpy(tensor):
+    return RUNTIME.to_numpy(tensor)
+
+
+def run_stage(model, index: int, images, carry=None):
+    return model.run_stage(index, images, carry)
+
+
+def build_model(spec):
+    raise InputError(f"the {NAME} backend runs exported graphs: make them with `dvt export`, then "
+                     f"dvt_core.build(DIR, backend={NAME!r})")
+
+
+def model_state(model):
+    raise InputError(f"an exported {NAME} model has no editable state; export again from a checkpoint")
+
+
+def load_state(model, state, source: str = "checkpoint"):
+    raise InputError(f"an exported {NAME} model's weights are fixed in its graphs; export again with new weights")
+
+
+def read_file(path):
+    raise InputError(f"the {NAME} backend reads export folders, not checkpoint files ({path})")
+
+
+def write_file(path, state, entries):
+    raise InputError(f"the {NAME} backend writes no checkpoints; use torch, safetensors or mindspore")
+
+
+__all__ = ["OnnxDVT", "load", "forward_numpy", "adaptive_numpy", "to_device", "to_tensor", "to_numpy",
+           "run_stage", "select", "build_model", "model_state", "load_state", "read_file", "write_file", "NAME"]

@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat setup.py | md5sum | cut -c1-8)
 
-.PHONY: venv data test test-fast parity demo bench clean
+.PHONY: venv data test test-fast parity wheel-check demo bench clean
 
 venv: $(STAMP)
 
@@ -19,13 +19,18 @@ $(STAMP): setup.py
 data:
 	@test -d /usr/share/datasets/fashion-mnist || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }
 
-## The whole suite: unit tests, conformance with the official release, and the cross-backend parity suite.
+## The whole suite: unit tests, conformance with the official release, the cross-backend parity suite and
+## the wheel check; -ra lists every skip with its reason (with CI=true a skipped data-set test fails).
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -ra tests
 
 ## Everything but the slow tests.
 test-fast: venv
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -ra -m "not slow" tests
+
+## Build the wheel, install it into a scratch folder and run `dvt demo` and build(weights="default") from outside the checkout.
+wheel-check: venv
+	$(PY) -m pytest -q -ra -m wheel tests
 
 ## Only the cross-backend parity suite.
 parity: venv
@@ -33,7 +38,7 @@ parity: venv
 
 ## The shipped Fashion-MNIST DVT on sample images.
 demo: venv
-	$(VENV)/bin/dvt demo
+	$(VENV)/bin/dvt demo --force   # replaces its own dvt_demo.png from an earlier run
 
 bench: venv
 	$(PY) benchmarks/bench_early_exit.py

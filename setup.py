@@ -28,7 +28,8 @@ setup(
         "torch": TORCH,
         "mindspore": MINDSPORE,
         "onnx": ONNX,
-        "dev": ["pytest>=7"],
+        # setuptools with its own bdist_wheel: the wheel check builds offline (pip wheel --no-build-isolation)
+        "dev": ["pytest>=7", "setuptools>=70.1", "wheel"],
     },
     entry_points={"console_scripts": ["dvt=dvt_core.cli:main"]},
 )

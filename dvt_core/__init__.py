@@ -27,6 +27,16 @@ def build(name_or_spec=None, backend: str = "torch", weights=None, **overrides):
 build.__doc__ = """Build a DVT for a backend; see :func:`dvt_core.builder.build`."""
 
 
+def preprocess(images, spec):
+    from .images import preprocess as _preprocess
+
+    return _preprocess(images, spec)
+
+
+preprocess.__doc__ = """Paths, PIL images or uint8 arrays -> the normalised float32 batch a spec's model expects;
+see :func:`dvt_core.images.preprocess`."""
+
+
 def __getattr__(name):
     # Submodules with heavier imports load on first use.
     if name in ("exit_macs", "stage_macs", "stage_params", "exit_params", "macs_table"):
@@ -34,12 +44,13 @@ def __getattr__(name):
 
         return getattr(macs, name)
     if name in ("policy", "checkpoints", "naming", "resample", "early_exit", "data", "macs", "weights", "evaluation",
-                "training", "convert", "plots"):
+                "training", "convert", "plots", "backend", "shapes", "recipe", "images", "fileio",
+                "ckpt_format"):
         import importlib
 
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'dvt_core' has no attribute {name!r}")
 
 
-__all__ = ["build", "get_spec", "list_models", "static_spec", "CascadeSpec", "StageSpec", "T2TSpec",
+__all__ = ["build", "preprocess", "get_spec", "list_models", "static_spec", "CascadeSpec", "StageSpec", "T2TSpec",
            "SpecError", "InputError", "CheckpointError", "UnsafeCheckpointError", "DVTError", "exit_macs"]

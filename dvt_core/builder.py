@@ -1,29 +1,14 @@
 """``build``: a spec (or zoo name) plus optional weights -> a backend model, importing only that backend."""
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Optional, Union
 
-from .checkpoints import Checkpoint, read_checkpoint
+from .backend import BACKENDS, EXPORT_BACKENDS, get_backend  # noqa: F401  (used from here too)
+from .checkpoints import Checkpoint, checked_state, read_checkpoint
 from .errors import CheckpointError, InputError
 from .specs import CascadeSpec
 from .zoo import get_spec
-
-BACKENDS = ("torch", "mindspore", "onnx", "mindir")
-EXPORT_BACKENDS = ("onnx", "mindir")  # run a `dvt export` folder; nothing to build
-PACKAGES = {"onnx": "onnxruntime", "mindir": "mindspore"}
-
-
-def get_backend(name: str):
-    """The backend module ``dvt_backends.<name>``, imported on first use."""
-    if name not in BACKENDS:
-        raise InputError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    try:
-        return importlib.import_module(f"dvt_backends.{name}")
-    except ImportError as exc:
-        raise InputError(f"the {name} backend needs the {PACKAGES.get(name, name)} package ({exc}); "
-                         f"install it with: pip install 'dvt[{name}]'") from None
 
 
 def resolve_spec(name_or_spec: Union[str, CascadeSpec, None], ckpt: Optional[Checkpoint], **overrides) -> CascadeSpec:
@@ -42,12 +27,17 @@ def resolve_spec(name_or_spec: Union[str, CascadeSpec, None], ckpt: Optional[Che
 
 
 def build(name_or_spec: Union[str, CascadeSpec, None] = None, backend: str = "torch",
-          weights: Union[str, Path, None] = None, **overrides):
+          weights: Union[str, Path, None] = None, allow_lossy_cast: bool = False, **overrides):
     """Build a DVT for ``backend`` ("torch" or "mindspore"), or load an export ("onnx" or "mindir").
 
     ``weights`` is a path to an official release ``.pth.tar``, a torch state dict, a ``.safetensors``
     or a MindSpore ``.ckpt`` (recognised from the content), or ``"default"`` for the weights this
     project ships for that model. The checkpoint's metadata is kept as ``model.checkpoint_meta``.
+    The tensors are checked against the spec before the model is built; NaN / inf and lossy dtype
+    casts (int to float, float64 beyond tolerance) are refused unless ``allow_lossy_cast``.
+
+    The model comes back in evaluation mode in every backend (dropout and stochastic depth off):
+    call ``model.train()`` (torch) or ``model.set_train(True)`` (MindSpore) to train it.
     """
     if backend in EXPORT_BACKENDS:  # build(DIR, backend="onnx") or build(NAME, backend="onnx", weights=DIR)
         directory = weights if weights is not None else name_or_spec
@@ -66,9 +56,12 @@ def build(name_or_spec: Union[str, CascadeSpec, None] = None, backend: str = "to
             weights = default_weights_path(name)
         ckpt = read_checkpoint(weights)
     spec = resolve_spec(name_or_spec, ckpt, **overrides)
+    state = None
+    if ckpt is not None:  # names, shapes and values checked before any model is allocated
+        state = checked_state(ckpt, spec, source=str(weights), allow_lossy=allow_lossy_cast)
     mod = get_backend(backend)
     model = mod.build_model(spec)
     if ckpt is not None:
-        mod.load_state(model, ckpt.canonical_state(spec.num_exits), source=str(weights))
+        mod.load_state(model, state, source=str(weights))
         model.checkpoint_meta = dict(ckpt.meta)
     return model

@@ -9,17 +9,21 @@ Formats:
 * ``mindspore``   a MindSpore ``.ckpt`` (MindSpore parameter names, metadata as JSON under ``dvt_meta``).
 
 Torch files are read with ``torch.load(..., weights_only=True)``: a pickle that would run code is
-refused, never executed. Every writer goes through a temporary file renamed into place, so a failure
-leaves no half-written file. Tensors travel as numpy arrays; frameworks are imported only when a file
-of theirs appears.
+refused, never executed. MindSpore files are decoded here (dvt_core.ckpt_format), every tensor's byte
+length checked against its dims and dtype, without MindSpore. Metadata is bounded in size and type.
+Every writer goes through dvt_core.fileio.atomic_write (temporary file, fsync, create-without-replace
+unless forced), so a failure leaves no half-written file. Tensors travel as numpy arrays; frameworks
+are imported only when a file of theirs appears.
+
+:func:`check_state` compares tensors with a spec (names and shapes, or at least the parameter count)
+before any model is allocated, refuses NaN / inf and lossy dtype casts, and lists lossless ones.
 """
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
-import tempfile
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,11 +31,26 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .errors import CheckpointError, UnsafeCheckpointError
+from . import ckpt_format, fileio
+from .errors import CheckpointError, UnsafeCheckpointError, list_problems
 from .naming import canonical_to_mindspore, is_official_layout, mindspore_to_canonical, rename_official
 
 OFFICIAL_META_KEYS = ("flops", "anytime_classification", "dynamic_threshold", "budgeted_batch_classification")
 FORMATS = ("official", "torch", "safetensors", "mindspore")
+# Bounds on metadata: it describes a model, it never holds one.
+META_MAX_ARRAY = 65536        # elements of one array turned into a list
+META_MAX_ITEMS = 1_000_000    # values in all the metadata together
+META_MAX_DEPTH = 16
+META_MAX_STRING = 4 << 20     # characters of one string (the JSON metadata itself included)
+PICKLE_SCAN_MAX = 64 << 20    # bytes of the one pickle entry the safety rescan reads
+# Suffixes that name a format (a writer refuses a contradicting one); others (.bin, none) are neutral.
+SUFFIX_FORMATS = ((".safetensors", "safetensors"), (".ckpt", "mindspore"), (".pth.tar", "torch"),
+                  (".pth", "torch"), (".pt", "torch"))
+
+
+class CheckpointWarning(UserWarning):
+    """A lossless change made while loading (a dtype widened to float32), listed rather than hidden."""
+META_ENTRY = "dvt_meta"  # the entry of a torch or MindSpore file that holds the metadata as JSON
 
 
 @dataclass
@@ -45,9 +64,23 @@ class Checkpoint:
     path: Optional[str] = None
 
     def canonical_state(self, num_exits: int) -> dict[str, np.ndarray]:
-        """The tensors under canonical names (official keys renamed for a ``num_exits`` cascade)."""
+        """The tensors under canonical names (official keys renamed for a ``num_exits`` cascade).
+
+        Two source names that map to one canonical name are refused (neither silently wins).
+        """
         if self.layout == "official":
-            return rename_official(self.state, num_exits)
+            renamed = rename_official(self.state, num_exits)
+            if len(renamed) != len(self.state):
+                from .naming import official_to_canonical
+
+                seen: dict[str, str] = {}
+                for k in self.state:
+                    c = official_to_canonical(k)
+                    if c in seen:
+                        raise CheckpointError(f"{self.path}: {seen[c]!r} and {k!r} both name the weight {c!r}")
+                    seen[c] = k
+                raise CheckpointError(f"{self.path}: several names map to one weight")
+            return renamed
         return dict(self.state)
 
     @property
@@ -56,11 +89,12 @@ class Checkpoint:
 
 
 def _framework_files(name: str, path, action: str = "reading"):
-    """``dvt_backends.<name>.files``: the framework's own file reader/writer, imported only now."""
+    """The backend ``dvt_backends.<name>``, whose ``read_file`` / ``write_file`` handle the framework's own
+    files; imported only now."""
     import importlib
 
     try:
-        return importlib.import_module(f"dvt_backends.{name}.files")
+        return importlib.import_module(f"dvt_backends.{name}")
     except ImportError:
         raise CheckpointError(f"{path} is a {name} checkpoint; {action} it needs {name} "
                               f"(pip install 'dvt[{name}]')") from None
@@ -76,7 +110,7 @@ def sniff_format(path) -> str:
     if p.is_dir():
         raise CheckpointError(f"{p} is a directory, not a checkpoint file")
     with open(p, "rb") as fh:
-        head = fh.read(16)
+        head = fh.read(64)
     if len(head) == 0:
         raise CheckpointError(f"{p} is empty, not a checkpoint")
     if head.startswith(b"PK\x03\x04"):
@@ -87,7 +121,7 @@ def sniff_format(path) -> str:
         n = int.from_bytes(head[:8], "little")
         if 2 <= n <= 100_000_000 and head[8:9] == b"{":
             return "safetensors"
-    if head[:1] == b"\x0a":  # protobuf field 1 (MindSpore's Checkpoint.value), length-delimited
+    if ckpt_format.is_ckpt(head):  # protobuf Checkpoint.value, whose first field is the tag
         return "mindspore"
     raise CheckpointError(f"{p} is not a checkpoint this project reads (torch .pth/.pth.tar, .safetensors, "
                           f"MindSpore .ckpt); its first bytes are {head[:8]!r}")
@@ -108,10 +142,25 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def _pickle_payloads(path: Path) -> list[bytes]:
-    """The pickle bytes of a torch file: ``data.pkl`` inside the zip, or the raw file."""
+    """The pickle bytes of a torch file: the one ``data.pkl`` inside the zip, or the raw file.
+
+    At most :data:`PICKLE_SCAN_MAX` bytes are read (decompressed); a larger entry is refused.
+    """
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as zf:
-            return [zf.read(n) for n in zf.namelist() if n.endswith(".pkl")]
+            names = [n for n in zf.namelist() if n == "data.pkl" or n.endswith("/data.pkl")]
+            if len(names) != 1:
+                raise CheckpointError(f"{path}: a torch zip holds one data.pkl; this one holds {len(names)}")
+            info = zf.getinfo(names[0])
+            if info.file_size > PICKLE_SCAN_MAX:
+                raise CheckpointError(f"{path}: its pickle is {info.file_size} bytes (at most {PICKLE_SCAN_MAX})")
+            with zf.open(info) as fh:
+                data = fh.read(PICKLE_SCAN_MAX + 1)
+            if len(data) > PICKLE_SCAN_MAX:
+                raise CheckpointError(f"{path}: its pickle exceeds {PICKLE_SCAN_MAX} bytes")
+            return [data]
+    if path.stat().st_size > PICKLE_SCAN_MAX:
+        raise CheckpointError(f"{path}: a legacy pickle over {PICKLE_SCAN_MAX} bytes; not scanned")
     return [path.read_bytes()]
 
 
@@ -130,6 +179,8 @@ def _referenced_globals(path: Path) -> Optional[list[str]]:
                     found.append(str(arg).replace(" ", "."))
                 elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
                     found.append(f"{strings[-2]}.{strings[-1]}")
+    except CheckpointError:
+        raise
     except Exception:  # truncated or not a pickle: the caller reports corruption
         return None
     return found
@@ -140,7 +191,7 @@ def _torch_load(path: Path):
 
     files = _framework_files("torch", path)
     try:
-        return files.load(path)  # torch.load(..., weights_only=True), tensors as numpy
+        return files.read_file(path)  # torch.load(..., weights_only=True), tensors as numpy
     except pickle.UnpicklingError as exc:
         text = _ANSI.sub("", str(exc))
         blocked = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
@@ -169,17 +220,53 @@ def _to_numpy_state(d: dict, path: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def _plain(obj):
-    """Metadata as JSON-friendly Python values (numpy arrays become lists)."""
+def _plain(obj, where: str = "metadata", _depth: int = 0, _count: Optional[list] = None):
+    """Metadata as JSON-friendly Python values (small numpy arrays become lists).
+
+    Bounded: an array of more than :data:`META_MAX_ARRAY` elements, a string longer than
+    :data:`META_MAX_STRING`, nesting deeper than :data:`META_MAX_DEPTH`, more than
+    :data:`META_MAX_ITEMS` values in all, or a value that is not plain data raise CheckpointError
+    before anything large is built.
+    """
+    count = _count if _count is not None else [0]
+    count[0] += 1
+    if count[0] > META_MAX_ITEMS or _depth > META_MAX_DEPTH:
+        raise CheckpointError(f"{where} is too large or too deeply nested to be metadata")
     if isinstance(obj, np.ndarray):
-        return obj.tolist()
+        if obj.size > META_MAX_ARRAY or obj.dtype.kind not in "biuf":
+            raise CheckpointError(f"{where} holds a {obj.dtype} array of shape {obj.shape}: "
+                                  f"metadata arrays have at most {META_MAX_ARRAY} numbers")
+        count[0] += obj.size
+        return _plain(obj.tolist(), where, _depth, count) if obj.ndim else obj.item()
     if isinstance(obj, np.generic):
         return obj.item()
     if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
+        return {str(k): _plain(v, f"{where}[{str(k)[:40]!r}]", _depth + 1, count) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    return obj
+        if len(obj) > META_MAX_ITEMS:
+            raise CheckpointError(f"{where} holds a list of {len(obj)} values")
+        return [_plain(v, where, _depth + 1, count) for v in obj]
+    if isinstance(obj, str):
+        if len(obj) > META_MAX_STRING:
+            raise CheckpointError(f"{where} holds a string of {len(obj)} characters")
+        return obj
+    if obj is None or isinstance(obj, (bool, int, float)):
+        return obj
+    raise CheckpointError(f"{where} holds a {type(obj).__name__}, which is not plain metadata")
+
+
+def _json_meta(text, where: str) -> dict:
+    if not isinstance(text, str):
+        raise CheckpointError(f"{where} is a {type(text).__name__}, not a JSON string")
+    if len(text) > META_MAX_STRING:
+        raise CheckpointError(f"{where} is {len(text)} characters of JSON (at most {META_MAX_STRING})")
+    try:
+        meta = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        raise CheckpointError(f"{where} is not valid JSON") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{where} is a JSON {type(meta).__name__}, not an object")
+    return _plain(meta, where)
 
 
 def _read_torch(path: Path) -> Checkpoint:
@@ -188,14 +275,16 @@ def _read_torch(path: Path) -> Checkpoint:
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict or a DVT checkpoint")
     if "model_state_dict" in obj:  # the official release
         state = _to_numpy_state(obj["model_state_dict"], path)
-        meta = {k: _plain(obj[k]) for k in OFFICIAL_META_KEYS if k in obj}
+        meta = {k: _plain(obj[k], f"{path}: metadata {k!r}") for k in OFFICIAL_META_KEYS if k in obj}
         layout = "official" if is_official_layout(state) else "canonical"
         return Checkpoint(state, meta, "official", layout)
     if "state_dict" in obj and isinstance(obj["state_dict"], dict):
         state = _to_numpy_state(obj["state_dict"], path)
-        meta = _plain(obj.get("dvt_meta", {}))
-        if isinstance(meta, str):
-            meta = json.loads(meta)
+        raw = obj.get("dvt_meta", "{}")
+        meta = _json_meta(raw, f"{path}: metadata 'dvt_meta'") if isinstance(raw, str) else \
+            _plain(raw, f"{path}: metadata 'dvt_meta'")
+        if not isinstance(meta, dict):
+            raise CheckpointError(f"{path}: metadata 'dvt_meta' is not a mapping")
     else:
         state = _to_numpy_state(obj, path)
         meta = {}
@@ -216,87 +305,88 @@ def _read_safetensors(path: Path) -> Checkpoint:
                 state[k] = f.get_tensor(k)
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path} is not a readable safetensors file ({str(exc).splitlines()[0]})") from None
-    try:
-        meta = json.loads(meta_raw)
-    except json.JSONDecodeError:
-        raise CheckpointError(f"{path}: its 'dvt' metadata is not valid JSON") from None
+    meta = _json_meta(meta_raw, f"{path}: its 'dvt' metadata")
     layout = "official" if is_official_layout(state) else "canonical"
     return Checkpoint(state, meta, "safetensors", layout)
 
 
 # ---- MindSpore -------------------------------------------------------------------------------------
 
+MINDSPORE_META_KEY = META_ENTRY  # the append_dict entry holding the JSON metadata
+
+
 def _read_mindspore(path: Path) -> Checkpoint:
-    meta_key = "dvt_meta"  # the append_dict entry _write_mindspore stores the JSON metadata under
-    files = _framework_files("mindspore", path)
-    try:
-        params = files.load(path)
-    except Exception as exc:  # MindSpore raises ValueError/RuntimeError with long messages
-        raise CheckpointError(f"{path} is not a readable MindSpore checkpoint "
-                              f"({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})"
-                              ) from None
-    meta, state = {}, {}
-    for name, value in params.items():
-        if name == meta_key:
-            try:
-                meta = json.loads(value if isinstance(value, str) else str(value))
-            except json.JSONDecodeError:
-                raise CheckpointError(f"{path}: its {meta_key!r} metadata is not valid JSON") from None
-            continue
-        if isinstance(value, (str, int, float, bool)):
-            continue  # other append_dict entries (epoch_num, step_num, ...)
-        state[mindspore_to_canonical(name)] = value
+    """Decoded and validated by dvt_core.ckpt_format: MindSpore is neither needed nor called."""
+    tensors, strings = ckpt_format.read_ckpt(path)
+    meta = _json_meta(strings[MINDSPORE_META_KEY], f"{path}: its {MINDSPORE_META_KEY!r} metadata") \
+        if MINDSPORE_META_KEY in strings else {}
+    state: dict[str, np.ndarray] = {}
+    source: dict[str, str] = {}
+    for name, value in tensors.items():
+        if value.ndim == 0 and name in ("epoch_num", "step_num", "global_step"):
+            continue  # MindSpore's own append_dict counters, not weights
+        key = mindspore_to_canonical(name)
+        if key in state:
+            raise CheckpointError(f"{path}: {source[key]!r} and {name!r} both name the weight {key!r}")
+        state[key], source[key] = value, name
     return Checkpoint(state, meta, "mindspore", "canonical")
 
 
 # ---- writing ---------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def atomic_path(dst, force: bool = False):
-    """Yield a temporary path beside ``dst``; on success rename it onto ``dst``, on failure remove it."""
-    dst = Path(dst)
-    if dst.exists() and not force:
-        raise FileExistsError(f"{dst} exists; pass force=True (--force) to overwrite it")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=str(dst.parent))
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp and some writers make 0600/0400; a checkpoint is an ordinary file
-        os.replace(tmp, dst)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+def atomic_path(dst, force: bool = False, parents: bool = True):
+    """Yield a temporary path beside ``dst``; see :func:`dvt_core.fileio.atomic_write`.
+
+    Without ``force`` an existing ``dst`` (a dangling symlink included) is refused, also when another
+    writer creates it meanwhile; with it the file is replaced keeping its mode.
+    """
+    with fileio.atomic_write(dst, force=force, parents=parents) as tmp:
+        yield tmp
 
 
 def write_checkpoint(path, state: dict[str, np.ndarray], meta: Optional[dict] = None, fmt: Optional[str] = None,
                      force: bool = False) -> Path:
-    """Write canonical ``state`` and ``meta`` atomically. ``fmt`` defaults from the file suffix."""
+    """Write canonical ``state`` and ``meta`` atomically. ``fmt`` defaults from the file suffix;
+    a suffix that names another format than ``fmt`` is refused (a file must say what it holds)."""
     path = Path(path)
+    named = suffix_format(path)
     fmt = fmt or format_for_suffix(path)
+    if named is not None and named != fmt:
+        raise CheckpointError(f"{path}: the suffix says {named} but the format written would be {fmt}; "
+                              f"name the file for its format ({suggest_suffix(fmt)})")
     meta = _plain(meta or {})
-    state = {k: np.require(v, requirements="C") for k, v in state.items()}  # keeps 0-d tensors 0-d
     writer = {"safetensors": _write_safetensors, "torch": _write_torch, "mindspore": _write_mindspore}.get(fmt)
     if writer is None:
         raise CheckpointError(f"cannot write format {fmt!r}; choose one of torch, safetensors, mindspore")
+    fileio.check_writable(path, force=force, parents=True)
+    state = {k: np.require(v, requirements="C") for k, v in state.items()}  # keeps 0-d tensors 0-d
     with atomic_path(path, force=force) as tmp:
         writer(tmp, state, meta)
     return path
 
 
-def format_for_suffix(path) -> str:
+def suffix_format(path) -> Optional[str]:
+    """The format a file name announces, or None for a neutral name (``.bin``, no suffix)."""
     name = str(path).lower()
-    if name.endswith(".safetensors"):
-        return "safetensors"
-    if name.endswith(".ckpt"):
-        return "mindspore"
-    if name.endswith((".pth", ".pt", ".pth.tar", ".bin")):
-        return "torch"
-    raise CheckpointError(f"cannot tell the format of {path} from its suffix; use .safetensors, .pth or .ckpt "
-                          "(or name the format)")
+    for suffix, fmt in SUFFIX_FORMATS:
+        if name.endswith(suffix):
+            return fmt
+    return None
+
+
+def suggest_suffix(fmt: str) -> str:
+    return {"safetensors": ".safetensors", "mindspore": ".ckpt", "torch": ".pth"}.get(fmt, "")
+
+
+def format_for_suffix(path) -> str:
+    fmt = suffix_format(path)
+    if fmt is None and str(path).lower().endswith(".bin"):
+        fmt = "torch"
+    if fmt is None:
+        raise CheckpointError(f"cannot tell the format of {path} from its suffix; use .safetensors, .pth or .ckpt "
+                              "(or name the format)")
+    return fmt
 
 
 def _write_safetensors(tmp: Path, state, meta) -> None:
@@ -306,17 +396,105 @@ def _write_safetensors(tmp: Path, state, meta) -> None:
 
 
 def _write_torch(tmp: Path, state, meta) -> None:
-    _framework_files("torch", tmp, "writing").save(tmp, state, meta)
+    _framework_files("torch", tmp, "writing").write_file(tmp, state, {META_ENTRY: json.dumps(meta)})
 
 
 def _write_mindspore(tmp: Path, state, meta) -> None:
-    meta_key = "dvt_meta"  # read back by _read_mindspore
-    files = _framework_files("mindspore", tmp, "writing")
     names = {k: canonical_to_mindspore(k) for k in state}
     seen, clash = set(), set()
-    for n in list(names.values()) + [meta_key]:
+    for n in list(names.values()) + [MINDSPORE_META_KEY]:
         (clash if n in seen else seen).add(n)
     if clash:
         raise CheckpointError(f"cannot write a MindSpore checkpoint: the names {sorted(clash)} collide once "
                               "renamed for MindSpore")
-    files.save(tmp, {names[k]: v for k, v in state.items()}, {meta_key: json.dumps(meta)})
+    ckpt_format.write_ckpt(tmp, {names[k]: v for k, v in state.items()}, {MINDSPORE_META_KEY: json.dumps(meta)})
+
+
+# ---- checking tensors against a spec, before any model is built ------------------------------------
+
+SPEC_SLACK = 1_000_000  # parameters a spec may exceed a file by before the model is built to list the differences
+FLOAT64_TOLERANCE = 1e-6  # relative change a float64 -> float32 cast may make and still count as lossless
+
+
+def _expected_shapes(spec) -> Optional[dict[str, tuple]]:
+    """Canonical name -> shape from the framework-free shape table, when this checkout has one."""
+    try:
+        from .shapes import state_shapes
+    except ImportError:
+        return None
+    return {k: tuple(int(d) for d in v) for k, v in state_shapes(spec).items()}
+
+
+def check_spec_fits(state: dict, spec, source: str) -> None:
+    """Refuse tensors that do not fit ``spec`` (names and shapes), before a model is allocated.
+
+    Compared through the framework-free shape table (``dvt_core.shapes.state_shapes``); without one,
+    at least the parameter count the spec implies must equal the elements the file holds, so a small
+    file can never make a large model be built.
+    """
+    want = _expected_shapes(spec)
+    if want is not None:
+        missing = [k for k in want if k not in state]
+        unexpected = [k for k in state if k not in want]
+        mismatched = [f"{k} {tuple(np.shape(state[k]))} vs {want[k]}" for k in want
+                      if k in state and tuple(np.shape(state[k])) != want[k]]
+        if missing or unexpected or mismatched:
+            raise CheckpointError(f"{source} does not match {spec.name}: "
+                                  + list_problems(missing, unexpected, mismatched), missing, unexpected, mismatched)
+        return
+    from .macs import exit_params
+
+    need = exit_params(spec)[-1]
+    have = sum(int(np.prod(np.shape(v), dtype=np.int64)) for v in state.values())
+    if need > 2 * have + SPEC_SLACK:  # the backend's loader lists the exact differences of a near miss
+        raise CheckpointError(f"{source} does not match {spec.name}: the spec has {need:,} parameters, "
+                              f"the file holds {have:,} numbers")
+
+
+def check_values(state: dict, source: str, allow_lossy: bool = False) -> tuple[dict, list[str]]:
+    """``(float32 state, notes)``: NaN / inf refused naming the tensor; lossy casts (int or bool to
+    float, float64 beyond :data:`FLOAT64_TOLERANCE`) refused unless ``allow_lossy``; every cast made
+    is listed in ``notes`` (one line each) and emitted as a :class:`CheckpointWarning`."""
+    out, casts, lossy = {}, [], []
+    for k, v in state.items():
+        a = np.asarray(v)
+        kind = a.dtype.kind
+        if kind == "f" and a.dtype != np.float32:
+            if not np.all(np.isfinite(a)):
+                raise CheckpointError(f"{source}: tensor {k!r} holds NaN or infinite values")
+            f = a.astype(np.float32)
+            if a.dtype.itemsize > 4:
+                err = np.abs(f.astype(a.dtype) - a)
+                scale = np.maximum(np.abs(a), np.finfo(np.float32).tiny)
+                if not np.all(np.isfinite(f)) or (a.size and float(np.max(err / scale)) > FLOAT64_TOLERANCE):
+                    lossy.append(f"{k} ({a.dtype})")
+            casts.append(f"{k}: {a.dtype} -> float32")
+            out[k] = f
+        elif kind == "f":
+            if not np.all(np.isfinite(a)):
+                raise CheckpointError(f"{source}: tensor {k!r} holds NaN or infinite values")
+            out[k] = a
+        elif kind in "biu":
+            lossy.append(f"{k} ({a.dtype})")
+            casts.append(f"{k}: {a.dtype} -> float32")
+            out[k] = a.astype(np.float32)
+        else:
+            raise CheckpointError(f"{source}: tensor {k!r} has dtype {a.dtype}, not a number")
+    if lossy and not allow_lossy:
+        shown = ", ".join(lossy[:5]) + (f" (+{len(lossy) - 5} more)" if len(lossy) > 5 else "")
+        raise CheckpointError(f"{source}: casting to float32 would change {shown}; "
+                              "refused (allow_lossy=True / --allow-lossy-cast to accept)")
+    notes = [f"{source}: cast {c}" for c in casts]
+    if casts:
+        shown = ", ".join(casts[:3]) + (f" (+{len(casts) - 3} more)" if len(casts) > 3 else "")
+        warnings.warn(f"{source}: {len(casts)} tensor(s) cast on load: {shown}", CheckpointWarning, stacklevel=2)
+    return out, notes
+
+
+def checked_state(ckpt: Checkpoint, spec, source: Optional[str] = None, allow_lossy: bool = False) -> dict:
+    """``ckpt``'s canonical state checked against ``spec`` (shapes first, then values), as float32."""
+    source = source or str(ckpt.path)
+    state = ckpt.canonical_state(spec.num_exits)
+    check_spec_fits(state, spec, source)
+    state, _ = check_values(state, source, allow_lossy=allow_lossy)
+    return state

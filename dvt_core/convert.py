@@ -9,51 +9,27 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
-
-from .checkpoints import format_for_suffix, read_checkpoint, write_checkpoint
-from .errors import CheckpointError, list_problems
-
-
-def expected_shapes(spec) -> dict[str, tuple]:
-    """Canonical key -> shape of ``spec``'s state, from whichever backend is installed."""
-    try:
-        from dvt_backends.torch import build_model
-
-        return {k: tuple(v.shape) for k, v in build_model(spec).state_dict().items()}
-    except ImportError:
-        from dvt_backends.mindspore import build_model, model_state
-
-        return {k: tuple(v.shape) for k, v in model_state(build_model(spec)).items()}
-
-
-def check_state(state: dict, spec, source: str) -> None:
-    want = expected_shapes(spec)
-    missing = [k for k in want if k not in state]
-    unexpected = [k for k in state if k not in want]
-    mismatched = [f"{k} {tuple(np.shape(state[k]))} vs {want[k]}" for k in want
-                  if k in state and tuple(np.shape(state[k])) != want[k]]
-    if missing or unexpected or mismatched:
-        raise CheckpointError(f"{source} does not match {spec.name}: " + list_problems(missing, unexpected, mismatched),
-                              missing, unexpected, mismatched)
+from . import fileio
+from .checkpoints import check_values, format_for_suffix, read_checkpoint, write_checkpoint
+from .errors import CheckpointError
+from .shapes import check_spec_state
 
 
 def convert(src, dst, arch: Optional[str] = None, to: Optional[str] = None, force: bool = False,
-            overrides: Optional[dict] = None) -> dict:
+            overrides: Optional[dict] = None, allow_lossy_cast: bool = False) -> dict:
     """Convert ``src`` to ``dst``; returns a summary (path, format, arch, tensor count)."""
     from .builder import resolve_spec
     from .macs import exit_macs
 
-    dst = Path(dst)
-    if dst.exists() and not force:
-        raise FileExistsError(f"{dst} exists; pass --force to overwrite it")
+    dst = fileio.check_writable(dst, force=force, parents=True)
     fmt = to or format_for_suffix(dst)
     ckpt = read_checkpoint(src)
     if arch is None and "spec" not in ckpt.meta:
         raise CheckpointError(f"{src} does not say which model it holds; pass --arch NAME")
     spec = resolve_spec(arch, ckpt, **(overrides or {}))
     state = ckpt.canonical_state(spec.num_exits)
-    check_state(state, spec, str(src))
+    check_spec_state(spec, state, str(src))  # names and shapes from the spec: no model is allocated
+    state, _ = check_values(state, str(src), allow_lossy=allow_lossy_cast)
     meta = dict(ckpt.meta)
     if ckpt.format == "official":
         meta = {"official": {k: v for k, v in ckpt.meta.items()}}

@@ -38,7 +38,8 @@ FASHION_MNIST_COUNTS = {"train": 60000, "test": 10000}
 # File-name prefix of each split, as published (and as the Debian package installs them).
 _SPLIT_PREFIX = {"train": "train", "test": "t10k"}
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+# Names of the image files a folder data set lists; the format itself is read from the content.
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 # IDX type codes (third byte of the magic number) and their big-endian numpy dtypes.
 _IDX_DTYPES = {
@@ -223,74 +224,40 @@ def sample_subset(
 # ----------------------------------------------------------------------------------- image files
 
 
-def _pil():
-    try:
-        from PIL import Image
-    except ImportError as exc:  # pragma: no cover - Pillow is a declared dependency
-        raise DataError("reading image files needs Pillow: pip install pillow") from exc
-    return Image
-
-
 def _open_image(path: str):
-    """Open and fully decode one image, turning every Pillow failure into a DataError."""
-    Image = _pil()
-    try:
-        with Image.open(path) as img:
-            img.load()
-            # A decoded copy that owns no file handle, so no descriptor outlives this call.
-            return img.copy()
-    except FileNotFoundError as exc:
-        raise DataError(f"{path}: image file not found") from exc
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise DataError(f"{path}: unreadable image ({exc})") from exc
+    """Open and fully decode one image (dvt_core.images: allowed formats, pixel cap, EXIF orientation)."""
+    from .images import open_image
+
+    return open_image(path)
 
 
 def _is_gray(img) -> bool:
-    return img.mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
+    from .images import is_gray
+
+    return is_gray(img)
 
 
 def _convert(img, img_size: Optional[int], channels: int, path: str) -> np.ndarray:
-    Image = _pil()
-    if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
-    try:
-        if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-            # Wide grayscale (16-bit PNG): rescale to 8 bits instead of letting convert() clip.
-            a = np.asarray(img, dtype=np.float64)
-            wide = img.mode.startswith("I;16") or (img.mode == "I" and a.size and a.max() > 255)
-            a = a * (255.0 / 65535.0) if wide else a
-            img = Image.fromarray(np.clip(a + 0.5, 0, 255).astype(np.uint8), "L")
-        elif img.mode in ("P", "PA", "LA", "RGBA") or "transparency" in img.info:
-            # Composite transparent pixels over black, the background Fashion-MNIST uses.
-            rgba = img.convert("RGBA")
-            bg = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-            img = Image.alpha_composite(bg, rgba).convert("RGB")
-        img = img.convert("L" if channels == 1 else "RGB")
-        if img_size is not None:
-            if img_size < 1:
-                raise ValueError(f"img_size must be >= 1, got {img_size}")
-            if img.size != (img_size, img_size):
-                img = img.resize((img_size, img_size), getattr(Image, "Resampling", Image).BILINEAR)
-    except (OSError, SyntaxError) as exc:
-        raise DataError(f"{path}: unreadable image ({exc})") from exc
-    return np.asarray(img, dtype=np.uint8).copy()
+    from .images import to_array
+
+    return to_array(img, img_size, channels, path)
 
 
 def load_image(
     path: Union[str, os.PathLike], img_size: Optional[int] = None, channels: Optional[int] = None
 ) -> np.ndarray:
-    """Read one PNG/JPEG as uint8: ``(H, W)`` for ``channels=1``, ``(H, W, 3)`` for ``channels=3``.
+    """Read one image file as uint8: ``(H, W)`` for ``channels=1``, ``(H, W, 3)`` for ``channels=3``.
 
-    The image is converted to grayscale or RGB (transparent pixels go over black) and resized
-    bilinearly to ``img_size x img_size`` when ``img_size`` is given. ``channels=None`` keeps a
-    grayscale file grayscale and turns anything else into RGB. An unreadable or missing file raises
-    :class:`DataError` naming it.
+    Formats: PNG, JPEG, BMP, WebP, GIF, TIFF, recognised from the content (dvt_core.images); the
+    EXIF orientation is applied. The image is converted to grayscale or RGB (transparent pixels go
+    over black) and resized bilinearly to ``img_size x img_size`` when ``img_size`` is given (large
+    images are decoded reduced). ``channels=None`` keeps a grayscale file grayscale and turns
+    anything else into RGB. An unreadable, refused or missing file raises
+    :class:`dvt_core.images.ImageReadError` (a :class:`DataError`) naming it.
     """
-    path = os.fspath(path)
-    img = _open_image(path)
-    if channels is None:
-        channels = 1 if _is_gray(img) else 3
-    return _convert(img, img_size, channels, path)
+    from .images import read_image
+
+    return read_image(os.fspath(path), img_size, channels)
 
 
 def _list_images(folder: str) -> list[str]:
@@ -303,18 +270,8 @@ def _list_images(folder: str) -> list[str]:
     )
 
 
-def load_image_folder(
-    root: Union[str, os.PathLike], img_size: Optional[int] = None, channels: Optional[int] = None
-) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Load a classification folder: one sub-folder per class, PNG/JPEG files inside.
-
-    Returns ``(images, labels int64 (N,), class_names)`` where class ``i`` is the ``i``-th sub-folder
-    name in sorted order, and images are uint8 ``(N, H, W)`` for one channel or ``(N, H, W, 3)`` for
-    RGB. ``channels=None`` picks 1 when every file is grayscale, else 3. Without ``img_size`` all
-    images must already share one size. Hidden entries and non-image files are ignored. A missing
-    root, a root without class sub-folders, a class folder without images, an unreadable image or
-    mixed sizes raise :class:`DataError` naming the offending path.
-    """
+def image_folder_files(root: Union[str, os.PathLike]) -> tuple[list[tuple[str, int]], list[str]]:
+    """``([(file, label), ...], class_names)`` of a classification folder, nothing decoded."""
     root = os.fspath(root)
     if not os.path.isdir(root):
         raise DataError(f"image folder {root} does not exist or is not a directory")
@@ -330,26 +287,70 @@ def load_image_folder(
         found = _list_images(os.path.join(root, name))
         if not found:
             raise DataError(
-                f"class folder {os.path.join(root, name)} holds no PNG/JPEG images "
-                f"({', '.join(IMAGE_EXTENSIONS)})"
+                f"class folder {os.path.join(root, name)} holds no images (PNG/JPEG/BMP/WebP/GIF/TIFF: "
+                f"{', '.join(IMAGE_EXTENSIONS)})"
             )
         files.extend((f, label) for f in found)
+    return files, class_names
 
-    opened = [(_open_image(f), f) for f, _ in files]
-    if channels is None:
-        channels = 1 if all(_is_gray(img) for img, _ in opened) else 3
+
+class ImageFolderDataset:
+    """A classification folder decoded lazily: ``ds[i]`` reads file ``i`` at ``img_size`` only then.
+
+    ``len(ds)``, ``ds.labels`` (int64), ``ds.class_names``, ``ds.files``; ``ds[i]`` is a uint8 image,
+    ``ds[a:b]`` / ``ds[index_array]`` a stacked batch. No decoded image is kept.
+    """
+
+    def __init__(self, root, img_size: Optional[int] = None, channels: Optional[int] = None):
+        from .images import peek_is_gray
+
+        pairs, self.class_names = image_folder_files(root)
+        self.files = [f for f, _ in pairs]
+        self.labels = np.array([label for _, label in pairs], dtype=np.int64)
+        self.img_size = img_size
+        if channels is None:  # from the headers alone
+            channels = 1 if all(peek_is_gray(f) for f in self.files) else 3
+        self.channels = channels
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def _one(self, i: int) -> np.ndarray:
+        from .images import read_image
+
+        return read_image(self.files[i], self.img_size, self.channels)
+
+    def __getitem__(self, index):
+        if isinstance(index, (int, np.integer)):
+            return self._one(int(index))
+        idx = np.arange(len(self))[index]
+        return np.stack([self._one(int(i)) for i in idx]) if len(idx) else np.zeros((0,), np.uint8)
+
+
+def load_image_folder(
+    root: Union[str, os.PathLike], img_size: Optional[int] = None, channels: Optional[int] = None
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Load a classification folder: one sub-folder per class, image files inside.
+
+    Returns ``(images, labels int64 (N,), class_names)`` where class ``i`` is the ``i``-th sub-folder
+    name in sorted order, and images are uint8 ``(N, H, W)`` for one channel or ``(N, H, W, 3)`` for
+    RGB. ``channels=None`` picks 1 when every file is grayscale (read from the headers), else 3.
+    Without ``img_size`` all images must already share one size. Images are decoded one at a time
+    and only their resized arrays kept. Hidden entries and non-image files are ignored. A missing
+    root, a root without class sub-folders, a class folder without images, an unreadable image or
+    mixed sizes raise :class:`DataError` naming the offending path.
+    """
+    ds = ImageFolderDataset(root, img_size=img_size, channels=channels)
     arrays = []
-    for img, f in opened:
-        a = _convert(img, img_size, channels, f)
+    for i, f in enumerate(ds.files):
+        a = ds[i]
         if arrays and a.shape != arrays[0].shape:
             raise DataError(
-                f"{f}: size {a.shape[1]}x{a.shape[0]} differs from {files[0][0]} "
+                f"{f}: size {a.shape[1]}x{a.shape[0]} differs from {ds.files[0]} "
                 f"({arrays[0].shape[1]}x{arrays[0].shape[0]}); pass img_size to resize all images"
             )
         arrays.append(a)
-    images = np.stack(arrays)
-    labels = np.array([label for _, label in files], dtype=np.int64)
-    return images, labels, class_names
+    return np.stack(arrays), ds.labels, ds.class_names
 
 
 # ------------------------------------------------------------------------------ arrays and batches

@@ -1,7 +1,7 @@
 """Backend-neutral evaluation: per-exit probabilities of a data set, anytime accuracy, budget curves.
 
-A model is driven through its backend's ``forward_numpy`` / ``adaptive_numpy``, so the same code
-evaluates a torch and a MindSpore model.
+A model is driven through its backend's ``forward_numpy`` / ``adaptive_numpy`` (the backend contract,
+``dvt_core.backend``), so the same code evaluates a model of any backend.
 """
 from __future__ import annotations
 
@@ -9,21 +9,7 @@ import numpy as np
 
 from . import data as dvt_data
 from . import policy
-
-
-def backend_of(model) -> str:
-    from .builder import BACKENDS
-
-    parts = type(model).__module__.split(".")
-    if len(parts) > 1 and parts[0] == "dvt_backends" and parts[1] in BACKENDS:
-        return parts[1]
-    raise TypeError(f"not a dvt model: {type(model).__name__}")
-
-
-def _backend(model):
-    from .builder import get_backend
-
-    return get_backend(backend_of(model))
+from .backend import backend_of
 
 
 def exit_probs(model, images: np.ndarray, batch_size: int = 500, progress: bool = False,
@@ -32,7 +18,7 @@ def exit_probs(model, images: np.ndarray, batch_size: int = 500, progress: bool 
     from tqdm.auto import tqdm
 
     spec = model.spec
-    fwd = _backend(model).forward_numpy
+    fwd = backend_of(model).forward_numpy
     chunks = []
     for s in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
         x = dvt_data.normalize(images[s:s + batch_size], spec.mean, spec.std)
@@ -48,7 +34,7 @@ def adaptive(model, images: np.ndarray, thresholds, batch_size: int = 500, confi
     from .early_exit import AdaptiveResult
 
     spec = model.spec
-    run = _backend(model).adaptive_numpy
+    run = backend_of(model).adaptive_numpy
     parts = []
     for s in tqdm(range(0, len(images), batch_size), desc="adaptive", unit="batch", disable=not progress,
                   leave=False):

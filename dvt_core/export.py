@@ -124,12 +124,12 @@ def check_target(fmt: str, out: Union[str, Path], force: bool) -> None:
 
 def export_model(model, fmt: str, out: Union[str, Path], force: bool = False, opset: int = DEFAULT_OPSET) -> Path:
     """Export a built model (torch for "onnx", MindSpore for "mindir") into ``out``, atomically."""
-    from .evaluation import backend_of
+    from .backend import backend_of
 
     check_target(fmt, out, force)
     backend = SOURCE_BACKEND[fmt]
-    if backend_of(model) != backend:
-        raise InputError(f"{fmt} graphs are exported from a {backend} model, not a {backend_of(model)} one")
+    if backend_of(model).NAME != backend:
+        raise InputError(f"{fmt} graphs are exported from a {backend} model, not a {backend_of(model).NAME} one")
     writer = importlib_export(backend)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ Public API:
 """
 from __future__ import annotations
 
+import math
 from typing import Union
 
 from .specs import CascadeSpec, StageSpec, T2TSpec
@@ -168,69 +169,21 @@ def exit_macs(name_or_spec: Union[str, CascadeSpec], count_resize: bool = True, 
 
 # ---- parameters ---------------------------------------------------------------------------------
 
-def _linear_params(fan_in: int, fan_out: int, bias: bool = True) -> int:
-    return fan_in * fan_out + (fan_out if bias else 0)
-
-
-def _norm_params(dim: int) -> int:
-    return 2 * dim  # LayerNorm weight and bias
-
-
-def _token_block_params(dim: int, t2t: T2TSpec, trainable_only: bool) -> int:
-    e = t2t.token_dim
-    mlp = _linear_params(e, e) + _linear_params(e, e)
-    if t2t.token_type == "performer":
-        w = 0 if trainable_only else t2t.performer_features * e  # frozen random features ``w``
-        return (_linear_params(dim, 3 * e) + _linear_params(e, e) + _norm_params(dim) + _norm_params(e)
-                + mlp + w)
-    # TokenTransformer: qkv without bias
-    return _norm_params(dim) + _linear_params(dim, 3 * e, bias=False) + _linear_params(e, e) + _norm_params(e) + mlp
-
-
-def _tokenizer_params(stage: StageSpec, in_chans: int, trainable_only: bool) -> int:
-    if stage.family != "t2t":
-        k = stage.patch_kernel
-        return in_chans * k * k * stage.embed_dim + stage.embed_dim  # conv weight + bias
-    t2t = stage.t2t
-    k0, k1, k2 = t2t.kernels
-    return (_token_block_params(in_chans * k0 * k0, t2t, trainable_only)
-            + _token_block_params(t2t.token_dim * k1 * k1, t2t, trainable_only)
-            + _linear_params(t2t.token_dim * k2 * k2, stage.embed_dim))
-
-
 def stage_params(spec: Union[str, CascadeSpec], index: int, trainable_only: bool = False) -> int:
     """Parameters of stage ``index`` (the sum of ``numel`` over the torch ``Stage``'s parameters).
 
     Frozen parameters that are part of the state dict count too: the Performer random features ``w``
     and the fixed sinusoid ``pos_embed`` of T2T stages. ``trainable_only=True`` leaves them out.
-    Non-persistent buffers (the resize matrices) are not parameters.
+    Non-persistent buffers (the resize matrices) are not parameters. Counted from the spec's state
+    table (:func:`dvt_core.shapes.state_shapes`).
     """
+    from .shapes import frozen_names, state_shapes
+
     spec = _spec(spec)
-    st = spec.stages[index]
-    c = st.embed_dim
-    fr = spec.uses_feature_reuse(index)
-    r = spec.feature_reuse_dim if fr else 0
-    total = _tokenizer_params(st, spec.in_chans, trainable_only)
-    total += c  # cls_token
-    if not (trainable_only and st.pos_embed == "sinusoid"):
-        total += st.num_tokens * c  # pos_embed
-    block = (_norm_params(c)  # norm1
-             + _linear_params(c, 3 * c, bias=st.qkv_bias) + _linear_params(c, c)  # attn.qkv, attn.proj
-             + _norm_params(c + r)  # norm2
-             + _linear_params(c + r, st.mlp_hidden) + _linear_params(st.mlp_hidden, c))  # mlp
-    if fr:
-        prev = spec.stages[index - 1]
-        block += (_norm_params(prev.embed_dim)  # FeatureReuse.norm
-                  + _linear_params(prev.embed_dim, spec.feature_reuse_hidden)  # FeatureReuse.fc1
-                  + _linear_params(spec.feature_reuse_hidden, r))  # FeatureReuse.fc2
-    total += st.depth * block
-    if spec.uses_relation_reuse(index):
-        prev = spec.stages[index - 1]
-        hidden = st.relation_channels * spec.relation_reuse_expand
-        total += (_linear_params(prev.relation_channels, hidden)  # RelationReuse.expand (1x1 conv)
-                  + _linear_params(hidden, st.relation_channels))  # RelationReuse.reduce (1x1 conv)
-    total += _norm_params(c) + _linear_params(c, spec.num_classes)  # final norm, head
-    return total
+    prefix = f"stages.{index}."
+    skip = frozen_names(spec) if trainable_only else set()
+    return sum(math.prod(shape) for name, shape in state_shapes(spec).items()
+               if name.startswith(prefix) and name not in skip)
 
 
 def exit_params(name_or_spec: Union[str, CascadeSpec], trainable_only: bool = False, **overrides) -> list[int]:

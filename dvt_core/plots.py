@@ -20,19 +20,28 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path, dpi: int = 120) -> Path:
+PLOT_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".svg": "svg", ".pdf": "pdf"}
+
+
+def _save(fig, path, dpi: int = 120, force: bool = False) -> Path:
+    """Write ``fig`` in the format its suffix names (PNG, JPEG, SVG, PDF); an existing file needs ``force``."""
     from .checkpoints import atomic_path
+    from .errors import InputError
 
     path = Path(path)
-    with atomic_path(path, force=True) as tmp:
-        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
+    fmt = PLOT_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        _pyplot().close(fig)
+        raise InputError(f"{path}: a picture is written as {', '.join(PLOT_FORMATS)}; name it with one of these")
+    with atomic_path(path, force=force, parents=False) as tmp:
+        fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight")
     _pyplot().close(fig)
     return path
 
 
 def accuracy_macs_plot(path, model: str, exit_macs: Sequence[float], anytime_accuracy: Sequence[float],
                        budgets: Sequence[dict] = (), baselines: Sequence[dict] = (), grids: Sequence[int] = (),
-                       title: Optional[str] = None) -> Path:
+                       title: Optional[str] = None, force: bool = False) -> Path:
     """Accuracy (percent) against average MACs per image.
 
     ``budgets``: dicts with ``macs`` and ``accuracy`` (the DVT budget curve, drawn as a line);
@@ -59,12 +68,12 @@ def accuracy_macs_plot(path, model: str, exit_macs: Sequence[float], anytime_acc
     ax.set_title(title or f"{model}: accuracy vs. computation")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    return _save(fig, path)
+    return _save(fig, path, force=force)
 
 
 def exit_gallery(path, images: np.ndarray, exit_index: Sequence[int], predictions: Sequence[str],
                  labels: Optional[Sequence[str]], exit_names: Sequence[str], per_row: int = 12,
-                 title: Optional[str] = None) -> Path:
+                 title: Optional[str] = None, force: bool = False) -> Path:
     """Sample images grouped by the exit they took: one row per exit, at most ``per_row`` images each.
 
     Each image is titled with its predicted class (and the true one when ``labels`` is given); wrong
@@ -109,4 +118,4 @@ def exit_gallery(path, images: np.ndarray, exit_index: Sequence[int], prediction
                               ha="right", va="center", labelpad=10)
     fig.suptitle(title or "Images grouped by the exit they took", fontsize=10)
     fig.tight_layout()
-    return _save(fig, path)
+    return _save(fig, path, force=force)

@@ -43,6 +43,7 @@ class T2TSpec:
     kernel_ratio: float = 0.5
     performer_eps: float = 1e-8
     dropout: float = 0.1  # the official Performer keeps 0.1 dropout in training
+    ln_eps: float = 1e-5  # the token transformers' LayerNorms (the official code uses nn.LayerNorm's default)
 
     def grid(self, img_size: int) -> int:
         n = img_size
@@ -211,6 +212,8 @@ class CascadeSpec:
             if st.family == "t2t":
                 if st.t2t is None:
                     raise SpecError(f"{where}: a t2t stage needs its tokens-to-token spec")
+                if not st.t2t.ln_eps > 0:
+                    raise SpecError(f"{where}: t2t ln_eps must be positive, got {st.t2t.ln_eps}")
                 if st.t2t.token_type not in T2T_TOKEN_TYPES:
                     raise SpecError(f"{where}: t2t token_type must be one of {T2T_TOKEN_TYPES}")
             got = st.tokenizer_grid(self.img_size)

@@ -57,17 +57,53 @@ def sha256(path) -> str:
     return h.hexdigest()
 
 
+def _entry_path(name: str, entry) -> Path:
+    """The file of a registry entry, which must lie inside the weights folder."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("file"), str) or not entry["file"]:
+        raise CheckpointError(f"weights registry: the entry of {name!r} names no file")
+    root = weights_dir().resolve()
+    rel = Path(entry["file"])
+    if rel.is_absolute() or ".." in rel.parts:
+        raise CheckpointError(f"weights registry: the file of {name!r} ({entry['file']}) must be a name inside "
+                              f"{root}, not a path leading out of it")
+    path = (root / rel).resolve()
+    if root != path and root not in path.parents:
+        raise CheckpointError(f"weights registry: the file of {name!r} resolves to {path}, outside {root}")
+    return path
+
+
+def _check_hex(value, what: str) -> str:
+    text = str(value or "").strip().lower()
+    if len(text) != 64 or any(c not in "0123456789abcdef" for c in text):
+        raise CheckpointError(f"{what} is not a SHA-256 (64 hex digits): {str(value)[:80]!r}")
+    return text
+
+
+def verify_sha256(path, expected: str) -> Path:
+    """Check that the file at ``path`` has the SHA-256 ``expected`` (``--sha256``); CheckpointError if not."""
+    want = _check_hex(expected, "--sha256")
+    got = sha256(path)
+    if got != want:
+        raise CheckpointError(f"{path} has SHA-256 {got}, not the expected {want}")
+    return Path(path)
+
+
 def default_weights_path(name, verify: bool = True) -> Path:
-    """Path of the shipped weights of model ``name``; CheckpointError when none ship."""
+    """Path of the shipped weights of model ``name``; CheckpointError when none ship.
+
+    Every registry entry must carry a ``sha256`` (a missing one is an error, never a skipped check)
+    and name a file inside the weights folder.
+    """
     shipped = registry().get("shipped") or {}
     if name not in shipped:
         have = ", ".join(sorted(shipped)) or "none"
         raise CheckpointError(f"no default weights ship for {name!r}; models with default weights: {have}")
     entry = shipped[name]
-    path = weights_dir() / entry["file"]
-    if not path.exists():
+    path = _entry_path(name, entry)
+    want = _check_hex(entry.get("sha256"), f"weights registry: the sha256 of {name!r}")
+    if not path.is_file():
         raise CheckpointError(f"default weights of {name} are missing: {path}")
-    if verify and entry.get("sha256") and sha256(path) != entry["sha256"]:
+    if verify and sha256(path) != want:
         raise CheckpointError(f"{path} does not match its registered SHA-256 (corrupted or replaced)")
     return path
 

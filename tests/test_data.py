@@ -233,6 +233,7 @@ REAL = os.path.isfile(os.path.join(data.fashion_mnist_root(), "train-labels-idx1
     os.path.isfile(os.path.join(data.fashion_mnist_root(), "train-labels-idx1-ubyte"))
 
 
+@pytest.mark.dataset
 @pytest.mark.skipif(not REAL, reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
 def test_real_fashion_mnist():
     for split, n in (("train", 60000), ("test", 10000)):
@@ -323,7 +324,7 @@ def test_image_folder_empty_class(tmp_path):
     make_folder(tmp_path)
     (tmp_path / "coat").mkdir()
     (tmp_path / "coat" / "readme.txt").write_text("x")
-    with pytest.raises(DataError, match="holds no PNG/JPEG") as exc:
+    with pytest.raises(DataError, match="holds no images") as exc:
         data.load_image_folder(tmp_path)
     assert str(tmp_path / "coat") in str(exc.value)
 

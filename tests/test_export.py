@@ -349,3 +349,23 @@ def test_backend_module_members_drive_early_exit(exported):
                      (b.read_file, ("x",)), (b.write_file, ("x", {}, {}))):
         with pytest.raises(InputError, match="onnx"):
             fn(*args)
+
+
+@pytest.mark.parametrize("name", ["onnx", pytest.param("mindir", marks=pytest.mark.mindspore)])
+def test_export_backends_provide_the_contract_members(name):
+    """dvt_core.backend's members, with the written signatures, in both runtimes of exported graphs."""
+    import inspect
+
+    from dvt_core import backend as contract
+
+    if name == "mindir":
+        pytest.importorskip("mindspore")
+    mod = contract.get_backend(name)
+    assert contract.missing_members(mod) == [] and mod.NAME == name
+
+    def params(fn, drop_self=False):
+        return [(p.name, p.kind, p.default) for p in list(inspect.signature(fn).parameters.values())[drop_self:]]
+
+    for member in contract.MEMBERS:
+        if member != "NAME":
+            assert params(getattr(mod, member)) == params(getattr(contract.Backend, member), True), member

@@ -60,12 +60,17 @@ def test_mindspore_adaptive_reproduces_the_default_operating_point_on_the_subset
 
 
 def test_dvt_meets_the_static_baseline_at_half_its_cost():
-    """The claim the shipped DVT is calibrated for, read back from its metadata (test split)."""
-    meta = dvt_core.build("dvt_fashion_mnist", weights="default").checkpoint_meta
-    static = dvt_core.build("static_fashion_mnist_7x7", weights="default").checkpoint_meta
-    static_acc, static_macs = static["test_anytime_accuracy"][-1], static["exit_macs"][-1]
-    best_under_half = max(b["test_accuracy"] for b in meta["budgets"] if b["test_macs"] <= static_macs / 2)
-    assert best_under_half >= static_acc
+    """The claim the shipped DVT is calibrated for, measured on the shipped test images: at its default
+    operating point it spends at most half the MACs of the full-grid static baseline, and is at least
+    as accurate."""
+    x, y = subset()
+    dvt = dvt_core.build("dvt_fashion_mnist", weights="default")
+    static = dvt_core.build("static_fashion_mnist_7x7", weights="default")
+    res = evaluation.adaptive(dvt, x, dvt.checkpoint_meta["thresholds"])
+    static_acc = policy.anytime_accuracy(evaluation.exit_probs(static, x), y)[-1]
+    static_macs = dvt_core.exit_macs("static_fashion_mnist_7x7")[-1]
+    assert res.mean_macs <= static_macs / 2, f"{res.mean_macs:.3g} MACs vs the static model's {static_macs:.3g}"
+    assert 100.0 * float((res.prediction == y).mean()) >= static_acc
 
 
 def test_corrupted_default_weights_are_refused(tmp_path, monkeypatch):
@@ -87,6 +92,7 @@ def test_default_weights_for_a_model_without_them():
 @pytest.mark.slow
 @pytest.mark.mindspore
 @pytest.mark.parity
+@pytest.mark.dataset
 def test_torch_and_mindspore_agree_on_the_whole_test_set():
     pytest.importorskip("mindspore")
     try:

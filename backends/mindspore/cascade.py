@@ -12,16 +12,13 @@ import numpy as np
 
 from dvt_core.early_exit import AdaptiveResult, run_adaptive
 from dvt_core.macs import exit_macs
+from dvt_core.recipe import INIT_STD, drop_path_rates
 from dvt_core.errors import InputError, check_images_shape
 from dvt_core.specs import CascadeSpec, sinusoid_position_table
 
 from . import compat as C
 from .layers import Block, FeatureReuse, RelationReuse, TokenResize
 from .tokenizers import build_tokenizer
-
-# timm's ViT recipe, as the torch backend: trunc-normal(0.02) class token and learned position table.
-INIT_STD = 0.02
-
 
 class Reuse(NamedTuple):
     """What a stage hands to the next: its final tokens (pre-norm) and its attention logits.
@@ -37,6 +34,14 @@ class Reuse(NamedTuple):
 
 
 FEATURE_BATCH_AXIS, RELATION_BATCH_AXIS = 0, 1
+
+
+def select(images, carry, rows):
+    """The ``rows`` of an image batch and of its ``(features, relations)`` carry (the images that go on)."""
+    idx = C.index_tensor(rows)
+    picked = tuple(None if t is None else C.gather_rows(t, idx, axis)
+                   for t, axis in zip(carry, (FEATURE_BATCH_AXIS, RELATION_BATCH_AXIS)))
+    return C.gather_rows(images, idx), picked
 
 
 class Stage(C.Cell):
@@ -58,7 +63,7 @@ class Stage(C.Cell):
         plan = spec.reuse_plan(index)
         fr = plan.feature
         self.relation_reuse = RelationReuse(plan.relation) if plan.relation else None
-        dpr = np.linspace(0, spec.drop_path_rate, st.depth).tolist()
+        dpr = drop_path_rates(spec, index)
         self.blocks = C.CellList(
             [Block(st, fr.out_dim if fr else 0, dpr[j], FeatureReuse(fr) if fr else None) for j in range(st.depth)])
         if fr:
@@ -168,13 +173,6 @@ class DVT(C.Cell):
         self.check_images(images)
         was_training = self.training
         self.set_train(False)
-
-        def select(imgs, reuse, rows):
-            idx = C.index_tensor(rows)
-            picked = tuple(None if t is None else C.gather_rows(t, idx, axis)
-                           for t, axis in zip(reuse, (FEATURE_BATCH_AXIS, RELATION_BATCH_AXIS)))
-            return C.gather_rows(imgs, idx), picked
-
         try:
             return run_adaptive(self.run_stage, C.to_numpy, select, images, C.shape_of(images)[0], thresholds,
                                 self.exit_macs, confidence)

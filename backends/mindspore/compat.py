@@ -32,6 +32,8 @@ import numpy as np
 from mindspore import nn, ops
 from mindspore.common.initializer import HeUniform, Orthogonal, TruncatedNormal, Uniform, initializer
 
+from dvt_core.recipe import INIT_STD, TRUNC_BOUND
+
 FLOAT = ms.float32  # parameters and activations
 INDEX = ms.int32  # row indices for gather
 LN_WEIGHT, LN_BIAS = "gamma", "beta"  # nn.LayerNorm's parameter leaves
@@ -73,8 +75,8 @@ def set_param(p: ms.Parameter, value: np.ndarray) -> None:
 
 
 def trunc_normal_param(shape, std: float, requires_grad: bool = True) -> ms.Parameter:
-    """Parameter ~ N(0, std) truncated to [-2, 2] (timm's trunc_normal_ with its absolute bounds)."""
-    return ms.Parameter(initializer(TruncatedNormal(sigma=std), tuple(shape), FLOAT), requires_grad=requires_grad)
+    """Parameter ~ N(0, std) truncated to +-TRUNC_BOUND (timm's trunc_normal_ with its absolute bounds)."""
+    return ms.Parameter(initializer(_trunc_normal(std), tuple(shape), FLOAT), requires_grad=requires_grad)
 
 
 def array_param(array: np.ndarray, requires_grad: bool = True) -> ms.Parameter:
@@ -89,9 +91,13 @@ def orthogonal_param(shape, gain: float, requires_grad: bool = True) -> ms.Param
 # ---- layers -------------------------------------------------------------------------------------------
 
 
-def dense(in_features: int, out_features: int, bias: bool = True, std: float = 0.02) -> nn.Dense:
+def _trunc_normal(std: float) -> TruncatedNormal:
+    return TruncatedNormal(sigma=std, a=-TRUNC_BOUND, b=TRUNC_BOUND)
+
+
+def dense(in_features: int, out_features: int, bias: bool = True, std: float = INIT_STD) -> nn.Dense:
     """nn.Dense (weight (out, in), like torch's Linear) with trunc-normal weights and zero bias."""
-    return nn.Dense(in_features, out_features, weight_init=TruncatedNormal(sigma=std), bias_init="zeros",
+    return nn.Dense(in_features, out_features, weight_init=_trunc_normal(std), bias_init="zeros",
                     has_bias=bias)
 
 

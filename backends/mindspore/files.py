@@ -1,32 +1,21 @@
 """MindSpore checkpoint files (``.ckpt``) for dvt_core.checkpoints: numpy in, numpy out.
 
 Names are MindSpore's (dvt_core.naming maps them); string entries are MindSpore's ``append_dict``.
+The bytes are decoded and written by dvt_core.ckpt_format, which checks every tensor's length against
+its dims and dtype: a crafted file never reaches ``mindspore.load_checkpoint`` (whose parser trusts
+them). The files written are the ones ``mindspore.save_checkpoint`` writes, and it reads them back.
 """
 from __future__ import annotations
 
-import contextlib
-import os
-
-import mindspore as ms
+from dvt_core import ckpt_format
 
 
 def load(path) -> dict:
-    """Name -> numpy array for tensors, or the plain value of an appended entry. Raises what MindSpore raises."""
-    out = {}
-    for name, value in ms.load_checkpoint(str(path)).items():
-        out[name] = value if isinstance(value, (str, int, float, bool)) else value.asnumpy()
-    return out
+    """Name -> numpy array for tensors, or the string of an appended entry. Raises CheckpointError."""
+    tensors, strings = ckpt_format.read_ckpt(path)
+    return {**tensors, **strings}
 
 
 def save(path, params: dict, append: dict) -> None:
     """Write ``params`` (MindSpore names -> numpy arrays) and string entries ``append`` to ``path``."""
-    items = [{"name": name, "data": ms.Tensor(v)} for name, v in params.items()]
-    # MindSpore appends ".ckpt" to names without it; write beside the requested name and move it there,
-    # never leaving that file behind.
-    target = str(path) + ".ckpt"
-    try:
-        ms.save_checkpoint(items, target, append_dict=dict(append))
-        os.replace(target, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(target)
+    ckpt_format.write_ckpt(path, params, {k: str(v) for k, v in append.items()})

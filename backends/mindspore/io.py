@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dvt_core.errors import CheckpointError, list_problems
+from dvt_core.shapes import check_state
 from dvt_core.naming import mindspore_to_canonical
 
 from . import compat as C
@@ -26,13 +26,7 @@ def model_state(model) -> dict[str, np.ndarray]:
 def load_state(model, state: dict[str, np.ndarray], source: str = "checkpoint") -> None:
     """Copy ``state`` into ``model``; refuse missing, unexpected or mismatched keys, listing them all."""
     own = named_parameters(model)
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    mismatched = [f"{k} {tuple(np.shape(state[k]))} vs {C.shape_of(p)}"
-                  for k, p in own.items() if k in state and tuple(np.shape(state[k])) != C.shape_of(p)]
-    if missing or unexpected or mismatched:
-        name = getattr(getattr(model, "spec", None), "name", "the model")
-        raise CheckpointError(f"{source} does not match {name}: " + list_problems(missing, unexpected, mismatched),
-                              missing, unexpected, mismatched)
+    check_state({k: C.shape_of(p) for k, p in own.items()}, state, source,
+                getattr(getattr(model, "spec", None), "name", "the model"))
     for k, p in own.items():
         C.set_param(p, state[k])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+from dvt_core.recipe import performer_feature_gain
 from dvt_core.specs import StageSpec, T2TSpec
 
 from . import compat as C
@@ -47,7 +48,7 @@ class TokenPerformer(C.Cell):
         self.norm1 = C.layer_norm(dim, ln_eps)
         self.norm2 = C.layer_norm(emb, ln_eps)
         self.mlp = Mlp(emb, emb, emb, drop=t2t.dropout)
-        self.w = C.orthogonal_param((self.m, emb), gain=math.sqrt(self.m), requires_grad=False)
+        self.w = C.orthogonal_param((self.m, emb), gain=performer_feature_gain(t2t), requires_grad=False)
 
     def _features(self, x):
         # exp(w^T x - |x|^2 / 2) / sqrt(m): positive random features of the softmax kernel
@@ -122,8 +123,8 @@ class T2TModule(C.Cell):
         self.grids = t2t.split_grids(img_size)
         block = TokenPerformer if t2t.token_type == "performer" else TokenTransformer
         k0, k1, k2 = t2t.kernels
-        self.attention1 = block(in_chans * k0 * k0, t2t, stage.ln_eps)
-        self.attention2 = block(t2t.token_dim * k1 * k1, t2t, stage.ln_eps)
+        self.attention1 = block(in_chans * k0 * k0, t2t, t2t.ln_eps)
+        self.attention2 = block(t2t.token_dim * k1 * k1, t2t, t2t.ln_eps)
         self.project = C.dense(t2t.token_dim * k2 * k2, stage.embed_dim)
 
     def _split(self, x, i: int):

@@ -14,6 +14,7 @@ from torch.nn import functional as F
 
 from dvt_core.early_exit import AdaptiveResult, run_adaptive
 from dvt_core.macs import exit_macs
+from dvt_core.recipe import INIT_STD, TRUNC_BOUND, drop_path_rates
 from dvt_core.errors import InputError, check_images_shape
 from dvt_core.specs import CascadeSpec, sinusoid_position_table
 
@@ -28,6 +29,14 @@ class Reuse(NamedTuple):
     # per block (B, heads, N, N): kept apart so early exit slices only the images that go on before
     # anything is concatenated
     relations: Optional[tuple[torch.Tensor, ...]]
+
+
+def select(images: torch.Tensor, carry: Reuse, rows) -> tuple[torch.Tensor, Reuse]:
+    """The ``rows`` of an image batch and of its carry (the images that go on to the next stage)."""
+    idx = torch.as_tensor(rows, device=images.device)
+    features = None if carry.features is None else carry.features.index_select(0, idx)
+    relations = None if carry.relations is None else tuple(r.index_select(0, idx) for r in carry.relations)
+    return images.index_select(0, idx), Reuse(features, relations)
 
 
 class Stage(nn.Module):
@@ -48,7 +57,7 @@ class Stage(nn.Module):
         plan = spec.reuse_plan(index)
         fr = plan.feature
         self.relation_reuse = RelationReuse(plan.relation) if plan.relation else None
-        dpr = np.linspace(0, spec.drop_path_rate, st.depth).tolist()
+        dpr = drop_path_rates(spec, index)
         self.blocks = nn.ModuleList(Block(st, fr.out_dim if fr else 0, dpr[j], FeatureReuse(fr) if fr else None)
                                     for j in range(st.depth))
         if fr:
@@ -97,20 +106,23 @@ class DVT(nn.Module):
         self.exit_macs = exit_macs(self.spec)  # per image, cumulative; the spec is frozen
         self.reset_parameters()
 
-    # ---- initialisation (timm's ViT recipe) ----------------------------------------------------
+    # ---- initialisation (dvt_core.recipe) -------------------------------------------------------
     def reset_parameters(self) -> None:
+        def trunc_normal(t):
+            nn.init.trunc_normal_(t, std=INIT_STD, a=-TRUNC_BOUND, b=TRUNC_BOUND)
+
         for name, m in self.named_modules():
             if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
+                trunc_normal(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
         for st in self.stages:
-            nn.init.trunc_normal_(st.cls_token, std=0.02)
+            trunc_normal(st.cls_token)
             if st.pos_embed.requires_grad:
-                nn.init.trunc_normal_(st.pos_embed, std=0.02)
+                trunc_normal(st.pos_embed)
 
     # ---- inference ---------------------------------------------------------------------------------
     def check_images(self, images) -> None:
@@ -147,13 +159,6 @@ class DVT(nn.Module):
         self.check_images(images)
         was_training = self.training
         self.eval()
-
-        def select(imgs, reuse, rows):
-            idx = torch.as_tensor(rows, device=imgs.device)
-            features = None if reuse.features is None else reuse.features.index_select(0, idx)
-            relations = None if reuse.relations is None else tuple(r.index_select(0, idx) for r in reuse.relations)
-            return imgs.index_select(0, idx), Reuse(features, relations)
-
         try:
             return run_adaptive(self.run_stage, lambda t: t.detach().float().cpu().numpy(), select,
                                 images, images.shape[0], thresholds, self.exit_macs, confidence)

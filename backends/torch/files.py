@@ -5,8 +5,6 @@ and plain data, never arbitrary objects. dvt_core decides what a refusal means (
 """
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import torch
 
@@ -36,7 +34,7 @@ def load(path):
         return _to_numpy(torch.load(path, map_location="cpu", weights_only=True))
 
 
-def save(path, state: dict, meta: dict) -> None:
-    """``{"state_dict": tensors, "dvt_meta": JSON}``, loadable by plain ``torch.load(weights_only=True)``."""
+def save(path, state: dict, entries: dict) -> None:
+    """``{"state_dict": tensors, **entries}``, loadable by plain ``torch.load(weights_only=True)``."""
     sd = {k: torch.from_numpy(np.array(v)) for k, v in state.items()}
-    torch.save({"state_dict": sd, "dvt_meta": json.dumps(meta)}, str(path))
+    torch.save({"state_dict": sd, **entries}, str(path))

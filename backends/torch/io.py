@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dvt_core.errors import CheckpointError, list_problems
+from dvt_core.shapes import check_state
 
 
 def model_state(model: torch.nn.Module) -> dict[str, np.ndarray]:
@@ -15,14 +15,8 @@ def model_state(model: torch.nn.Module) -> dict[str, np.ndarray]:
 def load_state(model: torch.nn.Module, state: dict[str, np.ndarray], source: str = "checkpoint") -> None:
     """Copy ``state`` into ``model``; refuse missing, unexpected or mismatched keys, listing them all."""
     own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    mismatched = [f"{k} {tuple(np.shape(state[k]))} vs {tuple(own[k].shape)}"
-                  for k in own if k in state and tuple(np.shape(state[k])) != tuple(own[k].shape)]
-    if missing or unexpected or mismatched:
-        name = getattr(getattr(model, "spec", None), "name", "the model")
-        raise CheckpointError(f"{source} does not match {name}: " + list_problems(missing, unexpected, mismatched),
-                              missing, unexpected, mismatched)
+    check_state({k: tuple(t.shape) for k, t in own.items()}, state, source,
+                getattr(getattr(model, "spec", None), "name", "the model"))
     with torch.no_grad():
         for k, t in own.items():
             t.copy_(torch.from_numpy(np.asarray(state[k])).to(dtype=t.dtype))

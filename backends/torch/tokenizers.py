@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from dvt_core.recipe import performer_feature_gain
 from dvt_core.specs import StageSpec, T2TSpec
 
 from .layers import Mlp
@@ -49,7 +50,7 @@ class TokenPerformer(nn.Module):
         self.mlp = Mlp(emb, emb, emb, drop=t2t.dropout)
         w = torch.empty(self.m, emb)
         nn.init.orthogonal_(w)
-        self.w = nn.Parameter(w * math.sqrt(self.m), requires_grad=False)
+        self.w = nn.Parameter(w * performer_feature_gain(t2t), requires_grad=False)
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         # exp(w^T x - |x|^2 / 2) / sqrt(m): positive random features of the softmax kernel
@@ -109,8 +110,8 @@ class T2TModule(nn.Module):
         self.t2t = t2t
         block = TokenPerformer if t2t.token_type == "performer" else TokenTransformer
         k0, k1, k2 = t2t.kernels
-        self.attention1 = block(in_chans * k0 * k0, t2t, stage.ln_eps)
-        self.attention2 = block(t2t.token_dim * k1 * k1, t2t, stage.ln_eps)
+        self.attention1 = block(in_chans * k0 * k0, t2t, t2t.ln_eps)
+        self.attention2 = block(t2t.token_dim * k1 * k1, t2t, t2t.ln_eps)
         self.project = nn.Linear(t2t.token_dim * k2 * k2, stage.embed_dim)
 
     def _split(self, x: torch.Tensor, i: int) -> torch.Tensor:

@@ -21,6 +21,7 @@ from dvt_core import data as dvt_data
 from dvt_core.checkpoints import atomic_path, write_checkpoint
 from dvt_core.evaluation import exit_probs
 from dvt_core.macs import exit_macs
+from dvt_core.shapes import state_diff, state_shapes
 from dvt_core.specs import CascadeSpec
 from dvt_core.training import TrainConfig, cosine_lr, epoch_batches, steps_per_epoch
 
@@ -37,10 +38,9 @@ def check_resumable(state_path, spec: CascadeSpec) -> None:
     except Exception as exc:  # a truncated or foreign file
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"cannot resume from {state_path}: not a readable training checkpoint ({first})") from None
-    want = {k: tuple(v.shape) for k, v in DVT(spec).state_dict().items()}
-    have = {k: tuple(v.shape) for k, v in saved.items()}
-    if want != have:
-        diff = sorted(set(want) ^ set(have)) or [k for k in want if want[k] != have.get(k)]
+    missing, unexpected, mismatched = state_diff(state_shapes(spec), saved)
+    if missing or unexpected or mismatched:
+        diff = missing + unexpected + mismatched
         raise InputError(f"cannot resume from {state_path}: it holds another architecture than {spec.name} with "
                          f"these overrides ({len(diff)} tensors differ, e.g. {diff[0]}); use the same --model "
                          "and -O, or another --out")

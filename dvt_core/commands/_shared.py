@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -48,10 +49,37 @@ def add_common_options(p: argparse.ArgumentParser, model: bool = True, weights: 
     if weights:
         p.add_argument("--weights", default=None,
                        help="checkpoint file (.pth.tar, .pth, .safetensors, .ckpt) or 'default'")
+        p.add_argument("--sha256", default=None, metavar="HEX",
+                       help="refuse --weights FILE unless its SHA-256 is this (shipped weights are always checked)")
+        p.add_argument("--allow-lossy-cast", action="store_true",
+                       help="accept weights whose dtype cast to float32 changes values (int, out-of-range float64)")
 
 
-def emit_json(obj, dest: Optional[str]) -> None:
-    """Write ``obj`` as JSON to ``dest`` ('-' = stdout) atomically."""
+def add_force_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--force", action="store_true", help="overwrite existing output files")
+
+
+def check_outputs(args, *paths) -> None:
+    """Refuse, before any work, an output file that exists (without --force) or cannot be written."""
+    from .. import fileio
+
+    for path in paths:
+        if path not in (None, "", "-"):
+            fileio.check_writable(path, force=bool(getattr(args, "force", False)))
+
+
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def escape_text(text) -> str:
+    """``text`` with control characters (terminal escapes, newlines, ...) shown as ``\\xNN`` escapes,
+    for text output: a class name or a file name can never forge a line or drive the terminal."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100
+                        else f"\\u{ord(m.group()):04x}", str(text))
+
+
+def emit_json(obj, dest: Optional[str], force: bool = False) -> None:
+    """Write ``obj`` as JSON to ``dest`` ('-' = stdout) atomically; an existing file needs ``force``."""
     if dest is None:
         return
     text = json.dumps(obj, indent=2)
@@ -60,7 +88,7 @@ def emit_json(obj, dest: Optional[str]) -> None:
         return
     from ..checkpoints import atomic_path
 
-    with atomic_path(Path(dest), force=True) as tmp:
+    with atomic_path(Path(dest), force=force, parents=False) as tmp:
         tmp.write_text(text + "\n")
 
 
@@ -163,13 +191,20 @@ def build_from_args(args, weights=None):
         get_spec(args.model)  # an unknown name is reported as such, before any weights are looked up
     if weights is not None and str(weights) != "default" and not Path(weights).exists():
         raise UserError(f"weights file not found: {weights}")
+    if getattr(args, "sha256", None):
+        if weights is None or str(weights) == "default":
+            raise UserError("--sha256 checks an explicit --weights FILE (shipped weights are always checked)")
+        from ..weights import verify_sha256
+
+        verify_sha256(weights, args.sha256)
     if str(weights) == "default":
         from ..weights import default_weights_path
 
         default_weights_path(args.model, verify=False)  # no weights ship for this model: say so now
     get_backend(args.backend)
     try:
-        model = build(args.model, backend=args.backend, weights=weights, **overrides)
+        model = build(args.model, backend=args.backend, weights=weights,
+                      allow_lossy_cast=bool(getattr(args, "allow_lossy_cast", False)), **overrides)
     except CheckpointError as exc:
         problems = exc.missing or exc.unexpected or exc.mismatched
         if not problems:
@@ -223,6 +258,8 @@ def _mmacs(n: float) -> str:
 def _table(header: list[str], rows: list[list[str]], file=None, right=None) -> None:
     """Print an aligned text table (columns right-aligned except those named in ``right=False``)."""
     file = file or sys.stdout
+    header = [escape_text(h) for h in header]
+    rows = [[escape_text(c) for c in r] for r in rows]  # names from a checkpoint never reach the terminal raw
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
     left = set(right or ())
 

@@ -157,5 +157,6 @@ def run(args) -> int:
           f"{_mmacs(chosen['holdout_macs'])} MACs on average; exits taken "
           f"{' / '.join(f'{s:.0%}' for s in shares)}", file=out)
     print(f"wrote {dst}", file=out)
-    emit_json({"model": spec.name, "weights": str(dst), "thresholds": meta["thresholds"], **chosen}, args.json)
+    emit_json({"model": spec.name, "weights": str(dst), "thresholds": meta["thresholds"], **chosen}, args.json,
+              force=args.force)
     return 0

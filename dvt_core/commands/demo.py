@@ -10,7 +10,7 @@ import numpy as np
 from .. import data as dvt_data
 from ..errors import DVTError
 from ..zoo import get_spec
-from ._shared import (UserError, add_common_options, emit_json, _progress, build_from_args, _meta,
+from ._shared import (add_force_option, check_outputs, UserError, add_common_options, emit_json, _progress, build_from_args, _meta,
                       _class_names, exit_names, _fmt_thresholds, _mmacs, _table, choose_thresholds, exit_macs)
 
 HELP = "the shipped Fashion-MNIST DVT on sample images"
@@ -25,6 +25,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--budget", type=float, default=None, help="target average MACs per image")
     parser.add_argument("--json", default=None, help="also write the results as JSON to this file ('-' for stdout)")
     parser.add_argument("--limit", type=int, default=None, help="rows of the per-image table to print")
+    add_force_option(parser)
 
 
 DEMO_MODEL = "dvt_fashion_mnist"
@@ -68,6 +69,7 @@ def run(args) -> int:
 
     if args.limit is not None and args.limit < 0:
         raise UserError(f"--limit must be 0 or more, got {args.limit}")
+    check_outputs(args, args.out, args.json)
     from ..builder import EXPORT_BACKENDS
 
     exported = args.backend in EXPORT_BACKENDS
@@ -128,7 +130,7 @@ def run(args) -> int:
     if args.out:
         from ..plots import exit_gallery
 
-        exit_gallery(args.out, images, res.exit_index, pred_names, true_names, names,
+        exit_gallery(args.out, images, res.exit_index, pred_names, true_names, names, force=args.force,
                      title=f"{DEMO_MODEL}: {n} test images by exit taken ({accuracy:.1f}% correct, "
                            f"{_mmacs(mean_macs)} MACs on average vs {_mmacs(static_macs)} static)")
         print(f"wrote {args.out}", file=out)
@@ -139,7 +141,7 @@ def run(args) -> int:
                "exit_shares": [float(s) for s in shares],
                "per_image": [{"index": int(index[i]), "prediction": pred_names[i], "label": true_names[i],
                               "exit": int(res.exit_index[i]) + 1, "confidence": float(res.confidence[i]),
-                              "macs": int(res.macs[i])} for i in range(n)]}, args.json)
+                              "macs": int(res.macs[i])} for i in range(n)]}, args.json, force=args.force)
     if args.json not in (None, "-"):
         print(f"wrote {args.json}", file=out)
     return 0

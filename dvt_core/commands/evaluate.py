@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..errors import DVTError
 from ..zoo import get_spec
-from ._shared import (UserError, add_common_options, emit_json, _is_fashion_mnist, load_dataset,
+from ._shared import (add_force_option, check_outputs, UserError, add_common_options, emit_json, _is_fashion_mnist, load_dataset,
                       holdout_params, _progress, _check_limit, _has_shipped_weights, resolve_weights,
                       build_from_args, _meta, exit_names, _mmacs, _table, exit_macs, match_folder_classes,
                       _early_spec)
@@ -21,7 +21,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--calibration", default="holdout", choices=["holdout", "same"],
                    help="where thresholds are found: the held-out training part (default) or the evaluated split")
     parser.add_argument("--json", default=None, help="write the results as JSON here ('-' for stdout)")
-    parser.add_argument("--plot", default=None, help="write the accuracy-MACs plot (PNG) here")
+    parser.add_argument("--plot", default=None, help="write the accuracy-MACs plot here (.png, .jpg, .svg, .pdf)")
+    add_force_option(parser)
     parser.add_argument("--baselines", default="auto", help="static baselines to plot: auto, none, or comma-separated names")
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
@@ -83,6 +84,7 @@ def run(args) -> int:
     cal_limit = _check_limit(args.calibration_limit, "--calibration-limit")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    check_outputs(args, args.json, args.plot)
     fashion = _is_fashion_mnist(args.dataset)
     if not fashion and not Path(args.dataset).exists():
         raise UserError(f"unknown dataset {args.dataset!r}: use fashion-mnist or a folder with one sub-folder "
@@ -136,14 +138,14 @@ def run(args) -> int:
 
     out = sys.stderr if args.json == "-" else sys.stdout
     _print_evaluation(result, spec, split_name, out)
-    emit_json(result, args.json)
+    emit_json(result, args.json, force=args.force)
     if args.plot:
         from ..plots import accuracy_macs_plot
 
         where = f"{args.dataset} {split_name}, {len(labels)} images"
         accuracy_macs_plot(args.plot, spec.name, costs, result["anytime_accuracy"], budgets, baselines,
                            grids=[st.grid for st in spec.stages],
-                           title=f"{spec.name} ({args.backend}) on {where}")
+                           title=f"{spec.name} ({args.backend}) on {where}", force=args.force)
         print(f"wrote {args.plot}", file=out)
     if args.json not in (None, "-"):
         print(f"wrote {args.json}", file=out)

@@ -9,7 +9,7 @@ import numpy as np
 
 from .. import data as dvt_data
 from ._shared import (UserError, add_common_options, resolve_weights, build_from_args, _meta, _class_names,
-                      exit_names, _fmt_thresholds, _mmacs, parse_thresholds, choose_thresholds, _early_spec,
+                      exit_names, escape_text, _fmt_thresholds, _mmacs, parse_thresholds, choose_thresholds, _early_spec,
                       _check_budget)
 
 HELP = "classify image files with early exit"
@@ -73,16 +73,18 @@ def run(args) -> int:
     names = exit_names(spec)
     if not args.json:
         print(f"# {spec.name} ({args.backend}), thresholds {_fmt_thresholds(thresholds)} ({how})", file=sys.stderr)
-    width = max(len(f) for f in files)
+    shown = [escape_text(f) for f in files]
+    width = max(len(f) for f in shown)
     for i, f in enumerate(files):
         k = int(res.exit_index[i])
         pred = int(res.prediction[i])
         label = classes[pred] if classes else str(pred)
+        text_label = escape_text(label)
         if args.json:
             print(json.dumps({"path": f, "prediction": label, "class_index": pred,
                               "confidence": round(float(res.confidence[i]), 6), "exit": k + 1,
                               "exits": spec.num_exits, "grid": spec.stages[k].grid, "macs": int(res.macs[i])}))
         else:
-            print(f"{f.ljust(width)}  {label:<12}  {float(res.confidence[i]):6.1%}  {names[k]}  "
+            print(f"{shown[i].ljust(width)}  {text_label:<12}  {float(res.confidence[i]):6.1%}  {names[k]}  "
                   f"{_mmacs(int(res.macs[i]))} MACs")
     return 0

@@ -1,0 +1,197 @@
+"""The backend contract (``dvt_core.backend``): both backends provide every member with the written
+signature and behave alike where dvt_core says they must (mode after build, early exit driven through
+the contract, file round trip, initialisation and stochastic-depth numbers read from dvt_core)."""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import numpy as np
+import pytest
+
+import dvt_core
+from dvt_core import backend as contract
+from dvt_core.recipe import INIT_STD, TRUNC_BOUND, drop_path_rates
+
+from parity.conftest import SMALL, SMALL_T2T, random_images
+
+BACKENDS = [pytest.param("torch"), pytest.param("mindspore", marks=pytest.mark.mindspore)]
+
+
+def _module(name):
+    if name == "mindspore":
+        pytest.importorskip("mindspore")
+    return contract.get_backend(name)
+
+
+def _params(fn, drop_self: bool = False):
+    ps = list(inspect.signature(fn).parameters.values())[1 if drop_self else 0:]
+    return [(p.name, p.kind, p.default) for p in ps]
+
+
+# ---- the written contract ---------------------------------------------------------------------------------
+
+def test_every_member_is_documented():
+    assert set(contract.MEMBERS) >= {"build_model", "model_state", "load_state", "to_device", "run_stage", "select",
+                                     "forward_numpy", "adaptive_numpy", "read_file", "write_file", "to_numpy", "NAME"}
+    for name in contract.MEMBERS:
+        if name != "NAME":
+            assert (getattr(contract.Backend, name).__doc__ or "").strip(), f"{name} has no docstring"
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_backend_provides_every_member_with_the_written_signature(name):
+    mod = _module(name)
+    assert contract.missing_members(mod) == []
+    assert mod.NAME == name
+    for member in contract.MEMBERS:
+        if member == "NAME":
+            continue
+        fn = getattr(mod, member)
+        assert callable(fn), member
+        assert _params(fn) == _params(getattr(contract.Backend, member), drop_self=True), \
+            f"dvt_backends.{name}.{member}{inspect.signature(fn)} differs from the contract"
+
+
+@pytest.mark.mindspore
+def test_both_backends_have_identical_signatures():
+    torch_b, ms_b = _module("torch"), _module("mindspore")
+    for member in contract.MEMBERS:
+        if member != "NAME":
+            assert _params(getattr(torch_b, member)) == _params(getattr(ms_b, member)), member
+
+
+def test_a_backend_lacking_a_member_is_refused(monkeypatch):
+    mod = contract.get_backend("torch")
+    monkeypatch.delattr(mod, "select")
+    with pytest.raises(dvt_core.InputError, match="lacks select"):
+        contract.get_backend("torch")
+
+
+# ---- finding the backend of a model --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_backend_of_reads_the_model_not_its_module_name(name):
+    mod = _module(name)
+    model = dvt_core.build("dvt_deit_tiny", backend=name, **SMALL)
+    assert model.backend_name == name and contract.backend_of(model) is mod
+
+    class Wrapped:  # defined in a test module: only the attribute says which backend it is
+        backend_name = name
+
+    assert contract.backend_of(Wrapped()) is mod
+
+
+def test_backend_of_something_else_is_named():
+    with pytest.raises(dvt_core.InputError, match="not a dvt model: a list"):
+        contract.backend_of([1, 2])
+    with pytest.raises(dvt_core.InputError, match="unknown backend 'jax'"):
+        contract.backend_of(type("M", (), {"backend_name": "jax"})())
+
+
+# ---- behaviour every backend shares ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_build_returns_the_model_in_evaluation_mode(name):
+    _module(name)
+    model = dvt_core.build("dvt_fashion_mnist", backend=name, weights="default")
+    assert model.training is False
+    if name == "torch":
+        assert not any(m.training for m in model.modules())
+    else:
+        assert not any(c.training for _, c in model.cells_and_names())
+    x = random_images(model.spec, 4)
+    a = contract.backend_of(model).forward_numpy(model, x)
+    b = contract.backend_of(model).forward_numpy(model, x)
+    for u, v in zip(a, b):  # deterministic: dropout and stochastic depth are off
+        np.testing.assert_array_equal(u, v)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("arch,overrides", [("dvt_t2t_vit_12", SMALL_T2T), ("dvt_deit_tiny", SMALL)])
+def test_early_exit_through_the_contract_equals_model_adaptive(name, arch, overrides):
+    mod = _module(name)
+    model = dvt_core.build(arch, backend=name, **overrides)
+    x = random_images(model.spec, 12, seed=3)
+    probs = np.stack([dvt_core.policy.softmax(lg) for lg in mod.forward_numpy(model, x)])
+    # thresholds at the median confidence: about half the images leave at each exit
+    thresholds = [float(np.median(p.max(axis=1))) for p in probs[:-1]]
+    got = contract.run_adaptive(model, x, thresholds)
+    want = mod.adaptive_numpy(model, x, thresholds)
+    assert 0 < got.exit_counts[0] < len(x) and got.exit_counts[-1] > 0  # images left at several exits
+    np.testing.assert_array_equal(got.exit_index, want.exit_index)
+    np.testing.assert_array_equal(got.prediction, want.prediction)
+    np.testing.assert_allclose(got.logits, want.logits, rtol=1e-5, atol=1e-5)
+    # and each image's logits are those of the full cascade at the exit it took
+    full = mod.forward_numpy(model, x)
+    for i, e in enumerate(got.exit_index):
+        np.testing.assert_allclose(got.logits[i], full[e][i], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_file_round_trip_through_the_contract(name, tmp_path):
+    mod = _module(name)
+    state = {"a.weight": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.float32([1.5])}
+    path = tmp_path / ("f.pth" if name == "torch" else "f.ckpt")
+    mod.write_file(path, state, {"note": "hello"})
+    back = mod.read_file(path)
+    if name == "torch":
+        back = dict(back["state_dict"], note=back["note"])
+    assert back["note"] == "hello"
+    for k, v in state.items():
+        np.testing.assert_array_equal(back[k], v)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_stochastic_depth_schedule_comes_from_dvt_core(name):
+    _module(name)
+    model = dvt_core.build("dvt_deit_tiny", backend=name, **dict(SMALL, depth=4), drop_path_rate=0.3)
+    spec = model.spec
+    for i in range(spec.num_exits):
+        got = [float(b.drop_path.p) for b in model.stages[i].blocks]
+        assert got == drop_path_rates(spec, i)
+    assert drop_path_rates(spec, 0) == pytest.approx([0.0, 0.1, 0.2, 0.3])
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_initialisation_follows_dvt_core_recipe(name):
+    mod = _module(name)
+    spec = dvt_core.get_spec("dvt_deit_tiny", **dict(SMALL, embed_dim=64))
+    state = mod.model_state(mod.build_model(spec))
+    linear = np.concatenate([v.ravel() for k, v in state.items() if k.endswith(("qkv.weight", "fc1.weight"))])
+    assert abs(linear.std() - INIT_STD) < 0.1 * INIT_STD and np.abs(linear).max() <= TRUNC_BOUND
+    assert abs(linear.mean()) < 0.1 * INIT_STD
+    cls = np.concatenate([v.ravel() for k, v in state.items() if k.endswith(("cls_token", "pos_embed"))])
+    assert 0.5 * INIT_STD < cls.std() < 1.5 * INIT_STD
+    for k, v in state.items():
+        if k.endswith(("norm1.weight", "norm.weight")):
+            assert (v == 1).all(), k
+        if k.endswith(("qkv.bias", "fc1.bias", "head.bias", "norm1.bias")):
+            assert (v == 0).all(), k
+
+
+def _token_norm_eps(model, name):
+    norm = model.stages[0].tokenizer.attention1.norm1
+    return float(norm.eps if name == "torch" else norm.epsilon)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_token_module_layernorm_eps_is_read_from_the_spec(name):
+    _module(name)
+    spec = dvt_core.get_spec("dvt_t2t_vit_12", **SMALL_T2T)
+    assert spec.stages[0].t2t.ln_eps == 1e-5  # the official token modules: nn.LayerNorm's default
+    stages = tuple(dataclasses.replace(s, ln_eps=1e-6, t2t=dataclasses.replace(s.t2t, ln_eps=0.25))
+                   for s in spec.stages)
+    odd = dataclasses.replace(spec, stages=stages).validate()
+    model = dvt_core.build(odd, backend=name)
+    assert _token_norm_eps(model, name) == 0.25
+    blk = model.stages[0].blocks[0].norm1
+    assert float(blk.eps if name == "torch" else blk.epsilon) == 1e-6  # the stage's own eps stays the stage's
+    assert dvt_core.CascadeSpec.from_dict(odd.to_dict()) == odd  # the field travels with the spec
+
+
+def test_token_module_eps_must_be_positive():
+    spec = dvt_core.get_spec("dvt_t2t_vit_12")
+    bad = dataclasses.replace(spec.stages[0], t2t=dataclasses.replace(spec.stages[0].t2t, ln_eps=0.0))
+    with pytest.raises(dvt_core.SpecError, match="t2t ln_eps must be positive"):
+        dataclasses.replace(spec, stages=(bad,) + spec.stages[1:]).validate()

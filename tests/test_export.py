@@ -126,7 +126,7 @@ def test_build_by_name_and_weights_and_evaluation(exported):
 
     model, out, _ = exported
     rt = dvt_core.build("dvt_deit_small", backend="onnx", weights=out)
-    assert evaluation.backend_of(rt) == "onnx"
+    assert evaluation.backend_of(rt).NAME == "onnx"
     raw = np.random.default_rng(2).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
     np.testing.assert_allclose(evaluation.exit_probs(rt, raw, batch_size=4),
                                evaluation.exit_probs(model, raw, batch_size=4), atol=1e-5)

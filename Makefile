@@ -44,6 +44,7 @@ bench: venv
 	$(PY) benchmarks/bench_early_exit.py
 	$(PY) benchmarks/bench_policy.py
 	$(PY) benchmarks/bench_mindspore.py
+	$(PY) benchmarks/bench_onnx.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

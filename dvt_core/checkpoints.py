@@ -33,10 +33,13 @@ import numpy as np
 
 from . import ckpt_format, fileio
 from .errors import CheckpointError, UnsafeCheckpointError, list_problems
-from .naming import canonical_to_mindspore, is_official_layout, mindspore_to_canonical, rename_official
+from .naming import (canonical_to_mindspore, canonical_to_ms_official, is_ms_official_layout, is_ms_training_state,
+                     is_official_layout, mindspore_to_canonical, ms_official_to_canonical, rename_official)
 
 OFFICIAL_META_KEYS = ("flops", "anytime_classification", "dynamic_threshold", "budgeted_batch_classification")
 FORMATS = ("official", "torch", "safetensors", "mindspore")
+#: Writable formats: this project's three, plus the layout of the authors' MindSpore code (a .ckpt).
+WRITE_FORMATS = ("torch", "safetensors", "mindspore", "mindspore-official")
 # Bounds on metadata: it describes a model, it never holds one.
 META_MAX_ARRAY = 65536        # elements of one array turned into a list
 META_MAX_ITEMS = 1_000_000    # values in all the metadata together
@@ -60,10 +63,10 @@ class Checkpoint:
     state: dict[str, np.ndarray]
     meta: dict[str, Any] = field(default_factory=dict)
     format: str = "torch"
-    layout: str = "canonical"  # "canonical" or "official"
+    layout: str = "canonical"  # "canonical", "official" (PyTorch release) or "ms_official" (MindSpore release)
     path: Optional[str] = None
 
-    def canonical_state(self, num_exits: int) -> dict[str, np.ndarray]:
+    def canonical_state(self, num_exits: int, in_chans: int = 3) -> dict[str, np.ndarray]:
         """The tensors under canonical names (official keys renamed for a ``num_exits`` cascade).
 
         Two source names that map to one canonical name are refused (neither silently wins).
@@ -81,6 +84,8 @@ class Checkpoint:
                     seen[c] = k
                 raise CheckpointError(f"{self.path}: several names map to one weight")
             return renamed
+        if self.layout == "ms_official":
+            return ms_official_to_canonical(self.state, in_chans)
         return dict(self.state)
 
     @property
@@ -320,6 +325,8 @@ def _read_mindspore(path: Path) -> Checkpoint:
     tensors, strings = ckpt_format.read_ckpt(path)
     meta = _json_meta(strings[MINDSPORE_META_KEY], f"{path}: its {MINDSPORE_META_KEY!r} metadata") \
         if MINDSPORE_META_KEY in strings else {}
+    if is_ms_official_layout(tensors):
+        return _ms_official_checkpoint(tensors)
     state: dict[str, np.ndarray] = {}
     source: dict[str, str] = {}
     for name, value in tensors.items():
@@ -330,6 +337,18 @@ def _read_mindspore(path: Path) -> Checkpoint:
             raise CheckpointError(f"{path}: {source[key]!r} and {name!r} both name the weight {key!r}")
         state[key], source[key] = value, name
     return Checkpoint(state, meta, "mindspore", "canonical")
+
+
+def _ms_official_checkpoint(params: dict) -> Checkpoint:
+    """A checkpoint of the authors' MindSpore code: its names kept, training state dropped and listed."""
+    state, dropped = {}, []
+    for name, value in params.items():
+        if is_ms_training_state(name) or not isinstance(value, np.ndarray):
+            dropped.append(name)
+        else:
+            state[name] = value
+    return Checkpoint(state, {"source_layout": "mindspore-official", "dropped_training_state": dropped},
+                      "mindspore", "ms_official")
 
 
 # ---- writing ---------------------------------------------------------------------------------------
@@ -352,13 +371,14 @@ def write_checkpoint(path, state: dict[str, np.ndarray], meta: Optional[dict] = 
     path = Path(path)
     named = suffix_format(path)
     fmt = fmt or format_for_suffix(path)
-    if named is not None and named != fmt:
+    if named is not None and named != {"mindspore-official": "mindspore"}.get(fmt, fmt):
         raise CheckpointError(f"{path}: the suffix says {named} but the format written would be {fmt}; "
                               f"name the file for its format ({suggest_suffix(fmt)})")
     meta = _plain(meta or {})
-    writer = {"safetensors": _write_safetensors, "torch": _write_torch, "mindspore": _write_mindspore}.get(fmt)
+    writer = {"safetensors": _write_safetensors, "torch": _write_torch, "mindspore": _write_mindspore,
+              "mindspore-official": _write_mindspore_official}.get(fmt)
     if writer is None:
-        raise CheckpointError(f"cannot write format {fmt!r}; choose one of torch, safetensors, mindspore")
+        raise CheckpointError(f"cannot write format {fmt!r}; choose one of {', '.join(WRITE_FORMATS)}")
     fileio.check_writable(path, force=force, parents=True)
     state = {k: np.require(v, requirements="C") for k, v in state.items()}  # keeps 0-d tensors 0-d
     with atomic_path(path, force=force) as tmp:
@@ -376,7 +396,8 @@ def suffix_format(path) -> Optional[str]:
 
 
 def suggest_suffix(fmt: str) -> str:
-    return {"safetensors": ".safetensors", "mindspore": ".ckpt", "torch": ".pth"}.get(fmt, "")
+    return {"safetensors": ".safetensors", "mindspore": ".ckpt", "mindspore-official": ".ckpt",
+            "torch": ".pth"}.get(fmt, "")
 
 
 def format_for_suffix(path) -> str:
@@ -408,6 +429,15 @@ def _write_mindspore(tmp: Path, state, meta) -> None:
         raise CheckpointError(f"cannot write a MindSpore checkpoint: the names {sorted(clash)} collide once "
                               "renamed for MindSpore")
     ckpt_format.write_ckpt(tmp, {names[k]: v for k, v in state.items()}, {MINDSPORE_META_KEY: json.dumps(meta)})
+
+
+def _write_mindspore_official(tmp: Path, state, meta) -> None:
+    """The authors' MindSpore layout: their names and order, nothing else (no metadata entry)."""
+    try:
+        params = canonical_to_ms_official(state)
+    except ValueError as exc:
+        raise CheckpointError(f"cannot write the authors' MindSpore layout: {exc}") from None
+    ckpt_format.write_ckpt(tmp, params, {})
 
 
 # ---- checking tensors against a spec, before any model is built ------------------------------------
@@ -494,7 +524,7 @@ def check_values(state: dict, source: str, allow_lossy: bool = False) -> tuple[d
 def checked_state(ckpt: Checkpoint, spec, source: Optional[str] = None, allow_lossy: bool = False) -> dict:
     """``ckpt``'s canonical state checked against ``spec`` (shapes first, then values), as float32."""
     source = source or str(ckpt.path)
-    state = ckpt.canonical_state(spec.num_exits)
+    state = ckpt.canonical_state(spec.num_exits, spec.in_chans)
     check_spec_fits(state, spec, source)
     state, _ = check_values(state, source, allow_lossy=allow_lossy)
     return state

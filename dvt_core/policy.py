@@ -15,6 +15,21 @@ Exactness notes, all following the official float32 PyTorch pipeline:
 * :func:`budget_fractions` computes in float32, and the number of samples an exit should take is
   ``floor(n * fraction)`` in the fractions' own dtype, as ``math.floor(n_sample * p[k])`` does there.
 
+The authors' MindSpore release (``dvt_inference.py``) runs the same search with three differences, all
+available here as ``rule="mindspore"``:
+
+* 39 budgets, ``p = 1 .. 39`` (``MINDSPORE_BUDGETS``), against the PyTorch release's 59;
+* the fractions ``q_k`` are numpy float64 (``np.exp(np.log(p / 20) * k)``, normalised), so
+  ``floor(n * q_k)`` can be one more or one less than with float32 where ``n * q_k`` lies within float32
+  rounding of an integer (two exits, n = 9, p = 16: 5 samples against 4). That changes two-exit
+  results, hence the option;
+* a sample counts as taken by an earlier exit only when its confidence is strictly ``>`` that exit's
+  threshold (the PyTorch release: ``>=``), so the sample that set the threshold, and its ties, are
+  counted again by the next exit's search. With two exits there is no such next exit, so this never
+  matters for that code's models; it is kept for cascades with more exits.
+
+Evaluation (``>=`` at every exit, the last takes the rest) is the same in both.
+
 The official search walks the samples one by one in Python; here each exit's confidences are sorted
 once and every budget is a handful of vectorised passes over the presorted arrays (see
 :func:`budget_sweep`; ``benchmarks/bench_policy.py`` measures the difference). Plain numpy, no
@@ -23,7 +38,7 @@ framework: it serves both backends.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Optional
 
 import numpy as np
 
@@ -32,9 +47,17 @@ CONFIDENCE_KINDS = ("max_softmax", "entropy")
 NEVER = np.float32(1e8)
 #: Threshold of the last exit: every remaining sample leaves there.
 ALWAYS = np.float32(-1e8)
+#: Which release's threshold search: "pytorch" (the default) or "mindspore" (see the module notes).
+RULES = ("pytorch", "mindspore")
+#: Budget indices each release sweeps.
+PYTORCH_BUDGETS = range(1, 60)
+MINDSPORE_BUDGETS = range(1, 40)
 
 __all__ = [
     "CONFIDENCE_KINDS",
+    "RULES",
+    "PYTORCH_BUDGETS",
+    "MINDSPORE_BUDGETS",
     "NEVER",
     "ALWAYS",
     "BudgetSweep",
@@ -183,17 +206,24 @@ def _confidences(probs_or_conf, kind: str) -> np.ndarray:
 # budgets and thresholds
 
 
-def budget_fractions(p: float, num_exits: int) -> np.ndarray:
+def _check_rule(rule: str) -> str:
+    if rule not in RULES:
+        raise ValueError(f"unknown rule {rule!r}; expected one of {RULES}")
+    return rule
+
+
+def budget_fractions(p: float, num_exits: int, rule: str = "pytorch") -> np.ndarray:
     """Share of the samples each exit should take at budget index ``p``: ``q_k ∝ (p / 20) ** k``.
 
     ``k = 1 .. num_exits``, normalised to sum to 1. ``p < 20`` favours early exits (cheap), ``p > 20``
     late ones (accurate); the official sweep uses ``p = 1 .. 59``. Computed in float32 like the
-    official ``torch.exp(torch.log(p / 20) * torch.range(1, n))``, so sample counts round the same way.
+    official ``torch.exp(torch.log(p / 20) * torch.range(1, n))``, so sample counts round the same way;
+    ``rule="mindspore"``: in float64, as the MindSpore release's numpy code.
     """
-    return _fractions_table(np.array([p], dtype=np.float64), num_exits)[0]
+    return _fractions_table(np.array([p], dtype=np.float64), num_exits, rule)[0]
 
 
-def _fractions_table(budgets: np.ndarray, num_exits: int) -> np.ndarray:
+def _fractions_table(budgets: np.ndarray, num_exits: int, rule: str = "pytorch") -> np.ndarray:
     """:func:`budget_fractions` of every budget index at once, float32 shaped (budgets, exits).
 
     Element-wise float32 arithmetic, so each row is bit-identical to a one-budget call.
@@ -202,6 +232,13 @@ def _fractions_table(budgets: np.ndarray, num_exits: int) -> np.ndarray:
         raise ValueError(f"budget indices must be positive numbers; got {budgets.tolist()!r}")
     if int(num_exits) != num_exits or num_exits < 1:
         raise ValueError(f"num_exits must be a positive integer; got {num_exits!r}")
+    if _check_rule(rule) == "mindspore":
+        base = (budgets / 20)[:, None]
+        powers = np.exp(np.log(base) * np.arange(1, int(num_exits) + 1, dtype=np.float64))
+        total = powers[:, :1].copy()
+        for k in range(1, int(num_exits)):  # Python's sum(): left to right
+            total += powers[:, k:k + 1]
+        return powers / total
     base = (budgets / 20).astype(np.float32)[:, None]
     powers = np.exp(np.log(base) * np.arange(1, int(num_exits) + 1, dtype=np.float32))
     return powers / powers.sum(axis=1, keepdims=True)
@@ -239,13 +276,14 @@ def _presort(probs: np.ndarray, kind: str) -> _Presorted:
     return _Presorted(n_exits, n_samples, sorted_conf, earlier)
 
 
-def _thresholds_presorted(pre: _Presorted, counts: np.ndarray) -> np.ndarray:
+def _thresholds_presorted(pre: _Presorted, counts: np.ndarray, strict: bool = False) -> np.ndarray:
     """Official threshold search on presorted confidences: a few O(samples) numpy passes per exit.
 
     Exit ``k`` gets the confidence of its ``counts[k]``-th sample, counting by falling confidence only
     the samples no earlier exit took (``NEVER`` if that count is 0 or more than the samples left). An
     earlier exit ``j`` took exactly the samples whose confidence there reaches ``thresholds[j]``
     (ties at a threshold included), so the samples left are those below every earlier threshold.
+    ``strict`` (the MindSpore release): only confidences above an earlier threshold count as taken.
     """
     thresholds = np.full(pre.n_exits, NEVER, dtype=np.float32)
     thresholds[-1] = ALWAYS
@@ -260,16 +298,17 @@ def _thresholds_presorted(pre: _Presorted, counts: np.ndarray) -> np.ndarray:
             thresholds[k] = pre.sorted_conf[k, count - 1]
             anyone_taken = True
             continue
-        left = pre.earlier[k][0] < thresholds[0]
+        below = np.less_equal if strict else np.less
+        left = below(pre.earlier[k][0], thresholds[0])
         for j in range(1, k):
-            left &= pre.earlier[k][j] < thresholds[j]
+            left &= below(pre.earlier[k][j], thresholds[j])
         left_idx = left.nonzero()[0]
         if count <= left_idx.size:
             thresholds[k] = pre.sorted_conf[k, left_idx[count - 1]]
     return thresholds
 
 
-def find_thresholds(probs, fractions, confidence_kind: str = "max_softmax") -> np.ndarray:
+def find_thresholds(probs, fractions, confidence_kind: str = "max_softmax", rule: str = "pytorch") -> np.ndarray:
     """Official ``dynamic_find_threshold``: per-exit thresholds, float32 shaped (exits,).
 
     ``fractions`` (one per exit; the last is not used) says which share of all samples each exit
@@ -277,10 +316,12 @@ def find_thresholds(probs, fractions, confidence_kind: str = "max_softmax") -> n
     most confident ones. Its threshold is the confidence of the last of them; ties with it leave too.
     An exit whose count is 0, or more than the samples left, gets ``NEVER`` (1e8); the last exit
     gets ``ALWAYS`` (-1e8). Each exit's confidences are sorted once; there is no per-sample loop.
+    ``rule="mindspore"``: a sample counts as taken by an earlier exit only above its threshold.
     """
     p = _check_probs(probs)
     fr = _check_fractions(fractions, p.shape[0])
-    return _thresholds_presorted(_presort(p, confidence_kind), _exit_counts(p.shape[1], fr))
+    return _thresholds_presorted(_presort(p, confidence_kind), _exit_counts(p.shape[1], fr),
+                                 _check_rule(rule) == "mindspore")
 
 
 def _assign(conf: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
@@ -377,7 +418,7 @@ class BudgetSweep:
     """
 
     budgets: np.ndarray      # (B,)
-    fractions: np.ndarray    # (B, exits) float32
+    fractions: np.ndarray    # (B, exits) float32 (float64 with rule="mindspore")
     thresholds: np.ndarray   # (B, exits) float32
     accuracy: np.ndarray     # (B,) percent
     cost: np.ndarray         # (B,)
@@ -387,8 +428,8 @@ class BudgetSweep:
 
 
 def budget_sweep(train_probs, train_targets, test_probs, test_targets, costs,
-                 budgets: Iterable[float] = range(1, 60),
-                 confidence_kind: str = "max_softmax") -> BudgetSweep:
+                 budgets: Optional[Iterable[float]] = None,
+                 confidence_kind: str = "max_softmax", rule: str = "pytorch") -> BudgetSweep:
     """The official budgeted-batch evaluation for every budget index at once.
 
     For each ``p`` in ``budgets``: fractions from :func:`budget_fractions`, thresholds from
@@ -398,8 +439,11 @@ def budget_sweep(train_probs, train_targets, test_probs, test_targets, costs,
     the train confidences. Each budget then costs a few O(samples) vectorised passes.
 
     ``train_targets`` are not used by the search (as in the official code) but are checked, so a
-    mismatched split fails loudly.
+    mismatched split fails loudly. ``budgets`` defaults to the release's own sweep (``PYTORCH_BUDGETS`` or,
+    with ``rule="mindspore"``, ``MINDSPORE_BUDGETS``).
     """
+    if budgets is None:
+        budgets = MINDSPORE_BUDGETS if _check_rule(rule) == "mindspore" else PYTORCH_BUDGETS
     tr = _check_probs(train_probs, "train_probs")
     te = _check_probs(test_probs, "test_probs")
     n_exits = tr.shape[0]
@@ -416,13 +460,13 @@ def budget_sweep(train_probs, train_targets, test_probs, test_targets, costs,
     test_conf, test_preds = _conf_and_preds(te, confidence_kind)
     test_correct = test_preds == y_test
 
-    fractions = _fractions_table(budget_values, n_exits)
+    fractions = _fractions_table(budget_values, n_exits, rule)
     counts = _exit_counts(tr.shape[1], fractions)
-    thresholds = np.empty_like(fractions)
+    thresholds = np.empty(fractions.shape, dtype=np.float32)
     accuracy = np.empty(budget_values.size, dtype=np.float64)
     cost = np.empty(budget_values.size, dtype=np.float64)
     for i in range(budget_values.size):
-        thresholds[i] = _thresholds_presorted(presorted, counts[i])
+        thresholds[i] = _thresholds_presorted(presorted, counts[i], rule == "mindspore")
         accuracy[i], cost[i] = _tally(test_conf, test_correct, thresholds[i], c)
     return BudgetSweep(budgets=budget_values, fractions=fractions, thresholds=thresholds,
                        accuracy=accuracy, cost=cost)

@@ -14,6 +14,13 @@ from typing import Any, Optional
 FAMILIES = ("t2t", "vit")
 T2T_TOKEN_TYPES = ("performer", "transformer")
 POS_EMBEDS = ("sinusoid", "learned")
+#: GELU flavours: "exact" is x * Phi(x) (erf; torch's default), "tanh" the tanh approximation
+#: (MindSpore's nn.GELU default, used throughout the authors' MindSpore code).
+GELUS = ("exact", "tanh")
+#: What the feature-reuse MLP does with its LayerNorm: "apply" it (the PyTorch release), or "discard"
+#: its output (the MindSpore release computes it and then feeds the raw tokens to fc1); either way its
+#: parameters exist, load and round-trip.
+FEATURE_REUSE_NORMS = ("apply", "discard")
 
 
 class SpecError(ValueError):
@@ -110,7 +117,10 @@ class StageSpec:
 
 @dataclass(frozen=True)
 class FeatureReusePlan:
-    """Per-block MLP over the previous stage's final tokens: LayerNorm(in) -> in->hidden -> GELU -> out."""
+    """Per-block MLP over the previous stage's final tokens: LayerNorm(in) -> in->hidden -> GELU -> out.
+
+    ``apply_norm`` False keeps the LayerNorm's parameters but feeds the raw tokens to the first layer.
+    """
 
     in_dim: int
     hidden: int
@@ -118,6 +128,8 @@ class FeatureReusePlan:
     ln_eps: float
     old_grid: int
     new_grid: int
+    gelu: str = "exact"
+    apply_norm: bool = True
 
 
 @dataclass(frozen=True)
@@ -129,6 +141,7 @@ class RelationReusePlan:
     out_channels: int
     old_grid: int
     new_grid: int
+    gelu: str = "exact"
 
 
 @dataclass(frozen=True)
@@ -155,7 +168,8 @@ class CascadeSpec:
     feature_reuse_dim: int = 48  # width of the reused features concatenated into each MLP (paper: 48)
     feature_reuse_hidden: int = 128  # hidden width of the per-block reuse MLP
     relation_reuse_expand: int = 3  # hidden channels of the relation-mixing MLP = expand x heads x depth
-    gelu: str = "exact"  # erf GELU everywhere (MindSpore's default is the tanh approximation)
+    gelu: str = "exact"  # GELUS: of the block MLPs and both reuse MLPs ("tanh": the MindSpore release)
+    feature_reuse_norm: str = "apply"  # FEATURE_REUSE_NORMS ("discard": the MindSpore release)
     drop_path_rate: float = 0.0  # stochastic depth while training (linearly increasing over blocks)
 
     # ---- derived ----------------------------------------------------------------------------
@@ -180,10 +194,10 @@ class CascadeSpec:
         feature = relation = None
         if self.uses_feature_reuse(index):
             feature = FeatureReusePlan(prev.embed_dim, self.feature_reuse_hidden, self.feature_reuse_dim, st.ln_eps,
-                                       prev.grid, st.grid)
+                                       prev.grid, st.grid, self.gelu, self.feature_reuse_norm == "apply")
         if self.uses_relation_reuse(index):
             relation = RelationReusePlan(prev.relation_channels, st.relation_channels * self.relation_reuse_expand,
-                                         st.relation_channels, prev.grid, st.grid)
+                                         st.relation_channels, prev.grid, st.grid, self.gelu)
         return ReusePlan(feature, relation)
 
     def validate(self) -> "CascadeSpec":
@@ -197,8 +211,11 @@ class CascadeSpec:
             raise SpecError(
                 f"{self.name}: mean/std need one value per input channel ({self.in_chans}), "
                 f"got {len(self.mean)} and {len(self.std)}")
-        if self.gelu not in ("exact",):
-            raise SpecError(f"{self.name}: gelu must be 'exact', got {self.gelu!r}")
+        if self.gelu not in GELUS:
+            raise SpecError(f"{self.name}: gelu must be one of {GELUS}, got {self.gelu!r}")
+        if self.feature_reuse_norm not in FEATURE_REUSE_NORMS:
+            raise SpecError(f"{self.name}: feature_reuse_norm must be one of {FEATURE_REUSE_NORMS}, "
+                            f"got {self.feature_reuse_norm!r}")
         for i, st in enumerate(self.stages):
             where = f"{self.name} stage {i}"
             if st.family not in FAMILIES:
@@ -331,7 +348,7 @@ def stage_for_grid(stage: StageSpec, img_size: int, grid: int) -> StageSpec:
 STAGE_OVERRIDES = ("embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "ln_eps", "pos_embed")
 CASCADE_OVERRIDES = ("num_classes", "in_chans", "mean", "std", "feature_reuse", "relation_reuse",
                      "feature_reuse_dim", "feature_reuse_hidden", "relation_reuse_expand", "name",
-                     "drop_path_rate")
+                     "drop_path_rate", "gelu", "feature_reuse_norm")
 
 
 def apply_overrides(spec: CascadeSpec, **overrides) -> CascadeSpec:

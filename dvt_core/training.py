@@ -8,11 +8,18 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Union
 
 import numpy as np
 
 from . import data
+from .errors import DVTError
+
+FOLDER_HOLDOUT = 0.1  # default held-out fraction of an image folder (Fashion-MNIST keeps TrainConfig.holdout)
+
+
+class TrainingDiverged(DVTError):
+    """The training loss became NaN or infinite; the run stopped and wrote no weights for it."""
 
 
 @dataclass
@@ -24,7 +31,7 @@ class TrainConfig:
     weight_decay: float = 0.05
     warmup_epochs: float = 2.0
     label_smoothing: float = 0.0
-    holdout: int = 5000  # training images held out (never trained on) to calibrate thresholds
+    holdout: Union[int, float] = 5000  # training images (a count, or a fraction < 1) held out to calibrate
     augment: bool = True
     pad: int = 2  # random-crop padding in pixels
     seed: int = 0
@@ -73,3 +80,47 @@ def epoch_batches(images: np.ndarray, labels: np.ndarray, cfg: TrainConfig, epoc
 
 def steps_per_epoch(n: int, cfg: TrainConfig) -> int:
     return n // cfg.batch_size
+
+
+def resolve_holdout(cfg: TrainConfig, n: int) -> TrainConfig:
+    """``cfg`` with a fractional ``holdout`` turned into the count of images it keeps out of ``n`` (the same
+    split: :func:`dvt_core.data.split_holdout` draws it from ``n`` and the seed alone)."""
+    h = cfg.holdout
+    if isinstance(h, bool) or not isinstance(h, (int, float, np.integer, np.floating)):
+        raise DVTError(f"holdout must be a count or a fraction, got {h!r}")
+    if isinstance(h, (float, np.floating)) and not float(h).is_integer():
+        if not 0.0 <= h < 1.0:
+            raise DVTError(f"a fractional holdout must lie in [0, 1), got {h:g}")
+        count = int(round(float(h) * n))
+    else:
+        count = int(h)
+    if not 0 <= count <= n:
+        raise DVTError(f"holdout {count} is not between 0 and the {n} images")
+    return dataclasses.replace(cfg, holdout=count)
+
+
+def check_finite_loss(loss: float, step: int, epoch: int) -> None:
+    """TrainingDiverged naming the step when ``loss`` is NaN or infinite."""
+    if not math.isfinite(loss):
+        raise TrainingDiverged(f"training diverged: the loss is {loss} at step {step + 1} (epoch {epoch + 1}); "
+                               "no weights written for it. Lower --lr, or raise --warmup-epochs")
+
+
+def final_meta(spec, cfg: TrainConfig, history: list, images: int, hold_idx, labels, probs, seconds: float,
+               device: str, world: int, backend: str, init=None) -> dict:
+    """The metadata a trainer writes with its final weights, calibrated on the held-out part when there is
+    one (``probs``: the exits' probabilities on it), so the default operating point is ready to use."""
+    from .macs import exit_macs
+    from .operating_point import calibration_meta
+
+    costs = [int(m) for m in exit_macs(spec)]
+    meta = {"arch": spec.name, "spec": spec.to_dict(), "exit_macs": costs, "train": cfg.to_dict(),
+            "history": history, "holdout_indices_seed": cfg.seed, "holdout": int(len(hold_idx)),
+            "dataset_images": int(images), "train_seconds": round(seconds, 1), "device": device,
+            "world_size": world, "backend": backend}
+    if init is not None:
+        meta["init"] = init if isinstance(init, dict) else init.to_meta()
+    if probs is not None and len(hold_idx):
+        meta.update(calibration_meta(probs, labels[hold_idx], costs,
+                                     data={"split": "holdout", "holdout": int(len(hold_idx)), "seed": cfg.seed}))
+    return meta

@@ -121,8 +121,29 @@ def dvt_deit_base():
 
 @register
 def dvt_vit_base():
-    """Two exits, 7x7 then 14x14 tokens: the shape of the MindSpore DVT release."""
+    """ViT-B widths with two exits, 7x7 then 14x14 tokens, in the PyTorch release's numerics.
+
+    Not a released model: neither release has a ViT-B DVT. The authors' MindSpore code at ViT-B width is
+    ``get_spec("dvt_ms_deit_small", embed_dim=768, num_heads=12)``.
+    """
     return _dvt_vit("dvt_vit_base", 768, 12, 12, grids=(7, 14))
+
+
+# ---- the authors' MindSpore release -----------------------------------------------------------------
+# One architecture: DeiT-S widths, exits at 7x7 (patch 32) and 14x14 (patch 16) tokens, 1001 classes,
+# MindSpore's LayerNorm eps (1e-7), tanh GELU everywhere, and a feature-reuse LayerNorm whose output that
+# code discards. Its ablations are ``feature_reuse=False`` / ``relation_reuse=False``; other widths go
+# through overrides (every dependent width follows from embed_dim, num_heads and depth).
+MS_RELEASE_LN_EPS = 1e-7
+MS_RELEASE_CLASSES = 1001
+
+
+@register
+def dvt_ms_deit_small():
+    """The authors' MindSpore DVT: DeiT-S widths, exits 7x7 and 14x14, feature and relationship reuse."""
+    stages = tuple(dataclasses.replace(_vit_stage(g, 384, 12, 6), ln_eps=MS_RELEASE_LN_EPS) for g in (7, 14))
+    return CascadeSpec(name="dvt_ms_deit_small", stages=stages, num_classes=MS_RELEASE_CLASSES, gelu="tanh",
+                       feature_reuse_norm="discard")
 
 
 def static_spec(spec: CascadeSpec, exit_index: int, name: str | None = None) -> CascadeSpec:

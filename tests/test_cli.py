@@ -336,8 +336,9 @@ def test_train_and_resume_fashion_mnist(tmp_path):
     meta = _meta(final)
     assert meta["holdout"] == 100 and meta["spec"]["stages"][0]["depth"] == 1 and len(meta["history"]) == 1
     proc = ok(dvt(*args, "--epochs", "2", "--max-steps", "4", "--resume"))
-    assert "resumed from" in proc.stdout and "epoch 2/2" in proc.stdout
-    assert len(_meta(final)["history"]) == 2
+    # stopped inside epoch 1 by --max-steps: the resume continues that epoch at step 2
+    assert "resumed from" in proc.stdout and "at epoch 1, step 2" in proc.stdout and "epoch 1/2" in proc.stdout
+    assert len(_meta(final)["history"]) == 1
 
 
 def test_train_image_folder_then_predict(files, tmp_path):
@@ -346,13 +347,15 @@ def test_train_image_folder_then_predict(files, tmp_path):
            files["folder"], "--out", out, "--epochs", "1", "--max-steps", "1", "--holdout", "4", "--batch-size", "4",
            "--no-progress"))
     ck = out / "dvt_fashion_mnist.safetensors"
-    assert _meta(ck)["classes"] == ["Trouser", "sneaker"] and "thresholds" not in _meta(ck)
+    # training ends calibrated on its 4 held-out images: predict works at once
+    assert _meta(ck)["classes"] == ["Trouser", "sneaker"] and len(_meta(ck)["thresholds"]) == 3
     img = next(iter(files["truth"]))
-    user_error(dvt("predict", img, "--weights", ck), "no thresholds", "--thresholds")
-    # A fresh checkpoint gets its budget table and thresholds from calibrate, then predict --budget works.
+    ok(dvt("predict", img, "--weights", ck))
+    # calibrate of the folder-trained model uses the same held-out part, never the trained-on images
     ok(dvt("calibrate", "--weights", ck, "--dataset", files["folder"], "--budget", "1e9"))
     meta = _meta(ck)
-    assert len(meta["budgets"]) == 59 and len(meta["thresholds"]) == 3 and meta["calibration"]["images"] == 12
+    assert len(meta["budgets"]) == 59 and len(meta["thresholds"]) == 3 and meta["calibration"]["images"] == 4
+    assert meta["calibration"]["split"] == "holdout"
     proc = ok(dvt("predict", img, "--weights", ck, "--budget", "1e9", "--json"))
     assert json.loads(proc.stdout)["prediction"] in ("Trouser", "sneaker")
 

@@ -109,7 +109,7 @@ def test_full_size_variant_matches_reference(name, overrides, tmp_path):
 
 
 SMALL = [
-    # the two-exit shape of the MindSpore release: 7x7 then 14x14 tokens (one resize, 7 -> 14)
+    # two exits, 7x7 then 14x14 tokens (one resize, 7 -> 14)
     pytest.param("dvt_vit_base", dict(embed_dim=64, depth=2, num_heads=2), id="vit_base-two_exits"),
     # grids the official code never used: intermediate sizes 3 -> 6 -> 5 and 5 -> 10 -> 8
     pytest.param("dvt_deit_tiny", dict(embed_dim=48, depth=2, num_heads=2, img_size=64, grids=(3, 5, 8),

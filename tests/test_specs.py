@@ -72,7 +72,7 @@ def test_unknown_backend_is_named():
 def test_list_models_has_every_required_model():
     assert set(REQUIRED_MODELS) <= set(ZOO), f"missing: {sorted(set(REQUIRED_MODELS) - set(ZOO))}"
     assert ZOO == sorted(ZOO)
-    assert list_models("deit") == ["dvt_deit_base", "dvt_deit_small", "dvt_deit_tiny"]
+    assert list_models("deit") == ["dvt_deit_base", "dvt_deit_small", "dvt_deit_tiny", "dvt_ms_deit_small"]
 
 
 @pytest.mark.parametrize("name", REQUIRED_MODELS)

@@ -65,7 +65,8 @@ class Stage(C.Cell):
         self.relation_reuse = RelationReuse(plan.relation) if plan.relation else None
         dpr = drop_path_rates(spec, index)
         self.blocks = C.CellList(
-            [Block(st, fr.out_dim if fr else 0, dpr[j], FeatureReuse(fr) if fr else None) for j in range(st.depth)])
+            [Block(st, fr.out_dim if fr else 0, dpr[j], FeatureReuse(fr) if fr else None, spec.gelu)
+             for j in range(st.depth)])
         if fr:
             self.feature_resize = TokenResize(fr.old_grid, fr.new_grid, "zero")
         self.norm = C.layer_norm(st.embed_dim, st.ln_eps)

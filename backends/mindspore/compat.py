@@ -122,8 +122,11 @@ class ExactGELU(nn.Cell):
         return x * (ops.erf(x * _INV_SQRT2) + 1.0) * 0.5  # the 0.5 is exact: same bits as torch's order
 
 
-def gelu() -> nn.Cell:
-    """Exact (erf) GELU; MindSpore's nn.GELU defaults to the tanh approximation (and is slower exact)."""
+def gelu(flavour: str = "exact") -> nn.Cell:
+    """The spec's GELU: "exact" (erf; MindSpore's own exact nn.GELU is slower) or "tanh" (nn.GELU's default
+    tanh approximation, as torch's ``GELU(approximate="tanh")``)."""
+    if flavour == "tanh":
+        return nn.GELU(approximate=True)
     return ExactGELU()
 
 

@@ -13,12 +13,12 @@ from . import compat as C
 
 
 class Mlp(C.Cell):
-    """fc1 -> exact GELU -> fc2 (dropout after each, as in timm)."""
+    """fc1 -> GELU (the spec's flavour) -> fc2 (dropout after each, as in timm)."""
 
-    def __init__(self, in_features: int, hidden: int, out_features: int, drop: float = 0.0):
+    def __init__(self, in_features: int, hidden: int, out_features: int, drop: float = 0.0, gelu_flavour: str = "exact"):
         super().__init__()
         self.fc1 = C.dense(in_features, hidden)
-        self.act = C.gelu()
+        self.act = C.gelu(gelu_flavour)
         self.fc2 = C.dense(hidden, out_features)
         self.drop = C.dropout(drop)
 
@@ -80,31 +80,35 @@ class Attention(C.Cell):
 class FeatureReuse(C.Cell):
     """Per-block MLP over the previous stage's final tokens (LayerNorm -> fc1 -> GELU -> fc2).
 
-    It runs on the previous (small) grid; the stage resamples all blocks' outputs at once.
+    It runs on the previous (small) grid; the stage resamples all blocks' outputs at once. Where the
+    plan says so (the MindSpore release) the LayerNorm's output is not used: fc1 reads the raw tokens.
     """
 
     def __init__(self, plan: FeatureReusePlan):
         super().__init__()
         self.norm = C.layer_norm(plan.in_dim, plan.ln_eps)
+        self.apply_norm = plan.apply_norm
         self.fc1 = C.dense(plan.in_dim, plan.hidden)
-        self.act = C.gelu()
+        self.act = C.gelu(plan.gelu)
         self.fc2 = C.dense(plan.hidden, plan.out_dim)
 
     def construct(self, prev_tokens):
-        return self.fc2(self.act(self.fc1(self.norm(prev_tokens))))
+        x = self.norm(prev_tokens) if self.apply_norm else prev_tokens
+        return self.fc2(self.act(self.fc1(x)))
 
 
 class Block(C.Cell):
     """Pre-norm transformer block; with feature reuse, the MLP reads [tokens, reused features]."""
 
-    def __init__(self, stage: StageSpec, reuse_dim: int = 0, drop_path: float = 0.0, feature_reuse=None):
+    def __init__(self, stage: StageSpec, reuse_dim: int = 0, drop_path: float = 0.0, feature_reuse=None,
+                 gelu_flavour: str = "exact"):
         super().__init__()
         dim = stage.embed_dim
         self.norm1 = C.layer_norm(dim, stage.ln_eps)
         self.attn = Attention(stage)
         self.drop_path = DropPath(drop_path)
         self.norm2 = C.layer_norm(dim + reuse_dim, stage.ln_eps)
-        self.mlp = Mlp(dim + reuse_dim, stage.mlp_hidden, dim)
+        self.mlp = Mlp(dim + reuse_dim, stage.mlp_hidden, dim, gelu_flavour=gelu_flavour)
         if feature_reuse is not None:
             self.feature_reuse = feature_reuse
 
@@ -148,7 +152,7 @@ class RelationReuse(C.Cell):
     def __init__(self, plan: RelationReusePlan):
         super().__init__()
         self.expand = C.conv2d(plan.in_channels, plan.hidden_channels, 1)
-        self.act = C.gelu()
+        self.act = C.gelu(plan.gelu)
         self.reduce = C.conv2d(plan.hidden_channels, plan.out_channels, 1)
         self.resize = TokenResize(plan.old_grid, plan.new_grid, "keep")
 

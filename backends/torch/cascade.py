@@ -58,8 +58,8 @@ class Stage(nn.Module):
         fr = plan.feature
         self.relation_reuse = RelationReuse(plan.relation) if plan.relation else None
         dpr = drop_path_rates(spec, index)
-        self.blocks = nn.ModuleList(Block(st, fr.out_dim if fr else 0, dpr[j], FeatureReuse(fr) if fr else None)
-                                    for j in range(st.depth))
+        self.blocks = nn.ModuleList(Block(st, fr.out_dim if fr else 0, dpr[j], FeatureReuse(fr) if fr else None,
+                                          spec.gelu) for j in range(st.depth))
         if fr:
             self.feature_resize = TokenResize(fr.old_grid, fr.new_grid, "zero")
         self.norm = nn.LayerNorm(st.embed_dim, eps=st.ln_eps)

@@ -14,13 +14,18 @@ from dvt_core.resample import token_resize_matrix
 from dvt_core.specs import FeatureReusePlan, RelationReusePlan, StageSpec
 
 
-class Mlp(nn.Module):
-    """fc1 -> exact GELU -> fc2 (dropout after each, as in timm)."""
+def gelu(flavour: str) -> nn.GELU:
+    """The spec's GELU: "exact" (erf) or "tanh" (the tanh approximation)."""
+    return nn.GELU(approximate="tanh" if flavour == "tanh" else "none")
 
-    def __init__(self, in_features: int, hidden: int, out_features: int, drop: float = 0.0):
+
+class Mlp(nn.Module):
+    """fc1 -> GELU (the spec's flavour) -> fc2 (dropout after each, as in timm)."""
+
+    def __init__(self, in_features: int, hidden: int, out_features: int, drop: float = 0.0, gelu_flavour: str = "exact"):
         super().__init__()
         self.fc1 = nn.Linear(in_features, hidden)
-        self.act = nn.GELU()  # exact (erf) GELU, the spec's numerics
+        self.act = gelu(gelu_flavour)
         self.fc2 = nn.Linear(hidden, out_features)
         self.drop = nn.Dropout(drop)
 
@@ -67,32 +72,35 @@ class Attention(nn.Module):
 class FeatureReuse(nn.Module):
     """Per-block MLP over the previous stage's final tokens (LayerNorm -> fc1 -> GELU -> fc2).
 
-    It runs on the previous (small) grid; the stage resamples all blocks' outputs at once.
+    It runs on the previous (small) grid; the stage resamples all blocks' outputs at once. Where the
+    plan says so (the MindSpore release) the LayerNorm's output is not used: fc1 reads the raw tokens.
     """
 
     def __init__(self, plan: FeatureReusePlan):
         super().__init__()
         self.norm = nn.LayerNorm(plan.in_dim, eps=plan.ln_eps)
+        self.apply_norm = plan.apply_norm
         self.fc1 = nn.Linear(plan.in_dim, plan.hidden)
-        self.act = nn.GELU()
+        self.act = gelu(plan.gelu)
         self.fc2 = nn.Linear(plan.hidden, plan.out_dim)
 
     def forward(self, prev_tokens: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(self.norm(prev_tokens))))
+        x = self.norm(prev_tokens) if self.apply_norm else prev_tokens
+        return self.fc2(self.act(self.fc1(x)))
 
 
 class Block(nn.Module):
     """Pre-norm transformer block; with feature reuse, the MLP reads [tokens, reused features]."""
 
     def __init__(self, stage: StageSpec, reuse_dim: int = 0, drop_path: float = 0.0,
-                 feature_reuse: Optional[FeatureReuse] = None):
+                 feature_reuse: Optional[FeatureReuse] = None, gelu_flavour: str = "exact"):
         super().__init__()
         dim = stage.embed_dim
         self.norm1 = nn.LayerNorm(dim, eps=stage.ln_eps)
         self.attn = Attention(stage)
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim + reuse_dim, eps=stage.ln_eps)
-        self.mlp = Mlp(dim + reuse_dim, stage.mlp_hidden, dim)
+        self.mlp = Mlp(dim + reuse_dim, stage.mlp_hidden, dim, gelu_flavour=gelu_flavour)
         if feature_reuse is not None:
             self.feature_reuse = feature_reuse
 
@@ -134,7 +142,7 @@ class RelationReuse(nn.Module):
     def __init__(self, plan: RelationReusePlan):
         super().__init__()
         self.expand = nn.Conv2d(plan.in_channels, plan.hidden_channels, kernel_size=1)
-        self.act = nn.GELU()
+        self.act = gelu(plan.gelu)
         self.reduce = nn.Conv2d(plan.hidden_channels, plan.out_channels, kernel_size=1)
         self.resize = TokenResize(plan.old_grid, plan.new_grid, "keep")
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import data as dvt_data
 from ..zoo import get_spec
 from ._shared import (UserError, parse_overrides, add_common_options, emit_json, _is_fashion_mnist,
                       load_dataset, holdout_params, _progress, _check_limit, _is_shipped_file, build_from_args,
@@ -104,6 +105,14 @@ def run(args) -> int:
         images, labels, folder_classes = load_dataset(args.dataset, "all", spec)
         labels, _ = match_folder_classes(labels, folder_classes, ckpt.meta, spec)
         data_desc = {"dataset": str(args.dataset), "split": "all"}
+        trained_on = (ckpt.meta or {}).get("dataset_images")
+        if trained_on == len(labels) and hold_size:  # the folder it was trained on: only its held-out part
+            _, hold = dvt_data.split_holdout(len(labels), hold_size, hold_seed)
+            images, labels = images[hold], labels[hold]
+            data_desc.update(split="holdout", holdout=hold_size, seed=hold_seed)
+        elif trained_on is not None:
+            print(f"note: {args.dataset} holds {len(labels)} images, not the {trained_on} the model was trained "
+                  "on; calibrating on all of them", file=sys.stderr)
     if limit:
         images, labels = images[:limit], labels[:limit]
         data_desc["limit"] = limit
@@ -147,7 +156,7 @@ def run(args) -> int:
         meta["budgets"] = [{"budget": int(b), "thresholds": [float(v) for v in t], "holdout_accuracy": float(a),
                             "holdout_macs": float(c)}
                            for b, t, a, c in zip(sweep.budgets, sweep.thresholds, sweep.accuracy, sweep.cost)]
-    write_checkpoint(dst, ckpt.canonical_state(spec.num_exits), meta, fmt=fmt, force=True)
+    write_checkpoint(dst, ckpt.canonical_state(spec.num_exits, spec.in_chans), meta, fmt=fmt, force=True)
 
     how = (f"budget index {chosen['budget_index']}" if "budget_index" in chosen else chosen["policy"])
     out = sys.stderr if args.json == "-" else sys.stdout

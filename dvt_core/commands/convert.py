@@ -1,19 +1,25 @@
-"""``dvt convert``: checkpoints between the official release, torch, safetensors and MindSpore."""
+"""``dvt convert``: checkpoints between the official releases, torch, safetensors and MindSpore.
+
+A ``.ckpt`` of the authors' MindSpore code is recognised from its names; ``--to mindspore-official`` writes
+that layout back (their names and order, no metadata).
+"""
 from __future__ import annotations
 
 from pathlib import Path
 
+from ..checkpoints import WRITE_FORMATS
 from ._shared import (UserError, parse_overrides)
 
-HELP = "convert a checkpoint between official, torch, safetensors and MindSpore"
+HELP = "convert a checkpoint between the official releases, torch, safetensors and MindSpore"
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("src")
     parser.add_argument("dst")
     parser.add_argument("--arch", default=None, help="model name (needed when SRC carries no architecture)")
-    parser.add_argument("--to", default=None, choices=["torch", "mindspore", "safetensors"],
-                   help="output format (default: from DST's suffix)")
+    parser.add_argument("--to", default=None, choices=list(WRITE_FORMATS),
+                        help="output format (default: from DST's suffix; mindspore-official: the layout of the "
+                             "authors' MindSpore code)")
     parser.add_argument("--force", action="store_true", help="overwrite DST")
     parser.add_argument("--override", "-O", action="append", metavar="KEY=VALUE")
 
@@ -28,7 +34,7 @@ def run(args) -> int:
             format_for_suffix(args.dst)
         except CheckpointError:
             raise UserError(f"cannot tell the output format from {args.dst}'s suffix; name it .safetensors, .pth "
-                            "or .ckpt, or pass --to torch|safetensors|mindspore") from None
+                            f"or .ckpt, or pass --to {'|'.join(WRITE_FORMATS)}") from None
     if not Path(args.src).exists():
         raise UserError(f"checkpoint not found: {args.src}")
     out = convert(args.src, args.dst, arch=args.arch, to=args.to, force=args.force,

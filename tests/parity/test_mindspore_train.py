@@ -98,3 +98,102 @@ def test_loss_weights_and_label_smoothing():
         a = float(bm.DVT.loss(ms_out, ms_t, **kw).asnumpy())
         b = float(bt.DVT.loss(t_out, t_t, **kw))
         assert abs(a - b) < 1e-5, (kw, a, b)
+
+
+# ---- training parity: the same initial weights and batches give the same AdamW trajectory -------------
+
+def _trajectories(name, steps, batch, **extra):
+    """Per-step losses and final weights of ``steps`` AdamW steps in torch and in MindSpore, from torch's
+    initial weights, on the same random batches, dropout and stochastic depth off."""
+    from dvt_backends.mindspore import train as mtrain
+    from dvt_backends.torch import train as ttrain
+    from dvt_core.training import TrainConfig, cosine_lr
+
+    ov = dict(extra, drop_path_rate=0.0)
+    spec = dvt_core.get_spec(name, **ov)
+    cfg = TrainConfig(lr=2e-3, weight_decay=0.05, label_smoothing=0.1, grad_clip=1.0)
+    torch.manual_seed(0)
+    tm = bt.DVT(spec)
+    mm = bm.DVT(spec)
+    bm.load_state(mm, bt.model_state(tm))
+    t_step = ttrain.make_train_step(tm, tm, ttrain.make_optimizer(tm, cfg), cfg)
+    m_step = mtrain.make_train_step(mm, mtrain.make_optimizer(mm, cfg.weight_decay), cfg)
+    tm.train()
+    mm.set_train(True)
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((batch, spec.in_chans, spec.img_size, spec.img_size)).astype(np.float32)
+    y = rng.integers(0, spec.num_classes, batch)
+    t_losses, m_losses = [], []
+    for s in range(steps):  # one batch, fitted step after step
+        lr = cosine_lr(s, steps, 1, cfg.lr, cfg.min_lr)
+        t_losses.append(t_step(x, y, lr))
+        m_losses.append(m_step(x, y, lr))
+    return np.array(t_losses), np.array(m_losses), bt.model_state(tm), bm.model_state(mm), spec
+
+
+def _assert_same_trajectory(t_losses, m_losses, t_state, m_state, outliers=0.0, bound=0.0):
+    """Losses within 1e-5 relative, weights within 1e-4. ``outliers``: the fraction of weights allowed
+    beyond 1e-4 (never beyond the ``bound`` that flipped steps can reach): a gradient element that is a
+    sum cancelling to float32 rounding noise gets a full learning-rate step from AdamW (which divides
+    by the gradient's own size) whose sign the two frameworks' rounding decides."""
+    np.testing.assert_allclose(m_losses, t_losses, rtol=1e-5)
+    assert t_state.keys() == m_state.keys()
+    worst = {k: float(np.abs(t_state[k] - m_state[k]).max()) for k in t_state}
+    far = sum(int((np.abs(t_state[k] - m_state[k]) > 1e-4).sum()) for k in t_state)
+    size = sum(v.size for v in t_state.values())
+    top = sorted(worst.items(), key=lambda kv: -kv[1])[:5]
+    assert far <= outliers * size, f"{far} of {size} weights differ by more than 1e-4: {top}"
+    assert max(worst.values()) <= max(bound, 1e-4), top
+
+
+T2T_GAP = ("open: the T2T token modules' MLP weights part after AdamW steps (about 15 % of the weights, by up to "
+           "4 learning-rate steps) while the losses agree; their gradients are ~1e-6, below the 1e-6 absolute "
+           "tolerance of test_gradients_flow_and_step_lowers_loss, so a real gradient difference there is not ruled out")
+
+
+@pytest.mark.parametrize("name", ["dvt_deit_small", pytest.param(
+    "dvt_t2t_vit_12", marks=[pytest.mark.slow, pytest.mark.xfail(strict=True, reason=T2T_GAP)])])
+def test_adamw_steps_match_torch(name):
+    steps = 3
+    t_losses, m_losses, t_state, m_state, _ = _trajectories(name, steps=steps, batch=4, **small_overrides(name))
+    assert t_losses[-1] < t_losses[0] - 0.05, t_losses  # the steps do train
+    _assert_same_trajectory(t_losses, m_losses, t_state, m_state, outliers=1e-3, bound=2 * 2e-3 * steps)
+
+
+@pytest.mark.slow
+def test_one_full_size_adamw_step_matches_torch():
+    t_losses, m_losses, t_state, m_state, spec = _trajectories("dvt_deit_small", steps=1, batch=2)
+    assert spec.img_size == 224 and [s.grid for s in spec.stages] == [7, 10, 14]
+    _assert_same_trajectory(t_losses, m_losses, t_state, m_state, outliers=1e-6, bound=2 * 2e-3)
+
+
+def test_trainers_agree_end_to_end(tmp_path):
+    """dvt_backends.torch.train.train and dvt_backends.mindspore.train.train on the same images and batches
+    (no augmentation, no stochastic depth), MindSpore started from torch's seeded initial weights: the
+    same epoch losses, final weights and calibrated thresholds."""
+    from dvt_backends.mindspore import train as mtrain
+    from dvt_backends.torch import train as ttrain
+    from dvt_core.checkpoints import read_checkpoint
+    from dvt_core.training import TrainConfig
+
+    spec = dvt_core.get_spec("dvt_fashion_mnist", depth=1, embed_dim=16, num_heads=2, feature_reuse_dim=4,
+                             feature_reuse_hidden=8, drop_path_rate=0.0)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (56, 28, 28)).astype(np.uint8)
+    labels = np.arange(56) % 10
+    cfg = TrainConfig(epochs=2, batch_size=16, lr=3e-3, warmup_epochs=0.5, holdout=8, augment=False, seed=3)
+    t_path = ttrain.train(spec, images, labels, cfg, tmp_path / "torch", progress=False)
+    torch.manual_seed(cfg.seed)
+    init = bt.model_state(bt.DVT(spec))
+    m_path = mtrain.train(spec, images, labels, cfg, tmp_path / "ms", progress=False, init_state=init)
+    assert m_path.name == "dvt_fashion_mnist.ckpt" and (tmp_path / "ms" / "last.ckpt").exists()
+    t, m = read_checkpoint(t_path), read_checkpoint(m_path)
+    assert m.format == "mindspore" and m.meta["backend"] == "mindspore"
+    np.testing.assert_allclose([h["loss"] for h in m.meta["history"]], [h["loss"] for h in t.meta["history"]],
+                               rtol=1e-5)
+    moved = max(float(np.abs(t.state[k] - init[k]).max()) for k in init)
+    assert moved > 1e-3
+    _assert_same_trajectory(np.zeros(1), np.zeros(1), t.state, m.state)
+    for key in ("train", "holdout", "exit_macs", "spec"):
+        assert m.meta[key] == t.meta[key], key
+    assert len(m.meta["thresholds"]) == spec.num_exits and m.meta["default_operating_point"]["rule"]

@@ -45,7 +45,7 @@ def __getattr__(name):
         return getattr(macs, name)
     if name in ("policy", "checkpoints", "naming", "resample", "early_exit", "data", "macs", "weights", "evaluation",
                 "training", "convert", "plots", "backend", "shapes", "recipe", "images", "fileio",
-                "ckpt_format"):
+                "ckpt_format", "operating_point", "datasets"):
         import importlib
 
         return importlib.import_module(f".{name}", __name__)

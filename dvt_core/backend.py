@@ -58,6 +58,12 @@ class Backend(Protocol):
         :class:`~dvt_core.errors.InputError` naming it.
         """
 
+    def device_for(self, device) -> Any:
+        """This backend's handle of ``device`` (a ``torch.device``, a MindSpore target name), without a
+        model: what ``to_device`` moves a model to. Checks ``device`` before any work is done; the same
+        :class:`~dvt_core.errors.InputError` as ``to_device`` for one it does not know or cannot use here.
+        """
+
     def to_tensor(self, model, array: np.ndarray) -> Any:
         """A float32 numpy image batch (N, C, H, W) as this backend's tensor, on the model's device."""
 

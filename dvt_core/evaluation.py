@@ -26,13 +26,16 @@ def exit_probs(model, images: np.ndarray, batch_size: int = 500, progress: bool 
     return np.concatenate(chunks, axis=1).astype(np.float32)
 
 
-def adaptive(model, images: np.ndarray, thresholds, batch_size: int = 500, confidence: str = "max_softmax",
+def adaptive(model, images: np.ndarray, thresholds=None, batch_size: int = 500, confidence: str = "max_softmax",
              progress: bool = False):
-    """True early exit over uint8 ``images`` in batches; one merged :class:`AdaptiveResult`."""
+    """True early exit over uint8 ``images`` in batches; one merged :class:`AdaptiveResult`. Without
+    ``thresholds``, the default operating point stored in the model's checkpoint."""
     from tqdm.auto import tqdm
 
     from .early_exit import AdaptiveResult
+    from .operating_point import model_thresholds
 
+    thresholds = model_thresholds(model, thresholds)
     spec = model.spec
     run = backend_of(model).adaptive_numpy
     parts = []

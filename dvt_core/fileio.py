@@ -144,9 +144,10 @@ def check_writable(dst: Union[str, os.PathLike], force: bool = False, parents: b
     if not parent.is_dir():
         if parents and not exists(parent):
             return dst
-        raise FileNotFoundError(f"folder {parent} does not exist (create it first)")
+        what = "is not a folder" if exists(parent) else "does not exist (create it first)"
+        raise FileNotFoundError(f"cannot write {dst}: folder {parent} {what}")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise PermissionError(f"cannot write into folder {parent}")
+        raise PermissionError(f"cannot write {dst}: cannot write into folder {parent}")
     return dst
 
 

@@ -351,6 +351,114 @@ CASCADE_OVERRIDES = ("num_classes", "in_chans", "mean", "std", "feature_reuse", 
                      "drop_path_rate", "gelu", "feature_reuse_norm")
 
 
+# What each override accepts: (kind, lower bound, bound included, choices). Kinds: "int", "float",
+# "bool", "str", "ints" / "floats" (a tuple). Fields not listed take the kind of their default value.
+_OVERRIDE_RULES: dict[str, tuple] = {
+    "num_classes": ("int", 1, True, None), "in_chans": ("int", 1, True, None), "img_size": ("int", 1, True, None),
+    "embed_dim": ("int", 1, True, None), "depth": ("int", 1, True, None), "num_heads": ("int", 1, True, None),
+    "token_dim": ("int", 1, True, None), "feature_reuse_dim": ("int", 1, True, None),
+    "feature_reuse_hidden": ("int", 1, True, None), "relation_reuse_expand": ("int", 1, True, None),
+    "mlp_ratio": ("float", 0.0, False, None), "ln_eps": ("float", 0.0, False, None),
+    "drop_path_rate": ("float", 0.0, True, None),
+    "qkv_bias": ("bool", None, None, None), "feature_reuse": ("bool", None, None, None),
+    "relation_reuse": ("bool", None, None, None),
+    "name": ("str", None, None, None), "pos_embed": ("str", None, None, POS_EMBEDS),
+    "gelu": ("str", None, None, GELUS), "feature_reuse_norm": ("str", None, None, FEATURE_REUSE_NORMS),
+    "grids": ("ints", 1, True, None), "mean": ("floats", None, None, None), "std": ("floats", 0.0, False, None),
+}
+_UPPER = {"drop_path_rate": 1.0}  # exclusive upper bounds
+
+
+def _default_kind(key: str) -> tuple:
+    """The rule of a field not in the table, from its default value's type."""
+    for cls in (CascadeSpec, StageSpec, T2TSpec):
+        for f in dataclasses.fields(cls):
+            if f.name == key and f.default is not dataclasses.MISSING:
+                d = f.default
+                kind = ("bool" if isinstance(d, bool) else "int" if isinstance(d, int) else
+                        "float" if isinstance(d, float) else "str" if isinstance(d, str) else
+                        "floats" if isinstance(d, tuple) else None)
+                if kind:
+                    return kind, None, None, None
+    return "any", None, None, None
+
+
+def _allowed(kind: str, low, inclusive, choices, key: str) -> str:
+    if choices:
+        return f"one of {', '.join(choices)}"
+    bound = "" if low is None else f" {'>=' if inclusive else '>'} {low:g}"
+    upper = f" and < {_UPPER[key]:g}" if key in _UPPER else ""
+    return {"int": f"{bound.strip()} (a whole number)" if bound else "a whole number",
+            "float": f"{bound.strip()}{upper} (a number)" if bound else "a number", "bool": "true or false",
+            "str": "a non-empty string",
+            "ints": f"whole numbers{bound}, comma-separated (e.g. {key}=2,4,7)",
+            "floats": f"numbers{bound}, one per input channel, comma-separated (e.g. {key}=0.5 or {key}=0.5,0.5,0.5)",
+            }.get(kind, "a valid value")
+
+
+def _scalar(kind: str, value):
+    """``value`` as ``kind`` ("int", "float", "bool", "str"), or raise ValueError."""
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"
+        raise ValueError
+    if kind == "str":
+        if isinstance(value, str) and value.strip():
+            return value.strip()
+        raise ValueError
+    if isinstance(value, bool) or value is None:
+        raise ValueError
+    if isinstance(value, str):
+        value = float(value.strip())  # ValueError for text that is not a number
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError
+    if kind == "int":
+        if not number.is_integer():
+            raise ValueError
+        return int(number)
+    return number
+
+
+def check_override(spec: CascadeSpec, key: str, value):
+    """``value`` of override ``key`` converted to the field's type and range-checked; a SpecError naming
+    the field, the value and what it accepts otherwise. Tuple fields take a list, a tuple, a scalar, or
+    text such as ``"2,4,7"``, ``"[2,4,7]"`` or ``"(2, 4, 7)"``."""
+    kind, low, inclusive, choices = _OVERRIDE_RULES.get(key) or _default_kind(key)
+    if kind == "any":
+        return value
+
+    def fail():
+        return SpecError(f"{spec.name}: {key} must be {_allowed(kind, low, inclusive, choices, key)}, "
+                         f"got {value!r}")
+
+    try:
+        if kind in ("ints", "floats"):
+            items = value
+            if isinstance(items, str):
+                text = items.strip().strip("()[]").strip()
+                items = [v for v in (p.strip() for p in text.split(",")) if v != ""] if text else []
+            elif not isinstance(items, (list, tuple)):
+                items = [items]
+            out = tuple(_scalar(kind[:-1] if kind == "ints" else "float", v) for v in items)
+            if not out:
+                raise ValueError
+        else:
+            out = _scalar(kind, value)
+    except (TypeError, ValueError):
+        raise fail() from None
+    for v in (out if isinstance(out, tuple) else (out,)):
+        if choices and v not in choices:
+            raise fail()
+        if low is not None and not isinstance(v, (bool, str)) and (v < low or (v == low and not inclusive)):
+            raise fail()
+        if key in _UPPER and v >= _UPPER[key]:
+            raise fail()
+    return out
+
+
 def apply_overrides(spec: CascadeSpec, **overrides) -> CascadeSpec:
     """A new spec with ``overrides`` applied, validated.
 
@@ -365,7 +473,7 @@ def apply_overrides(spec: CascadeSpec, **overrides) -> CascadeSpec:
     unknown = set(overrides) - allowed
     if unknown:
         raise SpecError(f"unknown override(s) {sorted(unknown)} for {spec.name}; known: {sorted(allowed)}")
-    ov = dict(overrides)
+    ov = {k: check_override(spec, k, v) for k, v in overrides.items()}
     stage_kw = {k: ov.pop(k) for k in STAGE_OVERRIDES if k in ov}
     img_size = int(ov.pop("img_size", spec.img_size))
     grids = ov.pop("grids", None)

@@ -22,7 +22,13 @@ def register(fn: Callable[[], CascadeSpec]) -> Callable[[], CascadeSpec]:
 
 
 def list_models(pattern: str = "") -> list[str]:
-    """Registered model names, sorted; ``pattern`` keeps names containing it."""
+    """Registered model names, sorted. ``pattern`` filters them: a shell-style wildcard as in timm
+    (``"dvt_t2t*"``, ``"*_fashion_mnist_?x?"``, matched with :mod:`fnmatch`, case-sensitively) when it
+    holds ``*``, ``?`` or ``[``; otherwise the names containing it."""
+    import fnmatch
+
+    if any(ch in pattern for ch in "*?["):
+        return sorted(n for n in _REGISTRY if fnmatch.fnmatchcase(n, pattern))
     return sorted(n for n in _REGISTRY if pattern in n)
 
 

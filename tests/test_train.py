@@ -286,7 +286,7 @@ def test_two_process_data_parallel_matches_one_process(tmp_path):
     assert ddp.meta["classes"] == [f"class{c}" for c in range(10)]
 
     # the same run in one process, on the images as `dvt train` loads them
-    from dvt_core.commands._shared import load_dataset
+    from dvt_core.datasets import load_dataset
 
     spec = tiny_spec()
     x, y, _ = load_dataset(str(dataset), "train", spec)

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import dvt_core  # noqa: E402
-from dvt_core import data, evaluation, policy  # noqa: E402
+from dvt_core import data, evaluation, operating_point, policy  # noqa: E402
 from dvt_core.checkpoints import read_checkpoint, write_checkpoint  # noqa: E402
 from dvt_core.training import TrainConfig  # noqa: E402
 from dvt_core.weights import sha256  # noqa: E402
@@ -79,22 +79,16 @@ def main() -> None:
                        "anytime_accuracy": policy.anytime_accuracy(r["sub"], sub_y).tolist()},
         })
         if spec.num_exits > 1:
-            sweep = policy.budget_sweep(r["hold"], r["y_hold"], r["test"], y_test, costs)
-            hold_sweep = policy.budget_sweep(r["hold"], r["y_hold"], r["hold"], r["y_hold"], costs)
-            budgets = [{"budget": int(b), "thresholds": t.tolist(), "holdout_accuracy": float(ha),
-                        "holdout_macs": float(hc), "test_accuracy": float(a), "test_macs": float(c)}
-                       for b, t, ha, hc, a, c in zip(sweep.budgets, sweep.thresholds, hold_sweep.accuracy,
-                                                     hold_sweep.cost, sweep.accuracy, sweep.cost)]
-            ok = [b for b in budgets if b["holdout_accuracy"] >= target]
-            default = min(ok, key=lambda b: b["holdout_macs"]) if ok else max(budgets, key=lambda b: b["holdout_accuracy"])
+            budgets = operating_point.budgets_table(r["hold"], r["y_hold"], costs, r["test"], y_test)
+            default = operating_point.default_operating_point(
+                budgets, target, "cheapest budget whose held-out accuracy reaches static_fashion_mnist_7x7's")
             sub_acc, sub_macs = policy.evaluate(r["sub"], sub_y, np.float32(default["thresholds"]), costs)
-            meta.update({"budgets": budgets, "thresholds": default["thresholds"],
-                         "default_budget": default["budget"],
-                         "default_operating_point": {
-                             "rule": "cheapest budget whose held-out accuracy reaches static_fashion_mnist_7x7's",
-                             "holdout_target_accuracy": target, **{k: default[k] for k in
-                             ("holdout_accuracy", "holdout_macs", "test_accuracy", "test_macs")}},
-                         "subset_adaptive": {"accuracy": float(sub_acc), "mean_macs": float(sub_macs)}})
+            meta = operating_point.calibrated_meta(
+                meta, spec, default["thresholds"], budgets=budgets, keep_budgets=False,
+                default_budget=default["budget"],
+                default_operating_point={k: default[k] for k in ("rule", "holdout_target_accuracy", "holdout_accuracy",
+                                                                 "holdout_macs", "test_accuracy", "test_macs")},
+                subset_adaptive={"accuracy": float(sub_acc), "mean_macs": float(sub_macs)})
             print(f"{name}: default budget {default['budget']}: test {default['test_accuracy']:.2f}% at "
                   f"{default['test_macs'] / 1e6:.2f} MMACs (static 7x7 test "
                   f"{policy.anytime_accuracy(static_full['test'], y_test)[-1]:.2f}% at {dvt_core.exit_macs(STATICS[-1])[-1] / 1e6:.2f} MMACs)")

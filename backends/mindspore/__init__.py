@@ -20,15 +20,22 @@ def build_model(spec) -> DVT:
     return model
 
 
-def to_device(model: DVT, device) -> DVT:
-    """Select MindSpore's device target for ``device`` (cpu, gpu/cuda, ascend/npu); InputError otherwise."""
+def device_for(device) -> str:
+    """MindSpore's device target ("CPU", "GPU", "Ascend") for ``device`` (cpu, gpu/cuda, ascend/npu);
+    InputError for an unknown name or a device this build cannot use here."""
     from dvt_core.errors import InputError
 
     target = {"cpu": "CPU", "gpu": "GPU", "cuda": "GPU", "ascend": "Ascend", "npu": "Ascend"}.get(
         str(device).split(":")[0].lower())
     if target is None:
         raise InputError(f"unknown MindSpore device {device!r}; use cpu, gpu or ascend")
-    compat.set_device_target(target)
+    compat.check_device_target(target)
+    return target
+
+
+def to_device(model: DVT, device) -> DVT:
+    """Select MindSpore's device target for ``device`` (cpu, gpu/cuda, ascend/npu); InputError otherwise."""
+    compat.set_device_target(device_for(device))
     return model
 
 
@@ -78,5 +85,5 @@ def write_file(path, state: dict, entries: dict) -> None:
     files.save(path, state, entries)
 
 
-__all__ = ["DVT", "Stage", "Reuse", "NAME", "build_model", "load_state", "model_state", "to_device", "to_tensor",
-           "to_numpy", "run_stage", "select", "forward_numpy", "adaptive_numpy", "read_file", "write_file"]
+__all__ = ["DVT", "Stage", "Reuse", "NAME", "build_model", "load_state", "model_state", "to_device", "device_for",
+           "to_tensor", "to_numpy", "run_stage", "select", "forward_numpy", "adaptive_numpy", "read_file", "write_file"]

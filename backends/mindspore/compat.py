@@ -305,6 +305,38 @@ def jit(fn):
     return ms.jit(fn)
 
 
+def device_available(target: str) -> bool:
+    """Whether this MindSpore build can run on "CPU", "GPU" or "Ascend" here (its probe's log muted)."""
+    if target == "CPU":
+        return True
+    import logging
+
+    from mindspore import log
+
+    logger = log._get_logger()
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        from mindspore import hal
+
+        return bool(hal.is_available(target))
+    except Exception:  # an old build without mindspore.hal, or a probe that fails: not usable
+        return False
+    finally:
+        logger.setLevel(level)
+
+
+def check_device_target(target: str) -> None:
+    """InputError when this MindSpore build cannot use ``target`` here."""
+    if not device_available(target):
+        from dvt_core.errors import InputError
+
+        raise InputError(f"device {target} asked for, but this MindSpore build cannot use it here "
+                         f"(MindSpore {ms.__version__}; use --device cpu, or install MindSpore's {target} build)")
+
+
 def set_device_target(target: str) -> None:
-    """Run on "CPU", "GPU" or "Ascend" from now on (MindSpore's device is process-wide context)."""
+    """Run on "CPU", "GPU" or "Ascend" from now on (MindSpore's device is process-wide context);
+    InputError when this build cannot use that device."""
+    check_device_target(target)
     ms.set_context(device_target=target)

@@ -13,8 +13,8 @@ def build_model(spec) -> DVT:
     return DVT(spec).eval()
 
 
-def to_device(model: DVT, device) -> DVT:
-    """``model.to(device)``, with a clear InputError for a device torch does not have here."""
+def device_for(device):
+    """The ``torch.device`` named by ``device``; InputError for one torch does not have here."""
     import torch
 
     from dvt_core.errors import InputError
@@ -27,7 +27,12 @@ def to_device(model: DVT, device) -> DVT:
         raise InputError(f"device {device!r} asked for, but torch sees no CUDA device")
     if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise InputError(f"device {device!r} asked for, but torch sees no MPS device")
-    return model.to(dev)
+    return dev
+
+
+def to_device(model: DVT, device) -> DVT:
+    """``model.to(device)``, with a clear InputError for a device torch does not have here."""
+    return model.to(device_for(device))
 
 
 def to_tensor(model: DVT, array):
@@ -86,5 +91,5 @@ def write_file(path, state: dict, entries: dict) -> None:
     files.save(path, state, entries)
 
 
-__all__ = ["DVT", "Stage", "Reuse", "NAME", "build_model", "load_state", "model_state", "to_device", "to_tensor",
-           "to_numpy", "run_stage", "select", "forward_numpy", "adaptive_numpy", "read_file", "write_file"]
+__all__ = ["DVT", "Stage", "Reuse", "NAME", "build_model", "load_state", "model_state", "to_device", "device_for",
+           "to_tensor", "to_numpy", "run_stage", "select", "forward_numpy", "adaptive_numpy", "read_file", "write_file"]

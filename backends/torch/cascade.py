@@ -14,6 +14,7 @@ from torch.nn import functional as F
 
 from dvt_core.early_exit import AdaptiveResult, run_adaptive
 from dvt_core.macs import exit_macs
+from dvt_core.operating_point import model_thresholds
 from dvt_core.recipe import INIT_STD, TRUNC_BOUND, drop_path_rates
 from dvt_core.errors import InputError, check_images_shape
 from dvt_core.specs import CascadeSpec, sinusoid_position_table
@@ -148,15 +149,17 @@ class DVT(nn.Module):
         return tuple(outputs)
 
     @torch.no_grad()
-    def adaptive(self, images: torch.Tensor, thresholds: Sequence[float], confidence: str = "max_softmax"
-                 ) -> AdaptiveResult:
+    def adaptive(self, images: torch.Tensor, thresholds: Optional[Sequence[float]] = None,
+                 confidence: str = "max_softmax") -> AdaptiveResult:
         """True early exit: an image leaves at the first exit whose confidence reaches its threshold.
 
         Only the images that go on run the next stage, with their rows of the reused features and
-        attention logits. ``thresholds`` has one value per exit (the last is ignored) or one fewer.
+        attention logits. ``thresholds`` has one value per exit (the last is ignored) or one fewer;
+        without them, the default operating point stored in the checkpoint the model was built from.
         Runs in evaluation mode (dropout and stochastic depth off) and restores the previous mode.
         """
         self.check_images(images)
+        thresholds = model_thresholds(self, thresholds)
         was_training = self.training
         self.eval()
         try:

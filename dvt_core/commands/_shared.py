@@ -11,8 +11,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .. import data as dvt_data
+from ..datasets import match_folder_classes as _match_folder_classes, model_classes
 from ..errors import DVTError
+from ..operating_point import check_budget, choose_thresholds as _choose_thresholds, exit_costs, parse_macs
 from ..zoo import get_spec
 
 
@@ -92,46 +93,6 @@ def emit_json(obj, dest: Optional[str], force: bool = False) -> None:
         tmp.write_text(text + "\n")
 
 
-def _is_fashion_mnist(name: str) -> bool:
-    return str(name).lower().replace("_", "-") == "fashion-mnist"
-
-
-def load_dataset(name: str, split: str, spec, holdout: Optional[int] = None, seed: Optional[int] = None):
-    """(uint8 images, int64 labels, class names) of ``fashion-mnist`` or an image folder.
-
-    ``split="holdout"`` is the part of the training set kept out of training: ``holdout`` images drawn
-    with ``seed``, as the trainer draws them (defaults: :class:`~dvt_core.training.TrainConfig`'s; pass
-    a checkpoint's own with :func:`holdout_params`). An image folder has no splits: all of it is used.
-    """
-    if _is_fashion_mnist(name):
-        if split == "holdout":
-            x, y = dvt_data.load_fashion_mnist("train")
-            default_size, default_seed = holdout_params(None)
-            size = default_size if holdout is None else int(holdout)
-            _, hold = dvt_data.split_holdout(len(x), size, default_seed if seed is None else int(seed))
-            return x[hold], y[hold], list(dvt_data.FASHION_MNIST_CLASSES)
-        x, y = dvt_data.load_fashion_mnist(split)
-        return x, y, list(dvt_data.FASHION_MNIST_CLASSES)
-    root = Path(name)
-    if not root.exists():
-        raise UserError(f"unknown dataset {name!r}: use fashion-mnist or a folder with one sub-folder per class")
-    if spec.in_chans not in (1, 3):
-        raise UserError(f"{spec.name} takes {spec.in_chans}-channel images; image files give 1 (grey) or 3 (RGB)")
-    x, y, classes = dvt_data.load_image_folder(root, img_size=spec.img_size, channels=spec.in_chans)
-    return x, y, classes
-
-
-def holdout_params(meta: Optional[dict]) -> tuple[int, int]:
-    """(size, seed) of the held-out part a checkpoint's training kept out (the trainer's defaults if unknown)."""
-    from ..training import TrainConfig
-
-    meta = meta or {}
-    train = meta.get("train") or {}
-    size = train.get("holdout", meta.get("holdout", TrainConfig().holdout))
-    seed = train.get("seed", meta.get("holdout_indices_seed", TrainConfig().seed))
-    return int(size), int(seed)
-
-
 def _progress() -> bool:
     """Progress bars only for a person watching (stderr is a terminal)."""
     return sys.stderr.isatty()
@@ -150,6 +111,14 @@ def _has_shipped_weights(name: Optional[str]) -> bool:
         return name in shipped_models()
     except DVTError:
         return False
+
+
+def check_picture(path) -> None:
+    """Before any work: refuse a picture path whose suffix names no format a picture is written in."""
+    from ..plots import PLOT_FORMATS
+
+    if path and Path(path).suffix.lower() not in PLOT_FORMATS:
+        raise UserError(f"cannot write a picture to {path}: name it {', '.join(PLOT_FORMATS)}")
 
 
 def _is_shipped_file(path) -> bool:
@@ -202,6 +171,7 @@ def build_from_args(args, weights=None):
 
         default_weights_path(args.model, verify=False)  # no weights ship for this model: say so now
     get_backend(args.backend)
+    check_device(args.backend, args.device)
     try:
         model = build(args.model, backend=args.backend, weights=weights,
                       allow_lossy_cast=bool(getattr(args, "allow_lossy_cast", False)), **overrides)
@@ -226,15 +196,21 @@ def to_device(model, backend: str, device):
     return get_backend(backend).to_device(model, device)
 
 
+def check_device(backend: str, device) -> None:
+    """Before any work: InputError for a --device the backend cannot use here (None: its default)."""
+    if device is None:
+        return
+    from ..builder import get_backend
+
+    get_backend(backend).device_for(device)
+
+
 def _meta(model) -> dict:
     return dict(getattr(model, "checkpoint_meta", None) or {})
 
 
 def _class_names(meta: dict, num_classes: int) -> Optional[list]:
-    classes = meta.get("classes")
-    if isinstance(classes, list) and len(classes) == num_classes:
-        return [str(c) for c in classes]
-    return None
+    return model_classes(meta, num_classes)
 
 
 def exit_names(spec) -> list[str]:
@@ -275,106 +251,44 @@ def parse_thresholds(text: str, num_exits: int) -> np.ndarray:
     """``"0.9,0.8"`` -> float32 thresholds for every exit (the last one is -1e8: everything left leaves)."""
     from ..early_exit import normalize_thresholds
 
+    if not str(text).strip():
+        raise UserError(f"--thresholds is empty; give {num_exits - 1} comma-separated confidences "
+                        "(one per exit but the last), e.g. --thresholds " + ",".join(["0.9"] * max(num_exits - 1, 1)))
     try:
-        values = [float(v) for v in text.replace(" ", "").split(",") if v != ""]
+        values = [float(v) for v in text.replace(" ", "").split(",")]
     except ValueError:
         raise UserError(f"--thresholds must be comma-separated numbers, got {text!r}") from None
-    if num_exits == 1 and not values:
-        return np.float32([-1e8])
     try:
         return normalize_thresholds(values, num_exits)
     except DVTError as exc:
         raise UserError(f"--thresholds: {exc}") from None
 
 
-def budget_operating_point(meta: dict, budget: float, spec, source: str = "the checkpoint") -> dict:
-    """The calibrated operating point to use for a target average cost of ``budget`` MACs.
-
-    From the checkpoint's ``budgets`` table (thresholds found on the held-out training part): the most
-    accurate entry whose average cost on the held-out part is at most ``budget`` (its test-split
-    numbers are never used to choose); among equally accurate ones the cheapest. Entries carrying no
-    held-out numbers fall back on their test-split ones.
-    """
-    costs = exit_macs(spec)
-    _check_budget(budget, spec)
-    table = [b for b in (meta.get("budgets") or []) if isinstance(b, dict) and "thresholds" in b]
-    if not table:
-        raise UserError(f"{source} holds no calibrated budgets; pass --thresholds, or store thresholds for "
-                        f"a budget with `dvt calibrate --weights FILE --budget {budget:g}`")
-
-    def cost(b):
-        return float(b.get("holdout_macs", b.get("test_macs", b.get("macs", np.inf))))
-
-    def acc(b):
-        return float(b.get("holdout_accuracy", b.get("test_accuracy", b.get("accuracy", 0.0))))
-
-    # "Every image leaves at exit k" costs exactly exit k's MACs; with the held-out accuracy of each exit
-    # stored it competes with the table, else exit 1 alone serves budgets below the table's cheapest entry.
-    n = spec.num_exits
-    anytime = meta.get("holdout_anytime_accuracy")
-    corners = []
-    for k in range(n):
-        t = [1e8] * n
-        t[k] = t[-1] = -1e8
-        if isinstance(anytime, list) and len(anytime) == n:
-            corners.append({"thresholds": t, "holdout_macs": costs[k], "holdout_accuracy": float(anytime[k]),
-                            "policy": f"every image leaves at exit {k + 1}"})
-        elif k == 0:
-            corners.append({"thresholds": t, "holdout_macs": costs[0], "holdout_accuracy": -1.0,
-                            "policy": "every image leaves at exit 1"})
-    fits = [b for b in table + corners if cost(b) <= budget]
-    best = max(fits, key=lambda b: (acc(b), -cost(b)))
-    return {"thresholds": [float(t) for t in best["thresholds"]], "budget_index": best.get("budget"),
-            "policy": best.get("policy"), "expected_macs": cost(best),
-            "expected_accuracy": acc(best) if acc(best) >= 0 else None}
+def parse_budget(text: str) -> float:
+    """argparse type of --budget: ``5e6``, ``5M``, ``300K``, ``1.2G`` (the form the output prints)."""
+    try:
+        return parse_macs(text)
+    except DVTError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def choose_thresholds(args, spec, meta: dict, source: str) -> tuple[np.ndarray, str]:
     """Thresholds from --thresholds, --budget, or the checkpoint's own; and a phrase saying which."""
-    from ..early_exit import normalize_thresholds
-
-    if spec.num_exits == 1:
-        return np.float32([-1e8]), "single exit"
-    if getattr(args, "thresholds", None):
-        return parse_thresholds(args.thresholds, spec.num_exits), "--thresholds"
-    if getattr(args, "budget", None) is not None:
-        op = budget_operating_point(meta, args.budget, spec, source)
-        chosen = op["policy"] or f"calibrated budget index {op['budget_index']}"
-        expect = (f"{op['expected_accuracy']:.2f}% at " if op["expected_accuracy"] is not None else "") + \
-            f"{_mmacs(op['expected_macs'])} MACs"
-        what = f"budget {_mmacs(args.budget)} MACs -> {chosen}; held-out: {expect}"
-        return normalize_thresholds(op["thresholds"], spec.num_exits), what
-    if meta.get("thresholds") is not None:
-        return normalize_thresholds(meta["thresholds"], spec.num_exits), f"the default stored in {source}"
-    raise UserError(f"{source} stores no thresholds; pass --thresholds t1,t2,... or --budget MACS "
-                    "(or store them with `dvt calibrate`)")
+    text = getattr(args, "thresholds", None)
+    given = None if text is None or spec.num_exits == 1 else parse_thresholds(text, spec.num_exits)
+    return _choose_thresholds(spec, meta, source, thresholds=given, budget=getattr(args, "budget", None))
 
 
 def exit_macs(spec) -> list[int]:
-    from ..macs import exit_macs as _exit_macs
-
-    return [int(m) for m in _exit_macs(spec)]
-
-
-def _norm_name(name: str) -> str:
-    return "".join(ch for ch in str(name).lower() if ch.isalnum())
+    return exit_costs(spec)
 
 
 def match_folder_classes(labels: np.ndarray, folder_classes: list, meta: dict, spec):
-    """An image folder numbers its classes in sorted sub-folder order. When the checkpoint names its
-    classes and every sub-folder matches one of them (ignoring case and punctuation), use the
-    checkpoint's numbering; otherwise keep the folder's and say so when the names differ."""
-    model_classes = _class_names(meta, spec.num_classes)
-    if not model_classes:
-        return labels, folder_classes
-    lookup = {_norm_name(c): i for i, c in enumerate(model_classes)}
-    index = [lookup.get(_norm_name(c)) for c in folder_classes]
-    if all(i is not None for i in index):
-        return np.asarray(index, dtype=np.int64)[labels], list(model_classes)
-    if [_norm_name(c) for c in folder_classes] != [_norm_name(c) for c in model_classes[:len(folder_classes)]]:
-        print(f"note: the folder's classes ({', '.join(folder_classes)}) are not the model's "
-              f"({', '.join(model_classes)}); they are numbered in sorted order", file=sys.stderr)
-    return labels, folder_classes
+    """:func:`dvt_core.datasets.match_folder_classes`, its note printed on stderr."""
+    labels, classes, note = _match_folder_classes(labels, folder_classes, meta, spec)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
+    return labels, classes
 
 
 def _early_spec(args):
@@ -385,10 +299,4 @@ def _early_spec(args):
 
 
 def _check_budget(budget: Optional[float], spec) -> None:
-    if budget is None:
-        return
-    costs = exit_macs(spec)
-    if not np.isfinite(budget) or budget < costs[0]:
-        raise UserError(f"budget {budget:g} MACs is below the cheapest exit: every image runs exit 1, which "
-                        f"costs {costs[0]} MACs ({_mmacs(costs[0])}); the cheapest achievable average is "
-                        f"{costs[0]} MACs")
+    check_budget(budget, spec)

@@ -8,16 +8,18 @@ import numpy as np
 
 from .. import data as dvt_data
 from ..zoo import get_spec
-from ._shared import (UserError, parse_overrides, add_common_options, emit_json, _is_fashion_mnist,
-                      load_dataset, holdout_params, _progress, _check_limit, _is_shipped_file, build_from_args,
-                      _fmt_thresholds, _mmacs, exit_macs, match_folder_classes, _check_budget)
+from ..datasets import is_fashion_mnist as _is_fashion_mnist, load_dataset, holdout_params
+from ._shared import (UserError, parse_overrides, add_common_options, emit_json, _progress, _check_limit,
+                      _is_shipped_file, build_from_args, _fmt_thresholds, _mmacs, match_folder_classes, _check_budget,
+                      parse_budget, check_outputs)
 
 HELP = "store the thresholds for a target average cost in a checkpoint"
 
 
 def add_arguments(parser) -> None:
     add_common_options(parser)
-    parser.add_argument("--budget", type=float, required=True, help="target average MACs per image")
+    parser.add_argument("--budget", type=parse_budget, required=True,
+                        help="target average MACs per image (5e6, 5M, 300K, 1.2G)")
     parser.add_argument("--dataset", default="fashion-mnist")
     parser.add_argument("--out", default=None, help="checkpoint to write (default: overwrite --weights)")
     parser.add_argument("--limit", type=int, default=None, metavar="N",
@@ -26,26 +28,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--json", default=None, help="write the result as JSON here ('-' for stdout)")
 
 
-def _corner_policies(probs, labels, costs):
-    """"Every image leaves at exit k" for each k: the cheapest and the plainest operating points, which
-    the official budget sweep does not contain. Returns (thresholds, accuracy, cost) arrays."""
-    from .. import policy
-
-    n = len(costs)
-    ts, accs, cs = [], [], []
-    for k in range(n):
-        t = np.full(n, policy.NEVER, dtype=np.float32)
-        t[k] = policy.ALWAYS
-        t[-1] = policy.ALWAYS
-        a, c = policy.evaluate(probs, labels, t, costs)
-        ts.append(t)
-        accs.append(a)
-        cs.append(c)
-    return np.stack(ts), np.asarray(accs), np.asarray(cs)
-
-
 def run(args) -> int:
-    from .. import evaluation, policy
+    from .. import evaluation, fileio, operating_point
     from ..checkpoints import format_for_suffix, read_checkpoint, write_checkpoint
     from ..errors import CheckpointError
 
@@ -79,6 +63,8 @@ def run(args) -> int:
         except CheckpointError:
             raise UserError(f"cannot tell the format of {dst} from its suffix; use .safetensors, .pth or .ckpt") \
                 from None
+    fileio.check_writable(dst, force=True)  # in place or a new --out: its folder must exist and be writable
+    check_outputs(args, args.json)
     limit = _check_limit(args.limit, "--limit")
     if not np.isfinite(args.budget) or args.budget <= 0:
         raise UserError(f"--budget must be a positive number of MACs, got {args.budget:g}")
@@ -94,7 +80,6 @@ def run(args) -> int:
     _check_budget(args.budget, early)
     model = build_from_args(args, weights=str(src))
     spec = model.spec
-    costs = exit_macs(spec)
 
     fashion = _is_fashion_mnist(args.dataset)
     hold_size, hold_seed = holdout_params(ckpt.meta)
@@ -122,40 +107,11 @@ def run(args) -> int:
     if labels.max() >= spec.num_classes:
         raise UserError(f"{args.dataset} has {labels.max() + 1} classes but {spec.name} predicts {spec.num_classes}")
     probs = evaluation.exit_probs(model, images, progress=_progress(), desc=f"{spec.name} calibration")
-    sweep = policy.budget_sweep(probs, labels, probs, labels, costs)
-    ct, ca, cc = _corner_policies(probs, labels, costs)
-    n_corner = len(cc)
-    full = policy.BudgetSweep(budgets=np.concatenate([sweep.budgets, np.zeros(n_corner)]),
-                              fractions=np.concatenate([sweep.fractions, np.eye(n_corner, dtype=np.float32)]),
-                              thresholds=np.concatenate([sweep.thresholds, ct]),
-                              accuracy=np.concatenate([sweep.accuracy, ca]), cost=np.concatenate([sweep.cost, cc]))
-    try:
-        thresholds = policy.thresholds_for_cost(full, args.budget)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
-    row = next(i for i in range(len(full)) if np.array_equal(full.thresholds[i], thresholds)
-               and full.cost[i] <= args.budget)
-    shares = np.bincount(policy.assign_exits(probs, thresholds), minlength=spec.num_exits) / len(labels)
-    chosen = {"target_macs": float(args.budget), "holdout_macs": float(full.cost[row]),
-              "holdout_accuracy": float(full.accuracy[row]), "exit_shares": [float(s) for s in shares],
-              "images": int(len(labels)), **data_desc}
-    if row < len(sweep):
-        chosen["budget_index"] = int(full.budgets[row])
-    else:
-        chosen["policy"] = f"every image leaves at exit {row - len(sweep) + 1}"
-
-    meta = dict(ckpt.meta)
-    meta.setdefault("arch", spec.name)
-    meta.setdefault("spec", spec.to_dict())
-    meta.setdefault("exit_macs", costs)
-    meta["thresholds"] = [float(t) for t in thresholds]
-    meta["calibration"] = chosen
-    for stale in ("default_budget", "default_operating_point", "subset_adaptive"):  # described the old thresholds
-        meta.pop(stale, None)
-    if not meta.get("budgets"):
-        meta["budgets"] = [{"budget": int(b), "thresholds": [float(v) for v in t], "holdout_accuracy": float(a),
-                            "holdout_macs": float(c)}
-                           for b, t, a, c in zip(sweep.budgets, sweep.thresholds, sweep.accuracy, sweep.cost)]
+    found = operating_point.calibrate(probs, labels, spec, args.budget)
+    thresholds, chosen = found["thresholds"], {**found["calibration"], **data_desc}
+    shares = chosen["exit_shares"]
+    meta = operating_point.calibrated_meta(ckpt.meta, spec, thresholds, chosen, found["budgets"],
+                                           holdout_anytime_accuracy=found["holdout_anytime_accuracy"])
     write_checkpoint(dst, ckpt.canonical_state(spec.num_exits, spec.in_chans), meta, fmt=fmt, force=True)
 
     how = (f"budget index {chosen['budget_index']}" if "budget_index" in chosen else chosen["policy"])

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..checkpoints import WRITE_FORMATS
-from ._shared import (UserError, parse_overrides)
+from ._shared import (UserError, check_outputs, parse_overrides)
 
 HELP = "convert a checkpoint between the official releases, torch, safetensors and MindSpore"
 
@@ -37,6 +37,7 @@ def run(args) -> int:
                             f"or .ckpt, or pass --to {'|'.join(WRITE_FORMATS)}") from None
     if not Path(args.src).exists():
         raise UserError(f"checkpoint not found: {args.src}")
+    check_outputs(args, args.dst)  # before reading SRC: DST's folder must exist (it is not created)
     out = convert(args.src, args.dst, arch=args.arch, to=args.to, force=args.force,
                   overrides=parse_overrides(args.override))
     print(f"wrote {out['path']} ({out['format']}, {out['tensors']} tensors, arch {out['arch']})")

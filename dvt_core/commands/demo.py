@@ -10,8 +10,9 @@ import numpy as np
 from .. import data as dvt_data
 from ..errors import DVTError
 from ..zoo import get_spec
-from ._shared import (add_force_option, check_outputs, UserError, add_common_options, emit_json, _progress, build_from_args, _meta,
-                      _class_names, exit_names, _fmt_thresholds, _mmacs, _table, choose_thresholds, exit_macs)
+from ._shared import (add_force_option, check_outputs, check_picture, UserError, add_common_options, emit_json,
+                      _progress, build_from_args, _meta, _class_names, exit_names, _fmt_thresholds, _mmacs, _table,
+                      choose_thresholds, exit_macs, parse_budget)
 
 HELP = "the shipped Fashion-MNIST DVT on sample images"
 
@@ -20,9 +21,10 @@ def add_arguments(parser) -> None:
     add_common_options(parser, model=False, weights=False)
     parser.add_argument("--weights", default=None,
                         help="with --backend onnx|mindir: the `dvt export` folder of the shipped DVT")
-    parser.add_argument("--out", default="dvt_demo.png", help="where to write the picture (PNG)")
+    parser.add_argument("--out", default="dvt_demo.png", help="where to write the picture (.png, .jpg, .pdf, .svg)")
     parser.add_argument("--full", action="store_true", help="use the whole installed test set, not the samples")
-    parser.add_argument("--budget", type=float, default=None, help="target average MACs per image")
+    parser.add_argument("--budget", type=parse_budget, default=None,
+                        help="target average MACs per image (5e6, 5M, 300K, 1.2G)")
     parser.add_argument("--json", default=None, help="also write the results as JSON to this file ('-' for stdout)")
     parser.add_argument("--limit", type=int, default=None, help="rows of the per-image table to print")
     add_force_option(parser)
@@ -70,6 +72,7 @@ def run(args) -> int:
     if args.limit is not None and args.limit < 0:
         raise UserError(f"--limit must be 0 or more, got {args.limit}")
     check_outputs(args, args.out, args.json)
+    check_picture(args.out)
     from ..builder import EXPORT_BACKENDS
 
     exported = args.backend in EXPORT_BACKENDS

@@ -6,10 +6,10 @@ from pathlib import Path
 
 from ..errors import DVTError
 from ..zoo import get_spec
-from ._shared import (add_force_option, check_outputs, UserError, add_common_options, emit_json, _is_fashion_mnist, load_dataset,
-                      holdout_params, _progress, _check_limit, _has_shipped_weights, resolve_weights,
-                      build_from_args, _meta, exit_names, _mmacs, _table, exit_macs, match_folder_classes,
-                      _early_spec)
+from ..datasets import is_fashion_mnist as _is_fashion_mnist, load_dataset, holdout_params
+from ._shared import (add_force_option, check_outputs, check_picture, UserError, add_common_options, emit_json,
+                      _progress, _check_limit, _has_shipped_weights, resolve_weights, build_from_args, _meta,
+                      exit_names, _mmacs, _table, exit_macs, match_folder_classes, _early_spec)
 
 HELP = "anytime accuracy and the budget curve on a data set"
 
@@ -85,6 +85,7 @@ def run(args) -> int:
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     check_outputs(args, args.json, args.plot)
+    check_picture(args.plot)
     fashion = _is_fashion_mnist(args.dataset)
     if not fashion and not Path(args.dataset).exists():
         raise UserError(f"unknown dataset {args.dataset!r}: use fashion-mnist or a folder with one sub-folder "

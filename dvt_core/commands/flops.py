@@ -11,8 +11,11 @@ HELP = "MACs and parameters per stage and per exit"
 
 def add_arguments(parser) -> None:
     parser.add_argument("name", nargs="?", help="zoo model name")
-    parser.add_argument("--list", action="store_true", help="list the zoo")
+    parser.add_argument("--list", nargs="?", const="", default=None, metavar="PATTERN",
+                        help="list the zoo (PATTERN: a wildcard such as 'dvt_deit*', or a part of the name)")
     parser.add_argument("--override", "-O", action="append", metavar="KEY=VALUE")
+    parser.add_argument("--backend", default="torch",
+                        help="accepted as by every subcommand; MACs and parameters do not depend on it")
     parser.add_argument("--json", action="store_true")
 
 
@@ -26,10 +29,16 @@ def _human(n: float) -> str:
 def run(args) -> int:
     from ..macs import macs_table
 
-    if args.list or not args.name:
-        if not args.list and not args.name:
+    from ..builder import BACKENDS
+
+    if args.backend not in BACKENDS:
+        raise UserError(f"unknown backend {args.backend!r}; choose one of {', '.join(BACKENDS)}")
+    if args.list is not None or not args.name:
+        if args.list is None:
             raise UserError("name a model, or pass --list")
-        names = list_models()
+        names = list_models(args.list)
+        if not names:
+            raise UserError(f"no model matches {args.list!r}; `dvt flops --list` lists them all")
         if args.json:
             print(json.dumps(names))
         else:

@@ -9,7 +9,8 @@ from pathlib import Path
 from ..errors import DVTError
 from ..training import FOLDER_HOLDOUT, TrainConfig, resolve_holdout
 from ..zoo import get_spec
-from ._shared import UserError, _is_fashion_mnist, _progress, add_common_options, load_dataset, parse_overrides
+from ..datasets import is_fashion_mnist as _is_fashion_mnist, load_dataset
+from ._shared import UserError, _progress, add_common_options, check_device, parse_overrides
 
 HELP = "train a DVT or a static baseline (torchrun for several processes)"
 
@@ -70,6 +71,7 @@ def run(args) -> int:
         raise UserError(f"unknown backend {args.backend!r}; choose torch or mindspore")
     overrides = parse_overrides(args.override)
     spec = get_spec(args.model, **overrides)
+    check_device(args.backend, args.device)
     if args.init is not None and not Path(args.init).is_file():
         raise UserError(f"--init file not found: {args.init}")
     out = Path(args.out)

@@ -4,7 +4,7 @@ calls.
 """
 from dvt_core.errors import InputError
 
-from .runtime import MindirDVT, load, select
+from .runtime import MindirDVT, device_for, load, select
 
 RUNTIME = MindirDVT
 
@@ -60,5 +60,5 @@ def write_file(path, state, entries):
     raise InputError(f"the {NAME} backend writes no checkpoints; use torch, safetensors or mindspore")
 
 
-__all__ = ["MindirDVT", "load", "forward_numpy", "adaptive_numpy", "to_device", "to_tensor", "to_numpy",
+__all__ = ["MindirDVT", "load", "forward_numpy", "adaptive_numpy", "to_device", "device_for", "to_tensor", "to_numpy",
            "run_stage", "select", "build_model", "model_state", "load_state", "read_file", "write_file", "NAME"]

@@ -8,10 +8,14 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn
 
-from dvt_core.errors import CheckpointError, InputError
+from dvt_core.errors import CheckpointError
 from dvt_core.export import Carry, ExportedDVT, read_manifest
 
-TARGETS = {"cpu": "CPU", "gpu": "GPU", "cuda": "GPU", "ascend": "Ascend", "npu": "Ascend"}
+def device_for(device) -> str:
+    """MindSpore's device target for ``device`` (cpu, gpu/cuda, ascend/npu), as the MindSpore backend names it."""
+    from dvt_backends.mindspore import device_for as mindspore_device_for
+
+    return mindspore_device_for("cpu" if device is None else device)
 
 
 class MindirDVT(ExportedDVT):
@@ -29,10 +33,7 @@ class MindirDVT(ExportedDVT):
         self.cells = cells
 
     def to_device(self, device) -> "MindirDVT":
-        target = TARGETS.get(str(device or "cpu").split(":")[0].lower())
-        if target is None:
-            raise InputError(f"unknown MindSpore device {device!r}; use cpu, gpu or ascend")
-        ms.set_context(device_target=target)
+        ms.set_context(device_target=device_for(device))
         return self
 
     def _run_graph(self, index: int, feeds: dict) -> list:

@@ -6,7 +6,7 @@ Imports onnxruntime and numpy only.
 from dvt_core.errors import InputError
 from dvt_core.export import select_numpy as select
 
-from .runtime import OnnxDVT, load
+from .runtime import OnnxDVT, device_for, load
 
 RUNTIME = OnnxDVT
 
@@ -62,5 +62,5 @@ def write_file(path, state, entries):
     raise InputError(f"the {NAME} backend writes no checkpoints; use torch, safetensors or mindspore")
 
 
-__all__ = ["OnnxDVT", "load", "forward_numpy", "adaptive_numpy", "to_device", "to_tensor", "to_numpy",
+__all__ = ["OnnxDVT", "load", "forward_numpy", "adaptive_numpy", "to_device", "device_for", "to_tensor", "to_numpy",
            "run_stage", "select", "build_model", "model_state", "load_state", "read_file", "write_file", "NAME"]

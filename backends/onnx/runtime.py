@@ -12,6 +12,17 @@ from dvt_core.export import ExportedDVT, read_manifest
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
+def device_for(device) -> str:
+    """ONNX Runtime's execution provider for ``device`` (cpu, cuda); InputError for one it lacks here."""
+    kind = str(device or "cpu").split(":")[0].lower()
+    if kind not in PROVIDERS:
+        raise InputError(f"unknown ONNX Runtime device {device!r}; use cpu or cuda")
+    provider = PROVIDERS[kind]
+    if provider not in ort.get_available_providers():
+        raise InputError(f"device {device!r} asked for, but this onnxruntime has no {provider}")
+    return provider
+
+
 class OnnxDVT(ExportedDVT):
     graph_format = "onnx"
 
@@ -23,12 +34,8 @@ class OnnxDVT(ExportedDVT):
         self.to_device(device)
 
     def to_device(self, device) -> "OnnxDVT":
+        provider = device_for(device)
         kind = str(device or "cpu").split(":")[0].lower()
-        if kind not in PROVIDERS:
-            raise InputError(f"unknown ONNX Runtime device {device!r}; use cpu or cuda")
-        provider = PROVIDERS[kind]
-        if provider not in ort.get_available_providers():
-            raise InputError(f"device {device!r} asked for, but this onnxruntime has no {provider}")
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if self.threads:

@@ -106,6 +106,10 @@ EXPORT_BACKENDS = ("onnx", "mindir")
 PACKAGES = {"onnx": "onnxruntime", "mindir": "mindspore"}  # the package a backend cannot run without
 
 
+# Top-level modules whose absence means "install the extra" (the frameworks and what they pull in).
+FRAMEWORK_MODULES = ("torch", "mindspore", "onnx", "onnxruntime", "numpy", "scipy", "google", "safetensors")
+
+
 def get_backend(name: str):
     """The backend module ``dvt_backends.<name>``, imported on first use; InputError naming what is wrong."""
     if name not in BACKENDS:
@@ -113,6 +117,10 @@ def get_backend(name: str):
     try:
         module = importlib.import_module(f"dvt_backends.{name}")
     except ImportError as exc:
+        # Only a missing framework is the user's to install; any other ImportError is a bug and keeps its traceback.
+        top = (exc.name or "").split(".")[0]
+        if top.startswith("dvt_") or top not in FRAMEWORK_MODULES:
+            raise
         raise InputError(f"the {name} backend needs the {PACKAGES.get(name, name)} package ({exc}); "
                          f"install it with: pip install 'dvt[{name}]'") from None
     lacking = missing_members(module)

@@ -149,3 +149,22 @@ def test_mindspore_streaming_equals_its_adaptive():
     np.testing.assert_array_equal(got.exit_index, want.exit_index)
     np.testing.assert_array_equal(got.prediction, want.prediction)
     np.testing.assert_allclose(got.logits, want.logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.export
+def test_streaming_on_an_onnx_export_joins_its_numpy_carries(tmp_path):
+    pytest.importorskip("onnxruntime")
+    import dvt_core
+    from dvt_core.export import export_model
+
+    model = small_model("vit")
+    out = export_model(model, "onnx", tmp_path / "deit")
+    rt = dvt_core.build(out, backend="onnx")
+    images = make_images(model, 20, seed=7)
+    logits, conf = full_run(model, images)
+    thresholds = spread_thresholds(conf)
+    ref = reference(logits, conf, thresholds, model.exit_macs)
+    ops, calls = recording(stage_ops(rt))
+    got = stream_adaptive(ops, (images[s:s + 3].numpy() for s in range(0, 20, 3)), thresholds, 3)
+    assert_matches(got, ref, model.spec.num_exits)
+    assert len([n for i, n in calls if i == 2]) < 7  # later stages ran on gathered batches

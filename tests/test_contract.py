@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import inspect
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-
 from pathlib import Path
 
 import numpy as np

@@ -11,7 +11,7 @@ venv: $(STAMP)
 $(STAMP): setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[torch,mindspore,dev]"
+	$(PY) -m pip install --quiet -e ".[torch,mindspore,onnx,dev]"
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
@@ -44,6 +44,7 @@ bench: venv
 	$(PY) benchmarks/bench_early_exit.py
 	$(PY) benchmarks/bench_policy.py
 	$(PY) benchmarks/bench_mindspore.py
+	$(PY) benchmarks/bench_onnx.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -5,6 +5,9 @@ from setuptools import find_packages, setup
 # multi-GB CUDA build. MindSpore 2.x needs numpy < 2 (with numpy 2 every op fails to import).
 TORCH = ["torch==2.13.0"]
 MINDSPORE = ["mindspore==2.10.0", "numpy<2"]
+# Export (onnx) and the framework-free runtime (onnxruntime). onnx 1.18+ pulls an ml_dtypes that needs
+# numpy 2, which MindSpore 2.10 cannot use: these pins import beside torch and MindSpore with numpy 1.26.
+ONNX = ["onnx==1.17.0", "onnxruntime==1.32.0", "numpy==1.26.4"]
 
 setup(
     name="dvt",
@@ -24,6 +27,7 @@ setup(
     extras_require={
         "torch": TORCH,
         "mindspore": MINDSPORE,
+        "onnx": ONNX,
         # setuptools with its own bdist_wheel: the wheel check builds offline (pip wheel --no-build-isolation)
         "dev": ["pytest>=7", "setuptools>=70.1", "wheel"],
     },

@@ -100,7 +100,14 @@ class Backend(Protocol):
 
 
 MEMBERS = tuple(name for name in Backend.__dict__ if not name.startswith("_")) + ("NAME",)
-BACKENDS = ("torch", "mindspore")
+BACKENDS = ("torch", "mindspore", "onnx", "mindir")
+# run a `dvt export` folder (per-stage graphs, dvt_core.export); nothing to build or train
+EXPORT_BACKENDS = ("onnx", "mindir")
+PACKAGES = {"onnx": "onnxruntime", "mindir": "mindspore"}  # the package a backend cannot run without
+
+
+# Top-level modules whose absence means "install the extra" (the frameworks and what they pull in).
+FRAMEWORK_MODULES = ("torch", "mindspore", "onnx", "onnxruntime", "numpy", "scipy", "google", "safetensors")
 
 
 def get_backend(name: str):
@@ -110,7 +117,11 @@ def get_backend(name: str):
     try:
         module = importlib.import_module(f"dvt_backends.{name}")
     except ImportError as exc:
-        raise InputError(f"the {name} backend needs the {name} package ({exc}); "
+        # Only a missing framework is the user's to install; any other ImportError is a bug and keeps its traceback.
+        top = (exc.name or "").split(".")[0]
+        if top.startswith("dvt_") or top not in FRAMEWORK_MODULES:
+            raise
+        raise InputError(f"the {name} backend needs the {PACKAGES.get(name, name)} package ({exc}); "
                          f"install it with: pip install 'dvt[{name}]'") from None
     lacking = missing_members(module)
     if lacking:

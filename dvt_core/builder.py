@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Union
 
-from .backend import BACKENDS, get_backend  # noqa: F401  (get_backend is used from here too)
+from .backend import BACKENDS, EXPORT_BACKENDS, get_backend  # noqa: F401  (used from here too)
 from .checkpoints import Checkpoint, checked_state, read_checkpoint
 from .errors import CheckpointError, InputError
 from .specs import CascadeSpec
@@ -28,7 +28,7 @@ def resolve_spec(name_or_spec: Union[str, CascadeSpec, None], ckpt: Optional[Che
 
 def build(name_or_spec: Union[str, CascadeSpec, None] = None, backend: str = "torch",
           weights: Union[str, Path, None] = None, allow_lossy_cast: bool = False, **overrides):
-    """Build a DVT for ``backend`` ("torch" or "mindspore").
+    """Build a DVT for ``backend`` ("torch" or "mindspore"), or load an export ("onnx" or "mindir").
 
     ``weights`` is a path to an official release ``.pth.tar``, a torch state dict, a ``.safetensors``
     or a MindSpore ``.ckpt`` (recognised from the content), or ``"default"`` for the weights this
@@ -39,6 +39,14 @@ def build(name_or_spec: Union[str, CascadeSpec, None] = None, backend: str = "to
     The model comes back in evaluation mode in every backend (dropout and stochastic depth off):
     call ``model.train()`` (torch) or ``model.set_train(True)`` (MindSpore) to train it.
     """
+    if backend in EXPORT_BACKENDS:  # build(DIR, backend="onnx") or build(NAME, backend="onnx", weights=DIR)
+        directory = weights if weights is not None else name_or_spec
+        if directory is None or isinstance(directory, CascadeSpec):
+            raise InputError(f"the {backend} backend runs an export folder: build(DIR, backend={backend!r})")
+        if overrides:
+            raise InputError(f"an export's spec is fixed; the {backend} backend takes no overrides")
+        wanted = None if weights is None else getattr(name_or_spec, "name", name_or_spec)
+        return get_backend(backend).load(directory, model=wanted)
     ckpt = None
     if weights is not None:
         if str(weights) == "default":

@@ -19,6 +19,8 @@ HELP = "the shipped Fashion-MNIST DVT on sample images"
 
 def add_arguments(parser) -> None:
     add_common_options(parser, model=False, weights=False)
+    parser.add_argument("--weights", default=None,
+                        help="with --backend onnx|mindir: the `dvt export` folder of the shipped DVT")
     parser.add_argument("--out", default="dvt_demo.png", help="where to write the picture (.png, .jpg, .pdf, .svg)")
     parser.add_argument("--full", action="store_true", help="use the whole installed test set, not the samples")
     parser.add_argument("--budget", type=parse_budget, default=None,
@@ -71,7 +73,16 @@ def run(args) -> int:
         raise UserError(f"--limit must be 0 or more, got {args.limit}")
     check_outputs(args, args.out, args.json)
     check_picture(args.out)
-    ns = SimpleNamespace(model=DEMO_MODEL, weights="default", override=None, backend=args.backend,
+    from ..builder import EXPORT_BACKENDS
+
+    exported = args.backend in EXPORT_BACKENDS
+    if exported and args.weights is None:
+        raise UserError(f"--backend {args.backend} runs an export: pass --weights DIR "
+                        f"(make it with `dvt export {DEMO_MODEL} --weights default --format {args.backend} --out DIR`)")
+    if not exported and args.weights is not None:
+        raise UserError("the demo runs the shipped weights; --weights is for --backend onnx|mindir (an export folder)")
+    ns = SimpleNamespace(model=DEMO_MODEL, weights=args.weights if exported else "default", override=None,
+                         backend=args.backend,
                          device=args.device)
     model = build_from_args(ns)
     spec, meta = model.spec, _meta(model)
@@ -95,7 +106,7 @@ def run(args) -> int:
     shares = res.exit_counts / n
 
     out = sys.stderr if args.json == "-" else sys.stdout
-    print(f"{DEMO_MODEL} ({args.backend}, shipped weights) on {what}", file=out)
+    print(f"{DEMO_MODEL} ({args.backend}, {'export of the ' if exported else ''}shipped weights) on {what}", file=out)
     print(f"thresholds {_fmt_thresholds(thresholds)} ({how})", file=out)
     rows_limit = args.limit if args.limit is not None else (n if not args.full else DEMO_SAMPLES)
     if rows_limit:

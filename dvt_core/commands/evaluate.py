@@ -32,7 +32,9 @@ def add_arguments(parser) -> None:
 
 def _baseline_names(args, spec) -> list[str]:
     choice = (args.baselines or "auto").strip()
-    if choice == "none":
+    from ..builder import EXPORT_BACKENDS
+
+    if choice == "none" or (choice == "auto" and args.backend in EXPORT_BACKENDS):  # baselines need a framework
         return []
     if choice != "auto":
         names = [n.strip() for n in choice.split(",") if n.strip()]

@@ -1,0 +1,64 @@
+"""MindIR backend: a DVT exported with ``dvt export --format mindir``, run through ``mindspore.load``
+and ``nn.GraphCell`` (no model code). ``load(directory)`` is what ``dvt_core.build(DIR, backend="mindir")``
+calls.
+"""
+from dvt_core.errors import InputError
+
+from .runtime import MindirDVT, device_for, load, select
+
+RUNTIME = MindirDVT
+
+NAME = "mindir"
+EXPORTED = True
+
+
+def forward_numpy(model: MindirDVT, images):
+    return list(model(images))
+
+
+def adaptive_numpy(model: MindirDVT, images, thresholds, confidence: str = "max_softmax"):
+    return model.adaptive(images, thresholds, confidence)
+
+
+def to_device(model: MindirDVT, device) -> MindirDVT:
+    return model.to_device(device)
+
+
+# ---- the backend contract (dvt_core.backend), where it applies to a fixed, exported graph ----------------
+
+
+def to_tensor(model, array):
+    return model.to_tensor(array)
+
+
+def to_numpy(tensor):
+    return RUNTIME.to_numpy(tensor)
+
+
+def run_stage(model, index: int, images, carry=None):
+    return model.run_stage(index, images, carry)
+
+
+def build_model(spec):
+    raise InputError(f"the {NAME} backend runs exported graphs: make them with `dvt export`, then "
+                     f"dvt_core.build(DIR, backend={NAME!r})")
+
+
+def model_state(model):
+    raise InputError(f"an exported {NAME} model has no editable state; export again from a checkpoint")
+
+
+def load_state(model, state, source: str = "checkpoint"):
+    raise InputError(f"an exported {NAME} model's weights are fixed in its graphs; export again with new weights")
+
+
+def read_file(path):
+    raise InputError(f"the {NAME} backend reads export folders, not checkpoint files ({path})")
+
+
+def write_file(path, state, entries):
+    raise InputError(f"the {NAME} backend writes no checkpoints; use torch, safetensors or mindspore")
+
+
+__all__ = ["MindirDVT", "load", "forward_numpy", "adaptive_numpy", "to_device", "device_for", "to_tensor", "to_numpy",
+           "run_stage", "select", "build_model", "model_state", "load_state", "read_file", "write_file", "NAME"]

@@ -204,7 +204,7 @@ def _assert_same_trajectory(t_losses, m_losses, t_state, m_state, outliers=0.0, 
     assert max(worst.values()) <= max(bound, 1e-4), top
 
 
-@pytest.mark.parametrize("name", ["dvt_deit_small", pytest.param("dvt_t2t_vit_12", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", ["dvt_deit_small", "dvt_t2t_vit_12"])
 def test_adamw_steps_match_torch(name):
     steps = 3
     t_losses, m_losses, t_state, m_state, _ = _trajectories(name, steps=steps, batch=4, **small_overrides(name))

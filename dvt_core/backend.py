@@ -20,6 +20,8 @@ Terms:
 from __future__ import annotations
 
 import importlib
+import sys
+from pathlib import Path
 from typing import Any, Optional, Protocol, Sequence, runtime_checkable
 
 import numpy as np
@@ -114,8 +116,23 @@ EXPORT_BACKENDS = ("onnx", "mindir")
 PACKAGES = {"onnx": "onnxruntime", "mindir": "mindspore"}  # the package a backend cannot run without
 
 
-# Top-level modules whose absence means "install the extra" (the frameworks and what they pull in).
-FRAMEWORK_MODULES = ("torch", "mindspore", "onnx", "onnxruntime", "numpy", "scipy", "google", "safetensors")
+def _raised_by_dvt(exc: ImportError) -> bool:
+    """True when ``exc`` names a dvt module, or was raised by a line of dvt itself (not of a framework)."""
+    if (exc.name or "").split(".")[0] in ("dvt_core", "dvt_backends"):
+        return True
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None or exc.name:
+        return False
+    ours = [Path(__file__).resolve().parent]  # dvt_core, and wherever dvt_backends lives
+    backends = sys.modules.get("dvt_backends")
+    ours += [Path(p).resolve() for p in getattr(backends, "__path__", ())]
+    try:
+        where = Path(tb.tb_frame.f_code.co_filename).resolve()
+    except (OSError, ValueError):
+        return False
+    return any(where.is_relative_to(d) for d in ours)
 
 
 def get_backend(name: str):
@@ -125,9 +142,9 @@ def get_backend(name: str):
     try:
         module = importlib.import_module(f"dvt_backends.{name}")
     except ImportError as exc:
-        # Only a missing framework is the user's to install; any other ImportError is a bug and keeps its traceback.
-        top = (exc.name or "").split(".")[0]
-        if top.startswith("dvt_") or top not in FRAMEWORK_MODULES:
+        # A framework that is missing or broken is the user's to install; an ImportError raised by dvt's
+        # own code is a bug and keeps its traceback.
+        if _raised_by_dvt(exc):
             raise
         raise InputError(f"the {name} backend needs the {PACKAGES.get(name, name)} package ({exc}); "
                          f"install it with: pip install 'dvt[{name}]'") from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -195,3 +196,21 @@ def test_token_module_eps_must_be_positive():
     bad = dataclasses.replace(spec.stages[0], t2t=dataclasses.replace(spec.stages[0].t2t, ln_eps=0.0))
     with pytest.raises(dvt_core.SpecError, match="t2t ln_eps must be positive"):
         dataclasses.replace(spec, stages=(bad,) + spec.stages[1:]).validate()
+
+
+def test_an_import_error_of_dvt_itself_is_not_reported_as_a_missing_framework():
+    """Only a missing or broken framework becomes "install the package"; dvt's own ImportError is a bug."""
+    from dvt_core.backend import _raised_by_dvt
+
+    inside = str(Path(dvt_core.__file__).resolve().parent / "backend.py")
+    try:
+        exec(compile("raise ImportError('cannot import name helper')", inside, "exec"))
+    except ImportError as exc:
+        assert _raised_by_dvt(exc)
+    try:
+        exec(compile("raise ImportError('libonnxruntime.so: cannot open shared object file')",
+                     "/elsewhere/onnxruntime/__init__.py", "exec"))
+    except ImportError as exc:
+        assert not _raised_by_dvt(exc)
+    assert _raised_by_dvt(ModuleNotFoundError("No module named 'dvt_core.gone'", name="dvt_core.gone"))
+    assert not _raised_by_dvt(ModuleNotFoundError("No module named 'torch'", name="torch"))

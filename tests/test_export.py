@@ -218,7 +218,7 @@ import importlib.abc, sys
 class _Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in {blocked}:
-            raise ImportError(f"{{name}} is blocked in this test")
+            raise ModuleNotFoundError(f"No module named {{name!r}} (blocked in this test)", name=name)
 sys.meta_path.insert(0, _Block())
 """
 

@@ -5,6 +5,8 @@ Mirrors the PyTorch backend's training test, on a small override model, and chec
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -88,6 +90,53 @@ def test_gradients_flow_and_step_lowers_loss(name):
             np.testing.assert_array_equal(p.asnumpy(), before_frozen[n], err_msg=f"frozen {n} changed")
 
 
+def _t2t_spec(token_type="performer", dropout=None, **extra):
+    """The small T2T-ViT override spec with the token modules' ``token_type`` and (when given) ``dropout``."""
+    name = "dvt_t2t_vit_12"
+    spec = dvt_core.get_spec(name, **dict(small_overrides(name), **extra))
+    return _with_t2t(spec, token_type=token_type, **({} if dropout is None else {"dropout": dropout}))
+
+
+def _with_t2t(spec, **fields):
+    """``spec`` with ``fields`` replaced in every stage's tokens-to-token spec (stages without one unchanged)."""
+    return dataclasses.replace(spec, stages=tuple(
+        dataclasses.replace(s, t2t=dataclasses.replace(s.t2t, **fields)) if s.t2t is not None else s
+        for s in spec.stages)).validate()
+
+
+@pytest.mark.parametrize("token_type", ["performer", "transformer"])
+def test_t2t_token_module_gradients_match_torch_relatively(token_type):
+    """The T2T token modules' gradients are ~1e-6 in size, below the absolute tolerance above, so they are
+    compared per tensor relative to the tensor's largest torch gradient: max |g_ms - g_t| / max |g_t|.
+    Measured on the 2-core CPU (performer): at most 1.6e-6, i.e. float32 rounding."""
+    spec = _t2t_spec(token_type, drop_path_rate=0.0)
+    torch.manual_seed(0)
+    tm = bt.DVT(spec).eval()
+    mm = bm.DVT(spec)
+    bm.load_state(mm, bt.model_state(tm))
+    mm.set_train(False)
+    x = random_images(spec, len(TARGETS), seed=5)
+    t_loss = bt.DVT.loss(tm(torch.from_numpy(x)), torch.from_numpy(TARGETS).long(), label_smoothing=0.1)
+    t_loss.backward()
+    params = mm.trainable_params()
+    m_loss, grads = ms.value_and_grad(lambda a, b: bm.DVT.loss(mm(a), b, label_smoothing=0.1), None, params)(
+        ms.Tensor(x), ms.Tensor(TARGETS))
+    assert abs(float(m_loss.asnumpy()) - float(t_loss.detach())) < 1e-5
+    t_grads = {n: p.grad.numpy() for n, p in tm.named_parameters() if p.requires_grad}
+    rel = {}
+    for p, g in zip(params, grads):
+        n = dvt_core.naming.mindspore_to_canonical(p.name)
+        if ".tokenizer." in n:
+            scale = float(np.abs(t_grads[n]).max())
+            assert scale > 0, f"{n}: no gradient reaches the token module"
+            rel[n] = float(np.abs(g.asnumpy() - t_grads[n]).max()) / scale
+    kinds = {"attention1.mlp.fc1", "attention1.mlp.fc2", "attention2.mlp.fc1", "attention2.mlp.fc2",
+             "attention1.norm2", "attention2.norm2", "project"}
+    assert all(any(f".tokenizer.{k}." in n for n in rel) for k in kinds), sorted(rel)
+    worst = sorted(rel.items(), key=lambda kv: -kv[1])[:3]
+    assert worst[0][1] < 1e-4, worst
+
+
 def test_loss_weights_and_label_smoothing():
     rng = np.random.default_rng(0)
     out = [rng.standard_normal((4, 5)).astype(np.float32) for _ in range(2)]
@@ -104,17 +153,26 @@ def test_loss_weights_and_label_smoothing():
 
 def _trajectories(name, steps, batch, **extra):
     """Per-step losses and final weights of ``steps`` AdamW steps in torch and in MindSpore, from torch's
-    initial weights, on the same random batches, dropout and stochastic depth off."""
+    initial weights, on the same random batches, dropout and stochastic depth off.
+
+    ``drop_path_rate=0`` turns off stochastic depth only: the T2T token modules keep their own dropout
+    (``T2TSpec.dropout``, 0.1 as in the official Performer), whose masks the two frameworks draw apart.
+    Left on, it parts the token modules' MLP weights after a few AdamW steps (about 15 % of all weights
+    by up to 0.0095) although the losses agree: the token MLPs' outputs barely reach the loss at
+    initialisation, but their gradients (~1e-6) are masked differently and AdamW makes each a full step."""
     from dvt_backends.mindspore import train as mtrain
     from dvt_backends.torch import train as ttrain
     from dvt_core.training import TrainConfig, cosine_lr
 
     ov = dict(extra, drop_path_rate=0.0)
-    spec = dvt_core.get_spec(name, **ov)
+    spec = _with_t2t(dvt_core.get_spec(name, **ov), dropout=0.0)
     cfg = TrainConfig(lr=2e-3, weight_decay=0.05, label_smoothing=0.1, grad_clip=1.0)
     torch.manual_seed(0)
     tm = bt.DVT(spec)
     mm = bm.DVT(spec)
+    live = ([n for n, m in tm.named_modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+            + [n for n, c in mm.cells_and_names() if isinstance(c, ms.nn.Dropout) and c.p > 0])
+    assert not live, f"dropout left on: {live}"
     bm.load_state(mm, bt.model_state(tm))
     t_step = ttrain.make_train_step(tm, tm, ttrain.make_optimizer(tm, cfg), cfg)
     m_step = mtrain.make_train_step(mm, mtrain.make_optimizer(mm, cfg.weight_decay), cfg)
@@ -146,13 +204,7 @@ def _assert_same_trajectory(t_losses, m_losses, t_state, m_state, outliers=0.0, 
     assert max(worst.values()) <= max(bound, 1e-4), top
 
 
-T2T_GAP = ("open: the T2T token modules' MLP weights part after AdamW steps (about 15 % of the weights, by up to "
-           "4 learning-rate steps) while the losses agree; their gradients are ~1e-6, below the 1e-6 absolute "
-           "tolerance of test_gradients_flow_and_step_lowers_loss, so a real gradient difference there is not ruled out")
-
-
-@pytest.mark.parametrize("name", ["dvt_deit_small", pytest.param(
-    "dvt_t2t_vit_12", marks=[pytest.mark.slow, pytest.mark.xfail(strict=True, reason=T2T_GAP)])])
+@pytest.mark.parametrize("name", ["dvt_deit_small", "dvt_t2t_vit_12"])
 def test_adamw_steps_match_torch(name):
     steps = 3
     t_losses, m_losses, t_state, m_state, _ = _trajectories(name, steps=steps, batch=4, **small_overrides(name))

@@ -8,7 +8,6 @@ computes (:func:`ms_official_problems`).
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
 
 from . import fileio

@@ -28,7 +28,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 
@@ -328,3 +328,75 @@ class ExportedDVT:
 
 def stage_entry(index: int, file: str, inputs: list[str], outputs: list[str]) -> dict:
     return {"index": index, "file": file, "inputs": inputs, "outputs": outputs}
+
+
+# ---- the backend contract of a runtime of exported graphs --------------------------------------------------
+# An export runtime (backends/onnx, backends/mindir) is an ExportedDVT subclass plus these module-level
+# members: the same for every runtime, since they only call the model's own methods. Building, state dicts
+# and checkpoint files do not apply to fixed graphs and are refused by name.
+
+
+def forward_numpy(model: ExportedDVT, images):
+    """Per-exit logits of a float32 numpy batch, as numpy arrays."""
+    return list(model(images))
+
+
+def adaptive_numpy(model: ExportedDVT, images, thresholds, confidence: str = "max_softmax"):
+    """``model.adaptive`` on a float32 numpy batch."""
+    return model.adaptive(images, thresholds, confidence)
+
+
+def to_device(model: ExportedDVT, device) -> ExportedDVT:
+    return model.to_device(device)
+
+
+def to_tensor(model: ExportedDVT, array):
+    return model.to_tensor(array)
+
+
+def run_stage(model: ExportedDVT, index: int, images, carry=None):
+    return model.run_stage(index, images, carry)
+
+
+def inference(model: ExportedDVT):
+    """An export runs inference graphs only: nothing to switch (a context manager that does nothing)."""
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def join_with(concatenate: Callable):
+    """The contract's ``join(parts)`` for a runtime whose arrays ``concatenate(values, axis)`` joins."""
+
+    def join(parts):
+        """Several ``(images, carry)`` batches of one stage as one, concatenated along the batch axes."""
+        images = np.concatenate([np.asarray(p[0]) for p in parts])
+        first = parts[0][1]
+        carry = None if first is None else Carry(
+            {k: concatenate([p[1][k] for p in parts], first.axes[k]) for k in first}, first.axes)
+        return images, carry
+
+    return join
+
+
+def refusals(name: str) -> tuple[Callable, ...]:
+    """``build_model, model_state, load_state, read_file, write_file`` of runtime ``name``: each refuses,
+    saying what to do instead."""
+
+    def build_model(spec):
+        raise InputError(f"the {name} backend runs exported graphs: make them with `dvt export`, then "
+                         f"dvt_core.build(DIR, backend={name!r})")
+
+    def model_state(model):
+        raise InputError(f"an exported {name} model has no editable state; export again from a checkpoint")
+
+    def load_state(model, state, source: str = "checkpoint"):
+        raise InputError(f"an exported {name} model's weights are fixed in its graphs; export again with new weights")
+
+    def read_file(path):
+        raise InputError(f"the {name} backend reads export folders, not checkpoint files ({path})")
+
+    def write_file(path, state, entries):
+        raise InputError(f"the {name} backend writes no checkpoints; use torch, safetensors or mindspore")
+
+    return build_model, model_state, load_state, read_file, write_file

@@ -9,7 +9,6 @@ distribution must add no generic top-level module (``backends``, ``weights``).
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
 import subprocess
 import sys

@@ -1,90 +1,21 @@
 """MindIR backend: a DVT exported with ``dvt export --format mindir``, run through ``mindspore.load``
 and ``nn.GraphCell`` (no model code). ``load(directory)`` is what ``dvt_core.build(DIR, backend="mindir")``
-calls.
+calls. The contract's members are those every export runtime shares (``dvt_core.export``); what is
+MindSpore's own (graph cells, tensors that stay on the device) lives in ``runtime.py``.
 """
-from dvt_core.errors import InputError
+from dvt_core.export import (adaptive_numpy, forward_numpy, inference, join_with, refusals, run_stage, to_device,
+                             to_tensor)
 
-from .runtime import MindirDVT, device_for, load, select
-
-RUNTIME = MindirDVT
+from .runtime import MindirDVT, concatenate, device_for, load, select
 
 NAME = "mindir"
 EXPORTED = True
+RUNTIME = MindirDVT
 
-
-def forward_numpy(model: MindirDVT, images):
-    return list(model(images))
-
-
-def adaptive_numpy(model: MindirDVT, images, thresholds, confidence: str = "max_softmax"):
-    return model.adaptive(images, thresholds, confidence)
-
-
-def to_device(model: MindirDVT, device) -> MindirDVT:
-    return model.to_device(device)
-
-
-# ---- the backend contract (dvt_core.backend), where it applies to a fixed, exported graph ----------------
-
-
-def to_tensor(model, array):
-    return model.to_tensor(array)
-
-
-def to_numpy(tensor):
-    return RUNTIME.to_numpy(tensor)
-
-
-def run_stage(model, index: int, images, carry=None):
-    return model.run_stage(index, images, carry)
-
-
-def build_model(spec):
-    raise InputError(f"the {NAME} backend runs exported graphs: make them with `dvt export`, then "
-                     f"dvt_core.build(DIR, backend={NAME!r})")
-
-
-def model_state(model):
-    raise InputError(f"an exported {NAME} model has no editable state; export again from a checkpoint")
-
-
-def load_state(model, state, source: str = "checkpoint"):
-    raise InputError(f"an exported {NAME} model's weights are fixed in its graphs; export again with new weights")
-
-
-def read_file(path):
-    raise InputError(f"the {NAME} backend reads export folders, not checkpoint files ({path})")
-
-
-def write_file(path, state, entries):
-    raise InputError(f"the {NAME} backend writes no checkpoints; use torch, safetensors or mindspore")
-
-
-def join(parts):
-    """Several ``(images, carry)`` batches of one stage as one, concatenated along the batch axes."""
-    import mindspore as ms
-    import numpy as np
-
-    from dvt_core.export import Carry
-
-    def cat(values, axis):
-        if isinstance(values[0], ms.Tensor):
-            return ms.ops.cat(tuple(values), axis=axis)
-        return np.concatenate([v.asnumpy() if isinstance(v, ms.Tensor) else v for v in values], axis=axis)
-
-    images = np.concatenate([np.asarray(p[0]) for p in parts])
-    first = parts[0][1]
-    carry = None if first is None else Carry({k: cat([p[1][k] for p in parts], first.axes[k]) for k in first},
-                                             first.axes)
-    return images, carry
-
-
-def inference(model):
-    """An export runs inference graphs only: nothing to switch (a context manager that does nothing)."""
-    import contextlib
-
-    return contextlib.nullcontext()
-
+to_numpy = MindirDVT.to_numpy
+join = join_with(concatenate)
+build_model, model_state, load_state, read_file, write_file = refusals(NAME)
 
 __all__ = ["MindirDVT", "load", "forward_numpy", "adaptive_numpy", "to_device", "device_for", "to_tensor", "to_numpy",
-           "run_stage", "select", "join", "inference", "build_model", "model_state", "load_state", "read_file", "write_file", "NAME"]
+           "run_stage", "select", "join", "inference", "build_model", "model_state", "load_state", "read_file",
+           "write_file", "NAME"]

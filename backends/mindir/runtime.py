@@ -65,3 +65,10 @@ def load(directory: Union[str, Path], model: Optional[str] = None, device: Optio
     manifest = read_manifest(directory, fmt="mindir", model=model)
     m = MindirDVT(directory, manifest)
     return m.to_device(device) if device is not None else m
+
+
+def concatenate(values, axis: int):
+    """Carried arrays of several batches as one: MindSpore tensors stay tensors, anything else numpy."""
+    if isinstance(values[0], ms.Tensor):
+        return ms.ops.cat(tuple(values), axis=axis)
+    return np.concatenate([v.asnumpy() if isinstance(v, ms.Tensor) else v for v in values], axis=axis)

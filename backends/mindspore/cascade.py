@@ -9,8 +9,6 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import NamedTuple, Optional, Sequence
 
-import numpy as np
-
 from dvt_core.early_exit import AdaptiveResult, run_adaptive
 from dvt_core.macs import exit_macs
 from dvt_core.operating_point import model_thresholds

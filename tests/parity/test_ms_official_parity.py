@@ -6,7 +6,6 @@ adds the ablations, the LayerNorm switch and that code's own file layout.
 """
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 ms = pytest.importorskip("mindspore", reason="the MindSpore backend needs mindspore")

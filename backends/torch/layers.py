@@ -183,9 +183,11 @@ class RelationReuse(nn.Module):
 
     def forward(self, prev_logits: Sequence[torch.Tensor]) -> torch.Tensor:
         """``prev_logits``: the previous stage's per-block logits, each (B, heads, n, n)."""
-        x = torch.cat(tuple(prev_logits), dim=1)
+        # keys-major layout: the concatenation (a copy in any case) also transposes each block's logits,
+        # so that the keys axis is resized first without a copy and the output comes out contiguous in
+        # (queries, keys) order, the layout scaled_dot_product_attention reads its mask in without copying
+        x = torch.cat(tuple(p.transpose(-2, -1) for p in prev_logits), dim=1)  # (B, C, keys, queries)
         b, c, n, _ = x.shape
         r = self._mix(self.reduce, self.act(self._mix(self.expand, x.reshape(b, c, n * n))))
-        r = self.resize(r.reshape(b, -1, n, n))  # queries axis: (B, C, N, n)
-        # keys axis on the transpose; the result is handed on as a transposed view (B, C, N, N)
-        return self.resize(r.transpose(-2, -1)).transpose(-2, -1)
+        r = self.resize(r.reshape(b, -1, n, n))  # keys axis: (B, C, N, n)
+        return self.resize(r.transpose(-2, -1))  # queries axis: (B, C, N, N), contiguous

@@ -44,7 +44,7 @@ bench: venv
 	$(PY) benchmarks/bench_early_exit.py
 	$(PY) benchmarks/bench_policy.py
 	$(PY) benchmarks/bench_mindspore.py
-	$(PY) benchmarks/bench_onnx.py
+	$(PY) -m dvt_core benchmark dvt_deit_small --backend onnx --batch-sizes 1 64 --threads 1 --repeats 3
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

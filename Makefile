@@ -40,11 +40,12 @@ parity: venv
 demo: venv
 	$(VENV)/bin/dvt demo --force   # replaces its own dvt_demo.png from an earlier run
 
+## Speed figures (ratios measured within one run): early exit vs static, the policy sweep, MindSpore vs torch, ONNX Runtime vs torch.
 bench: venv
-	$(PY) benchmarks/bench_early_exit.py
+	$(PY) -m dvt_core benchmark dvt_t2t_vit_12 --batch-sizes 1 64 --threads 1 --repeats 3
 	$(PY) benchmarks/bench_policy.py
 	$(PY) benchmarks/bench_mindspore.py
-	$(PY) benchmarks/bench_onnx.py
+	$(PY) -m dvt_core benchmark dvt_deit_small --backend onnx --batch-sizes 1 64 --threads 1 --repeats 3
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

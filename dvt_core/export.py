@@ -273,8 +273,8 @@ class ExportedDVT:
         return select_numpy(images, carry, rows)
 
     @staticmethod
-    def to_numpy(x) -> np.ndarray:
-        return np.asarray(x, dtype=np.float32)
+    def to_numpy(tensor) -> np.ndarray:
+        return np.asarray(tensor, dtype=np.float32)
 
     def to_tensor(self, array) -> np.ndarray:
         """A numpy image batch as this runtime's input (checked against the spec)."""

@@ -47,8 +47,8 @@ class MindirDVT(ExportedDVT):
         return select(images, carry, rows)
 
     @staticmethod
-    def to_numpy(x) -> np.ndarray:
-        return (x.asnumpy() if isinstance(x, ms.Tensor) else np.asarray(x)).astype(np.float32, copy=False)
+    def to_numpy(tensor) -> np.ndarray:
+        return (tensor.asnumpy() if isinstance(tensor, ms.Tensor) else np.asarray(tensor)).astype(np.float32, copy=False)
 
 
 def select(images, carry: Optional[Carry], rows):

@@ -57,6 +57,11 @@ class OnnxDVT(ExportedDVT):
         self.device = kind
         return self
 
+    def set_threads(self, threads: Optional[int]) -> "OnnxDVT":
+        """ONNX Runtime intra-op threads (``None``: its default); the sessions are made anew."""
+        self.threads = threads
+        return self.to_device(self.device)
+
     def _run_graph(self, index: int, feeds: dict) -> list:
         s = self.sessions[index]
         return s.run(self.manifest["stages"][index]["outputs"], feeds)

@@ -18,6 +18,7 @@ from torch.nn import functional as F
 from dvt_core.export import FEATURES, PREV, RELATIONS, carry_names, stage_entry
 
 from .cascade import DVT, Reuse
+from .layers import TokenResize
 from .tokenizers import T2TModule
 
 BATCH_AXES = {FEATURES: 0, RELATIONS: 0}
@@ -66,17 +67,45 @@ def _split_by_gather(self: T2TModule, x: torch.Tensor, i: int) -> torch.Tensor:
     return g.transpose(2, 3).reshape(-1, oh * ow, c * k * k)
 
 
+def _padded_taps(resize: TokenResize) -> tuple[torch.Tensor, torch.Tensor]:
+    """The resize's taps as (n_new, K) source indices and weights, short rows padded with weight 0."""
+    starts = resize.offsets.tolist() + [resize.nnz]
+    counts = [b - a for a, b in zip(starts[:-1], starts[1:])]
+    width = max(counts)
+    index = torch.zeros(resize.n_new, width, dtype=torch.int64)
+    weight = torch.zeros(resize.n_new, width, dtype=resize.weights.dtype)
+    for row, (a, n) in enumerate(zip(starts[:-1], counts)):
+        index[row, :n] = resize.indices[a:a + n]
+        weight[row, :n] = resize.weights[a:a + n]
+    return index.to(resize.indices.device), weight.to(resize.weights.device)
+
+
+def _resize_by_gather(self: TokenResize, x: torch.Tensor) -> torch.Tensor:
+    """TokenResize as Gather, Mul and ReduceSum: the same weighted sums, exported without the Loop nodes
+    that ``embedding_bag`` becomes in ONNX (ONNX Runtime runs those far slower)."""
+    index, weight = self._export_taps
+    picked = x.index_select(-2, index.reshape(-1))  # (..., n_new * K, C)
+    picked = picked.reshape(x.shape[:-2] + (self.n_new, index.shape[1], x.shape[-1]))
+    return (picked * weight.to(x.dtype)[..., None]).sum(dim=-2)
+
+
 @contextlib.contextmanager
 def exportable(model: DVT):
-    """Swap in the traceable soft split for the duration of an export."""
-    patched = [m for m in model.modules() if isinstance(m, T2TModule)]
-    for m in patched:
+    """Swap in traceable, Loop-free forms of the soft split and the reuse resize for an export."""
+    splits = [m for m in model.modules() if isinstance(m, T2TModule)]
+    resizes = [m for m in model.modules() if isinstance(m, TokenResize)]
+    for m in splits:
         m._split = types.MethodType(_split_by_gather, m)
+    for m in resizes:
+        m._export_taps = _padded_taps(m)
+        m.forward = types.MethodType(_resize_by_gather, m)
     try:
         yield model
     finally:
-        for m in patched:
+        for m in splits:
             del m._split
+        for m in resizes:
+            del m.forward, m._export_taps
 
 
 def export_stages(model: DVT, out_dir: Path, opset: int = 17, batch: int = 2):

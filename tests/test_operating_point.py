@@ -11,7 +11,7 @@ from dvt_core import policy
 from dvt_core.errors import InputError
 
 SPEC = dvt_core.get_spec("dvt_fashion_mnist")
-COSTS = [1053056, 5170096, 20555136]  # dvt_fashion_mnist's exit MACs, as `dvt flops` prints them
+COSTS = [1053056, 5127568, 19236216]  # dvt_fashion_mnist's exit MACs (`dvt flops`; reuse resize as gathers)
 
 
 @pytest.mark.parametrize("text,value", [

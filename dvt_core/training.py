@@ -124,3 +124,29 @@ def final_meta(spec, cfg: TrainConfig, history: list, images: int, hold_idx, lab
         meta.update(calibration_meta(probs, labels[hold_idx], costs,
                                      data={"split": "holdout", "holdout": int(len(hold_idx)), "seed": cfg.seed}))
     return meta
+
+
+def run_epoch(step_fn, batches: Iterator, cfg: TrainConfig, epoch: int, step: int, steps_in_epoch: int,
+              total_steps: int, warmup_steps: int, partial: tuple = (0.0, 0), progress: bool = False):
+    """One epoch of training, the same in every backend: ``step_fn(x, y, lr, step, epoch) -> loss`` per batch
+    at the cosine schedule's learning rate, resuming ``step - epoch * steps_in_epoch`` batches in (skipped
+    with the same draws as the uninterrupted run; ``partial`` is the resumed epoch's (loss sum, images)),
+    stopping at ``cfg.max_steps``. Returns ``(step, loss sum, images seen)``."""
+    from tqdm.auto import tqdm
+
+    skip = step - epoch * steps_in_epoch  # batches of this epoch already trained on before a resume
+    for _ in range(skip):
+        next(batches)  # the same draws (augmentation included) as the uninterrupted run
+    bar = tqdm(batches, total=steps_in_epoch, initial=skip, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
+               disable=not progress, leave=False)
+    running, seen = partial if skip else (0.0, 0)
+    for xb, yb in bar:
+        lr = cosine_lr(step, total_steps, warmup_steps, cfg.lr, cfg.min_lr)
+        loss = step_fn(xb, yb, lr, step, epoch)
+        step += 1
+        running += loss * len(yb)
+        seen += len(yb)
+        bar.set_postfix(loss=f"{running / seen:.4f}", lr=f"{lr:.2e}")
+        if cfg.max_steps is not None and step >= cfg.max_steps:
+            break
+    return step, running, seen

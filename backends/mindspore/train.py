@@ -24,8 +24,8 @@ from dvt_core.errors import InputError
 from dvt_core.evaluation import exit_probs
 from dvt_core.naming import canonical_to_mindspore
 from dvt_core.specs import CascadeSpec
-from dvt_core.training import (TrainConfig, check_finite_loss, cosine_lr, epoch_batches, final_meta,
-                               resolve_holdout, steps_per_epoch)
+from dvt_core.training import (TrainConfig, check_finite_loss, epoch_batches, final_meta, resolve_holdout, run_epoch,
+                               steps_per_epoch)
 from dvt_core.transfer import load_init, param_groups
 
 from . import compat as C
@@ -126,7 +126,6 @@ def train(spec: CascadeSpec, images: np.ndarray, labels: np.ndarray, cfg: TrainC
     """Train ``spec`` on uint8 ``images`` and ``labels`` as the torch trainer does; returns the final weights
     path ``<out_dir>/<spec.name>.ckpt``. ``init_state`` (canonical numpy state) replaces the seeded
     initialisation, e.g. to start from torch's exact initial weights."""
-    from tqdm.auto import tqdm
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise InputError("MindSpore training runs in one process; data-parallel MindSpore training is not "
@@ -177,22 +176,9 @@ def train(spec: CascadeSpec, images: np.ndarray, labels: np.ndarray, cfg: TrainC
     probs = None
     for epoch in range(start_epoch, cfg.epochs):
         model.set_train(True)
-        skip = step - epoch * spe
         batches = epoch_batches(x_train, y_train, cfg, epoch, spec.mean, spec.std)
-        for _ in range(skip):
-            next(batches)
-        bar = tqdm(batches, total=spe, initial=skip, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
-                   disable=not progress, leave=False)
-        running, seen = partial if skip else (0.0, 0)
-        for xb, yb in bar:
-            lr = cosine_lr(step, total, warmup, cfg.lr, cfg.min_lr)
-            loss = step_fn(xb, yb, lr, step, epoch)
-            step += 1
-            running += loss * len(yb)
-            seen += len(yb)
-            bar.set_postfix(loss=f"{running / seen:.4f}", lr=f"{lr:.2e}")
-            if cfg.max_steps is not None and step >= cfg.max_steps:
-                break
+        step, running, seen = run_epoch(step_fn, batches, cfg, epoch, step, spe, total, warmup, partial,
+                                        progress=progress)
         model.set_train(False)
         record = {"epoch": epoch + 1, "loss": running / max(seen, 1), "seconds": round(time.time() - t0, 1)}
         if len(hold_idx):

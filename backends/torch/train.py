@@ -22,8 +22,8 @@ from dvt_core.checkpoints import atomic_path, write_checkpoint
 from dvt_core.evaluation import exit_probs
 from dvt_core.shapes import state_diff, state_shapes
 from dvt_core.specs import CascadeSpec
-from dvt_core.training import (TrainConfig, check_finite_loss, cosine_lr, epoch_batches, final_meta,
-                               resolve_holdout, steps_per_epoch)
+from dvt_core.training import (TrainConfig, check_finite_loss, epoch_batches, final_meta, resolve_holdout, run_epoch,
+                               steps_per_epoch)
 from dvt_core.transfer import load_init, param_groups
 
 from .cascade import DVT
@@ -107,7 +107,6 @@ def train(spec: CascadeSpec, images: np.ndarray, labels: np.ndarray, cfg: TrainC
     is not finite stops the run with :class:`dvt_core.training.TrainingDiverged` before any weights of
     that epoch are written.
     """
-    from tqdm.auto import tqdm
 
     world, rank, local = _dist_env()
     dev = _pick_device(device, local)
@@ -169,22 +168,9 @@ def train(spec: CascadeSpec, images: np.ndarray, labels: np.ndarray, cfg: TrainC
     probs = None
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
-        skip = step - epoch * spe  # batches of this epoch already trained on before a resume
         batches = epoch_batches(x_train, y_train, cfg, epoch, spec.mean, spec.std, rank, world)
-        for _ in range(skip):
-            next(batches)  # the same draws (augmentation included) as the uninterrupted run
-        bar = tqdm(batches, total=spe, initial=skip, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
-                   disable=not (progress and main), leave=False)
-        running, seen = partial if skip else (0.0, 0)
-        for xb, yb in bar:
-            lr = cosine_lr(step, total, warmup, cfg.lr, cfg.min_lr)
-            loss = step_fn(xb, yb, lr, step, epoch)
-            step += 1
-            running += loss * len(yb)
-            seen += len(yb)
-            bar.set_postfix(loss=f"{running / seen:.4f}", lr=f"{lr:.2e}")
-            if cfg.max_steps is not None and step >= cfg.max_steps:
-                break
+        step, running, seen = run_epoch(step_fn, batches, cfg, epoch, step, spe, total, warmup, partial,
+                                        progress=progress and main)
         record = {"epoch": epoch + 1, "loss": running / max(seen, 1), "seconds": round(time.time() - t0, 1)}
         if main and len(hold_idx):
             probs = exit_probs(model, images[hold_idx])  # the last epoch's also calibrates the result

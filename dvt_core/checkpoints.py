@@ -32,9 +32,10 @@ from typing import Any, Optional
 import numpy as np
 
 from . import ckpt_format, fileio
-from .errors import CheckpointError, UnsafeCheckpointError, list_problems
+from .errors import CheckpointError, UnsafeCheckpointError
 from .naming import (canonical_to_mindspore, canonical_to_ms_official, is_ms_official_layout, is_ms_training_state,
                      is_official_layout, mindspore_to_canonical, ms_official_to_canonical, rename_official)
+from .shapes import check_spec_state
 
 OFFICIAL_META_KEYS = ("flops", "anytime_classification", "dynamic_threshold", "budgeted_batch_classification")
 FORMATS = ("official", "torch", "safetensors", "mindspore")
@@ -442,43 +443,7 @@ def _write_mindspore_official(tmp: Path, state, meta) -> None:
 
 # ---- checking tensors against a spec, before any model is built ------------------------------------
 
-SPEC_SLACK = 1_000_000  # parameters a spec may exceed a file by before the model is built to list the differences
 FLOAT64_TOLERANCE = 1e-6  # relative change a float64 -> float32 cast may make and still count as lossless
-
-
-def _expected_shapes(spec) -> Optional[dict[str, tuple]]:
-    """Canonical name -> shape from the framework-free shape table, when this checkout has one."""
-    try:
-        from .shapes import state_shapes
-    except ImportError:
-        return None
-    return {k: tuple(int(d) for d in v) for k, v in state_shapes(spec).items()}
-
-
-def check_spec_fits(state: dict, spec, source: str) -> None:
-    """Refuse tensors that do not fit ``spec`` (names and shapes), before a model is allocated.
-
-    Compared through the framework-free shape table (``dvt_core.shapes.state_shapes``); without one,
-    at least the parameter count the spec implies must equal the elements the file holds, so a small
-    file can never make a large model be built.
-    """
-    want = _expected_shapes(spec)
-    if want is not None:
-        missing = [k for k in want if k not in state]
-        unexpected = [k for k in state if k not in want]
-        mismatched = [f"{k} {tuple(np.shape(state[k]))} vs {want[k]}" for k in want
-                      if k in state and tuple(np.shape(state[k])) != want[k]]
-        if missing or unexpected or mismatched:
-            raise CheckpointError(f"{source} does not match {spec.name}: "
-                                  + list_problems(missing, unexpected, mismatched), missing, unexpected, mismatched)
-        return
-    from .macs import exit_params
-
-    need = exit_params(spec)[-1]
-    have = sum(int(np.prod(np.shape(v), dtype=np.int64)) for v in state.values())
-    if need > 2 * have + SPEC_SLACK:  # the backend's loader lists the exact differences of a near miss
-        raise CheckpointError(f"{source} does not match {spec.name}: the spec has {need:,} parameters, "
-                              f"the file holds {have:,} numbers")
 
 
 def check_values(state: dict, source: str, allow_lossy: bool = False) -> tuple[dict, list[str]]:
@@ -525,6 +490,6 @@ def checked_state(ckpt: Checkpoint, spec, source: Optional[str] = None, allow_lo
     """``ckpt``'s canonical state checked against ``spec`` (shapes first, then values), as float32."""
     source = source or str(ckpt.path)
     state = ckpt.canonical_state(spec.num_exits, spec.in_chans)
-    check_spec_fits(state, spec, source)
+    check_spec_state(spec, state, source)  # names and shapes from the spec: nothing allocated yet
     state, _ = check_values(state, source, allow_lossy=allow_lossy)
     return state

@@ -16,11 +16,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    # The source folders backends/ and weights/ install as dvt_backends and dvt_weights: no generic
-    # top-level name (PyPI has a distribution called "backends").
-    packages=find_packages(include=["dvt_core", "dvt_core.*"]) + ["dvt_backends", "dvt_weights"]
-    + [f"dvt_backends.{p}" for p in find_packages("backends")],
-    package_dir={"dvt_backends": "backends", "dvt_weights": "weights"},
+    # The weights/ folder installs as dvt_weights: no generic top-level name.
+    packages=find_packages(include=["dvt_core", "dvt_core.*", "dvt_backends", "dvt_backends.*"]) + ["dvt_weights"],
+    package_dir={"dvt_weights": "weights"},
     package_data={"dvt_core": ["assets/*", "*.yaml"], "dvt_weights": ["registry.yaml", "*.safetensors"]},
     data_files=[],
     install_requires=["numpy<2", "pyyaml>=6", "safetensors>=0.4", "tqdm>=4.60", "pillow>=9", "matplotlib>=3.6"],
@@ -31,5 +29,5 @@ setup(
         # setuptools with its own bdist_wheel: the wheel check builds offline (pip wheel --no-build-isolation)
         "dev": ["pytest>=7", "setuptools>=70.1", "wheel"],
     },
-    entry_points={"console_scripts": ["dvt=dvt_core.cli:main"]},
+    entry_points={"console_scripts": ["dvt=dvt_core.cli.main:main"]},
 )

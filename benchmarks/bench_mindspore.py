@@ -10,7 +10,7 @@ ratio measured in this run, with the machine it ran on.
     python3 benchmarks/bench_mindspore.py [--model dvt_t2t_vit_12] [--batch 16] [--repeat 3]
                                           [--modes pynative,graph] [--threads N]
 
-Where MindSpore's CPU time goes (MindSpore 2.10, see backends/mindspore/compat.py): LayerNorm, the erf
+Where MindSpore's CPU time goes (MindSpore 2.10, see dvt_backends/mindspore/compat.py): LayerNorm, the erf
 of the exact GELU, broadcasting element-wise ops and every transpose / strided copy run 3-15x slower
 than torch's kernels; matrix products run about as fast. The backend therefore avoids transposes
 (per-head projections, channel-major relation maps, resizes as 1x1 convolutions), which took it from

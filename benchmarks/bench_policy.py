@@ -1,4 +1,4 @@
-"""Time ``dvt_core.policy.budget_sweep`` against an official-style per-sample loop.
+"""Time ``dvt_core.runtime.policy.budget_sweep`` against an official-style per-sample loop.
 
 The baseline re-implements the loop structure of the official ``inference.py`` (vectorised max and
 sort, then a Python walk over the samples for the threshold search, and a Python loop over samples
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dvt_core import policy  # noqa: E402
+from dvt_core.runtime import policy  # noqa: E402
 
 
 def _max_and_argmax(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -15,8 +15,8 @@ import time
 import torch
 
 import dvt_core
-from dvt_core.macs import token_resize_macs
-from dvt_core.resample import token_resize_matrix
+from dvt_core.model.macs import token_resize_macs
+from dvt_core.model.resample import token_resize_matrix
 from dvt_backends.torch.layers import TokenResize
 
 

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 import dvt_core
-from dvt_core import data, evaluation
+from dvt_core.data import sources as data
+from dvt_core.runtime import evaluation
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """``python -m dvt_core``: the same as the ``dvt`` console script."""
 import sys
 
-from .cli import main
+from dvt_core.cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main())

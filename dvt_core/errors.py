@@ -1,8 +1,21 @@
-"""Errors a user can cause. Each names the problem; the CLI prints its message as one line, exit 2."""
+"""Errors a user can cause, under one root (:class:`DVTError`). Each names the problem; the CLI prints its
+message as one line, exit 2."""
 from __future__ import annotations
 
+
 class DVTError(ValueError):
-    """Base class of user-facing errors that are not spec errors."""
+    """The root of every error a user can cause: the CLI maps it, and only it, to one line and status 2.
+
+    (A ValueError too, so code that caught ValueError before keeps working.)
+    """
+
+
+class SpecError(DVTError):
+    """A spec, or an override of one, that cannot describe a working model."""
+
+
+class DataError(DVTError):
+    """A data file or folder that is missing, unreadable or not what it claims to be."""
 
 
 class InputError(DVTError):

@@ -13,7 +13,7 @@ other grids). It is written independently of ``dvt_core``/``backends``:
   the backend uses precomputed matrices instead;
 * the official key names for any zoo spec come from :func:`official_shapes`, derived from the official
   module structure (parameters of a module before those of its children, children in registration
-  order), not from ``dvt_core.naming``.
+  order), not from ``dvt_core.checkpoint.naming``.
 
 The spec is read only for numbers that a state dict cannot tell (head counts, unfold geometry,
 LayerNorm eps, which reuse is on).

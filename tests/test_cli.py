@@ -25,7 +25,7 @@ CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shi
 
 
 def _fashion_installed() -> bool:
-    from dvt_core import data
+    from dvt_core.data import sources as data
 
     root = data.fashion_mnist_root()
     return all(any((Path(root) / f"{stem}{ext}").is_file() for ext in ("", ".gz"))
@@ -97,7 +97,7 @@ def assert_png(path: Path) -> None:
 
 
 def read_state(path: Path) -> dict:
-    from dvt_core.checkpoints import read_checkpoint
+    from dvt_core.checkpoint.files import read_checkpoint
 
     return read_checkpoint(path).state
 
@@ -243,7 +243,7 @@ def test_evaluate_image_folder_same_calibration(files, tmp_path):
 # ---- calibrate -----------------------------------------------------------------------------------------
 
 def _meta(path: Path) -> dict:
-    from dvt_core.checkpoints import read_checkpoint
+    from dvt_core.checkpoint.files import read_checkpoint
 
     return read_checkpoint(path).meta
 
@@ -291,7 +291,7 @@ def test_convert_round_trip(tmp_path):
 
 
 def _to_official(state: dict) -> dict:
-    """Canonical names -> the official release's (the inverse of dvt_core.naming for this ViT cascade)."""
+    """Canonical names -> the official release's (the inverse of dvt_core.checkpoint.naming for this ViT cascade)."""
     prefixes = ("less_less_token", "less_token", "normal_token")
     rules = ((r"^tokenizer\.proj\.", "patch_embed.proj."), (r"\.feature_reuse\.norm\.", ".feature_resuse_mlp.0."),
              (r"\.feature_reuse\.fc([12])\.", r".feature_resuse_mlp.1.fc\1."),
@@ -309,7 +309,7 @@ def _to_official(state: dict) -> dict:
 def test_convert_official_release(tmp_path):
     from official import write_official_release
 
-    from dvt_core.naming import rename_official
+    from dvt_core.checkpoint.naming import rename_official
 
     shipped = read_state(SHIPPED)
     official = _to_official(shipped)

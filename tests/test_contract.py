@@ -1,4 +1,4 @@
-"""The backend contract (``dvt_core.backend``): both backends provide every member with the written
+"""The backend contract (``dvt_core.runtime.contract``): both backends provide every member with the written
 signature and behave alike where dvt_core says they must (mode after build, early exit driven through
 the contract, file round trip, initialisation and stochastic-depth numbers read from dvt_core)."""
 from __future__ import annotations
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import dvt_core
-from dvt_core import backend as contract
-from dvt_core.recipe import INIT_STD, TRUNC_BOUND, drop_path_rates
+from dvt_core.runtime import contract
+from dvt_core.model.recipe import INIT_STD, TRUNC_BOUND, drop_path_rates
 
 from parity.conftest import SMALL, SMALL_T2T, random_images
 
@@ -114,7 +114,7 @@ def test_early_exit_through_the_contract_equals_model_adaptive(name, arch, overr
     mod = _module(name)
     model = dvt_core.build(arch, backend=name, **overrides)
     x = random_images(model.spec, 12, seed=3)
-    probs = np.stack([dvt_core.policy.softmax(lg) for lg in mod.forward_numpy(model, x)])
+    probs = np.stack([dvt_core.runtime.policy.softmax(lg) for lg in mod.forward_numpy(model, x)])
     # thresholds at the median confidence: about half the images leave at each exit
     thresholds = [float(np.median(p.max(axis=1))) for p in probs[:-1]]
     got = contract.run_adaptive(model, x, thresholds)
@@ -200,9 +200,9 @@ def test_token_module_eps_must_be_positive():
 
 def test_an_import_error_of_dvt_itself_is_not_reported_as_a_missing_framework():
     """Only a missing or broken framework becomes "install the package"; dvt's own ImportError is a bug."""
-    from dvt_core.backend import _raised_by_dvt
+    from dvt_core.runtime.contract import _raised_by_dvt
 
-    inside = str(Path(dvt_core.__file__).resolve().parent / "backend.py")
+    inside = str(Path(dvt_core.__file__).resolve().parent / "runtime" / "contract.py")
     try:
         exec(compile("raise ImportError('cannot import name helper')", inside, "exec"))
     except ImportError as exc:

@@ -1,4 +1,4 @@
-"""Tests of the framework-agnostic data layer (dvt_core.data): IDX parsing, Fashion-MNIST loading,
+"""Tests of the framework-agnostic data layer (dvt_core.data.sources): IDX parsing, Fashion-MNIST loading,
 image folders, normalisation, hold-out splits, augmentation and batching.
 
 Everything runs on tiny files written into tmp_path; the one test that needs the real Fashion-MNIST
@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dvt_core import data
-from dvt_core.data import DataError
+from dvt_core.data import sources as data
+from dvt_core.errors import DataError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -248,7 +248,7 @@ def test_real_fashion_mnist():
 
 
 def test_module_imports_no_framework():
-    code = ("import sys, dvt_core.data; "
+    code = ("import sys, dvt_core.data.sources; "
             "bad = [m for m in ('torch', 'mindspore') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)

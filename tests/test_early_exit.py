@@ -1,7 +1,7 @@
 """True early exit (``DVT.adaptive``) against the all-exit run plus the exit policy.
 
 ``model.adaptive(images, thresholds)`` must give, image by image, what running every exit
-(``model(images)``) and applying :mod:`dvt_core.policy` gives: the exit taken, its prediction,
+(``model(images)``) and applying :mod:`dvt_core.runtime.policy` gives: the exit taken, its prediction,
 confidence and logits, and the MACs of that exit (``exit_macs``). Images whose confidence lies within
 ``TIE`` of a threshold are left out of the exact comparison: a later stage runs on a smaller batch in
 early exit, so its float32 logits may differ from the full batch's in the last bits.
@@ -26,9 +26,11 @@ import torch
 from torch import nn
 
 import dvt_core
-from dvt_core import InputError, evaluation, policy
-from dvt_core.early_exit import normalize_thresholds
-from dvt_core.macs import exit_macs
+from dvt_core import InputError
+from dvt_core.runtime import evaluation
+from dvt_core.runtime import policy
+from dvt_core.runtime.early_exit import normalize_thresholds
+from dvt_core.model.macs import exit_macs
 
 REPO = Path(__file__).resolve().parents[1]
 SUBSET = REPO / "dvt_core" / "assets" / "fashion_mnist_test_subset.npz"
@@ -340,7 +342,7 @@ def fashion():
     model = dvt_core.build("dvt_fashion_mnist", weights="default").eval()
     sub = np.load(SUBSET)
     spec = model.spec
-    x = torch.from_numpy(dvt_core.data.normalize(sub["images"], spec.mean, spec.std))
+    x = torch.from_numpy(dvt_core.data.sources.normalize(sub["images"], spec.mean, spec.std))
     return model, sub["images"], x, sub["labels"].astype(np.int64)
 
 

@@ -13,7 +13,7 @@ import pytest
 
 import dvt_core
 from dvt_core.errors import CheckpointError, InputError
-from dvt_core.export import MANIFEST, export_model, read_manifest, sha256_of
+from dvt_core.export.writer import MANIFEST, export_model, read_manifest, sha256_of
 
 pytest.importorskip("onnxruntime")
 torch = pytest.importorskip("torch")
@@ -121,8 +121,8 @@ def test_runtime_matches_torch(exported):
 
 
 def test_build_by_name_and_weights_and_evaluation(exported):
-    """build(NAME, backend="onnx", weights=DIR); dvt_core.evaluation drives the runtime like a backend."""
-    from dvt_core import evaluation
+    """build(NAME, backend="onnx", weights=DIR); dvt_core.runtime.evaluation drives the runtime like a backend."""
+    from dvt_core.runtime import evaluation
 
     model, out, _ = exported
     rt = dvt_core.build("dvt_deit_small", backend="onnx", weights=out)
@@ -333,8 +333,8 @@ def test_cli_bad_exports(fashion_cli, tmp_path):
 
 
 def test_backend_module_members_drive_early_exit(exported):
-    """The onnx backend module's run_stage / select / to_numpy drive dvt_core.early_exit like a framework's."""
-    from dvt_core.early_exit import run_adaptive
+    """The onnx backend module's run_stage / select / to_numpy drive dvt_core.runtime.early_exit like a framework's."""
+    from dvt_core.runtime.early_exit import run_adaptive
 
     import dvt_backends.onnx as b
 
@@ -353,10 +353,10 @@ def test_backend_module_members_drive_early_exit(exported):
 
 @pytest.mark.parametrize("name", ["onnx", pytest.param("mindir", marks=pytest.mark.mindspore)])
 def test_export_backends_provide_the_contract_members(name):
-    """dvt_core.backend's members, with the written signatures, in both runtimes of exported graphs."""
+    """dvt_core.runtime.contract's members, with the written signatures, in both runtimes of exported graphs."""
     import inspect
 
-    from dvt_core import backend as contract
+    from dvt_core.runtime import contract
 
     if name == "mindir":
         pytest.importorskip("mindspore")

@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 
 import dvt_core
-from dvt_core import ckpt_format, fileio
-from dvt_core.checkpoints import read_checkpoint, write_checkpoint
+from dvt_core import fileio
+from dvt_core.checkpoint import ms_ckpt as ckpt_format
+from dvt_core.checkpoint.files import read_checkpoint, write_checkpoint
 from dvt_core.errors import CheckpointError, InputError
 
 pytestmark = pytest.mark.hostile
@@ -155,7 +156,7 @@ def test_stride0_metadata_tensor_is_refused(tmp_path):
 def test_zip_pickle_rescan_reads_one_capped_entry(tmp_path):
     import zipfile
 
-    from dvt_core import checkpoints
+    from dvt_core.checkpoint import files as checkpoints
 
     bad = tmp_path / "many.pth"
     with zipfile.ZipFile(bad, "w", compression=zipfile.ZIP_DEFLATED) as zf:
@@ -169,7 +170,7 @@ def test_zip_pickle_rescan_reads_one_capped_entry(tmp_path):
 def test_folder_dataset_decodes_lazily(tmp_path):
     from PIL import Image
 
-    from dvt_core.data import ImageFolderDataset, load_image_folder
+    from dvt_core.data.sources import ImageFolderDataset, load_image_folder
 
     for c in ("a", "b"):
         (tmp_path / c).mkdir()
@@ -186,7 +187,7 @@ def test_folder_dataset_decodes_lazily(tmp_path):
 # ---- images ---------------------------------------------------------------------------------------
 
 def test_eps_named_png_is_refused(tmp_path):
-    from dvt_core.images import ImageReadError, read_image
+    from dvt_core.data.images import ImageReadError, read_image
 
     fake = tmp_path / "x.png"
     fake.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n")
@@ -198,7 +199,7 @@ def test_eps_named_png_is_refused(tmp_path):
 def test_pixel_cap_refuses_before_decoding(tmp_path):
     from PIL import Image
 
-    from dvt_core import images
+    from dvt_core.data import images
 
     big = tmp_path / "big.png"
     Image.new("L", (9000, 5000)).save(big)  # 45 Mpx, a few KB on disk
@@ -209,7 +210,7 @@ def test_pixel_cap_refuses_before_decoding(tmp_path):
 def test_exif_rotated_jpeg_is_read_upright(tmp_path):
     from PIL import Image
 
-    from dvt_core.images import read_image
+    from dvt_core.data.images import read_image
 
     a = np.zeros((40, 20), np.uint8)
     a[:, :10] = 255  # stored: left half white
@@ -257,7 +258,7 @@ def test_preprocess_takes_arrays_and_pil_and_rgb(tmp_path):
 # ---- honest loading ------------------------------------------------------------------------------
 
 def _fm_state():
-    from dvt_core.weights import default_weights_path
+    from dvt_core.checkpoint.registry import default_weights_path
 
     return read_checkpoint(default_weights_path("dvt_fashion_mnist", verify=False))
 
@@ -274,7 +275,7 @@ def test_nan_weights_are_refused_with_the_name(tmp_path):
 
 
 def test_lossy_casts_are_refused_and_lossless_ones_listed(tmp_path):
-    from dvt_core.checkpoints import CheckpointWarning
+    from dvt_core.checkpoint.files import CheckpointWarning
 
     ck = _fm_state()
     wide = {k: v.astype(np.float64) for k, v in ck.state.items()}
@@ -305,7 +306,7 @@ def test_two_names_for_one_weight_are_refused(tmp_path):
 
 
 def mindspore_name(k):
-    from dvt_core.naming import canonical_to_mindspore
+    from dvt_core.checkpoint.naming import canonical_to_mindspore
 
     return canonical_to_mindspore(k)
 
@@ -414,7 +415,7 @@ def test_convert_refuses_existing_destination(tmp_path):
 # ---- registry ------------------------------------------------------------------------------------
 
 def test_registry_needs_sha256_and_stays_inside(tmp_path, monkeypatch):
-    from dvt_core import weights
+    from dvt_core.checkpoint import registry as weights
 
     (tmp_path / "w.safetensors").write_bytes(b"x")
     (tmp_path.parent / "outside.safetensors").write_bytes(b"x")
@@ -456,8 +457,8 @@ def test_control_characters_are_escaped_in_text_output(tmp_path):
 def test_outputs_refuse_overwrite_without_force(tmp_path):
     existing = tmp_path / "out.png"
     existing.write_text("keep")
-    from dvt_core import plots
-    from dvt_core.commands._shared import emit_json
+    from dvt_core.cli import plots
+    from dvt_core.cli.commands._shared import emit_json
 
     with pytest.raises(FileExistsError):
         plots.accuracy_macs_plot(existing, "m", [1], [50])
@@ -475,7 +476,7 @@ def test_sha256_option_checks_an_explicit_file(tmp_path):
     w = write_checkpoint(tmp_path / "w.safetensors", ck.state, ck.meta)
     img = _png(tmp_path / "a.png")
     refused(run(["predict", img, "--weights", w, "--sha256", "0" * 64], tmp_path), "w.safetensors", "SHA-256")
-    from dvt_core.weights import sha256
+    from dvt_core.checkpoint.registry import sha256
 
     ok = run(["predict", img, "--weights", w, "--sha256", sha256(w), "--thresholds", "0,0,0"], tmp_path)
     assert ok.returncode == 0, ok.stderr[-2000:]

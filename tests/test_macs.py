@@ -1,4 +1,4 @@
-"""Analytic MACs and parameter counts (dvt_core.macs) against the torch backend.
+"""Analytic MACs and parameter counts (dvt_core.model.macs) against the torch backend.
 
 The reference is ``torch.utils.flop_counter.FlopCounterMode`` (FLOPs / 2 = MACs) on the model run
 stage by stage exactly as early exit runs it (``DVT.run_stage``), and ``numel`` of each stage's
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import dvt_core
-from dvt_core import macs as M
+from dvt_core.model import macs as M
 
 torch = pytest.importorskip("torch")
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
@@ -227,7 +227,7 @@ def test_exit_macs_within_half_a_percent_of_the_official_count(name):
 def test_resize_taps_against_the_dense_matrix():
     """The resize costs the non-zero entries of the official resize matrix, per channel: 2.56 terms
     per new token for 7 -> 10, 2.47 for 10 -> 14 (4 at most), not the old grid's 50 or 101."""
-    from dvt_core.resample import token_resize_matrix
+    from dvt_core.model.resample import token_resize_matrix
     for old, new in [(7, 10), (10, 14), (7, 14)]:
         for mode in ("keep", "zero"):
             nnz = int(np.count_nonzero(token_resize_matrix(old, new, mode)))

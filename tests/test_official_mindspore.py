@@ -23,9 +23,9 @@ torch = pytest.importorskip("torch")
 import dvt_core  # noqa: E402
 import reference_ms_official as R  # noqa: E402
 from dvt_core import CheckpointError  # noqa: E402
-from dvt_core.checkpoints import read_checkpoint  # noqa: E402
-from dvt_core.convert import convert  # noqa: E402
-from dvt_core.naming import canonical_to_ms_official, ms_official_to_canonical  # noqa: E402
+from dvt_core.checkpoint.files import read_checkpoint  # noqa: E402
+from dvt_core.checkpoint.convert import convert  # noqa: E402
+from dvt_core.checkpoint.naming import canonical_to_ms_official, ms_official_to_canonical  # noqa: E402
 from official import assert_exits_close, conformance_dir  # noqa: E402
 
 pytestmark = [pytest.mark.mindspore, pytest.mark.conformance]
@@ -198,7 +198,7 @@ def test_converted_files_give_the_same_logits(plain_release):
 def test_export_refuses_a_model_that_code_does_not_compute(tmp_path):
     spec = dvt_core.get_spec("dvt_deit_small", embed_dim=32, depth=1, num_heads=2)
     src = tmp_path / "deit.safetensors"
-    from dvt_core.checkpoints import write_checkpoint
+    from dvt_core.checkpoint.files import write_checkpoint
 
     write_checkpoint(src, {k: v.numpy() for k, v in dvt_core.build(spec).state_dict().items()},
                      {"arch": spec.name, "spec": spec.to_dict()})

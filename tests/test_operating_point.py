@@ -1,4 +1,4 @@
-"""dvt_core.operating_point: MAC budgets as users write them, the operating-point choice, the calibration
+"""dvt_core.runtime.operating_point: MAC budgets as users write them, the operating-point choice, the calibration
 metadata a checkpoint stores, and ``model.adaptive(images)`` falling back on the stored default."""
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import dvt_core
-from dvt_core import operating_point as op
-from dvt_core import policy
+from dvt_core.runtime import operating_point as op
+from dvt_core.runtime import policy
 from dvt_core.errors import InputError
 
 SPEC = dvt_core.get_spec("dvt_fashion_mnist")
@@ -132,7 +132,8 @@ def _subset(n=24):
 
 
 def _check_default_thresholds(backend: str, to_batch):
-    from dvt_core import data, evaluation
+    from dvt_core.data import sources as data
+    from dvt_core.runtime import evaluation
 
     model = dvt_core.build("dvt_fashion_mnist", backend=backend, weights="default")
     stored = model.checkpoint_meta["thresholds"]

@@ -1,4 +1,4 @@
-"""Exit policy (dvt_core.policy): conformance with the official threshold search, and its contract.
+"""Exit policy (dvt_core.runtime.policy): conformance with the official threshold search, and its contract.
 
 The conformance tests read ``../shared/conformance/official_budgeted_policy.npz`` (thresholds,
 accuracy and expected FLOPs of the official ``dynamic_find_threshold`` / ``dynamic_evaluate`` for
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dvt_core import policy as P
+from dvt_core.runtime import policy as P
 
 CONFORMANCE = Path(__file__).resolve().parents[1].parent / "shared" / "conformance"
 FIXTURE = CONFORMANCE / "official_budgeted_policy.npz"
@@ -342,6 +342,6 @@ def test_errors():
 
 
 def test_numpy_only():
-    code = "import sys, dvt_core.policy; assert not {'torch', 'mindspore'} & set(sys.modules), 'framework imported'"
+    code = "import sys, dvt_core.runtime.policy; assert not {'torch', 'mindspore'} & set(sys.modules), 'framework imported'"
     root = Path(__file__).resolve().parents[1]
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root)

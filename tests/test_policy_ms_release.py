@@ -1,4 +1,4 @@
-"""The MindSpore release's threshold search (``rule="mindspore"`` of dvt_core.policy).
+"""The MindSpore release's threshold search (``rule="mindspore"`` of dvt_core.runtime.policy).
 
 The expected values come from a plain loop written from the rule in words (float64 fractions,
 ``floor(n * q)``, a sample taken by an earlier exit only when strictly above its threshold), not from
@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pytest
 
-from dvt_core import policy as P
+from dvt_core.runtime import policy as P
 
 
 def ms_rule_thresholds(conf: np.ndarray, p: int) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""``dvt_core.shapes``: the state's names and shapes from the spec alone, and the one state-dict diff.
+"""``dvt_core.model.shapes``: the state's names and shapes from the spec alone, and the one state-dict diff.
 
 The table is compared with what each backend really builds: torch for every full-size zoo model (on
 torch's ``meta`` device, nothing allocated), both backends for the small overrides of every entry.
@@ -15,8 +15,8 @@ import pytest
 
 import dvt_core
 from dvt_core import CheckpointError, get_spec, list_models
-from dvt_core.macs import exit_params, stage_params
-from dvt_core.shapes import check_spec_state, frozen_names, state_diff, state_shapes
+from dvt_core.model.macs import exit_params, stage_params
+from dvt_core.model.shapes import check_spec_state, frozen_names, state_diff, state_shapes
 
 from parity.conftest import small_overrides
 
@@ -96,7 +96,7 @@ def test_frozen_entries_are_those_torch_does_not_train(name):
 
 
 def test_the_table_needs_no_framework():
-    code = ("import sys, dvt_core; from dvt_core.shapes import state_shapes; "
+    code = ("import sys, dvt_core; from dvt_core.model.shapes import state_shapes; "
             "[state_shapes(dvt_core.get_spec(n)) for n in dvt_core.list_models()]; "
             "assert not {'torch', 'mindspore'} & set(sys.modules); print('ok')")
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -130,14 +130,14 @@ def test_convert_checks_shapes_without_a_framework(tmp_path):
     """safetensors -> safetensors: checked against the spec's table, no torch or MindSpore model made."""
     shipped = REPO / "weights" / "dvt_fashion_mnist.safetensors"
     dst = tmp_path / "copy.safetensors"
-    code = ("import sys, dvt_core; from dvt_core.convert import convert; "
+    code = ("import sys, dvt_core; from dvt_core.checkpoint.convert import convert; "
             f"s = convert({str(shipped)!r}, {str(dst)!r}); "
             "assert not {'torch', 'mindspore'} & set(sys.modules), 'a framework was imported'; print(s['tensors'])")
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert int(r.stdout) == len(state_shapes(get_spec("dvt_fashion_mnist")))
-    from dvt_core.checkpoints import write_checkpoint
-    from dvt_core.convert import convert
+    from dvt_core.checkpoint.files import write_checkpoint
+    from dvt_core.checkpoint.convert import convert
 
     state = {k: np.zeros(v, np.float32) for k, v in state_shapes(get_spec("dvt_fashion_mnist")).items()}
     del state["stages.1.head.bias"]

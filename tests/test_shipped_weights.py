@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 
 import dvt_core
-from dvt_core import data, evaluation, policy
-from dvt_core.weights import shipped_models
+from dvt_core.data import sources as data
+from dvt_core.runtime import evaluation
+from dvt_core.runtime import policy
+from dvt_core.checkpoint.registry import shipped_models
 
 SUBSET = Path(dvt_core.__file__).resolve().parent / "assets" / "fashion_mnist_test_subset.npz"
 SHIPPED = ["dvt_fashion_mnist", "static_fashion_mnist_2x2", "static_fashion_mnist_4x4", "static_fashion_mnist_7x7"]
@@ -77,7 +79,7 @@ def test_dvt_meets_the_static_baseline_at_half_its_cost():
 
 
 def test_corrupted_default_weights_are_refused(tmp_path, monkeypatch):
-    wdir = Path(dvt_core.weights.weights_dir())
+    wdir = Path(dvt_core.checkpoint.registry.weights_dir())
     shutil.copy(wdir / "registry.yaml", tmp_path / "registry.yaml")
     blob = bytearray((wdir / "static_fashion_mnist_2x2.safetensors").read_bytes())
     blob[-1] ^= 0xFF
@@ -124,7 +126,7 @@ def test_torch_and_mindspore_agree_on_the_whole_test_set():
 def test_each_backend_moves_a_model_to_a_device_or_names_the_bad_one(backend):
     if backend == "mindspore":
         pytest.importorskip("mindspore")
-    from dvt_core.builder import get_backend
+    from dvt_core.runtime.builder import get_backend
 
     mod = get_backend(backend)
     model = dvt_core.build("static_fashion_mnist_2x2", backend=backend, weights="default")

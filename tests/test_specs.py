@@ -11,14 +11,15 @@ import pytest
 
 import dvt_core
 from dvt_core import CascadeSpec, SpecError, get_spec, list_models
-from dvt_core import resample
-from dvt_core.resample import intermediate_size, resize_matrix
+from dvt_core.model import resample
+from dvt_core.model.resample import intermediate_size, resize_matrix
 
 REPO = Path(__file__).resolve().parents[1]
 REQUIRED_MODELS = ("dvt_t2t_vit_7", "dvt_t2t_vit_10", "dvt_t2t_vit_12", "dvt_t2t_vit_14", "dvt_t2t_vit_19",
                    "dvt_t2t_vit_24", "dvt_deit_tiny", "dvt_deit_small", "dvt_deit_base", "dvt_vit_base")
-CORE_MODULES = ("specs", "zoo", "resample", "naming", "checkpoints", "builder", "errors", "early_exit", "backend",
-                "shapes", "recipe", "streaming")
+CORE_MODULES = ("model.specs", "model.zoo", "model.resample", "checkpoint.naming", "checkpoint.files",
+                "runtime.builder", "errors", "runtime.early_exit", "runtime.contract", "model.shapes", "model.recipe",
+                "runtime.streaming")
 ZOO = list_models()
 
 
@@ -34,14 +35,16 @@ def _small_overrides(spec: CascadeSpec) -> dict:
 # ---- no framework in dvt_core --------------------------------------------------------------------------
 
 def test_core_imports_no_framework():
-    present = sorted(p.stem for p in (REPO / "dvt_core").glob("*.py") if not p.stem.startswith("__"))
+    core = REPO / "dvt_core"
+    present = sorted(".".join(p.relative_to(core).with_suffix("").parts) for p in core.rglob("*.py")
+                     if not p.stem.startswith("__"))
     assert set(CORE_MODULES) <= set(present), f"missing core modules: {set(CORE_MODULES) - set(present)}"
     imports = "; ".join(f"import dvt_core.{m}" for m in present)
     code = (f"import sys, dvt_core; {imports}; "
             "bad = sorted({'torch', 'mindspore', 'tensorflow', 'jax'} & set(sys.modules)); "
             "assert not bad, f'dvt_core imported {bad}'; "
             "s = dvt_core.get_spec('dvt_t2t_vit_12', num_classes=10); s.to_yaml(); "
-            "dvt_core.resample.resize_matrix(7, 10); "
+            "dvt_core.model.resample.resize_matrix(7, 10); "
             "assert not {'torch', 'mindspore'} & set(sys.modules), 'a framework was imported on use'; print('ok')")
     r = _run(code)
     assert r.returncode == 0 and "ok" in r.stdout, f"modules {present}:\n{r.stderr[-3000:]}"
@@ -51,7 +54,7 @@ def test_torch_backend_never_imports_mindspore(tmp_path):
     path = tmp_path / "m.safetensors"
     code = ("import sys, torch, dvt_core; "
             "from dvt_backends.torch import model_state; "
-            "from dvt_core.checkpoints import write_checkpoint; "
+            "from dvt_core.checkpoint.files import write_checkpoint; "
             "kw = dict(embed_dim=32, depth=1, num_heads=2, img_size=32, grids=(2, 3, 4), token_dim=16); "
             "m = dvt_core.build('dvt_t2t_vit_12', backend='torch', **kw).eval(); "
             "m(torch.zeros(1, 3, 32, 32)); "

@@ -1,4 +1,4 @@
-"""Streaming early exit (dvt_core.streaming): per-stage queues that gather full batches.
+"""Streaming early exit (dvt_core.runtime.streaming): per-stage queues that gather full batches.
 
 It must give every image the exit, prediction, confidence and logits that per-batch ``adaptive`` and
 the all-exit policy give (images within ``TIE`` of a threshold excepted, as in test_early_exit), in
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from dvt_core import evaluation
-from dvt_core.streaming import StreamingAdaptive, prefetch, stage_ops, stream_adaptive
+from dvt_core.runtime import evaluation
+from dvt_core.runtime.streaming import StreamingAdaptive, prefetch, stage_ops, stream_adaptive
 from test_early_exit import TIE, assert_matches, full_run, make_images, reference, small_model, spread_thresholds
 
 
@@ -139,7 +139,7 @@ def test_mindspore_streaming_equals_its_adaptive():
                            grids=(2, 3, 4), num_classes=10)
     x = np.random.default_rng(2).standard_normal((14, 3, 32, 32)).astype(np.float32)
     from dvt_backends.mindspore import forward_numpy
-    from dvt_core import policy
+    from dvt_core.runtime import policy
 
     conf = policy.confidence(policy.softmax(np.stack(forward_numpy(model, x))))
     thresholds = spread_thresholds(conf)  # a third of the images per exit, none on a threshold
@@ -155,7 +155,7 @@ def test_mindspore_streaming_equals_its_adaptive():
 def test_streaming_on_an_onnx_export_joins_its_numpy_carries(tmp_path):
     pytest.importorskip("onnxruntime")
     import dvt_core
-    from dvt_core.export import export_model
+    from dvt_core.export.writer import export_model
 
     model = small_model("vit")
     out = export_model(model, "onnx", tmp_path / "deit")

@@ -15,7 +15,7 @@ import torch
 import dvt_core
 from dvt_backends.torch import DVT, model_state
 from dvt_core import CheckpointError, InputError, UnsafeCheckpointError
-from dvt_core.checkpoints import write_checkpoint
+from dvt_core.checkpoint.files import write_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 

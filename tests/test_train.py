@@ -4,7 +4,7 @@ A tiny Fashion-MNIST-shaped DVT (one block per stage, width 16) trains on synthe
 class is the position of a bright square (mirrored, so the flip augmentation keeps the class): the
 loss must fall, checkpoints must appear atomically with their metadata, a run killed mid-way and
 resumed must end with the very weights of an uninterrupted run, and the learning rate must follow
-``dvt_core.training.cosine_lr``. A two-process data-parallel run (gloo, CPU) started by torchrun
+``dvt_core.training.config.cosine_lr``. A two-process data-parallel run (gloo, CPU) started by torchrun
 must match a one-process run over the same global batches.
 """
 from __future__ import annotations
@@ -24,9 +24,9 @@ import dvt_core
 from dvt_backends.torch import train as trainer
 from dvt_backends.torch.cascade import DVT
 from dvt_backends.torch.io import model_state
-from dvt_core.checkpoints import read_checkpoint
-from dvt_core.macs import exit_macs
-from dvt_core.training import TrainConfig, cosine_lr, steps_per_epoch
+from dvt_core.checkpoint.files import read_checkpoint
+from dvt_core.model.macs import exit_macs
+from dvt_core.training.config import TrainConfig, cosine_lr, steps_per_epoch
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(depth=1, embed_dim=16, num_heads=2, feature_reuse_dim=4, feature_reuse_hidden=8)
@@ -145,7 +145,7 @@ def test_resume_after_a_crash_gives_the_uninterrupted_weights(reference, data, t
         return cosine_lr(step, *args)
 
     with monkeypatch.context() as m:
-        m.setattr("dvt_core.training.cosine_lr", dying_lr)  # the epoch loop every trainer runs
+        m.setattr("dvt_core.training.config.cosine_lr", dying_lr)  # the epoch loop every trainer runs
         with pytest.raises(KeyboardInterrupt):
             trainer.train(tiny_spec(), *data, TrainConfig(**BASE), tmp_path, progress=False)
     assert listing(tmp_path) == {"last.pth"}, "a crash must leave only complete files"
@@ -286,7 +286,7 @@ def test_two_process_data_parallel_matches_one_process(tmp_path):
     assert ddp.meta["classes"] == [f"class{c}" for c in range(10)]
 
     # the same run in one process, on the images as `dvt train` loads them
-    from dvt_core.datasets import load_dataset
+    from dvt_core.data.datasets import load_dataset
 
     spec = tiny_spec()
     x, y, _ = load_dataset(str(dataset), "train", spec)

@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 
-from dvt_core.checkpoints import read_checkpoint
+from dvt_core.checkpoint.files import read_checkpoint
 
 from test_cli import dvt
 from test_train import TINY, _write_image_folder, synthetic

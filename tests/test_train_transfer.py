@@ -1,4 +1,4 @@
-"""Starting training from another model's weights (dvt_core.transfer) and the optimizer's parameter groups.
+"""Starting training from another model's weights (dvt_core.checkpoint.transfer) and the optimizer's parameter groups.
 
 Resampling is checked against torch's own bicubic interpolation (an independent implementation), and
 the patch-kernel resize by its defining property: the new kernel's response to a resized patch equals
@@ -15,9 +15,9 @@ import dvt_core
 from dvt_backends.torch.cascade import DVT
 from dvt_backends.torch.io import model_state
 from dvt_backends.torch.train import optimizer_groups
-from dvt_core.checkpoints import write_checkpoint
+from dvt_core.checkpoint.files import write_checkpoint
 from dvt_core.errors import CheckpointError
-from dvt_core.transfer import (adapt_in_chans, bicubic_matrix, load_init, no_weight_decay, resample_patch_kernel,
+from dvt_core.checkpoint.transfer import (adapt_in_chans, bicubic_matrix, load_init, no_weight_decay, resample_patch_kernel,
                                resample_pos_embed, transfer_state)
 
 TINY = dict(depth=1, embed_dim=16, num_heads=2, feature_reuse_dim=4, feature_reuse_hidden=8)

@@ -23,9 +23,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import dvt_core  # noqa: E402
-from dvt_core import data, evaluation, policy  # noqa: E402
-from dvt_core.checkpoints import read_checkpoint  # noqa: E402
-from dvt_core.training import TrainConfig  # noqa: E402
+from dvt_core.data import sources as data
+from dvt_core.runtime import evaluation
+from dvt_core.runtime import policy  # noqa: E402
+from dvt_core.checkpoint.files import read_checkpoint  # noqa: E402
+from dvt_core.training.config import TrainConfig  # noqa: E402
 
 MODEL = "dvt_fashion_mnist"
 SMALL = dict(depth=2, embed_dim=32, num_heads=2, num_classes=5)

@@ -24,10 +24,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import dvt_core  # noqa: E402
-from dvt_core import data, evaluation, operating_point, policy  # noqa: E402
-from dvt_core.checkpoints import read_checkpoint, write_checkpoint  # noqa: E402
-from dvt_core.training import TrainConfig  # noqa: E402
-from dvt_core.weights import sha256  # noqa: E402
+from dvt_core.data import sources as data
+from dvt_core.runtime import evaluation
+from dvt_core.runtime import operating_point
+from dvt_core.runtime import policy  # noqa: E402
+from dvt_core.checkpoint.files import read_checkpoint, write_checkpoint  # noqa: E402
+from dvt_core.training.config import TrainConfig  # noqa: E402
+from dvt_core.checkpoint.registry import sha256  # noqa: E402
 
 DVT = "dvt_fashion_mnist"
 STATICS = ["static_fashion_mnist_2x2", "static_fashion_mnist_4x4", "static_fashion_mnist_7x7"]

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 import dvt_core
-from dvt_core import policy
-from dvt_core.export import export_model
+from dvt_core.runtime import policy
+from dvt_core.export.writer import export_model
 
 from official import conformance_dir, official_keys, official_state_from_shapes, write_official_release
 from .conftest import random_images, record_worst, small_overrides
@@ -123,7 +123,7 @@ def _subset():
 
 def check_fashion_accuracy(rt) -> None:
     """The export reproduces the accuracy the shipped weights' metadata gives for the shipped subset."""
-    from dvt_core import evaluation
+    from dvt_core.runtime import evaluation
 
     images, labels = _subset()
     meta = rt.checkpoint_meta
@@ -139,7 +139,7 @@ def check_fashion_accuracy(rt) -> None:
 def test_onnx_fashion_mnist_accuracy(tmp_path):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("torch")
-    from dvt_core.export import export
+    from dvt_core.export.writer import export
 
     rt = dvt_core.build(export("dvt_fashion_mnist", weights="default", fmt="onnx", out=tmp_path / "fm"),
                         backend="onnx")
@@ -179,7 +179,7 @@ def test_mindir_full_size_official_weights(name, tmp_path):
 @pytest.mark.mindspore
 def test_mindir_fashion_mnist_accuracy(tmp_path):
     pytest.importorskip("mindspore")
-    from dvt_core.export import export
+    from dvt_core.export.writer import export
 
     rt = dvt_core.build(export("dvt_fashion_mnist", weights="default", fmt="mindir", out=tmp_path / "fm"),
                         backend="mindir")

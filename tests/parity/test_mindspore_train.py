@@ -54,7 +54,7 @@ def test_gradients_flow_and_step_lowers_loss(name):
     t_loss.backward()
     assert abs(float(loss.asnumpy()) - float(t_loss.detach())) < 1e-5
     t_grads = {n: p.grad for n, p in tm.named_parameters() if p.requires_grad}
-    names = [dvt_core.naming.mindspore_to_canonical(p.name) for p in params]
+    names = [dvt_core.checkpoint.naming.mindspore_to_canonical(p.name) for p in params]
     assert set(names) == set(t_grads), "trainable parameters differ between the backends"
     for n, g in zip(names, grads):
         np.testing.assert_allclose(g.asnumpy(), t_grads[n].numpy(), rtol=1e-3, atol=1e-6, err_msg=n)
@@ -66,7 +66,7 @@ def test_gradients_flow_and_step_lowers_loss(name):
     zero = {n for n, v in g.items() if not np.abs(v).sum() > 0}
     last = f"stages.{spec.num_exits - 1}.blocks.{spec.stages[-1].depth - 1}.feature_reuse."
     assert zero == {n for n in g if n.startswith(last)}, sorted(zero)
-    frozen = {dvt_core.naming.mindspore_to_canonical(n) for n, p in model.parameters_and_names()
+    frozen = {dvt_core.checkpoint.naming.mindspore_to_canonical(n) for n, p in model.parameters_and_names()
               if not p.requires_grad}
     expected_frozen = ({f"stages.{i}.{p}" for i in range(spec.num_exits)
                         for p in ("pos_embed", "tokenizer.attention1.w", "tokenizer.attention2.w")}
@@ -125,7 +125,7 @@ def test_t2t_token_module_gradients_match_torch_relatively(token_type):
     t_grads = {n: p.grad.numpy() for n, p in tm.named_parameters() if p.requires_grad}
     rel = {}
     for p, g in zip(params, grads):
-        n = dvt_core.naming.mindspore_to_canonical(p.name)
+        n = dvt_core.checkpoint.naming.mindspore_to_canonical(p.name)
         if ".tokenizer." in n:
             scale = float(np.abs(t_grads[n]).max())
             assert scale > 0, f"{n}: no gradient reaches the token module"
@@ -162,7 +162,7 @@ def _trajectories(name, steps, batch, **extra):
     initialisation, but their gradients (~1e-6) are masked differently and AdamW makes each a full step."""
     from dvt_backends.mindspore import train as mtrain
     from dvt_backends.torch import train as ttrain
-    from dvt_core.training import TrainConfig, cosine_lr
+    from dvt_core.training.config import TrainConfig, cosine_lr
 
     ov = dict(extra, drop_path_rate=0.0)
     spec = _with_t2t(dvt_core.get_spec(name, **ov), dropout=0.0)
@@ -225,8 +225,8 @@ def test_trainers_agree_end_to_end(tmp_path):
     same epoch losses, final weights and calibrated thresholds."""
     from dvt_backends.mindspore import train as mtrain
     from dvt_backends.torch import train as ttrain
-    from dvt_core.checkpoints import read_checkpoint
-    from dvt_core.training import TrainConfig
+    from dvt_core.checkpoint.files import read_checkpoint
+    from dvt_core.training.config import TrainConfig
 
     spec = dvt_core.get_spec("dvt_fashion_mnist", depth=1, embed_dim=16, num_heads=2, feature_reuse_dim=4,
                              feature_reuse_hidden=8, drop_path_rate=0.0)

@@ -31,9 +31,9 @@ from dvt_backends.mindspore import compat  # noqa: E402
 import dvt_backends.torch as bt  # noqa: E402
 import dvt_core  # noqa: E402
 from dvt_core import CheckpointError, InputError  # noqa: E402
-from dvt_core.checkpoints import read_checkpoint, write_checkpoint  # noqa: E402
-from dvt_core.naming import canonical_to_mindspore  # noqa: E402
-from dvt_core.policy import confidence as confidence_of, softmax  # noqa: E402
+from dvt_core.checkpoint.files import read_checkpoint, write_checkpoint  # noqa: E402
+from dvt_core.checkpoint.naming import canonical_to_mindspore  # noqa: E402
+from dvt_core.runtime.policy import confidence as confidence_of, softmax  # noqa: E402
 from official import (conformance_dir, exit_differences, official_keys, official_state_from_shapes,  # noqa: E402
                       official_weight, write_official_release)
 
@@ -222,7 +222,7 @@ def check_round_trip(p) -> None:
 # ---- small models: every zoo entry ------------------------------------------------------------------
 
 def test_parameter_names_correspond(pair):
-    """The Cell's parameter names are exactly the torch state-dict keys renamed by dvt_core.naming."""
+    """The Cell's parameter names are exactly the torch state-dict keys renamed by dvt_core.checkpoint.naming."""
     t_shapes = {canonical_to_mindspore(k): tuple(v.shape) for k, v in pair.tm.state_dict().items()}
     m_shapes = {n: tuple(p.shape) for n, p in pair.mm.parameters_and_names()}
     assert set(m_shapes) == set(t_shapes), (sorted(set(m_shapes) ^ set(t_shapes)))

@@ -1,0 +1,74 @@
+"""Per-stage ONNX graphs on ONNX Runtime, behind the DVT model API (no torch, no MindSpore)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Union
+
+import onnxruntime as ort
+
+from dvt_core.errors import CheckpointError, InputError
+from dvt_core.export.writer import ExportedDVT, read_manifest
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def device_for(device) -> str:
+    """ONNX Runtime's execution provider for ``device`` (cpu, cuda); InputError for one it lacks here."""
+    kind = str(device or "cpu").split(":")[0].lower()
+    if kind not in PROVIDERS:
+        raise InputError(f"unknown ONNX Runtime device {device!r}; use cpu or cuda")
+    provider = PROVIDERS[kind]
+    if provider not in ort.get_available_providers():
+        raise InputError(f"device {device!r} asked for, but this onnxruntime has no {provider}")
+    return provider
+
+
+class OnnxDVT(ExportedDVT):
+    graph_format = "onnx"
+
+    def __init__(self, directory, manifest: dict, device: str = "cpu", threads: Optional[int] = None):
+        super().__init__(directory, manifest)
+        self.threads = threads
+        self.device = None
+        self.sessions = []
+        self.to_device(device)
+
+    def to_device(self, device) -> "OnnxDVT":
+        provider = device_for(device)
+        kind = str(device or "cpu").split(":")[0].lower()
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if self.threads:
+            opts.intra_op_num_threads = int(self.threads)
+        sessions = []
+        for st in self.manifest["stages"]:
+            path = self.directory / st["file"]
+            try:
+                s = ort.InferenceSession(str(path), sess_options=opts, providers=[provider])
+            except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+                raise CheckpointError(f"{path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0]})") from None
+            names_in = [i.name for i in s.get_inputs()]
+            names_out = [o.name for o in s.get_outputs()]
+            if names_in != st["inputs"] or names_out != st["outputs"]:
+                raise CheckpointError(f"{path}: its inputs {names_in} / outputs {names_out} differ from the "
+                                      f"manifest's {st['inputs']} / {st['outputs']}")
+            sessions.append(s)
+        self.sessions = sessions
+        self.device = kind
+        return self
+
+    def set_threads(self, threads: Optional[int]) -> "OnnxDVT":
+        """ONNX Runtime intra-op threads (``None``: its default); the sessions are made anew."""
+        self.threads = threads
+        return self.to_device(self.device)
+
+    def _run_graph(self, index: int, feeds: dict) -> list:
+        s = self.sessions[index]
+        return s.run(self.manifest["stages"][index]["outputs"], feeds)
+
+
+def load(directory: Union[str, Path], model: Optional[str] = None, device: str = "cpu",
+         threads: Optional[int] = None) -> OnnxDVT:
+    """The exported DVT in ``directory`` on ONNX Runtime; ``model`` (a zoo name) must match when given."""
+    manifest = read_manifest(directory, fmt="onnx", model=model)
+    return OnnxDVT(directory, manifest, device=device, threads=threads)

@@ -1,0 +1,212 @@
+"""The DVT cascade in PyTorch: stages of growing token grids, feature and relation reuse, early exit.
+
+Mirrors ``dvt_backends/mindspore/cascade.py``. ``DVT(spec)(images)`` returns one logits tensor per exit;
+``DVT.adaptive(images, thresholds)`` runs true early exit (the loop lives in dvt_core.runtime.early_exit).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import NamedTuple, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from dvt_core.runtime.early_exit import AdaptiveResult, run_adaptive
+from dvt_core.model.macs import exit_macs
+from dvt_core.runtime.operating_point import model_thresholds
+from dvt_core.model.recipe import INIT_STD, TRUNC_BOUND, drop_path_rates
+from dvt_core.errors import InputError, check_images_shape
+from dvt_core.model.specs import CascadeSpec, sinusoid_position_table
+
+from .layers import Block, FeatureReuse, RelationReuse, TokenResize
+from .tokenizers import build_tokenizer
+
+
+class Reuse(NamedTuple):
+    """What a stage hands to the next: its final tokens (pre-norm) and its attention logits."""
+
+    features: Optional[torch.Tensor]  # (B, N, C)
+    # per block (B, heads, N, N): kept apart so early exit slices only the images that go on before
+    # anything is concatenated
+    relations: Optional[tuple[torch.Tensor, ...]]
+
+
+def _to_numpy(logits: torch.Tensor) -> np.ndarray:
+    return logits.detach().float().cpu().numpy()
+
+
+def select(images: torch.Tensor, carry: Reuse, rows) -> tuple[torch.Tensor, Reuse]:
+    """The ``rows`` of an image batch and of its carry (the images that go on to the next stage)."""
+    idx = torch.as_tensor(rows, device=images.device)
+    features = None if carry.features is None else carry.features.index_select(0, idx)
+    relations = None if carry.relations is None else tuple(r.index_select(0, idx) for r in carry.relations)
+    return images.index_select(0, idx), Reuse(features, relations)
+
+
+def join(parts) -> tuple[torch.Tensor, Reuse]:
+    """``[(images, carry), ...]`` -> one batch: images and carries concatenated along the batch axis."""
+    images = torch.cat([p[0] for p in parts])
+    carries = [p[1] for p in parts]
+    features = None if carries[0].features is None else torch.cat([c.features for c in carries])
+    relations = (None if carries[0].relations is None
+                 else tuple(torch.cat(blocks) for blocks in zip(*(c.relations for c in carries))))
+    return images, Reuse(features, relations)
+
+
+class Stage(nn.Module):
+    """One exit: a ViT / T2T-ViT at its own grid, reading what the previous stage left for reuse."""
+
+    def __init__(self, spec: CascadeSpec, index: int):
+        super().__init__()
+        st = spec.stages[index]
+        self.index = index
+        self.num_heads = st.num_heads
+        self.tokenizer = build_tokenizer(st, spec.in_chans)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, st.embed_dim))
+        if st.pos_embed == "sinusoid":  # fixed table, as in T2T-ViT; still part of the checkpoint
+            self.pos_embed = nn.Parameter(torch.from_numpy(sinusoid_position_table(st.num_tokens, st.embed_dim)),
+                                          requires_grad=False)
+        else:
+            self.pos_embed = nn.Parameter(torch.zeros(1, st.num_tokens, st.embed_dim))
+        plan = spec.reuse_plan(index)
+        fr = plan.feature
+        self.relation_reuse = RelationReuse(plan.relation) if plan.relation else None
+        dpr = drop_path_rates(spec, index)
+        self.blocks = nn.ModuleList(Block(st, fr.out_dim if fr else 0, dpr[j], FeatureReuse(fr) if fr else None,
+                                          spec.gelu) for j in range(st.depth))
+        if fr:
+            self.feature_resize = TokenResize(fr.old_grid, fr.new_grid, "zero")
+        self.norm = nn.LayerNorm(st.embed_dim, eps=st.ln_eps)
+        self.head = nn.Linear(st.embed_dim, spec.num_classes)
+        self.has_feature_reuse = fr is not None
+
+    def _reused_features(self, prev: torch.Tensor) -> torch.Tensor:
+        """Every block's reused features, resampled once for the whole stage: (depth, B, N, reuse_dim).
+
+        Each block has its own MLP on the previous grid; one batched resize serves them all. The
+        class-token row stays zero, as in the official model.
+        """
+        f = torch.stack([blk.feature_reuse(prev) for blk in self.blocks])  # (D, B, n, r)
+        return self.feature_resize(f)  # (D, B, N, r), class-token row zero
+
+    def forward(self, images: torch.Tensor, reuse: Optional[Reuse] = None, keep_relations: bool = True):
+        b = images.shape[0]
+        x = self.tokenizer(images)
+        x = torch.cat((self.cls_token.expand(b, -1, -1), x), dim=1) + self.pos_embed
+        feats = rels = None
+        if reuse is not None and self.has_feature_reuse:
+            feats = self._reused_features(reuse.features)
+        if reuse is not None and self.relation_reuse is not None:
+            rels = self.relation_reuse(reuse.relations)
+        h = self.num_heads
+        logits_per_block = []
+        for j, blk in enumerate(self.blocks):
+            x, logits = blk(x, None if feats is None else feats[j],
+                            None if rels is None else rels[:, j * h:(j + 1) * h], keep_relations)
+            if keep_relations:
+                logits_per_block.append(logits)
+        out = self.head(self.norm(x)[:, 0])
+        return out, Reuse(x, tuple(logits_per_block) if keep_relations else None)
+
+
+class DVT(nn.Module):
+    """A Dynamic Vision Transformer: ``forward`` returns the logits of every exit, in exit order."""
+
+    def __init__(self, spec: CascadeSpec):
+        super().__init__()
+        self.spec = spec.validate()
+        self.stages = nn.ModuleList(Stage(spec, i) for i in range(spec.num_exits))
+        self.checkpoint_meta: dict = {}
+        self.exit_macs = exit_macs(self.spec)  # per image, cumulative; the spec is frozen
+        self.reset_parameters()
+
+    # ---- initialisation (dvt_core.model.recipe) -------------------------------------------------------
+    def reset_parameters(self) -> None:
+        def trunc_normal(t):
+            nn.init.trunc_normal_(t, std=INIT_STD, a=-TRUNC_BOUND, b=TRUNC_BOUND)
+
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Linear):
+                trunc_normal(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        for st in self.stages:
+            trunc_normal(st.cls_token)
+            if st.pos_embed.requires_grad:
+                trunc_normal(st.pos_embed)
+
+    # ---- inference ---------------------------------------------------------------------------------
+    def check_images(self, images) -> None:
+        if not torch.is_tensor(images):
+            raise InputError(f"expected a torch.Tensor image batch, got {type(images).__name__}")
+        check_images_shape(images.shape, self.spec)
+
+    def run_stage(self, index: int, images: torch.Tensor, reuse: Optional[Reuse] = None):
+        """Logits of exit ``index`` and what the next stage reuses (None after the last)."""
+        last = index == len(self.stages) - 1
+        keep = not last and self.spec.relation_reuse
+        logits, out = self.stages[index](images, reuse, keep_relations=keep)
+        if last:
+            return logits, None
+        return logits, Reuse(out.features if self.spec.feature_reuse else None, out.relations)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        self.check_images(images)
+        outputs, reuse = [], None
+        for i in range(len(self.stages)):
+            logits, reuse = self.run_stage(i, images, reuse)
+            outputs.append(logits)
+        return tuple(outputs)
+
+    def compile(self, **kwargs) -> "DVT":
+        """Compile every stage with ``torch.compile`` (opt-in; in place; returns the model).
+
+        ``dynamic=True`` unless given: early exit hands each later stage a different number of images,
+        which must not recompile per batch size. Same outputs as eager (to float rounding); the first
+        call of each stage pays the compilation.
+        """
+        kwargs.setdefault("dynamic", True)
+        for st in self.stages:
+            st.compile(**kwargs)
+        return self
+
+    @torch.no_grad()
+    def adaptive(self, images: torch.Tensor, thresholds: Optional[Sequence[float]] = None,
+                 confidence: str = "max_softmax") -> AdaptiveResult:
+        """True early exit: an image leaves at the first exit whose confidence reaches its threshold.
+
+        Only the images that go on run the next stage, with their rows of the reused features and
+        attention logits. ``thresholds`` has one value per exit (the last is ignored) or one fewer;
+        without them, the default operating point stored in the checkpoint the model was built from.
+        Runs in evaluation mode (dropout and stochastic depth off) and restores the previous mode.
+        """
+        self.check_images(images)
+        thresholds = model_thresholds(self, thresholds)
+        with self.inference():
+            return run_adaptive(self.run_stage, _to_numpy, select, images, images.shape[0], thresholds,
+                                self.exit_macs, confidence)
+
+    @contextmanager
+    def inference(self):
+        """Evaluation mode (dropout and stochastic depth off) without gradients; restores the mode."""
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            self.train(was_training)
+
+    # ---- training ----------------------------------------------------------------------------------
+    @staticmethod
+    def loss(outputs: Sequence[torch.Tensor], targets: torch.Tensor, weights: Optional[Sequence[float]] = None,
+             label_smoothing: float = 0.0) -> torch.Tensor:
+        """The paper's objective: the sum over exits of each exit's cross entropy."""
+        weights = weights or [1.0] * len(outputs)
+        return sum(w * F.cross_entropy(o, targets, label_smoothing=label_smoothing)
+                   for w, o in zip(weights, outputs))

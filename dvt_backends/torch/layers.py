@@ -1,0 +1,193 @@
+"""Transformer blocks and the two reuse modules of DVT, in PyTorch.
+
+Every width, epsilon and grid comes from a :class:`dvt_core.model.specs.StageSpec`; the resampling
+matrices come from :mod:`dvt_core.model.resample`. Mirrors ``dvt_backends/mindspore/layers.py``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from dvt_core.model.resample import token_resize_taps
+from dvt_core.model.specs import FeatureReusePlan, RelationReusePlan, StageSpec
+
+
+def gelu(flavour: str) -> nn.GELU:
+    """The spec's GELU: "exact" (erf) or "tanh" (the tanh approximation)."""
+    return nn.GELU(approximate="tanh" if flavour == "tanh" else "none")
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU (the spec's flavour) -> fc2 (dropout after each, as in timm)."""
+
+    def __init__(self, in_features: int, hidden: int, out_features: int, drop: float = 0.0, gelu_flavour: str = "exact"):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden)
+        self.act = gelu(gelu_flavour)
+        self.fc2 = nn.Linear(hidden, out_features)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop whole residual branches per sample while training."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention that returns its pre-softmax logits when asked (relation reuse carries them).
+
+    With ``need_logits=False`` (the last stage, a model without relation reuse, the static backbones)
+    the logits are never materialised: the fused ``scaled_dot_product_attention`` runs, with the
+    reused logits, if any, as its additive mask. Same arithmetic, same scale.
+    """
+
+    def __init__(self, stage: StageSpec):
+        super().__init__()
+        self.num_heads = stage.num_heads
+        self.scale = stage.head_dim ** -0.5
+        self.qkv = nn.Linear(stage.embed_dim, 3 * stage.embed_dim, bias=stage.qkv_bias)
+        self.proj = nn.Linear(stage.embed_dim, stage.embed_dim)
+
+    def forward(self, x: torch.Tensor, reused_logits: Optional[torch.Tensor] = None, need_logits: bool = True):
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        if not need_logits:
+            mask = None if reused_logits is None else reused_logits.to(q.dtype)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+            return self.proj(y.transpose(1, 2).reshape(b, n, c)), None
+        logits = (q @ k.transpose(-2, -1)) * self.scale
+        if reused_logits is not None:
+            logits = logits + reused_logits
+        x = (logits.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, n, c)
+        return self.proj(x), logits
+
+
+class FeatureReuse(nn.Module):
+    """Per-block MLP over the previous stage's final tokens (LayerNorm -> fc1 -> GELU -> fc2).
+
+    It runs on the previous (small) grid; the stage resamples all blocks' outputs at once. Where the
+    plan says so (the MindSpore release) the LayerNorm's output is not used: fc1 reads the raw tokens.
+    """
+
+    def __init__(self, plan: FeatureReusePlan):
+        super().__init__()
+        self.norm = nn.LayerNorm(plan.in_dim, eps=plan.ln_eps)
+        self.apply_norm = plan.apply_norm
+        self.fc1 = nn.Linear(plan.in_dim, plan.hidden)
+        self.act = gelu(plan.gelu)
+        self.fc2 = nn.Linear(plan.hidden, plan.out_dim)
+
+    def forward(self, prev_tokens: torch.Tensor) -> torch.Tensor:
+        x = self.norm(prev_tokens) if self.apply_norm else prev_tokens
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; with feature reuse, the MLP reads [tokens, reused features]."""
+
+    def __init__(self, stage: StageSpec, reuse_dim: int = 0, drop_path: float = 0.0,
+                 feature_reuse: Optional[FeatureReuse] = None, gelu_flavour: str = "exact"):
+        super().__init__()
+        dim = stage.embed_dim
+        self.norm1 = nn.LayerNorm(dim, eps=stage.ln_eps)
+        self.attn = Attention(stage)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim + reuse_dim, eps=stage.ln_eps)
+        self.mlp = Mlp(dim + reuse_dim, stage.mlp_hidden, dim, gelu_flavour=gelu_flavour)
+        if feature_reuse is not None:
+            self.feature_reuse = feature_reuse
+
+    def forward(self, x: torch.Tensor, reused_features: Optional[torch.Tensor] = None,
+                reused_logits: Optional[torch.Tensor] = None, need_logits: bool = True):
+        y, logits = self.attn(self.norm1(x), reused_logits, need_logits)
+        x = x + self.drop_path(y)
+        h = x if reused_features is None else torch.cat((x, reused_features), dim=2)
+        x = x + self.drop_path(self.mlp(self.norm2(h)))
+        return x, logits
+
+
+class TokenResize(nn.Module):
+    """Moves token sequences (class token first) from one grid to another along axis -2.
+
+    Each new token is a weighted sum of at most four old tokens (dvt_core.model.resample.token_resize_taps,
+    equal to the official nearest-upsample + adaptive-average-pool chain on the grid tokens), run as
+    one ``embedding_bag`` (a fused gather and weighted sum) over every sequence of the batch; narrow
+    sequences (the reused features) are laid out tokens-first so that each term is one long row.
+    ``class_token`` says whether the class token is carried over ("keep", relation reuse) or zeroed
+    ("zero", feature reuse).
+    """
+
+    def __init__(self, old: int, new: int, class_token: str):
+        super().__init__()
+        taps = token_resize_taps(old, new, class_token)
+        self.n_old, self.n_new, self.nnz = taps.n_old, taps.n_new, taps.nnz
+        self.register_buffer("indices", torch.from_numpy(taps.indices), persistent=False)
+        self.register_buffer("offsets", torch.from_numpy(taps.indptr[:-1].copy()), persistent=False)
+        self.register_buffer("weights", torch.from_numpy(taps.weights), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., n_old, C) -> (..., n_new, C)."""
+        lead, width = x.shape[:-2], x.shape[-1]
+        if width < 64:  # narrow rows (reused features): tokens first, every sequence in one long row
+            table = x.reshape(-1, self.n_old, width).transpose(0, 1).reshape(self.n_old, -1)
+            out = F.embedding_bag(self.indices, table, self.offsets, mode="sum",
+                                  per_sample_weights=self.weights.to(table.dtype))
+            return out.reshape(self.n_new, -1, width).transpose(0, 1).reshape(lead + (self.n_new, width))
+        table = x.reshape(-1, width)  # every sequence's tokens, one row each
+        seqs = table.shape[0] // self.n_old
+        base = torch.arange(seqs, device=x.device)[:, None]
+        out = F.embedding_bag((base * self.n_old + self.indices).reshape(-1), table,
+                              (base * self.nnz + self.offsets).reshape(-1), mode="sum",
+                              per_sample_weights=self.weights.to(table.dtype).repeat(seqs))
+        return out.reshape(lead + (self.n_new, width))
+
+
+class RelationReuse(nn.Module):
+    """Mixes the previous stage's attention logits (1x1-conv MLP over heads x depth) and resizes them.
+
+    The mixing runs on the small grid, before resampling (the cheap order), as matrix products over
+    the channel axis (faster than a 1x1 convolution on CPU; the weights keep the conv layout of the
+    official checkpoints). Output: (B, heads x depth, N, N) logits on this stage's grid.
+    """
+
+    def __init__(self, plan: RelationReusePlan):
+        super().__init__()
+        self.expand = nn.Conv2d(plan.in_channels, plan.hidden_channels, kernel_size=1)
+        self.act = gelu(plan.gelu)
+        self.reduce = nn.Conv2d(plan.hidden_channels, plan.out_channels, kernel_size=1)
+        self.resize = TokenResize(plan.old_grid, plan.new_grid, "keep")
+
+    @staticmethod
+    def _mix(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+        # (B, C_in, L) -> (B, C_out, L): a 1x1 convolution as one batched matrix product
+        b, _, length = x.shape
+        w = conv.weight.flatten(1)
+        return torch.baddbmm(conv.bias[None, :, None].expand(b, -1, length), w.expand(b, -1, -1), x)
+
+    def forward(self, prev_logits: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``prev_logits``: the previous stage's per-block logits, each (B, heads, n, n)."""
+        # keys-major layout: the concatenation (a copy in any case) also transposes each block's logits,
+        # so that the keys axis is resized first without a copy and the output comes out contiguous in
+        # (queries, keys) order, the layout scaled_dot_product_attention reads its mask in without copying
+        x = torch.cat(tuple(p.transpose(-2, -1) for p in prev_logits), dim=1)  # (B, C, keys, queries)
+        b, c, n, _ = x.shape
+        r = self._mix(self.reduce, self.act(self._mix(self.expand, x.reshape(b, c, n * n))))
+        r = self.resize(r.reshape(b, -1, n, n))  # keys axis: (B, C, N, n)
+        return self.resize(r.transpose(-2, -1))  # queries axis: (B, C, N, N), contiguous

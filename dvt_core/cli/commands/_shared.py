@@ -1,0 +1,302 @@
+"""Helpers every ``dvt`` subcommand shares: user errors, common options, building the model the options
+name, thresholds, tables. No subcommand logic lives here."""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from dvt_core.data.datasets import match_folder_classes as _match_folder_classes, model_classes
+from dvt_core.errors import DVTError
+from dvt_core.runtime.operating_point import check_budget, choose_thresholds as _choose_thresholds, exit_costs, parse_macs
+from dvt_core.model.zoo import get_spec
+
+
+class UserError(DVTError):
+    """A problem with what the user asked for; printed as one line."""
+
+
+def _parse_value(text: str):
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def parse_overrides(items: Optional[Sequence[str]]) -> dict:
+    """``["num_classes=10", "grids=[2,4,7]"]`` -> dict (values parsed as YAML scalars/lists)."""
+    out = {}
+    for item in items or ():
+        if "=" not in item:
+            raise UserError(f"override {item!r} is not KEY=VALUE")
+        k, v = item.split("=", 1)
+        out[k.strip()] = _parse_value(v)
+    return out
+
+
+def add_common_options(p: argparse.ArgumentParser, model: bool = True, weights: bool = True) -> None:
+    """--backend and --device; with ``model`` --model and -O; with ``weights`` --weights."""
+    p.add_argument("--backend", default="torch",
+                   help="torch (default), mindspore, or onnx / mindir to run a `dvt export` folder given as --weights")
+    p.add_argument("--device", default=None, help="torch device (cpu, cuda, cuda:1, mps) or MindSpore target")
+    if model:
+        p.add_argument("--model", default=None, help="zoo model name (see `dvt flops --list`)")
+        p.add_argument("--override", "-O", action="append", metavar="KEY=VALUE",
+                       help="spec override, e.g. -O num_classes=10 -O grids=[2,4,7] (repeatable)")
+    if weights:
+        p.add_argument("--weights", default=None,
+                       help="checkpoint file (.pth.tar, .pth, .safetensors, .ckpt) or 'default'")
+        p.add_argument("--sha256", default=None, metavar="HEX",
+                       help="refuse --weights FILE unless its SHA-256 is this (shipped weights are always checked)")
+        p.add_argument("--allow-lossy-cast", action="store_true",
+                       help="accept weights whose dtype cast to float32 changes values (int, out-of-range float64)")
+
+
+def add_force_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--force", action="store_true", help="overwrite existing output files")
+
+
+def check_outputs(args, *paths) -> None:
+    """Refuse, before any work, an output file that exists (without --force) or cannot be written."""
+    from dvt_core import fileio
+
+    for path in paths:
+        if path not in (None, "", "-"):
+            fileio.check_writable(path, force=bool(getattr(args, "force", False)))
+
+
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def escape_text(text) -> str:
+    """``text`` with control characters (terminal escapes, newlines, ...) shown as ``\\xNN`` escapes,
+    for text output: a class name or a file name can never forge a line or drive the terminal."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100
+                        else f"\\u{ord(m.group()):04x}", str(text))
+
+
+def emit_json(obj, dest: Optional[str], force: bool = False) -> None:
+    """Write ``obj`` as JSON to ``dest`` ('-' = stdout) atomically; an existing file needs ``force``."""
+    if dest is None:
+        return
+    text = json.dumps(obj, indent=2)
+    if dest == "-":
+        print(text)
+        return
+    from dvt_core.checkpoint.files import atomic_path
+
+    with atomic_path(Path(dest), force=force, parents=False) as tmp:
+        tmp.write_text(text + "\n")
+
+
+def _progress() -> bool:
+    """Progress bars only for a person watching (stderr is a terminal)."""
+    return sys.stderr.isatty()
+
+
+def _check_limit(value: Optional[int], option: str) -> Optional[int]:
+    if value is not None and value < 1:
+        raise UserError(f"{option} must be at least 1, got {value}")
+    return value
+
+
+def _has_shipped_weights(name: Optional[str]) -> bool:
+    from dvt_core.checkpoint.registry import shipped_models
+
+    try:
+        return name in shipped_models()
+    except DVTError:
+        return False
+
+
+def check_picture(path) -> None:
+    """Before any work: refuse a picture path whose suffix names no format a picture is written in."""
+    from dvt_core.cli.plots import PLOT_FORMATS
+
+    if path and Path(path).suffix.lower() not in PLOT_FORMATS:
+        raise UserError(f"cannot write a picture to {path}: name it {', '.join(PLOT_FORMATS)}")
+
+
+def _is_shipped_file(path) -> bool:
+    """True when ``path`` is one of the weight files this project ships (their SHA-256 is registered)."""
+    from dvt_core.checkpoint.registry import registry, weights_dir
+
+    try:
+        entries = (registry().get("shipped") or {}).values()
+    except DVTError:
+        return False
+    target = Path(path).resolve()
+    return any((weights_dir() / e["file"]).resolve() == target for e in entries if "file" in e)
+
+
+def resolve_weights(args) -> str:
+    """--weights as given; without it the shipped weights of --model, else an error (random weights
+    would give meaningless results)."""
+    if args.weights is not None:
+        return args.weights
+    if args.model is None:
+        raise UserError("name a model with --model (see `dvt flops --list`) or a checkpoint with --weights FILE")
+    get_spec(args.model)  # unknown model: say so first
+    if _has_shipped_weights(args.model):
+        return "default"
+    raise UserError(f"no weights ship for {args.model}; pass --weights FILE (a trained checkpoint)")
+
+
+def build_from_args(args, weights=None):
+    """The model named by --model/--weights/--override for --backend, on --device."""
+    from dvt_core.runtime.builder import build, get_backend
+    from dvt_core.errors import CheckpointError
+
+    overrides = parse_overrides(getattr(args, "override", None))
+    weights = weights if weights is not None else getattr(args, "weights", None)
+    if args.model is None and weights in (None, "default"):
+        raise UserError("name a model with --model (see `dvt flops --list`)")
+    # Cheap checks first, so a mistake is reported before a framework is imported.
+    if args.model is not None:
+        get_spec(args.model)  # an unknown name is reported as such, before any weights are looked up
+    if weights is not None and str(weights) != "default" and not Path(weights).exists():
+        raise UserError(f"weights file not found: {weights}")
+    if getattr(args, "sha256", None):
+        if weights is None or str(weights) == "default":
+            raise UserError("--sha256 checks an explicit --weights FILE (shipped weights are always checked)")
+        from dvt_core.checkpoint.registry import verify_sha256
+
+        verify_sha256(weights, args.sha256)
+    if str(weights) == "default":
+        from dvt_core.checkpoint.registry import default_weights_path
+
+        default_weights_path(args.model, verify=False)  # no weights ship for this model: say so now
+    get_backend(args.backend)
+    check_device(args.backend, args.device)
+    try:
+        model = build(args.model, backend=args.backend, weights=weights,
+                      allow_lossy_cast=bool(getattr(args, "allow_lossy_cast", False)), **overrides)
+    except CheckpointError as exc:
+        problems = exc.missing or exc.unexpected or exc.mismatched
+        if not problems:
+            raise
+        counts = ", ".join(f"{len(v)} {k}" for k, v in (("missing", exc.missing), ("unexpected", exc.unexpected),
+                                                            ("mismatched", exc.mismatched)) if v)
+        want = args.model or "the model it names"
+        raise UserError(f"{weights} does not fit {want} ({counts} tensors, e.g. {problems[0]}); "
+                        "is it the checkpoint of another model, or does it need -O overrides?") from None
+    return to_device(model, args.backend, args.device)
+
+
+def to_device(model, backend: str, device):
+    """The model on ``device`` (the backend knows its devices); InputError for one it does not have."""
+    if device is None:
+        return model
+    from dvt_core.runtime.builder import get_backend
+
+    return get_backend(backend).to_device(model, device)
+
+
+def check_device(backend: str, device) -> None:
+    """Before any work: InputError for a --device the backend cannot use here (None: its default)."""
+    if device is None:
+        return
+    from dvt_core.runtime.builder import get_backend
+
+    get_backend(backend).device_for(device)
+
+
+def _meta(model) -> dict:
+    return dict(getattr(model, "checkpoint_meta", None) or {})
+
+
+def _class_names(meta: dict, num_classes: int) -> Optional[list]:
+    return model_classes(meta, num_classes)
+
+
+def exit_names(spec) -> list[str]:
+    """``exit 1/3 (2x2 tokens)`` per exit."""
+    n = spec.num_exits
+    return [f"exit {k + 1}/{n} ({st.grid}x{st.grid} tokens)" for k, st in enumerate(spec.stages)]
+
+
+def _fmt_thresholds(thresholds) -> str:
+    """All thresholds but the last (which takes every image left), sentinels spelled out."""
+    def one(t):
+        return "1e8 (none leave)" if t >= 1e8 else "-1e8 (all leave)" if t <= -1e8 else f"{t:.4f}"
+
+    return ", ".join(one(float(t)) for t in list(thresholds)[:-1]) or "-"
+
+
+def _mmacs(n: float) -> str:
+    return f"{n / 1e6:.2f}M"
+
+
+def _table(header: list[str], rows: list[list[str]], file=None, right=None) -> None:
+    """Print an aligned text table (columns right-aligned except those named in ``right=False``)."""
+    file = file or sys.stdout
+    header = [escape_text(h) for h in header]
+    rows = [[escape_text(c) for c in r] for r in rows]  # names from a checkpoint never reach the terminal raw
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    left = set(right or ())
+
+    def fmt(cells):
+        return "  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    print(fmt(header).rstrip(), file=file)
+    for r in rows:
+        print(fmt(r).rstrip(), file=file)
+
+
+def parse_thresholds(text: str, num_exits: int) -> np.ndarray:
+    """``"0.9,0.8"`` -> float32 thresholds for every exit (the last one is -1e8: everything left leaves)."""
+    from dvt_core.runtime.early_exit import normalize_thresholds
+
+    if not str(text).strip():
+        raise UserError(f"--thresholds is empty; give {num_exits - 1} comma-separated confidences "
+                        "(one per exit but the last), e.g. --thresholds " + ",".join(["0.9"] * max(num_exits - 1, 1)))
+    try:
+        values = [float(v) for v in text.replace(" ", "").split(",")]
+    except ValueError:
+        raise UserError(f"--thresholds must be comma-separated numbers, got {text!r}") from None
+    try:
+        return normalize_thresholds(values, num_exits)
+    except DVTError as exc:
+        raise UserError(f"--thresholds: {exc}") from None
+
+
+def parse_budget(text: str) -> float:
+    """argparse type of --budget: ``5e6``, ``5M``, ``300K``, ``1.2G`` (the form the output prints)."""
+    try:
+        return parse_macs(text)
+    except DVTError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def choose_thresholds(args, spec, meta: dict, source: str) -> tuple[np.ndarray, str]:
+    """Thresholds from --thresholds, --budget, or the checkpoint's own; and a phrase saying which."""
+    text = getattr(args, "thresholds", None)
+    given = None if text is None or spec.num_exits == 1 else parse_thresholds(text, spec.num_exits)
+    return _choose_thresholds(spec, meta, source, thresholds=given, budget=getattr(args, "budget", None))
+
+
+def exit_macs(spec) -> list[int]:
+    return exit_costs(spec)
+
+
+def match_folder_classes(labels: np.ndarray, folder_classes: list, meta: dict, spec):
+    """:func:`dvt_core.data.datasets.match_folder_classes`, its note printed on stderr."""
+    labels, classes, note = _match_folder_classes(labels, folder_classes, meta, spec)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
+    return labels, classes
+
+
+def _early_spec(args):
+    """The spec --model and -O name, known before anything is built (None without --model)."""
+    if getattr(args, "model", None) is None:
+        return None
+    return get_spec(args.model, **parse_overrides(getattr(args, "override", None)))
+
+
+def _check_budget(budget: Optional[float], spec) -> None:
+    check_budget(budget, spec)

@@ -1,0 +1,188 @@
+"""``dvt evaluate``: anytime accuracy and the budget curve on a data set."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from dvt_core.errors import DVTError
+from dvt_core.model.zoo import get_spec
+from dvt_core.data.datasets import is_fashion_mnist as _is_fashion_mnist, load_dataset, holdout_params
+from dvt_core.cli.commands._shared import (add_force_option, check_outputs, check_picture, UserError, add_common_options, emit_json,
+                      _progress, _check_limit, _has_shipped_weights, resolve_weights, build_from_args, _meta,
+                      exit_names, _mmacs, _table, exit_macs, match_folder_classes, _early_spec)
+
+HELP = "anytime accuracy and the budget curve on a data set"
+
+
+def add_arguments(parser) -> None:
+    add_common_options(parser)
+    parser.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist or a folder with one sub-folder per class")
+    parser.add_argument("--split", default="test", choices=["train", "test", "holdout"])
+    parser.add_argument("--calibration", default="holdout", choices=["holdout", "same"],
+                   help="where thresholds are found: the held-out training part (default) or the evaluated split")
+    parser.add_argument("--json", default=None, help="write the results as JSON here ('-' for stdout)")
+    parser.add_argument("--plot", default=None, help="write the accuracy-MACs plot here (.png, .jpg, .svg, .pdf)")
+    add_force_option(parser)
+    parser.add_argument("--baselines", default="auto", help="static baselines to plot: auto, none, or comma-separated names")
+    parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
+    parser.add_argument("--calibration-limit", type=int, default=None, metavar="N",
+                   help="find thresholds on only the first N held-out images (quick runs; default: all)")
+
+
+def _baseline_names(args, spec) -> list[str]:
+    choice = (args.baselines or "auto").strip()
+    from dvt_core.runtime.builder import EXPORT_BACKENDS
+
+    if choice == "none" or (choice == "auto" and args.backend in EXPORT_BACKENDS):  # baselines need a framework
+        return []
+    if choice != "auto":
+        names = [n.strip() for n in choice.split(",") if n.strip()]
+        for n in names:
+            get_spec(n)
+        return names
+    if spec.num_exits < 2 or not _is_fashion_mnist(args.dataset):
+        return []
+    from dvt_core.checkpoint.registry import registry
+
+    try:
+        shipped = registry().get("shipped") or {}
+    except DVTError:
+        return []
+    out = []
+    for name, entry in sorted(shipped.items()):
+        if not name.startswith("static_") or entry.get("dataset") != "fashion-mnist":
+            continue
+        other = get_spec(name)
+        if (other.img_size, other.in_chans, other.num_classes) == (spec.img_size, spec.in_chans, spec.num_classes):
+            out.append(name)
+    return out
+
+
+def _evaluate_baselines(args, names, images, labels) -> list[dict]:
+    from types import SimpleNamespace
+
+    from dvt_core.runtime import evaluation
+
+    from dvt_core.runtime import policy
+
+    rows = []
+    for name in names:
+        if args.baselines == "auto" and not _has_shipped_weights(name):
+            continue
+        ns = SimpleNamespace(model=name, weights="default", override=None, backend=args.backend, device=args.device)
+        model = build_from_args(ns)
+        probs = evaluation.exit_probs(model, images, args.batch_size, progress=_progress(), desc=name)
+        costs = exit_macs(model.spec)
+        acc = policy.anytime_accuracy(probs, labels)
+        rows.append({"model": name, "macs": costs[-1], "accuracy": float(acc[-1])})
+    return rows
+
+
+def run(args) -> int:
+    from dvt_core.runtime import evaluation
+    from dvt_core.runtime import policy
+
+    limit = _check_limit(args.limit, "--limit")
+    cal_limit = _check_limit(args.calibration_limit, "--calibration-limit")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    check_outputs(args, args.json, args.plot)
+    check_picture(args.plot)
+    fashion = _is_fashion_mnist(args.dataset)
+    if not fashion and not Path(args.dataset).exists():
+        raise UserError(f"unknown dataset {args.dataset!r}: use fashion-mnist or a folder with one sub-folder "
+                        "per class")
+    early = _early_spec(args)
+    if early is not None and early.num_exits > 1 and not fashion and args.calibration == "holdout":
+        raise UserError(f"an image folder has no held-out training part to find thresholds on; pass "
+                        f"--calibration same (thresholds found on {args.dataset} itself: optimistic)")
+    model = build_from_args(args, resolve_weights(args))
+    spec, meta = model.spec, _meta(model)
+    multi = spec.num_exits > 1
+    if multi and not fashion and args.calibration == "holdout":
+        raise UserError(f"an image folder has no held-out training part to find thresholds on; pass "
+                        f"--calibration same (thresholds found on {args.dataset} itself: optimistic)")
+    hold_size, hold_seed = holdout_params(meta)
+    images, labels, classes = load_dataset(args.dataset, args.split, spec, hold_size, hold_seed)
+    if not fashion:
+        labels, classes = match_folder_classes(labels, classes, meta, spec)
+    if limit:
+        images, labels = images[:limit], labels[:limit]
+    if labels.max() >= spec.num_classes:
+        raise UserError(f"{args.dataset} has {labels.max() + 1} classes but {spec.name} predicts {spec.num_classes}")
+    split_name = args.split if fashion else "(all images)"
+    probs = evaluation.exit_probs(model, images, args.batch_size, progress=_progress(), desc=f"{spec.name} {args.split}")
+    costs = exit_macs(spec)
+    anytime = policy.anytime_accuracy(probs, labels)
+
+    budgets, calibration = [], None
+    if multi:
+        if args.calibration == "same":
+            cal_probs, cal_labels = probs, labels
+            calibration = {"data": "evaluated images", "images": int(len(labels))}
+        else:
+            hx, hy, _ = load_dataset(args.dataset, "holdout", spec, hold_size, hold_seed)
+            if cal_limit:
+                hx, hy = hx[:cal_limit], hy[:cal_limit]
+            cal_probs = evaluation.exit_probs(model, hx, args.batch_size, progress=_progress(),
+                                              desc=f"{spec.name} holdout")
+            cal_labels = hy
+            calibration = {"data": "held-out training images", "images": int(len(hy)), "holdout": hold_size,
+                           "seed": hold_seed}
+        sweep = policy.budget_sweep(cal_probs, cal_labels, probs, labels, costs)
+        budgets = [{"budget": int(b), "macs": float(c), "accuracy": float(a), "thresholds": [float(v) for v in t]}
+                   for b, c, a, t in zip(sweep.budgets, sweep.cost, sweep.accuracy, sweep.thresholds)]
+
+    baselines = _evaluate_baselines(args, _baseline_names(args, spec), images, labels)
+    result = {"model": spec.name, "backend": args.backend, "weights": str(args.weights or "default"),
+              "dataset": args.dataset, "split": args.split if fashion else None, "images": int(len(labels)),
+              "classes": classes, "exit_macs": costs, "anytime_accuracy": [float(a) for a in anytime],
+              "calibration": calibration, "budgets": budgets, "static_baselines": baselines}
+
+    out = sys.stderr if args.json == "-" else sys.stdout
+    _print_evaluation(result, spec, split_name, out)
+    emit_json(result, args.json, force=args.force)
+    if args.plot:
+        from dvt_core.cli.plots import accuracy_macs_plot
+
+        where = f"{args.dataset} {split_name}, {len(labels)} images"
+        accuracy_macs_plot(args.plot, spec.name, costs, result["anytime_accuracy"], budgets, baselines,
+                           grids=[st.grid for st in spec.stages],
+                           title=f"{spec.name} ({args.backend}) on {where}", force=args.force)
+        print(f"wrote {args.plot}", file=out)
+    if args.json not in (None, "-"):
+        print(f"wrote {args.json}", file=out)
+    return 0
+
+
+def _print_evaluation(result: dict, spec, split_name: str, out) -> None:
+    print(f"{result['model']} ({result['backend']}) on {result['dataset']} {split_name}: {result['images']} images",
+          file=out)
+    rows = [[exit_names(spec)[k], _mmacs(m), f"{a:.2f}%"]
+            for k, (m, a) in enumerate(zip(result["exit_macs"], result["anytime_accuracy"]))]
+    _table(["every image at", "MACs", "accuracy"], rows, out, right=[0])
+    budgets = result["budgets"]
+    if budgets:
+        cal = result["calibration"]
+        print(f"\nbudgeted early exit: {len(budgets)} budgets, thresholds from {cal['images']} {cal['data']}",
+              file=out)
+        pick = sorted({0, len(budgets) - 1, *range(4, len(budgets), 10)})
+        rows = [[str(budgets[i]["budget"]), _mmacs(budgets[i]["macs"]), f"{budgets[i]['accuracy']:.2f}%",
+                 ", ".join(f"{t:.3f}" for t in budgets[i]["thresholds"][:-1])] for i in pick]
+        _table(["budget", "avg MACs", "accuracy", "thresholds"], rows, out, right=[3])
+    if result["static_baselines"]:
+        print("\nstatic baselines:", file=out)
+        rows = []
+        for b in result["static_baselines"]:
+            reach = [x for x in budgets if x["accuracy"] >= b["accuracy"]]
+            note = ""
+            if reach:
+                best = min(reach, key=lambda x: x["macs"])
+                ratio = b["macs"] / max(best["macs"], 1.0)
+                note = (f"DVT reaches it at {_mmacs(best['macs'])} MACs ("
+                        + (f"{ratio:.2f}x fewer)" if ratio >= 1 else f"{1 / ratio:.2f}x more)"))
+            elif budgets:
+                note = f"DVT stays below it (best {max(x['accuracy'] for x in budgets):.2f}%)"
+            rows.append([b["model"], _mmacs(b["macs"]), f"{b['accuracy']:.2f}%", note])
+        _table(["model", "MACs", "accuracy", ""], rows, out, right=[0, 3])

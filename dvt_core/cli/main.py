@@ -1,0 +1,62 @@
+"""The ``dvt`` command line (also ``python -m dvt_core``).
+
+The parser is built from the subcommand modules listed in :data:`dvt_core.cli.commands.COMMANDS`. A user
+error (missing file, unreadable image, unknown model, bad budget, ...) exits with status 2 and one line
+on stderr; an internal error keeps its traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Optional, Sequence
+
+EXIT_USER_ERROR = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, status 2, no usage dump
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        sys.exit(EXIT_USER_ERROR)
+
+
+def command_module(name: str):
+    return importlib.import_module(f"dvt_core.cli.commands.{name}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from dvt_core import __version__
+    from dvt_core.cli.commands import COMMANDS
+
+    parser = _Parser(prog="dvt", description="Dynamic Vision Transformer: adaptive token grids with early exit.")
+    parser.add_argument("--version", action="version", version=f"dvt {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for name in COMMANDS:
+        module = command_module(name)
+        module.add_arguments(sub.add_parser(name, help=module.HELP, description=module.HELP))
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from dvt_core.errors import DVTError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(command_module(args.command).run(args) or 0)
+    except (DVTError, FileExistsError, FileNotFoundError, IsADirectoryError,
+            PermissionError) as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if isinstance(exc, (FileNotFoundError, IsADirectoryError, PermissionError)) and exc.filename:
+            msg = f"{exc.strerror or 'cannot open'}: {exc.filename}"
+        sys.stderr.write(f"dvt {args.command}: error: {msg}\n")
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        return 130
+    except BrokenPipeError:  # stdout closed early (`dvt flops --list | head`): stop quietly
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

@@ -1,0 +1,1 @@
+"""Running a DVT: the runtime contract, build, the early-exit loop, exit policy, operating points, streaming, evaluation."""

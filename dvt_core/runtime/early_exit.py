@@ -1,0 +1,99 @@
+"""True early exit, written once for every backend.
+
+The loop, the confidence rule and the exit decisions live here; a backend supplies three small
+operations (run one stage, turn logits into numpy, keep some rows of a batch and of what the next
+stage reuses). Images that leave are dropped before any further work, including the resampling of
+their reused features and attention logits.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from dvt_core.errors import InputError
+
+
+@dataclass
+class AdaptiveResult:
+    """Per-image outcome of adaptive inference (numpy arrays, length = batch size)."""
+
+    prediction: np.ndarray  # int64 class index
+    exit_index: np.ndarray  # int64, 0-based exit taken
+    confidence: np.ndarray  # float32 confidence at the exit taken
+    logits: np.ndarray  # float32 (B, num_classes), logits of the exit taken
+    macs: np.ndarray  # int64 multiply-accumulates spent on the image
+    exit_counts: np.ndarray = field(default=None)  # images per exit
+
+    def __len__(self) -> int:
+        return len(self.prediction)
+
+    @property
+    def mean_macs(self) -> float:
+        return float(self.macs.mean()) if len(self.macs) else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "prediction": self.prediction.tolist(), "exit_index": self.exit_index.tolist(),
+            "confidence": self.confidence.tolist(), "macs": self.macs.tolist(),
+            "exit_counts": self.exit_counts.tolist(),
+        }
+
+
+def normalize_thresholds(thresholds, num_exits: int) -> np.ndarray:
+    """Thresholds as float32 (num_exits,); the last exit takes every image left, whatever is given."""
+    t = np.asarray(thresholds, dtype=np.float32).reshape(-1)
+    if len(t) == num_exits - 1:
+        t = np.concatenate([t, np.float32([-1e8])])
+    if len(t) != num_exits:
+        raise InputError(f"expected {num_exits - 1} or {num_exits} thresholds (one per exit), got {len(t)}")
+    if np.isnan(t).any():
+        raise InputError(f"thresholds must be numbers (inf: never leave at that exit), got {t.tolist()}")
+    t = t.copy()
+    t[-1] = -1e8
+    return t
+
+
+def run_adaptive(run_stage: Callable[[int, Any, Any], tuple[Any, Any]],
+                 to_numpy: Callable[[Any], np.ndarray],
+                 select: Callable[[Any, Any, np.ndarray], tuple[Any, Any]],
+                 images: Any, batch_size: int, thresholds, exit_macs: Sequence[int],
+                 confidence: str = "max_softmax") -> AdaptiveResult:
+    """Run the cascade with real early exit.
+
+    ``run_stage(i, images, carry) -> (logits, carry)`` runs stage ``i`` on ``images`` with what the
+    previous stage left for reuse (``carry``; None for the first). ``select(images, carry, rows)``
+    keeps ``rows`` (int64 numpy) of both. ``to_numpy(logits)`` gives float32 (B, classes).
+    """
+    from dvt_core.runtime.policy import confidence as confidence_of, softmax
+
+    num_exits = len(exit_macs)
+    t = normalize_thresholds(thresholds, num_exits)
+    pred = np.zeros(batch_size, np.int64)
+    exit_index = np.zeros(batch_size, np.int64)
+    conf_out = np.zeros(batch_size, np.float32)
+    logits_out: Optional[np.ndarray] = None
+    alive = np.arange(batch_size)
+    carry = None
+    for i in range(num_exits):
+        logits, carry = run_stage(i, images, carry)
+        lg = to_numpy(logits).astype(np.float32, copy=False)
+        if logits_out is None:
+            logits_out = np.zeros((batch_size, lg.shape[1]), np.float32)
+        conf = confidence_of(softmax(lg)[None], kind=confidence)[0]
+        leave = conf >= t[i] if i < num_exits - 1 else np.ones(len(alive), bool)
+        rows = alive[leave]
+        pred[rows] = lg[leave].argmax(axis=1)
+        exit_index[rows] = i
+        conf_out[rows] = conf[leave]
+        logits_out[rows] = lg[leave]
+        if leave.all():
+            break
+        if leave.any():  # when every image goes on, nothing is sliced
+            stay = np.flatnonzero(~leave)
+            alive = alive[stay]
+            images, carry = select(images, carry, stay)
+    macs = np.asarray(exit_macs, dtype=np.int64)[exit_index]
+    counts = np.bincount(exit_index, minlength=num_exits)
+    return AdaptiveResult(pred, exit_index, conf_out, logits_out, macs, counts)

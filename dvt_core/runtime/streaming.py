@@ -1,0 +1,177 @@
+"""Streaming early exit over a large set: one queue per stage, full batches at every stage.
+
+Per-batch early exit (:func:`dvt_core.runtime.early_exit.run_adaptive`) runs each later stage on the few
+images of *one* input batch that go on (at a 60 / 25 / 15 % split and batch 64, stage 3 sees about
+ten images). Here the images that go on are queued per stage, with their carried features and
+relation logits, and a stage runs once its queue holds a full batch, gathered from several input
+batches; whatever is left runs at the end. Every image takes the same exit with the same
+prediction as in per-batch early exit (each image's arithmetic does not depend on its batch
+neighbours, up to float rounding), and results come back in input order.
+
+Backend-neutral: the engine drives the backend contract (dvt_core.runtime.contract: ``run_stage``,
+``select``, ``join``, ``to_tensor``, ``to_numpy``, ``inference``) through :func:`stage_ops`.
+"""
+from __future__ import annotations
+
+import contextlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable, ContextManager, Iterable, Iterator, Optional, Sequence
+
+import numpy as np
+
+from dvt_core.runtime.early_exit import AdaptiveResult, normalize_thresholds
+from dvt_core.errors import InputError
+
+
+@dataclass
+class StageOps:
+    """What the engine needs from a backend model.
+
+    ``run_stage(i, images, carry) -> (logits, carry)`` (carry None into the first stage and out of the
+    last); ``to_numpy(logits)`` -> float32 (B, classes); ``select(images, carry, rows)`` keeps ``rows``
+    (int64 numpy) of both; ``join(parts)`` concatenates ``[(images, carry), ...]`` along the batch;
+    ``from_numpy(x)`` turns a float32 numpy batch into the backend's input; ``session()`` is the
+    context the stages run in (evaluation mode, no gradients). :func:`stage_ops` builds it for a model.
+    """
+
+    run_stage: Callable[[int, Any, Any], tuple[Any, Any]]
+    to_numpy: Callable[[Any], np.ndarray]
+    select: Callable[[Any, Any, np.ndarray], tuple[Any, Any]]
+    join: Callable[[list], tuple[Any, Any]]
+    from_numpy: Callable[[np.ndarray], Any]
+    exit_macs: Sequence[int]
+    session: Callable[[], ContextManager] = contextlib.nullcontext
+
+
+def stage_ops(model) -> StageOps:
+    """The :class:`StageOps` of any model, from its backend's contract members."""
+    from dvt_core.runtime.contract import backend_of
+
+    b = backend_of(model)
+    return StageOps(run_stage=lambda i, images, carry: b.run_stage(model, i, images, carry), to_numpy=b.to_numpy,
+                    select=b.select, join=b.join, from_numpy=lambda x: b.to_tensor(model, x),
+                    exit_macs=model.exit_macs, session=lambda: b.inference(model))
+
+
+class _Collector:
+    def __init__(self):
+        self.ids, self.pred, self.exit, self.conf, self.logits = [], [], [], [], []
+
+    def add(self, ids, exit_index, lg, conf):
+        self.ids.append(ids)
+        self.pred.append(lg.argmax(axis=1).astype(np.int64))
+        self.exit.append(np.full(len(ids), exit_index, np.int64))
+        self.conf.append(conf.astype(np.float32, copy=False))
+        self.logits.append(lg)
+
+    def result(self, exit_macs, num_classes: Optional[int]) -> AdaptiveResult:
+        num_exits = len(exit_macs)
+        if not self.ids:
+            return AdaptiveResult(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32),
+                                  np.zeros((0, num_classes or 0), np.float32), np.zeros(0, np.int64),
+                                  np.zeros(num_exits, np.int64))
+        order = np.argsort(np.concatenate(self.ids), kind="stable")
+        exit_index = np.concatenate(self.exit)[order]
+        return AdaptiveResult(np.concatenate(self.pred)[order], exit_index, np.concatenate(self.conf)[order],
+                              np.concatenate(self.logits)[order],
+                              np.asarray(exit_macs, dtype=np.int64)[exit_index],
+                              np.bincount(exit_index, minlength=num_exits))
+
+
+class StreamingAdaptive:
+    """The engine: ``feed`` input batches (in order), then ``finish`` for the merged result.
+
+    A stage after the first runs when its queue holds at least ``batch_size`` images (all of them:
+    fewer than two batches), and at ``finish`` on what is left, stage by stage.
+    """
+
+    def __init__(self, ops: StageOps, thresholds, batch_size: int, confidence: str = "max_softmax"):
+        if batch_size < 1:
+            raise InputError(f"batch size must be 1 or more, got {batch_size}")
+        self.ops = ops
+        self.num_exits = len(ops.exit_macs)
+        self.t = normalize_thresholds(thresholds, self.num_exits)
+        self.batch_size = batch_size
+        self.confidence = confidence
+        self.queues: list[list] = [[] for _ in range(self.num_exits)]  # per stage: [(ids, images, carry)]
+        self.queued = [0] * self.num_exits
+        self.seen = 0
+        self.num_classes: Optional[int] = None
+        self.out = _Collector()
+        self.stage_runs = [0] * self.num_exits  # how many times each stage ran (for tests and reports)
+
+    def feed(self, images) -> None:
+        """One input batch (the backend's tensor): runs stage 1, then every later stage that is full."""
+        n = int(images.shape[0])
+        if n == 0:
+            return
+        ids = np.arange(self.seen, self.seen + n)
+        self.seen += n
+        self._run(0, ids, images, None)
+
+    def finish(self) -> AdaptiveResult:
+        for i in range(1, self.num_exits):
+            if self.queued[i]:
+                self._drain(i)
+        return self.out.result(self.ops.exit_macs, self.num_classes)
+
+    # ---- internals ----------------------------------------------------------------------------
+    def _drain(self, i: int) -> None:
+        parts = self.queues[i]
+        self.queues[i], self.queued[i] = [], 0
+        ids = np.concatenate([p[0] for p in parts])
+        images, carry = parts[0][1:] if len(parts) == 1 else self.ops.join([p[1:] for p in parts])
+        self._run(i, ids, images, carry)
+
+    def _run(self, i: int, ids: np.ndarray, images, carry) -> None:
+        from dvt_core.runtime.policy import confidence as confidence_of, softmax
+
+        self.stage_runs[i] += 1
+        logits, carry = self.ops.run_stage(i, images, carry)
+        lg = self.ops.to_numpy(logits).astype(np.float32, copy=False)
+        self.num_classes = lg.shape[1]
+        last = i == self.num_exits - 1
+        conf = confidence_of(softmax(lg)[None], kind=self.confidence)[0]
+        leave = np.ones(len(ids), bool) if last else conf >= self.t[i]
+        if leave.all():
+            self.out.add(ids, i, lg, conf)
+            return
+        if leave.any():
+            self.out.add(ids[leave], i, lg[leave], conf[leave])
+        stay = np.flatnonzero(~leave)
+        if len(stay) < len(ids):
+            images, carry = self.ops.select(images, carry, stay)
+        self.queues[i + 1].append((ids[stay], images, carry))
+        self.queued[i + 1] += len(stay)
+        if self.queued[i + 1] >= self.batch_size:
+            self._drain(i + 1)
+
+
+def stream_adaptive(ops: StageOps, batches: Iterable[np.ndarray], thresholds, batch_size: int,
+                    confidence: str = "max_softmax") -> AdaptiveResult:
+    """Early exit over an iterable of float32 numpy batches (already normalised), in input order."""
+    engine = StreamingAdaptive(ops, thresholds, batch_size, confidence)
+    with ops.session():
+        for x in batches:
+            engine.feed(ops.from_numpy(x))
+        return engine.finish()
+
+
+def prefetch(items: Sequence, load: Callable[[Any], np.ndarray], batch_size: int, workers: int = 2,
+             ahead: int = 2) -> Iterator[np.ndarray]:
+    """Batches of ``load(item)`` stacked in input order, decoded by ``workers`` threads while the
+    caller computes (up to ``ahead`` batches in flight). Image decoding releases the GIL."""
+    if workers < 1:
+        for s in range(0, len(items), batch_size):
+            yield np.stack([load(it) for it in items[s:s + batch_size]])
+        return
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending = []
+        starts = iter(range(0, len(items), batch_size))
+        for s in starts:
+            pending.append(pool.map(load, items[s:s + batch_size]))
+            if len(pending) > ahead:
+                yield np.stack(list(pending.pop(0)))
+        while pending:
+            yield np.stack(list(pending.pop(0)))

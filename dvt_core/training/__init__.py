@@ -1,0 +1,1 @@
+"""Training, framework-free: the configuration, the schedule, the data feed."""

@@ -1,0 +1,152 @@
+"""Framework-agnostic parts of training: the configuration, the learning-rate schedule, the data feed.
+
+A backend's trainer (``dvt_backends/torch/train.py``) reads these, so a run's every number is recorded
+in one dataclass and saved with its checkpoints.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Iterator, Optional, Union
+
+import numpy as np
+
+from dvt_core.data import sources as data
+from dvt_core.errors import DVTError
+
+FOLDER_HOLDOUT = 0.1  # default held-out fraction of an image folder (Fashion-MNIST keeps TrainConfig.holdout)
+
+
+class TrainingDiverged(DVTError):
+    """The training loss became NaN or infinite; the run stopped and wrote no weights for it."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 256  # global batch (split across processes when distributed)
+    lr: float = 1e-3  # peak AdamW learning rate for the global batch
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    warmup_epochs: float = 2.0
+    label_smoothing: float = 0.0
+    holdout: Union[int, float] = 5000  # training images (a count, or a fraction < 1) held out to calibrate
+    augment: bool = True
+    pad: int = 2  # random-crop padding in pixels
+    seed: int = 0
+    checkpoint_every: int = 1  # epochs between checkpoints (always at the end)
+    max_steps: Optional[int] = None  # stop early after this many steps (smoke tests)
+    grad_clip: Optional[float] = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def cosine_lr(step: int, total_steps: int, warmup_steps: int, peak: float, floor: float) -> float:
+    """Linear warm-up to ``peak``, then cosine decay to ``floor`` at ``total_steps``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return floor + 0.5 * (peak - floor) * (1.0 + math.cos(math.pi * progress))
+
+
+def epoch_batches(images: np.ndarray, labels: np.ndarray, cfg: TrainConfig, epoch: int, mean, std,
+                  rank: int = 0, world: int = 1) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """This process's normalised, augmented batches of one epoch.
+
+    Every process draws the same permutation (seeded by seed and epoch) and takes its own
+    interleaved share of each global batch, so a run with N processes sees the same images per step
+    as a run with one.
+    """
+    rng = np.random.default_rng([cfg.seed, epoch])
+    order = rng.permutation(len(images))
+    per_rank = cfg.batch_size // world
+    steps = len(order) // cfg.batch_size  # drop the last partial batch: equal shares for every process
+    aug_rng = np.random.default_rng([cfg.seed, epoch, rank, 7])
+    for s in range(steps):
+        idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size][rank::world][:per_rank]
+        x = images[idx]
+        if cfg.augment:
+            x = data.augment(x, aug_rng, pad=cfg.pad, flip=True)
+        yield data.normalize(x, mean, std), labels[idx]
+
+
+def steps_per_epoch(n: int, cfg: TrainConfig) -> int:
+    return n // cfg.batch_size
+
+
+def resolve_holdout(cfg: TrainConfig, n: int) -> TrainConfig:
+    """``cfg`` with a fractional ``holdout`` turned into the count of images it keeps out of ``n`` (the same
+    split: :func:`dvt_core.data.sources.split_holdout` draws it from ``n`` and the seed alone)."""
+    h = cfg.holdout
+    if isinstance(h, bool) or not isinstance(h, (int, float, np.integer, np.floating)):
+        raise DVTError(f"holdout must be a count or a fraction, got {h!r}")
+    if isinstance(h, (float, np.floating)) and not float(h).is_integer():
+        if not 0.0 <= h < 1.0:
+            raise DVTError(f"a fractional holdout must lie in [0, 1), got {h:g}")
+        count = int(round(float(h) * n))
+    else:
+        count = int(h)
+    if not 0 <= count <= n:
+        raise DVTError(f"holdout {count} is not between 0 and the {n} images")
+    return dataclasses.replace(cfg, holdout=count)
+
+
+def check_finite_loss(loss: float, step: int, epoch: int) -> None:
+    """TrainingDiverged naming the step when ``loss`` is NaN or infinite."""
+    if not math.isfinite(loss):
+        raise TrainingDiverged(f"training diverged: the loss is {loss} at step {step + 1} (epoch {epoch + 1}); "
+                               "no weights written for it. Lower --lr, or raise --warmup-epochs")
+
+
+def final_meta(spec, cfg: TrainConfig, history: list, images: int, hold_idx, labels, probs, seconds: float,
+               device: str, world: int, backend: str, init=None) -> dict:
+    """The metadata a trainer writes with its final weights, calibrated on the held-out part when there is
+    one (``probs``: the exits' probabilities on it), so the default operating point is ready to use."""
+    from dvt_core.model.macs import exit_macs
+    from dvt_core.runtime.operating_point import calibration_meta
+
+    costs = [int(m) for m in exit_macs(spec)]
+    meta = {"arch": spec.name, "spec": spec.to_dict(), "exit_macs": costs, "train": cfg.to_dict(),
+            "history": history, "holdout_indices_seed": cfg.seed, "holdout": int(len(hold_idx)),
+            "dataset_images": int(images), "train_seconds": round(seconds, 1), "device": device,
+            "world_size": world, "backend": backend}
+    if init is not None:
+        meta["init"] = init if isinstance(init, dict) else init.to_meta()
+    if probs is not None and len(hold_idx):
+        meta.update(calibration_meta(probs, labels[hold_idx], costs,
+                                     data={"split": "holdout", "holdout": int(len(hold_idx)), "seed": cfg.seed}))
+    return meta
+
+
+def run_epoch(step_fn, batches: Iterator, cfg: TrainConfig, epoch: int, step: int, steps_in_epoch: int,
+              total_steps: int, warmup_steps: int, partial: tuple = (0.0, 0), progress: bool = False):
+    """One epoch of training, the same in every backend: ``step_fn(x, y, lr, step, epoch) -> loss`` per batch
+    at the cosine schedule's learning rate, resuming ``step - epoch * steps_in_epoch`` batches in (skipped
+    with the same draws as the uninterrupted run; ``partial`` is the resumed epoch's (loss sum, images)),
+    stopping at ``cfg.max_steps``. Returns ``(step, loss sum, images seen)``."""
+    from tqdm.auto import tqdm
+
+    skip = step - epoch * steps_in_epoch  # batches of this epoch already trained on before a resume
+    for _ in range(skip):
+        next(batches)  # the same draws (augmentation included) as the uninterrupted run
+    bar = tqdm(batches, total=steps_in_epoch, initial=skip, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
+               disable=not progress, leave=False)
+    running, seen = partial if skip else (0.0, 0)
+    for xb, yb in bar:
+        lr = cosine_lr(step, total_steps, warmup_steps, cfg.lr, cfg.min_lr)
+        loss = step_fn(xb, yb, lr, step, epoch)
+        step += 1
+        running += loss * len(yb)
+        seen += len(yb)
+        bar.set_postfix(loss=f"{running / seen:.4f}", lr=f"{lr:.2e}")
+        if cfg.max_steps is not None and step >= cfg.max_steps:
+            break
+    return step, running, seen

@@ -8,6 +8,10 @@ MINDSPORE = ["mindspore==2.10.0", "numpy<2"]
 # Export (onnx) and the framework-free runtime (onnxruntime). onnx 1.18+ pulls an ml_dtypes that needs
 # numpy 2, which MindSpore 2.10 cannot use: these pins import beside torch and MindSpore with numpy 1.26.
 ONNX = ["onnx==1.17.0", "onnxruntime==1.32.0", "numpy==1.26.4"]
+# `dvt serve`: an ASGI app on Starlette, served by uvicorn (h11; no compiled extras).
+SERVE = ["starlette==1.10.0", "uvicorn==0.55.0", "numpy==1.26.4"]
+# Ray Data / Ray Serve (dvt_core.integrations.ray). pyarrow 22+ needs numpy 2: 21.0.0 imports with numpy 1.26.
+RAY = ["ray[data,serve]==2.60.0", "pyarrow==21.0.0", "numpy==1.26.4"]
 
 setup(
     name="dvt",
@@ -26,6 +30,8 @@ setup(
         "torch": TORCH,
         "mindspore": MINDSPORE,
         "onnx": ONNX,
+        "serve": SERVE,
+        "ray": RAY + SERVE,
         # setuptools with its own bdist_wheel: the wheel check builds offline (pip wheel --no-build-isolation)
         "dev": ["pytest>=7", "setuptools>=70.1", "wheel"],
     },

@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-STRICT_MARKERS = ("dataset", "conformance")
+STRICT_MARKERS = ("dataset", "conformance", "serve", "ray")
 
 
 def in_ci() -> bool:

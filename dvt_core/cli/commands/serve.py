@@ -28,6 +28,8 @@ def add_arguments(parser) -> None:
                         help="most open connections and requests at once; past it 503 (default 256)")
     parser.add_argument("--request-timeout", type=float, default=30.0,
                         help="seconds a request waits for its answer before 504 (default 30)")
+    parser.add_argument("--read-timeout", type=float, default=10.0,
+                        help="seconds a client has to send its whole body before 408 (default 10)")
 
 
 def _limits(args):
@@ -37,10 +39,12 @@ def _limits(args):
         raise UserError(f"--port must be 0 to 65535, got {args.port}")
     if args.max_connections < 1:
         raise UserError(f"--max-connections must be 1 or more, got {args.max_connections}")
-    if not args.request_timeout > 0:
-        raise UserError(f"--request-timeout must be above 0 seconds, got {args.request_timeout:g}")
+    for flag, value in (("--request-timeout", args.request_timeout), ("--read-timeout", args.read_timeout)):
+        if not value > 0:
+            raise UserError(f"{flag} must be above 0 seconds, got {value:g}")
     return ServeLimits(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, queue_limit=args.queue_limit,
-                       max_body_mb=args.max_body_mb, request_timeout_s=args.request_timeout).check()
+                       max_body_mb=args.max_body_mb, request_timeout_s=args.request_timeout,
+                       read_timeout_s=args.read_timeout).check()
 
 
 def _needs_serve_extra() -> None:

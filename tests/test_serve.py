@@ -96,7 +96,7 @@ def _write_pngs(folder: Path, images) -> list[Path]:
 
 def _conn(url, timeout=30):
     host, port = loadtest.check_loopback(url)
-    return http.client.HTTPConnection(host, port, timeout=timeout)
+    return loadtest.Connection(host, port, timeout=timeout)
 
 
 def _request(url, method, path, body=None, headers=None):

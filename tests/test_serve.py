@@ -279,3 +279,22 @@ def test_cli_refuses_bad_options_in_one_line():
         r = subprocess.run([sys.executable, "-m", "dvt_core", "serve", "--model", "dvt_fashion_mnist", *extra],
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+@pytest.mark.serve
+def test_dvt_benchmark_serve_reports_the_three_services(tmp_path, model):
+    out = tmp_path / "serve.json"
+    r = subprocess.run([sys.executable, "-m", "dvt_core", "benchmark", "dvt_fashion_mnist", "--serve", "--concurrency",
+                        "2", "--requests", "24", "--repeats", "1", "--json", str(out)],
+                       capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert set(report["results"]) == {"adaptive", "every_stage", "static"}
+    for rows in report["results"].values():
+        assert [row["statuses"] for row in rows] == [{"200": 24}]
+    static_macs = dvt_core.exit_macs(dvt_core.get_spec("static_fashion_mnist_7x7"))[-1]
+    assert report["macs_per_image"]["static"] == static_macs
+    assert report["macs_per_image"]["every_stage"] == model.exit_macs[-1]
+    assert model.exit_macs[0] <= report["macs_per_image"]["adaptive"] < model.exit_macs[-1]
+    assert report["mac_predicted_gain"] == pytest.approx(static_macs / report["macs_per_image"]["adaptive"])
+    assert "MAC-predicted gain over static" in r.stdout

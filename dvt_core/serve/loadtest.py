@@ -234,7 +234,7 @@ def compare(images: np.ndarray, concurrencies: Sequence[int] = (1, 4, 16, 32), r
     """The three services of :data:`VARIANTS` at each concurrency, interleaved, best of ``rounds`` (by
     throughput); with the MAC-predicted gain (static MACs / adaptive MACs) and the ratios measured."""
     variants = dict(variants or VARIANTS)
-    bodies = png_bodies(images)
+    bodies = png_bodies(images[:requests])  # every image posted at least once per run
     extra = ["--max-batch", str(max_batch), "--max-wait-ms", f"{max_wait_ms:g}", "--queue-limit", "4096"]
     with contextlib.ExitStack() as stack:
         urls = {name: stack.enter_context(launch([*args, *extra], threads=threads))[0]
@@ -263,4 +263,57 @@ def compare(images: np.ndarray, concurrencies: Sequence[int] = (1, 4, 16, 32), r
         report["gain_over_every_stage"] = {
             str(c): best["adaptive"][c]["throughput"] / best["every_stage"][c]["throughput"]
             for c in concurrencies if best["every_stage"][c]["throughput"]}
+    return report
+
+
+def test_images(limit: int = 1000) -> tuple[np.ndarray, str]:
+    """The first ``limit`` Fashion-MNIST test images (the shipped subset where the data set is not installed)."""
+    from dvt_core.data.sources import load_fashion_mnist
+
+    try:
+        images, _ = load_fashion_mnist("test")
+        return images[:limit], "Fashion-MNIST test set"
+    except DVTError:
+        from pathlib import Path
+
+        subset = Path(__file__).resolve().parents[1] / "assets" / "fashion_mnist_test_subset.npz"
+        return np.load(subset)["images"][:limit], "shipped Fashion-MNIST test subset"
+
+
+def format_report(report: dict) -> str:
+    """The figures of :func:`compare` as a text table, with the goals' ratios."""
+    lines = [f"{'service':12s} {'conc':>4s} {'img/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s}  statuses"]
+    for name, rows in report["results"].items():
+        for r in rows:
+            lines.append(f"{name:12s} {r['concurrency']:4d} {r['throughput']:8.1f} {r['p50_ms'] or 0:8.2f} "
+                         f"{r['p99_ms'] or 0:8.2f}  {r['statuses']}")
+    macs = report["macs_per_image"]
+    lines.append("MACs per image: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in macs.items()))
+    if "mac_predicted_gain" in report:
+        gain = report["mac_predicted_gain"]
+        lines.append(f"MAC-predicted gain over static: {gain:.2f}x; measured: " + ", ".join(
+            f"c={c} {g:.2f}x ({g / gain:.2f} of it)" for c, g in report["throughput_gain"].items()))
+    if "gain_over_every_stage" in report:
+        lines.append("adaptive over every stage: " + ", ".join(
+            f"c={c} {g:.2f}x" for c, g in report["gain_over_every_stage"].items()))
+    if report.get("single_call_ms") is not None:
+        low = report["results"]["adaptive"][0]
+        lines.append(f"one in-process adaptive call on one image: {report['single_call_ms']:.2f} ms (median); "
+                     f"service p99 at concurrency {low['concurrency']}: {low['p99_ms'] or 0:.2f} ms "
+                     f"({(low['p99_ms'] or 0) / report['single_call_ms']:.2f}x)")
+    return "\n".join(lines)
+
+
+def benchmark(limit: int = 1000, concurrencies: Sequence[int] = (1, 4, 16, 32), requests: int = 400,
+              rounds: int = 2, max_batch: int = 32, max_wait_ms: float = 2.0, threads: Optional[int] = 1,
+              log=None) -> dict:
+    """:func:`compare` on the first ``limit`` test images, with the single-call latency for reference and
+    a note of the machine. What ``dvt benchmark --serve`` and benchmarks/bench_serve.py run."""
+    import platform
+
+    images, source = test_images(limit)
+    report = compare(images, concurrencies, requests, rounds, max_batch, max_wait_ms, threads, log=log)
+    report["single_call_ms"] = single_call_ms("dvt_fashion_mnist", images[:100], threads=threads)
+    report["machine"] = f"{platform.machine()}, {os.cpu_count()} cores; server threads (OMP_NUM_THREADS) {threads}"
+    report["source"] = source
     return report

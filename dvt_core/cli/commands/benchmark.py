@@ -54,6 +54,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, metavar="F", help="write the figures as JSON ('-' for stdout)")
     add_force_option(parser)
+    # --serve: the HTTP service under load (dvt_core.serve.loadtest), its own mode
+    parser.add_argument("--serve", action="store_true",
+                        help="load-test `dvt serve` on 127.0.0.1: adaptive against every stage and the static "
+                             "model (dvt_fashion_mnist; --threads per server, --repeats rounds)")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32], metavar="N",
+                        help="with --serve: concurrent clients of each load run")
+    parser.add_argument("--requests", type=int, default=400, help="with --serve: requests per load run")
 
 
 def _shares(args, spec, costs) -> np.ndarray:
@@ -99,8 +106,30 @@ def _check_args(args) -> None:
         raise UserError(f"--threads must be 1 or more, got {args.threads}")
 
 
+def _run_serve(args) -> int:
+    """``--serve``: the loopback load test of the service (the library runs it; this prints it)."""
+    from dvt_core.serve.loadtest import benchmark, format_report
+
+    if args.model != "dvt_fashion_mnist":
+        raise UserError("--serve compares the shipped dvt_fashion_mnist with static_fashion_mnist_7x7: "
+                        "run `dvt benchmark dvt_fashion_mnist --serve`")
+    if min(args.concurrency) < 1 or args.requests < 1 or args.repeats < 1:
+        raise UserError("--concurrency, --requests and --repeats must be 1 or more")
+    check_outputs(args, args.json)
+    out = sys.stdout if args.json != "-" else sys.stderr
+    report = benchmark(concurrencies=args.concurrency, requests=args.requests, rounds=args.repeats,
+                       threads=args.threads or 1, log=lambda line: print(line, file=out, flush=True))
+    print(f"{report['machine']}; {report['source']}; precision {report['precision']}", file=out)
+    print(format_report(report), file=out)
+    emit_json(report, args.json, force=getattr(args, "force", False))
+    return 0
+
+
 def run(args) -> int:
     import argparse
+
+    if args.serve:
+        return _run_serve(args)
 
     import dvt_core
     from dvt_backends.torch import benchmark as torch_side  # the framework side of this command

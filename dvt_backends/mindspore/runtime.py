@@ -14,6 +14,13 @@ from .io import load_state, model_state
 
 class MindSporeFramework(Framework):
     name = "mindspore"
+    # the framework's own functions serve as the contract's members as they are
+    model_state = staticmethod(model_state)
+    load_state = staticmethod(load_state)
+    read_file = staticmethod(files.load)  # tensors and plain values only, never code
+    write_file = staticmethod(files.save)
+    select = staticmethod(select)
+    join = staticmethod(join)
 
     def build_model(self, spec) -> DVT:
         """A freshly initialised DVT of ``spec``, in evaluation mode (``model.set_train(True)`` to train it)."""
@@ -21,21 +28,6 @@ class MindSporeFramework(Framework):
         model = DVT(spec)
         model.set_train(False)
         return model
-
-    def model_state(self, model: DVT) -> dict:
-        return model_state(model)
-
-    def load_state(self, model: DVT, state: dict, source: str = "checkpoint") -> None:
-        load_state(model, state, source=source)
-
-    def read_file(self, path) -> dict:
-        """A ``.ckpt``'s entries: MindSpore name -> numpy array, appended entries as plain values."""
-        return files.load(path)
-
-    def write_file(self, path, state: dict, entries: dict) -> None:
-        """``state`` (MindSpore names) and the string ``entries`` (``append_dict``), written by
-        dvt_core.checkpoint.ms_ckpt."""
-        files.save(path, state, entries)
 
     def device_for(self, device) -> str:
         """MindSpore's device target ("CPU", "GPU", "Ascend") for ``device`` (cpu, gpu/cuda, ascend/npu)."""
@@ -59,12 +51,6 @@ class MindSporeFramework(Framework):
 
     def run_stage(self, model: DVT, index: int, images, carry=None):
         return model.run_stage(index, images, carry)
-
-    def select(self, images, carry, rows):
-        return select(images, carry, rows)
-
-    def join(self, parts):
-        return join(parts)
 
     def inference(self, model: DVT):
         return model.inference()

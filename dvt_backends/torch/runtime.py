@@ -18,24 +18,17 @@ from .io import load_state, model_state
 
 class TorchFramework(Framework):
     name = "torch"
+    # the framework's own functions serve as the contract's members as they are
+    model_state = staticmethod(model_state)
+    load_state = staticmethod(load_state)
+    read_file = staticmethod(files.load)  # tensors and plain values only, never code
+    write_file = staticmethod(files.save)
+    select = staticmethod(select)
+    join = staticmethod(join)
 
     def build_model(self, spec) -> DVT:
         """A freshly initialised DVT of ``spec``, in evaluation mode (``model.train()`` to train it)."""
         return DVT(spec).eval()
-
-    def model_state(self, model: DVT) -> dict:
-        return model_state(model)
-
-    def load_state(self, model: DVT, state: dict, source: str = "checkpoint") -> None:
-        load_state(model, state, source=source)
-
-    def read_file(self, path) -> dict:
-        """A torch file's content (``torch.load(weights_only=True)``), tensors as numpy arrays."""
-        return files.load(path)
-
-    def write_file(self, path, state: dict, entries: dict) -> None:
-        """``{"state_dict": state, **entries}`` with ``torch.save``."""
-        files.save(path, state, entries)
 
     def device_for(self, device) -> torch.device:
         """The ``torch.device`` named by ``device``; InputError for one torch does not have here."""
@@ -63,12 +56,6 @@ class TorchFramework(Framework):
     def run_stage(self, model: DVT, index: int, images, carry=None):
         with torch.no_grad():
             return model.run_stage(index, images, carry)
-
-    def select(self, images, carry, rows):
-        return select(images, carry, rows)
-
-    def join(self, parts):
-        return join(parts)
 
     def inference(self, model: DVT):
         return model.inference()

@@ -146,12 +146,22 @@ def test_answers_are_dvt_predicts_also_under_concurrency(server, tmp_path):
         assert g["confidence"] == pytest.approx(d["confidence"], abs=1e-5)
 
 
+def _png_header(width: int, height: int) -> bytes:
+    import struct
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(ihdr)) + chunk + struct.pack(">I", zlib.crc32(chunk))
+
+
 @pytest.mark.serve
 def test_bad_bodies_get_400_and_never_echo_the_input(server):
     url, _ = server
     png = loadtest.png_bodies(SUBSET[:1])[0]
     marker = b"<script>ECHO-ME-0x41</script>"
-    for body in (b"", marker * 10, png[: len(png) // 2], b"\x89PNG\r\n\x1a\n" + marker, b"GIF89a" + marker):
+    bomb = _png_header(50_000, 50_000)  # 2.5 Gpx claimed in the header: refused before decoding
+    for body in (b"", marker * 10, png[: len(png) // 2], b"\x89PNG\r\n\x1a\n" + marker, b"GIF89a" + marker, bomb):
         status, headers, data = _request(url, "POST", "/v1/predict", body, {"Content-Type": "text/plain"})
         assert status == 400, (body[:20], data)
         err = json.loads(data)["error"]

@@ -308,3 +308,26 @@ def test_dvt_benchmark_serve_reports_the_three_services(tmp_path, model):
     assert model.exit_macs[0] <= report["macs_per_image"]["adaptive"] < model.exit_macs[-1]
     assert report["mac_predicted_gain"] == pytest.approx(static_macs / report["macs_per_image"]["adaptive"])
     assert "MAC-predicted gain over static" in r.stdout
+
+
+@pytest.mark.serve
+@pytest.mark.export
+def test_an_onnx_export_is_served_with_the_same_answers(tmp_path, model):
+    from dvt_core.data.sources import normalize
+    from dvt_core.runtime.contract import backend_of
+    from dvt_core.runtime.operating_point import model_thresholds
+
+    pytest.importorskip("onnxruntime", reason="needs the onnx extra")
+    folder = tmp_path / "onnx"
+    r = subprocess.run([sys.executable, "-m", "dvt_core", "export", "dvt_fashion_mnist", "--weights", "default",
+                        "--format", "onnx", "--out", str(folder)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    images = SUBSET[:30]
+    want = backend_of(model).adaptive_numpy(model, normalize(images, model.spec.mean, model.spec.std),
+                                            model_thresholds(model))
+    with loadtest.launch(["--backend", "onnx", "--weights", str(folder), "--max-wait-ms", "5"]) as (url, _):
+        with ThreadPoolExecutor(6) as pool:
+            got = list(pool.map(lambda b: json.loads(_request(url, "POST", "/v1/predict", b)[2]),
+                                loadtest.png_bodies(images)))
+    assert [g["class_index"] for g in got] == want.prediction.tolist()
+    assert [g["exit"] for g in got] == (want.exit_index + 1).tolist()

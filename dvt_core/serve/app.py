@@ -137,7 +137,7 @@ class PredictService:
         return self.answer(prediction)
 
     def healthy(self) -> bool:
-        return self.scheduler._thread.is_alive() and self.scheduler._failure is None
+        return self.scheduler.alive
 
     def close(self) -> None:
         """Answer what is queued, then stop the worker and the decoders."""

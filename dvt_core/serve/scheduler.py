@@ -115,6 +115,11 @@ class StageScheduler:
             return [sum(len(b.futures) for b in q) for q in self.queues]
 
     @property
+    def alive(self) -> bool:
+        """True while the worker runs and no model failure has stopped it."""
+        return self._thread.is_alive() and self._failure is None
+
+    @property
     def pending(self) -> int:
         with self._cond:
             return self._pending

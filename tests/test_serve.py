@@ -253,7 +253,7 @@ def _metric_values(text: str) -> dict:
 @pytest.mark.serve
 def test_a_full_queue_answers_503_at_once_and_sigterm_finishes_in_flight_requests():
     bodies = loadtest.png_bodies(SUBSET[:12])
-    args = ["--model", "dvt_fashion_mnist", "--max-batch", "64", "--max-wait-ms", "1500", "--queue-limit", "4"]
+    args = ["--model", "dvt_fashion_mnist", "--max-batch", "64", "--max-wait-ms", "4000", "--queue-limit", "4"]
     with loadtest.launch(args) as (url, proc):
         results = []
 
@@ -269,7 +269,7 @@ def test_a_full_queue_answers_503_at_once_and_sigterm_finishes_in_flight_request
         while time.monotonic() < deadline and 'dvt_queue_depth{stage="1"} 4' not in \
                 _request(url, "GET", "/metrics")[2].decode():
             time.sleep(0.05)
-        for b in bodies[4:]:  # the queue holds 4 images that wait 1.5 s for a fuller batch
+        for b in bodies[4:]:  # the queue holds 4 images that wait 4 s for a fuller batch
             ask(b)
         refused = [r for r in results if r[0] == 503]
         assert len(refused) == 8

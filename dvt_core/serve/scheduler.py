@@ -219,10 +219,10 @@ class StageScheduler:
         leave = np.ones(len(futures), bool) if i == self.num_exits - 1 else conf >= self.thresholds[i]
         pred = lg.argmax(axis=1)
         done = np.flatnonzero(leave)
+        if self.observer is not None:  # counted before anyone is answered: a client then reads it in metrics
+            self.observer(i, len(futures), np.full(len(done), i, np.int64))
         self._answer([futures[r] for r in done],
                      [Prediction(int(pred[r]), float(conf[r]), i, self.exit_macs[i]) for r in done])
-        if self.observer is not None:
-            self.observer(i, len(futures), np.full(len(done), i, np.int64))
         if len(done) < len(futures):
             stay = np.flatnonzero(~leave)
             if len(done):

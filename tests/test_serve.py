@@ -78,6 +78,24 @@ def test_scheduler_refuses_at_once_when_full_and_answers_the_queued_on_close(mod
     assert [f.result(timeout=0).exit_index for f in futures] == [2, 2, 2]
 
 
+def test_adapting_the_thresholds_holds_the_mac_budget(model):
+    x = _normalised(model, SUBSET[:1000])
+    budget = 3.0e6
+    start = [0.999, 0.999]  # far too costly: most images would run to the last exit
+    sched = StageScheduler(model, start, max_batch=16, max_wait_ms=1, queue_limit=2000, adapt_budget=budget,
+                           adapt_window=32)
+    try:
+        macs = []
+        for s in range(0, 1000, 50):  # arrivals in waves, as under load
+            macs += [f.result(timeout=60).macs for f in [sched.submit(img) for img in x[s:s + 50]]]
+    finally:
+        sched.close(timeout=30)
+    first, last = np.mean(macs[:100]), np.mean(macs[-400:])
+    assert first > 2 * budget  # where the given thresholds put it
+    assert abs(last - budget) / budget < 0.2, (first, last)
+    assert sched.thresholds[0] < 0.999 and sched.controller.shift < 0
+
+
 def test_scheduler_refuses_bad_limits(model):
     with pytest.raises(dvt_core.InputError, match="max batch"):
         StageScheduler(model, [0.5, 0.5], max_batch=0)
@@ -238,6 +256,8 @@ def test_a_bounded_flood_is_served_and_metrics_count_it(server, model):
     runs1 = grew('dvt_stage_batch_size_count{stage="1"}')
     assert 0 < runs1 < 300 and grew('dvt_stage_batch_size_sum{stage="1"}') == 300  # batched, every image in stage 1
     assert after['dvt_queue_depth{stage="1"}'] == 0
+    stored = model.checkpoint_meta["thresholds"]  # the default operating point, in force
+    assert [after[f'dvt_threshold{{exit="{k}"}}'] for k in (1, 2)] == pytest.approx(stored[:2], abs=1e-6)
     assert _healthy(url)
 
 
@@ -285,7 +305,8 @@ def test_a_full_queue_answers_503_at_once_and_sigterm_finishes_in_flight_request
 @pytest.mark.serve
 def test_cli_refuses_bad_options_in_one_line():
     for extra, needle in ((["--port", "70000"], "--port"), (["--max-batch", "0"], "--max-batch"),
-                          (["--max-body-mb", "0"], "--max-body-mb"), (["--thresholds", "0.5"], "thresholds")):
+                          (["--max-body-mb", "0"], "--max-body-mb"), (["--thresholds", "0.5"], "thresholds"),
+                          (["--adapt-budget"], "--budget")):
         r = subprocess.run([sys.executable, "-m", "dvt_core", "serve", "--model", "dvt_fashion_mnist", *extra],
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

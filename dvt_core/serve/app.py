@@ -74,7 +74,7 @@ class PredictService:
     """One model behind a :class:`~dvt_core.serve.scheduler.StageScheduler`, with its limits and metrics."""
 
     def __init__(self, model, thresholds, limits: Optional[ServeLimits] = None, classes: Optional[list] = None,
-                 mac_budget: Optional[float] = None, decode_workers: int = 2):
+                 mac_budget: Optional[float] = None, adapt_budget: bool = False, decode_workers: int = 2):
         from dvt_core.serve.metrics import ServiceMetrics
         from dvt_core.serve.scheduler import StageScheduler
 
@@ -86,9 +86,13 @@ class PredictService:
         self.classes = classes
         self.metrics = ServiceMetrics(self.spec.num_exits, self.limits.max_batch, model.exit_macs,
                                       mac_budget=mac_budget)
+        if adapt_budget and mac_budget is None:
+            raise InputError("adapting the thresholds at run time needs a MAC budget (--budget MACS)")
         self.scheduler = StageScheduler(model, thresholds, self.limits.max_batch, self.limits.max_wait_ms,
-                                        self.limits.queue_limit, observer=self.metrics.stage_ran)
+                                        self.limits.queue_limit, observer=self.metrics.stage_ran,
+                                        adapt_budget=mac_budget if adapt_budget else None)
         self.metrics.depths = self.scheduler.depths
+        self.metrics.thresholds = lambda: self.scheduler.thresholds
         self.thresholds = self.scheduler.thresholds
         self._decoder = ThreadPoolExecutor(max_workers=decode_workers, thread_name_prefix="dvt-serve-decode")
 

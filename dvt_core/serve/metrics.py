@@ -44,8 +44,10 @@ class ServiceMetrics:
     """What ``GET /metrics`` reports. ``depths`` returns the images waiting per stage, read at exposition."""
 
     def __init__(self, num_exits: int, max_batch: int, exit_macs: Sequence[int],
-                 depths: Optional[Callable[[], list]] = None, mac_budget: Optional[float] = None):
+                 depths: Optional[Callable[[], list]] = None, mac_budget: Optional[float] = None,
+                 thresholds: Optional[Callable[[], Sequence[float]]] = None):
         self.num_exits = num_exits
+        self.thresholds = thresholds  # the thresholds in force, read at exposition (they move with --adapt-budget)
         self.exit_macs = [int(m) for m in exit_macs]
         self.depths = depths
         self.mac_budget = mac_budget
@@ -98,6 +100,11 @@ class ServiceMetrics:
             if self.mac_budget is not None:
                 lines += ["# HELP dvt_macs_budget The average MACs per image the operating point was chosen for.",
                           "# TYPE dvt_macs_budget gauge", f"dvt_macs_budget {_num(self.mac_budget)}"]
+        if self.thresholds is not None:
+            lines += ["# HELP dvt_threshold The confidence an image needs to leave at each exit (1-based) now.",
+                      "# TYPE dvt_threshold gauge"]
+            lines += [f'dvt_threshold{{exit="{i + 1}"}} {_num(float(t))}'
+                      for i, t in enumerate(list(self.thresholds())[:-1])]
         lines += ["# HELP dvt_queue_depth Images waiting in each stage's queue.", "# TYPE dvt_queue_depth gauge"]
         lines += [f'dvt_queue_depth{{stage="{i + 1}"}} {d}' for i, d in enumerate(depths)]
         return "\n".join(lines) + "\n"

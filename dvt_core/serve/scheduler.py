@@ -45,6 +45,38 @@ class Prediction:
     macs: int
 
 
+class BudgetController:
+    """Holds the average MACs per image at ``budget`` under load, by moving every threshold (but the
+    last) by one shared ``shift``: after each ``window`` images answered, ``shift`` moves against the
+    relative error of their average MACs (a higher threshold keeps more images for later, costlier
+    exits, so the average is monotone in ``shift``: integral control converges)."""
+
+    def __init__(self, base: np.ndarray, exit_macs: Sequence[int], budget: float, window: int = 64,
+                 gain: float = 0.05):
+        if not exit_macs[0] <= budget <= exit_macs[-1]:
+            raise InputError(f"a budget of {budget:g} MACs is outside what this model can spend "
+                             f"({exit_macs[0]} to {exit_macs[-1]} MACs per image)")
+        self.base, self.budget, self.window, self.gain = base.copy(), float(budget), int(window), float(gain)
+        self.shift = 0.0
+        self._macs, self._count = 0, 0
+
+    def thresholds(self) -> np.ndarray:
+        t = self.base.copy()
+        t[:-1] = np.clip(t[:-1] + self.shift, 0.0, 1.0 + 1e-6)  # confidences lie in [0, 1]
+        return t
+
+    def observe(self, macs: int, images: int) -> Optional[np.ndarray]:
+        """Count ``images`` answered at ``macs`` each; the new thresholds when a window is complete."""
+        self._macs += macs * images
+        self._count += images
+        if self._count < self.window:
+            return None
+        error = (self._macs / self._count - self.budget) / self.budget
+        self.shift = float(np.clip(self.shift - self.gain * error, -1.0, 1.0))
+        self._macs, self._count = 0, 0
+        return self.thresholds()
+
+
 @dataclass
 class _Batch:
     """Images waiting in one stage's queue: their futures, their tensor batch and carry (stage 1: numpy
@@ -65,7 +97,8 @@ class StageScheduler:
     """
 
     def __init__(self, model, thresholds, max_batch: int = 32, max_wait_ms: float = 2.0, queue_limit: int = 256,
-                 confidence: str = "max_softmax", observer: Optional[Callable[[int, int, np.ndarray], None]] = None):
+                 confidence: str = "max_softmax", observer: Optional[Callable[[int, int, np.ndarray], None]] = None,
+                 adapt_budget: Optional[float] = None, adapt_window: int = 64):
         from dvt_core.runtime.contract import backend_of
 
         if max_batch < 1:
@@ -79,6 +112,9 @@ class StageScheduler:
         self.exit_macs = [int(m) for m in model.exit_macs]
         self.num_exits = len(self.exit_macs)
         self.thresholds = normalize_thresholds(thresholds, self.num_exits)
+        # with ``adapt_budget``: thresholds moved at run time to hold that average MACs (they start as given)
+        self.controller = None if adapt_budget is None else BudgetController(self.thresholds, self.exit_macs,
+                                                                             adapt_budget, adapt_window)
         self.max_batch = int(max_batch)
         self.max_wait = float(max_wait_ms) / 1000.0
         self.queue_limit = int(queue_limit)
@@ -221,6 +257,10 @@ class StageScheduler:
         done = np.flatnonzero(leave)
         if self.observer is not None:  # counted before anyone is answered: a client then reads it in metrics
             self.observer(i, len(futures), np.full(len(done), i, np.int64))
+        if self.controller is not None and len(done):
+            adapted = self.controller.observe(self.exit_macs[i], len(done))
+            if adapted is not None:
+                self.thresholds = adapted  # the worker alone reads them: the next stage run uses them
         self._answer([futures[r] for r in done],
                      [Prediction(int(pred[r]), float(conf[r]), i, self.exit_macs[i]) for r in done])
         if len(done) < len(futures):

@@ -16,6 +16,9 @@ def add_arguments(parser) -> None:
     g.add_argument("--budget", type=parse_budget, default=None,
                    help="target average MACs per image: the calibrated operating point that fits (as dvt predict)")
     g.add_argument("--thresholds", default=None, help="comma-separated confidence thresholds, one per exit")
+    parser.add_argument("--adapt-budget", action="store_true",
+                        help="with --budget: move the thresholds at run time to hold that average MACs per image "
+                             "(answers then follow the load's images, not dvt predict's fixed operating point)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="port (0: a free one; the URL is printed when ready)")
     parser.add_argument("--max-batch", type=int, default=32, help="most images in one run of a stage (default 32)")
@@ -59,6 +62,8 @@ def run(args) -> int:
     from dvt_core.serve.app import PredictService, run_server
 
     limits = _limits(args)  # the usual mistakes, before the model is built
+    if args.adapt_budget and args.budget is None:
+        raise UserError("--adapt-budget needs --budget MACS (the average to hold)")
     _needs_serve_extra()
     early = _early_spec(args)
     if early is not None:
@@ -70,7 +75,7 @@ def run(args) -> int:
     source = "the shipped weights" if args.weights in (None, "default") else str(args.weights)
     thresholds, how = choose_thresholds(args, spec, meta, source)
     service = PredictService(model, thresholds, limits, classes=_class_names(meta, spec.num_classes),
-                             mac_budget=args.budget)
+                             mac_budget=args.budget, adapt_budget=args.adapt_budget)
 
     def announce(url: str) -> None:
         print(f"dvt serve: {spec.name} ({args.backend}) on {url}  thresholds {_fmt_thresholds(thresholds)} ({how}); "

@@ -82,6 +82,11 @@ def adaptive_numpy(model: DVT, images, thresholds, confidence: str = "max_softma
     return model.adaptive(to_tensor(model, images), thresholds, confidence)
 
 
+def set_precision(model: DVT, precision: str) -> DVT:
+    """The model held and run in ``precision`` ("fp32", "bf16", "fp16"): ``model.set_precision``."""
+    return model.set_precision(precision)
+
+
 def read_file(path) -> dict:
     """A torch file's content (``torch.load(weights_only=True)``), tensors as numpy arrays."""
     from . import files
@@ -97,4 +102,4 @@ def write_file(path, state: dict, entries: dict) -> None:
 
 
 __all__ = ["DVT", "Stage", "Reuse", "NAME", "build_model", "load_state", "model_state", "to_device", "device_for",
-           "to_tensor", "to_numpy", "run_stage", "select", "join", "inference", "forward_numpy", "adaptive_numpy", "read_file", "write_file"]
+           "to_tensor", "to_numpy", "run_stage", "select", "join", "inference", "forward_numpy", "adaptive_numpy", "set_precision", "read_file", "write_file"]

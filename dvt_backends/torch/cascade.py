@@ -23,6 +23,9 @@ from dvt_core.model.specs import CascadeSpec, sinusoid_position_table
 from .layers import Block, FeatureReuse, RelationReuse, TokenResize
 from .tokenizers import build_tokenizer
 
+# dvt_core.runtime.precision.PRECISIONS -> the dtype every weight, buffer and activation is held in
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 class Reuse(NamedTuple):
     """What a stage hands to the next: its final tokens (pre-norm) and its attention logits."""
@@ -120,7 +123,27 @@ class DVT(nn.Module):
         self.stages = nn.ModuleList(Stage(spec, i) for i in range(spec.num_exits))
         self.checkpoint_meta: dict = {}
         self.exit_macs = exit_macs(self.spec)  # per image, cumulative; the spec is frozen
+        self.precision = "fp32"
         self.reset_parameters()
+
+    def set_precision(self, precision: str) -> "DVT":
+        """Hold every weight and buffer in ``precision`` ("fp32", "bf16", "fp16"; in place; returns the model).
+
+        The whole network then runs in that dtype, images cast on entry (``forward``, ``adaptive``,
+        the backend's ``to_tensor``): no float32 islands between the products. Chosen over
+        ``torch.autocast``, which runs LayerNorm, softmax and the additions in float32 and casts the
+        weights again at every call (slower here: docs/performance.md). Exit confidences are computed
+        in float32 from the logits. ``set_precision("fp32")`` goes back.
+        """
+        from dvt_core.runtime.precision import check_precision
+
+        self.to(PRECISION_DTYPES[check_precision(precision)])
+        self.precision = precision
+        return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return PRECISION_DTYPES[self.precision]
 
     # ---- initialisation (dvt_core.model.recipe) -------------------------------------------------------
     def reset_parameters(self) -> None:
@@ -157,6 +180,7 @@ class DVT(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         self.check_images(images)
+        images = images.to(self.dtype)
         outputs, reuse = [], None
         for i in range(len(self.stages)):
             logits, reuse = self.run_stage(i, images, reuse)
@@ -187,6 +211,7 @@ class DVT(nn.Module):
         """
         self.check_images(images)
         thresholds = model_thresholds(self, thresholds)
+        images = images.to(self.dtype)
         with self.inference():
             return run_adaptive(self.run_stage, _to_numpy, select, images, images.shape[0], thresholds,
                                 self.exit_macs, confidence)

@@ -28,7 +28,7 @@ def resolve_spec(name_or_spec: Union[str, CascadeSpec, None], ckpt: Optional[Che
 
 def build(name_or_spec: Union[str, CascadeSpec, None] = None, backend: str = "torch",
           weights: Union[str, Path, None] = None, allow_lossy_cast: bool = False, compile: bool = False,
-          **overrides):
+          precision: str = "fp32", **overrides):
     """Build a DVT for ``backend`` ("torch" or "mindspore"), or load an export ("onnx" or "mindir").
 
     ``weights`` is a path to an official release ``.pth.tar``, a torch state dict, a ``.safetensors``
@@ -41,7 +41,13 @@ def build(name_or_spec: Union[str, CascadeSpec, None] = None, backend: str = "to
     call ``model.train()`` (torch) or ``model.set_train(True)`` (MindSpore) to train it.
     ``compile=True`` (torch) compiles the stages after the weights are loaded (``model.compile()``:
     torch.compile with dynamic batch sizes).
+    ``precision`` ("fp32", "bf16", "fp16"; ``dvt_core.runtime.precision``) is the dtype the model
+    computes in, set through the backend's ``set_precision``; a backend without one runs fp32 only and
+    refuses the others (InputError).
     """
+    from dvt_core.runtime.precision import apply_precision, check_precision
+
+    check_precision(precision)
     if compile and backend != "torch":
         raise InputError("compile=True is for the torch backend; on MindSpore use model.compiled() (graph mode)")
     if backend in EXPORT_BACKENDS:  # build(DIR, backend="onnx") or build(NAME, backend="onnx", weights=DIR)
@@ -51,7 +57,8 @@ def build(name_or_spec: Union[str, CascadeSpec, None] = None, backend: str = "to
         if overrides:
             raise InputError(f"an export's spec is fixed; the {backend} backend takes no overrides")
         wanted = None if weights is None else getattr(name_or_spec, "name", name_or_spec)
-        return get_backend(backend).load(directory, model=wanted)
+        mod = get_backend(backend)
+        return apply_precision(mod, mod.load(directory, model=wanted), precision)
     ckpt = None
     if weights is not None:
         if str(weights) == "default":
@@ -69,6 +76,7 @@ def build(name_or_spec: Union[str, CascadeSpec, None] = None, backend: str = "to
     if ckpt is not None:
         mod.load_state(model, state, source=str(weights))
         model.checkpoint_meta = dict(ckpt.meta)
+    model = apply_precision(mod, model, precision)
     if compile:
         model.compile()
     return model

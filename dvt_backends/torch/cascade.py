@@ -75,7 +75,7 @@ class Stage(nn.Module):
             self.pos_embed = nn.Parameter(torch.zeros(1, st.num_tokens, st.embed_dim))
         plan = spec.reuse_plan(index)
         fr = plan.feature
-        self.relation_reuse = RelationReuse(plan.relation) if plan.relation else None
+        self.relation_reuse = RelationReuse(plan.relation, st.depth) if plan.relation else None
         dpr = drop_path_rates(spec, index)
         self.blocks = nn.ModuleList(Block(st, fr.out_dim if fr else 0, dpr[j], FeatureReuse(fr) if fr else None,
                                           spec.gelu) for j in range(st.depth))
@@ -103,11 +103,10 @@ class Stage(nn.Module):
             feats = self._reused_features(reuse.features)
         if reuse is not None and self.relation_reuse is not None:
             rels = self.relation_reuse(reuse.relations)
-        h = self.num_heads
         logits_per_block = []
         for j, blk in enumerate(self.blocks):
-            x, logits = blk(x, None if feats is None else feats[j],
-                            None if rels is None else rels[:, j * h:(j + 1) * h], keep_relations)
+            x, logits = blk(x, None if feats is None else feats[j], None if rels is None else rels[j],
+                            keep_relations)
             if keep_relations:
                 logits_per_block.append(logits)
         out = self.head(self.norm(x)[:, 0])
@@ -143,7 +142,8 @@ class DVT(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return PRECISION_DTYPES[self.precision]
+        """The dtype the weights are held in (what ``set_precision`` chose, or a plain ``model.to(dtype)``)."""
+        return self.stages[0].cls_token.dtype
 
     # ---- initialisation (dvt_core.model.recipe) -------------------------------------------------------
     def reset_parameters(self) -> None:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import dvt_core
-from test_cli import dvt
+from helpers import dvt
 
 TINY = ["-O", "img_size=32", "-O", "grids=[2,3,4]", "-O", "depth=1", "-O", "embed_dim=32", "-O", "num_heads=2"]
 SPEC = dvt_core.get_spec("dvt_deit_tiny", img_size=32, grids=[2, 3, 4], depth=1, embed_dim=32, num_heads=2)

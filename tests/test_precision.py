@@ -2,12 +2,15 @@
 network in that dtype, keep the exit decisions of fp32, and a backend without lower precision refuses it."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
 import dvt_core
 from dvt_core.data import sources as data
+from helpers import dvt, needs_fashion, needs_mindspore
 from dvt_core.runtime import evaluation, policy
 
 TINY = dict(img_size=32, grids=[2, 3, 4], depth=1, embed_dim=32, num_heads=2)
@@ -31,9 +34,9 @@ def test_every_weight_and_activation_is_in_the_chosen_dtype(precision, dtype):
     result = model.adaptive(images, [0.5, 0.5])
     assert len(result.exit_index) == 3
     # the state leaves the model as float32 numpy, as every checkpoint writer expects
-    from dvt_backends.torch import model_state
+    from dvt_core.runtime.contract import backend_of
 
-    assert {a.dtype for a in model_state(model).values()} == {np.dtype(np.float32)}
+    assert {a.dtype for a in backend_of(model).model_state(model).values()} == {np.dtype(np.float32)}
 
 
 def test_fp32_is_the_default_and_set_precision_goes_back():
@@ -43,30 +46,31 @@ def test_fp32_is_the_default_and_set_precision_goes_back():
     assert next(model.parameters()).dtype == torch.float32
 
 
-def test_unknown_precision_and_a_backend_without_it_are_refused():
-    with pytest.raises(dvt_core.InputError, match="unknown precision 'int8'; choose one of fp32, bf16, fp16"):
+def test_unknown_precision_is_refused_before_anything_is_built():
+    with pytest.raises(dvt_core.InputError, match="the torch runtime runs fp32, bf16, fp16, not 'int8'"):
         dvt_core.build("dvt_deit_tiny", precision="int8", **TINY)
-    from dvt_core.runtime.precision import apply_precision
-
-    class Fp32Only:
-        NAME = "fp32only"
-
-    model = object()
-    assert apply_precision(Fp32Only, model, "fp32") is model
-    with pytest.raises(dvt_core.InputError, match="the fp32only backend runs fp32 only here, not bf16"):
-        apply_precision(Fp32Only, model, "bf16")
 
 
-def _installed() -> bool:
-    try:
-        data.load_fashion_mnist("test")
-    except data.DataError:
-        return False
-    return True
+@pytest.mark.mindspore
+@needs_mindspore
+def test_mindspore_refuses_lower_precision_clearly():
+    with pytest.raises(dvt_core.InputError, match="the mindspore runtime runs fp32, not 'bf16'"):
+        dvt_core.build("static_fashion_mnist_2x2", backend="mindspore", weights="default", precision="bf16")
 
 
-@pytest.mark.dataset
-@pytest.mark.skipif(not _installed(), reason="Fashion-MNIST not installed")
+def test_cli_precision_runs_bf16_and_refuses_what_a_runtime_lacks(tmp_path):
+    from PIL import Image
+
+    picture = tmp_path / "shirt.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (28, 28), dtype=np.uint8)).save(picture)
+    r = dvt("predict", picture, "--model", "dvt_fashion_mnist", "--precision", "bf16", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[0])["path"].endswith("shirt.png")
+    r = dvt("predict", picture, "--model", "dvt_fashion_mnist", "--precision", "fp8")
+    assert r.returncode == 2 and "invalid choice: 'fp8'" in r.stderr and "Traceback" not in r.stderr
+
+
+@needs_fashion
 def test_bf16_keeps_the_exit_decisions_of_fp32_on_fashion_mnist():
     x, y = data.load_fashion_mnist("test")
     fp32 = dvt_core.build("dvt_fashion_mnist", weights="default")

@@ -290,19 +290,12 @@ EXPORT_FORMAT = {"onnx": "onnx", "openvino": "onnx"}  # the export folder each e
 MODES = ("adaptive", "stages", "streaming")
 
 
-def _set_threads(model, threads: Optional[int]) -> None:
-    """An exported runtime's own thread count (torch's is process-wide: set by the caller)."""
-    setter = getattr(model, "set_threads", None)
-    if threads and setter is not None:
-        setter(threads)
-
-
 def _sibling_export(directory, static_name: str):
     """The export folder of ``static_name`` beside ``directory`` (its manifest names that model), or None."""
     from pathlib import Path
 
     from dvt_core.errors import DVTError
-    from dvt_core.export.writer import read_manifest
+    from dvt_core.export.manifest import read_manifest
 
     for d in sorted(Path(directory).resolve().parent.iterdir()):
         if d.is_dir() and d != Path(directory).resolve():
@@ -338,7 +331,7 @@ def build_subject(runtime: str, precision: str, name: str, weights, overrides: d
         return Subject(f"torch {precision}", model, static, {} if no_timm else references(model, static))
     fmt = EXPORT_FORMAT[runtime]
     if weights is not None and Path(str(weights)).is_dir():
-        model = dvt_core.build(weights, backend=runtime, precision=precision)
+        model = dvt_core.build(weights, backend=runtime, precision=precision, threads=threads)
         static_name = static_spec(model.spec, model.spec.num_exits - 1).name
         static_dir = _sibling_export(weights, static_name)
     else:
@@ -349,12 +342,11 @@ def build_subject(runtime: str, precision: str, name: str, weights, overrides: d
         src = _seeded_torch(name, weights, overrides, seed, "fp32")
         tag = Path(workdir) / f"{fmt}-{id(src)}"
         if model is None:
-            model = dvt_core.build(export_model(src, fmt, tag / "dvt"), backend=runtime, precision=precision)
+            model = dvt_core.build(export_model(src, fmt, tag / "dvt"), backend=runtime, precision=precision,
+                                   threads=threads)
         src_static = dvt_core.build(static_spec(src.spec, src.spec.num_exits - 1))
         static_dir = export_model(src_static, fmt, tag / "static")
-    static = dvt_core.build(static_dir, backend=runtime, precision=precision)
-    for m in (model, static):
-        _set_threads(m, threads)
+    static = dvt_core.build(static_dir, backend=runtime, precision=precision, threads=threads)
     if device is not None:
         model, static = (_backend(m).to_device(m, device) for m in (model, static))
     return Subject(f"{runtime} {precision}", model, static)

@@ -42,8 +42,11 @@ def add_common_options(p: argparse.ArgumentParser, model: bool = True, weights: 
                        precision: bool = True) -> None:
     """--backend and --device; with ``model`` --model and -O; with ``weights`` --weights; with
     ``precision`` --precision."""
+    from dvt_core.runtime.contract import runtime_names
+
     p.add_argument("--backend", default="torch",
-                   help="torch (default), mindspore, or onnx / mindir to run a `dvt export` folder given as --weights")
+                   help=f"{' or '.join(runtime_names('spec'))} (default torch), or {' / '.join(runtime_names('export'))} "
+                        "to run a `dvt export` folder given as --weights")
     p.add_argument("--device", default=None, help="torch device (cpu, cuda, cuda:1, mps) or MindSpore target")
     if precision:
         add_precision_option(p)
@@ -61,9 +64,9 @@ def add_common_options(p: argparse.ArgumentParser, model: bool = True, weights: 
 
 
 def add_precision_option(p: argparse.ArgumentParser) -> None:
-    from dvt_core.runtime.precision import DEFAULT_PRECISION, PRECISIONS
+    from dvt_core.runtime.contract import PRECISIONS
 
-    p.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION,
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="dtype the model computes in (default fp32); bf16 is fast on CPUs with AVX512-BF16 / AMX")
 
 

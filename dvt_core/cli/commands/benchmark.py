@@ -28,7 +28,7 @@ HELP = ("does early exit pay? adaptive inference against the same runtime's stat
 
 
 def add_arguments(parser) -> None:
-    from dvt_core.runtime.precision import PRECISIONS
+    from dvt_core.runtime.contract import PRECISIONS
 
     parser.add_argument("model", help="zoo model name (see `dvt flops --list`)")
     parser.add_argument("--override", "-O", action="append", metavar="KEY=VALUE", help="spec override (repeatable)")

@@ -49,6 +49,16 @@ class DropPath(nn.Module):
         return x * mask / keep
 
 
+def _softmax(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over the keys. torch's CPU kernel works row by row, which for the few keys of a small grid
+    (5 at 2x2 tokens) costs more than the whole-tensor form: in float32 inference, up to 8 keys, that form
+    (max, exp, sum, divide; 2.2x faster on 256 x 5 x 5 logits, same values to 2e-7); elsewhere torch's."""
+    if logits.shape[-1] > 8 or logits.dtype != torch.float32 or torch.is_grad_enabled():
+        return logits.softmax(dim=-1)
+    e = (logits - logits.amax(dim=-1, keepdim=True)).exp_()
+    return e.div_(e.sum(dim=-1, keepdim=True))
+
+
 class Attention(nn.Module):
     """Multi-head self-attention that returns its pre-softmax logits when asked (relation reuse carries them).
 
@@ -81,7 +91,7 @@ class Attention(nn.Module):
             logits = torch.bmm(q, k.transpose(1, 2)).mul_(self.scale)
         else:  # (B, heads, N, N), contiguous per block (RelationReuse lays the blocks out first)
             logits = torch.baddbmm(reused_logits.reshape(b * h, n, n), q, k.transpose(1, 2), alpha=self.scale)
-        x = torch.bmm(logits.softmax(dim=-1), v).view(b, h, n, d).transpose(1, 2).reshape(b, n, c)
+        x = torch.bmm(_softmax(logits), v).view(b, h, n, d).transpose(1, 2).reshape(b, n, c)
         return self.proj(x), logits.view(b, h, n, n)
 
 

@@ -194,10 +194,12 @@ def run(args) -> int:
     report = {"model": spec.name, "weights": args.weights, "machine": machine, "runs": []}
     print(f"machine: {machine['processor']}, {machine['cpu_count']} cores, {args.threads or 'default'} threads, "
           f"device {machine.get('device', args.device)}", file=out)
+    pairs, report["left_out"] = _offered(args.backend, args.precision)
+    for note in report["left_out"]:
+        print(f"note: {note}", file=out)
     with tempfile.TemporaryDirectory(prefix="dvt-benchmark-") as workdir:
-        for runtime in args.backend:
-            for precision in args.precision:
-                report["runs"].append(_run_subject(args, runtime, precision, workdir, out))
+        for runtime, precision in pairs:
+            report["runs"].append(_run_subject(args, runtime, precision, workdir, out))
     lines = [line for r in report["runs"] for line in r["verdicts"]]
     report["verdicts"] = lines
     if lines:
@@ -206,6 +208,24 @@ def run(args) -> int:
             print(line, file=out)
     emit_json(report, args.json, force=getattr(args, "force", False))
     return 0
+
+
+def _offered(runtimes, precisions) -> tuple[list, list]:
+    """The (runtime, precision) pairs to time, and a note for each one a runtime does not offer (left out;
+    an error only when nothing is left)."""
+    from dvt_core.runtime.contract import get_backend
+
+    pairs, notes = [], []
+    for runtime in runtimes:
+        offered = get_backend(runtime).precisions  # InputError for a runtime that is not installed
+        for p in precisions:
+            if p in offered:
+                pairs.append((runtime, p))
+            else:
+                notes.append(f"the {runtime} runtime runs {', '.join(offered)}, not {p}: left out")
+    if not pairs:
+        raise UserError("; ".join(notes))
+    return pairs, notes
 
 
 def bench_costs(spec):

@@ -153,3 +153,19 @@ def test_benchmark_backend_refusals(extra, message):
     r = dvt("benchmark", "dvt_deit_tiny", *TINY, *extra)
     assert r.returncode == 2, r.stderr
     assert message in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.export
+def test_benchmark_leaves_out_a_precision_a_runtime_lacks_and_refuses_when_nothing_is_left(tmp_path):
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "bench.json"
+    r = dvt("benchmark", "dvt_deit_tiny", *TINY, "--no-timm", "--backend", "torch", "onnx", "--precision", "bf16",
+            "--batch-sizes", "2", "--images", "2", "--repeats", "1", "--warmup", "0", "--modes", "adaptive",
+            "--json", out)
+    assert r.returncode == 0, r.stderr
+    assert "note: the onnx runtime runs fp32, not bf16: left out" in r.stdout
+    report = json.loads(out.read_text())
+    assert [(run["runtime"], run["precision"]) for run in report["runs"]] == [("torch", "bf16")]
+    r = dvt("benchmark", "dvt_deit_tiny", *TINY, "--backend", "onnx", "--precision", "bf16")
+    assert r.returncode == 2 and "the onnx runtime runs fp32, not bf16" in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -39,6 +39,11 @@ def references(model, static) -> dict:
     return {f"timm {name}": (call, static.exit_macs[-1])}
 
 
+def seed_weights(seed: int) -> None:
+    """Random weights of the models built next are seeded (timing does not depend on them; outputs do)."""
+    torch.manual_seed(seed)
+
+
 def setup(device: str, threads) -> dict:
     """``--threads`` applied and ``--device`` checked (InputError when torch cannot use it); what was set."""
     if threads:

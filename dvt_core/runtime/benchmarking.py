@@ -102,20 +102,9 @@ def _run_all(model, x, upto: Optional[int] = None):
 
 
 def adaptive_call(model, thresholds, confidence: str = "max_softmax") -> Callable:
-    """``call(x) -> AdaptiveResult``: true early exit of one input batch, through the contract alone."""
-    from dvt_core.runtime.early_exit import run_adaptive
-
+    """``call(x) -> AdaptiveResult``: true early exit of one input batch (the contract's ``adaptive``)."""
     b = _backend(model)
-
-    def call(x):
-        with b.inference(model):
-            return run_adaptive(lambda i, imgs, carry: b.run_stage(model, i, imgs, carry), b.to_numpy, b.select, x,
-                                _batch_len(x), thresholds, model.exit_macs, confidence)
-    return call
-
-
-def _batch_len(x) -> int:
-    return int(x.shape[0])
+    return lambda x: b.adaptive(model, x, thresholds, confidence)
 
 
 def exit_probs(model, chunks: Sequence[np.ndarray]) -> np.ndarray:
@@ -330,7 +319,7 @@ def build_subject(runtime: str, precision: str, name: str, weights, overrides: d
 
         return Subject(f"torch {precision}", model, static, {} if no_timm else references(model, static))
     fmt = EXPORT_FORMAT[runtime]
-    if weights is not None and Path(str(weights)).is_dir():
+    if weights is not None and _is_dir(weights):
         model = dvt_core.build(weights, backend=runtime, precision=precision, threads=threads)
         static_name = static_spec(model.spec, model.spec.num_exits - 1).name
         static_dir = _sibling_export(weights, static_name)
@@ -353,16 +342,13 @@ def build_subject(runtime: str, precision: str, name: str, weights, overrides: d
 
 
 def _seeded_torch(name, weights, overrides, seed, precision):
+    """The torch DVT (random weights seeded, unless ``weights`` is a checkpoint; an export folder is not)."""
     import dvt_core
+    from dvt_backends.torch.benchmark import seed_weights
 
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - the torch backend reports it through build
-        torch = None
-    if torch is not None:
-        torch.manual_seed(seed)
-    w = None if weights is not None and _is_dir(weights) else weights
-    return dvt_core.build(name, weights=w, precision=precision, **overrides)
+    seed_weights(seed)
+    checkpoint = None if weights is not None and _is_dir(weights) else weights
+    return dvt_core.build(name, weights=checkpoint, precision=precision, **overrides)
 
 
 def _is_dir(path) -> bool:

@@ -53,7 +53,8 @@ def _softmax(logits: torch.Tensor) -> torch.Tensor:
     """Softmax over the keys. torch's CPU kernel works row by row, which for the few keys of a small grid
     (5 at 2x2 tokens) costs more than the whole-tensor form: in float32 inference, up to 8 keys, that form
     (max, exp, sum, divide; 2.2x faster on 256 x 5 x 5 logits, same values to 2e-7); elsewhere torch's."""
-    if logits.shape[-1] > 8 or logits.dtype != torch.float32 or torch.is_grad_enabled():
+    if (logits.shape[-1] > 8 or logits.dtype != torch.float32 or torch.is_grad_enabled()
+            or torch.jit.is_tracing() or torch.compiler.is_compiling()):  # exported and compiled graphs keep Softmax
         return logits.softmax(dim=-1)
     e = (logits - logits.amax(dim=-1, keepdim=True)).exp_()
     return e.div_(e.sum(dim=-1, keepdim=True))

@@ -61,3 +61,16 @@ def list_problems(missing, unexpected, mismatched, limit: int = 12) -> str:
             more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
             parts.append(f"{len(items)} {label}: {shown}{more}")
     return "; ".join(parts)
+
+
+class ManifestError(CheckpointError):
+    """An export folder whose ``dvt.json`` or files cannot be trusted: malformed, inconsistent with its spec,
+    naming a path outside the folder, or not matching its SHA-256."""
+
+
+class ArgumentError(InputError):
+    """A command-line argument or API argument of the wrong type or out of range, named."""
+
+
+class UnsafePathError(InputError):
+    """A path that leads outside the folder it must stay in, or a special file (FIFO, device, socket)."""

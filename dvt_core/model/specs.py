@@ -246,6 +246,9 @@ class CascadeSpec:
                     f"{self.name}: relation reuse maps stage {i - 1}'s heads x depth "
                     f"({prev.relation_channels}) onto stage {i}'s ({cur.relation_channels}); they must be "
                     "equal. Pass relation_reuse=False or give both stages the same heads and depth")
+        from dvt_core.schema import check_spec_limits
+
+        check_spec_limits(self)  # sizes and names, before anything is allocated
         return self
 
     # ---- serialisation ------------------------------------------------------------------------

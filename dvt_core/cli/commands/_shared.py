@@ -21,21 +21,11 @@ class UserError(DVTError):
     """A problem with what the user asked for; printed as one line."""
 
 
-def _parse_value(text: str):
-    import yaml
-
-    return yaml.safe_load(text)
-
-
 def parse_overrides(items: Optional[Sequence[str]]) -> dict:
-    """``["num_classes=10", "grids=[2,4,7]"]`` -> dict (values parsed as YAML scalars/lists)."""
-    out = {}
-    for item in items or ():
-        if "=" not in item:
-            raise UserError(f"override {item!r} is not KEY=VALUE")
-        k, v = item.split("=", 1)
-        out[k.strip()] = _parse_value(v)
-    return out
+    """``["num_classes=10", "grids=[2,4,7]"]`` -> dict: :func:`dvt_core.schema.parse_overrides` (typed, not YAML)."""
+    from dvt_core.schema import parse_overrides as parse
+
+    return parse(items)
 
 
 def add_common_options(p: argparse.ArgumentParser, model: bool = True, weights: bool = True) -> None:

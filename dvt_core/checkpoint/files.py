@@ -579,7 +579,8 @@ def check_values(state: dict, source: str, allow_lossy: bool = False) -> tuple[d
         elif kind == "f" and a.dtype != np.float32:
             if not np.all(np.isfinite(a)):
                 raise CheckpointError(f"{source}: tensor {k!r} holds NaN or infinite values")
-            f = a.astype(np.float32)
+            with np.errstate(over="ignore", invalid="ignore"):  # an out-of-range value is reported as lossy below
+                f = a.astype(np.float32)
             if a.dtype.itemsize > 4:
                 err = np.abs(f.astype(a.dtype) - a)
                 scale = np.maximum(np.abs(a), np.finfo(np.float32).tiny)

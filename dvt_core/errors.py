@@ -74,3 +74,8 @@ class ArgumentError(InputError):
 
 class UnsafePathError(InputError):
     """A path that leads outside the folder it must stay in, or a special file (FIFO, device, socket)."""
+
+
+class OutputError(DVTError):
+    """An output that could not be written (the disk full, a quota, a write the file system refused); nothing
+    half-written is left."""

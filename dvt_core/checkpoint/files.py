@@ -527,14 +527,29 @@ def format_for_suffix(path) -> str:
     return fmt
 
 
+def _write_failed(tmp: Path, exc: BaseException):
+    from dvt_core.errors import OutputError
+
+    first = _ANSI.sub("", str(exc)).strip().splitlines()[0] if str(exc).strip() else "write failed"
+    return OutputError(f"cannot write {tmp.name.split(fileio.TEMP_MARK)[0].lstrip('.')}: the write failed "
+                       f"(disk full or file size limit?): {first[:160]}")
+
+
 def _write_safetensors(tmp: Path, state, meta) -> None:
+    from safetensors import SafetensorError
     from safetensors.numpy import save_file
 
-    save_file(state, str(tmp), metadata={"dvt": json.dumps(meta)})
+    try:
+        save_file(state, str(tmp), metadata={"dvt": json.dumps(meta)})
+    except SafetensorError as exc:  # its I/O errors (disk full) arrive as this
+        raise _write_failed(tmp, exc) from None
 
 
 def _write_torch(tmp: Path, state, meta) -> None:
-    _framework_files("torch", tmp, "writing").write_file(tmp, state, {META_ENTRY: json.dumps(meta)})
+    try:
+        _framework_files("torch", tmp, "writing").write_file(tmp, state, {META_ENTRY: json.dumps(meta)})
+    except RuntimeError as exc:  # torch's zip writer reports a failed write (disk full, size limit) this way
+        raise _write_failed(tmp, exc) from None
 
 
 def _write_mindspore(tmp: Path, state, meta) -> None:

@@ -25,13 +25,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 
+from dvt_core import fileio
 from dvt_core.errors import CheckpointError, InputError, check_images_shape
 
 MANIFEST = "dvt.json"
@@ -40,6 +39,7 @@ MANIFEST_VERSION = 1
 FORMATS = ("onnx", "mindir")
 SOURCE_BACKEND = {"onnx": "torch", "mindir": "mindspore"}  # which backend writes each format
 DEFAULT_OPSET = 17
+SUPPORTED_OPSETS = range(14, 22)  # scaled_dot_product_attention needs 14; each of 14..21 exported and run in ORT
 FEATURES, RELATIONS = "features", "relations"
 PREV = "prev_"  # a graph's input for a carried tensor is named PREV + the output's name
 # meta keys copied to the manifest's top level (what serving needs); the whole metadata is kept too
@@ -106,35 +106,40 @@ def export(name_or_spec=None, weights=None, fmt: str = "onnx", out: Union[str, P
     """
     from dvt_core.runtime.builder import build
 
-    check_target(fmt, out, force)
+    check_target(fmt, out, force, opset)
     model = build(name_or_spec, backend=SOURCE_BACKEND[fmt], weights=weights, **overrides)
     return export_model(model, fmt, out, force=force, opset=opset)
 
 
-def check_target(fmt: str, out: Union[str, Path], force: bool) -> None:
-    """InputError for an unknown format, or an ``out`` that exists (without ``force``) or is no export."""
+def check_target(fmt: str, out: Union[str, Path], force: bool, opset: int = DEFAULT_OPSET) -> None:
+    """InputError for an unknown format or opset, or an ``out`` that exists (without ``force``), is no export,
+    or whose parent folder is missing (nothing is created silently)."""
     if fmt not in FORMATS:
         raise InputError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     out = Path(out)
-    if out.exists() and not force:
+    if fileio.exists(out) and not force:
         raise InputError(f"{out} exists; pass --force (force=True) to replace it")
-    if out.exists() and not (out / MANIFEST).is_file() and (not out.is_dir() or any(out.iterdir())):
+    if fileio.exists(out) and not (out / MANIFEST).is_file() and (not out.is_dir() or any(out.iterdir())):
         raise InputError(f"refusing to replace {out}: it is not a dvt export (no {MANIFEST}) and not empty")
+    try:
+        fileio.check_folder_target(out, force)
+    except OSError as exc:
+        raise InputError(str(exc)) from None
+    if fmt == "onnx" and int(opset) not in SUPPORTED_OPSETS:
+        raise InputError(f"ONNX opset {opset} is not one this export writes "
+                         f"({SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1})")
 
 
 def export_model(model, fmt: str, out: Union[str, Path], force: bool = False, opset: int = DEFAULT_OPSET) -> Path:
     """Export a built model (torch for "onnx", MindSpore for "mindir") into ``out``, atomically."""
     from dvt_core.runtime.contract import backend_of
 
-    check_target(fmt, out, force)
+    check_target(fmt, out, force, opset)
     backend = SOURCE_BACKEND[fmt]
     if backend_of(model).NAME != backend:
         raise InputError(f"{fmt} graphs are exported from a {backend} model, not a {backend_of(model).NAME} one")
     writer = importlib_export(backend)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with fileio.atomic_dir(out, force=force) as tmp:  # removed on failure, SIGTERM and SIGINT alike
         kwargs = {"opset": int(opset)} if fmt == "onnx" else {}
         stages, versions, batch_axes = writer.export_stages(model, tmp, **kwargs)
         for st in stages:
@@ -144,17 +149,7 @@ def export_model(model, fmt: str, out: Union[str, Path], force: bool = False, op
                                  batch_axes)
         manifest["data_files"] = _data_files(tmp, stages)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out)
 
 
 def _data_files(folder: Path, stages: list) -> list[dict]:

@@ -42,6 +42,7 @@ MAX_HEADS = 1024
 MAX_TOKENS = 16384                # tokens of one stage (a 128x128 grid): attention is N^2 per head
 MAX_PARAMS = 2_000_000_000        # parameters of a whole cascade (8 GB of float32)
 MAX_SEED = 2 ** 32 - 1
+MAX_BENCH_BATCH = 4096            # images of one timed batch (4096 RGB 224x224 images are 2.4 GB)
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
 HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
 _KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")

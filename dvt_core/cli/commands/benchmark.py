@@ -18,6 +18,7 @@ import sys
 import numpy as np
 
 from dvt_core.cli.commands._shared import UserError, add_force_option, check_device, check_outputs, emit_json, parse_overrides
+from dvt_core.schema import MAX_BENCH_BATCH, MAX_SEED, number
 
 HELP = ("time adaptive inference against all exits, the static backbone and timm, or ONNX Runtime against "
         "torch eager (ratios measured in one run)")
@@ -34,24 +35,24 @@ def add_arguments(parser) -> None:
                              "(per-stage export) against torch eager adaptive")
     parser.add_argument("--weights", default=None, metavar="F|default",
                         help="checkpoint for the DVT (default: random weights; timing does not depend on them)")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64], metavar="B")
+    parser.add_argument("--batch-sizes", type=number("int", 1, MAX_BENCH_BATCH), nargs="+", default=[1, 64], metavar="B")
     g = parser.add_mutually_exclusive_group()
-    g.add_argument("--split", type=float, nargs="+", default=None, metavar="SHARE",
+    g.add_argument("--split", type=number("float", 0, 1), nargs="+", default=None, metavar="SHARE",
                    help="share of the images leaving at each exit (default 0.6 0.25 0.15 for three exits)")
-    g.add_argument("--budget", type=float, default=None, metavar="MACS",
+    g.add_argument("--budget", type=number("float", 0, low_open=True), default=None, metavar="MACS",
                    help="average MACs per image; the shares follow the paper's budget rule")
-    parser.add_argument("--images", type=int, default=32,
+    parser.add_argument("--images", type=number("int", 1, 1 << 20), default=32,
                         help="images per timed run at each batch size (at least one batch; default 32)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed rounds (best and median over them)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (compilation happens there)")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--repeats", type=number("int", 1, 10_000), default=3, help="timed rounds (best and median over them)")
+    parser.add_argument("--warmup", type=number("int", 0, 10_000), default=1, help="untimed rounds first (compilation happens there)")
+    parser.add_argument("--threads", type=number("int", 1, 4096), default=None,
                         help="torch CPU threads, and ONNX Runtime intra-op threads with --backend onnx")
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, mps); onnx: cpu or cuda")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile every model first (dynamic shapes); torch backend")
     parser.add_argument("--amp", choices=["bf16", "fp16"], default=None, help="autocast to this dtype; torch backend")
     parser.add_argument("--no-timm", action="store_true", help="leave timm's model out even when importable")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=number("int", 0, MAX_SEED), default=0)
     parser.add_argument("--json", default=None, metavar="F", help="write the figures as JSON ('-' for stdout)")
     add_force_option(parser)
 

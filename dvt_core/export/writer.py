@@ -22,7 +22,6 @@ Graph inputs for them are named ``prev_features`` and ``prev_relations``.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -47,11 +46,10 @@ META_KEYS = ("thresholds", "budgets", "default_budget", "classes", "dataset")
 
 
 def sha256_of(path: Union[str, Path]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    """SHA-256 of a regular file: :func:`dvt_core.checkpoint.registry.sha256`."""
+    from dvt_core.checkpoint.registry import sha256
+
+    return sha256(path)
 
 
 def carry_names(spec, index: int) -> list[str]:

@@ -95,12 +95,9 @@ def _check_limit(value: Optional[int], option: str) -> Optional[int]:
 
 
 def _has_shipped_weights(name: Optional[str]) -> bool:
-    from dvt_core.checkpoint.registry import shipped_models
+    from dvt_core.checkpoint.registry import has_shipped_weights
 
-    try:
-        return name in shipped_models()
-    except DVTError:
-        return False
+    return has_shipped_weights(name)
 
 
 def check_picture(path) -> None:
@@ -112,15 +109,9 @@ def check_picture(path) -> None:
 
 
 def _is_shipped_file(path) -> bool:
-    """True when ``path`` is one of the weight files this project ships (their SHA-256 is registered)."""
-    from dvt_core.checkpoint.registry import registry, weights_dir
+    from dvt_core.checkpoint.registry import is_shipped_file
 
-    try:
-        entries = (registry().get("shipped") or {}).values()
-    except DVTError:
-        return False
-    target = Path(path).resolve()
-    return any((weights_dir() / e["file"]).resolve() == target for e in entries if "file" in e)
+    return is_shipped_file(path)
 
 
 def resolve_weights(args) -> str:
@@ -148,18 +139,9 @@ def build_from_args(args, weights=None):
     # Cheap checks first, so a mistake is reported before a framework is imported.
     if args.model is not None:
         get_spec(args.model)  # an unknown name is reported as such, before any weights are looked up
-    if weights is not None and str(weights) != "default" and not Path(weights).exists():
-        raise UserError(f"weights file not found: {weights}")
-    if getattr(args, "sha256", None):
-        if weights is None or str(weights) == "default":
-            raise UserError("--sha256 checks an explicit --weights FILE (shipped weights are always checked)")
-        from dvt_core.checkpoint.registry import verify_sha256
+    from dvt_core.checkpoint.registry import check_weights
 
-        verify_sha256(weights, args.sha256)
-    if str(weights) == "default":
-        from dvt_core.checkpoint.registry import default_weights_path
-
-        default_weights_path(args.model, verify=False)  # no weights ship for this model: say so now
+    check_weights(args.model, weights, getattr(args, "sha256", None))  # exists, regular, SHA-256, ships
     get_backend(args.backend)
     check_device(args.backend, args.device)
     try:

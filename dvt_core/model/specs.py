@@ -199,6 +199,9 @@ class CascadeSpec:
         return ReusePlan(feature, relation)
 
     def validate(self) -> "CascadeSpec":
+        from dvt_core.schema import check_spec_limits
+
+        check_spec_limits(self)  # names, ranges and sizes first: before any derived number is computed
         if not self.stages:
             raise SpecError(f"{self.name}: a cascade needs at least one stage")
         if self.num_classes < 1:
@@ -246,9 +249,6 @@ class CascadeSpec:
                     f"{self.name}: relation reuse maps stage {i - 1}'s heads x depth "
                     f"({prev.relation_channels}) onto stage {i}'s ({cur.relation_channels}); they must be "
                     "equal. Pass relation_reuse=False or give both stages the same heads and depth")
-        from dvt_core.schema import check_spec_limits
-
-        check_spec_limits(self)  # sizes and names, before anything is allocated
         return self
 
     # ---- serialisation ------------------------------------------------------------------------

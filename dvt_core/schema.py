@@ -565,7 +565,7 @@ def check_manifest(m, directory, where: str, formats, kind: str, version: int) -
     """An export manifest (parsed ``dvt.json``) checked field by field against its own spec: the format,
     every stage's file (inside ``directory``), SHA-256, inputs and outputs, the exit MACs, thresholds,
     batch axes, class names and metadata. Returns ``m`` with ``m["_spec"]`` the validated spec."""
-    from dvt_core.export.writer import FEATURES, PREV, RELATIONS, carry_names
+    from dvt_core.export.manifest import FEATURES, PREV, RELATIONS, carry_names
     from dvt_core.model.macs import exit_macs
 
     directory = Path(directory)

@@ -24,7 +24,7 @@ from dvt_core import schema
 from dvt_core.checkpoint import ms_ckpt
 from dvt_core.checkpoint.files import MAX_TENSORS, read_checkpoint, write_checkpoint
 from dvt_core.errors import ArgumentError, CheckpointError, DVTError, ManifestError, SpecError
-from hostile_helpers import ROOT, refused, run
+from helpers import ROOT, refused, run
 
 pytestmark = pytest.mark.hostile
 

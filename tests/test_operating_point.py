@@ -125,7 +125,7 @@ def test_reaching_is_the_cheapest_that_reaches_the_target():
 # ---- model.adaptive(images) without thresholds ---------------------------------------------------------
 
 def _subset(n=24):
-    from test_cli import SUBSET
+    from helpers import SUBSET
 
     with np.load(SUBSET) as d:
         return d["images"][:n]

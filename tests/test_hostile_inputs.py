@@ -383,7 +383,7 @@ def _edit(d: Path, fn) -> None:
 
 
 def _load(d):
-    from dvt_core.export.writer import read_manifest
+    from dvt_core.export.manifest import read_manifest
 
     return read_manifest(d)
 
@@ -529,3 +529,28 @@ def test_weight_checks_live_in_the_library(tmp_path):
     assert registry.is_shipped_file(ROOT / "weights" / "dvt_fashion_mnist.safetensors")
     assert not registry.is_shipped_file(p)
     assert registry.has_shipped_weights(FM) and not registry.has_shipped_weights("dvt_vit_base_nope")
+
+
+@pytest.mark.export
+def test_graph_naming_external_data_outside_the_folder_is_refused(export_dir, tmp_path):
+    import hashlib
+
+    import onnx
+    from onnx import TensorProto
+
+    d = _copy(export_dir, tmp_path)
+    graph = onnx.load(str(d / "stage1.onnx"))
+    tensor = max(graph.graph.initializer, key=lambda t: len(t.raw_data))
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(bytes(len(tensor.raw_data)))
+    size = len(tensor.raw_data)
+    tensor.ClearField("raw_data")
+    tensor.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", "../secret.bin"), ("offset", "0"), ("length", str(size))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    onnx.save(graph, str(d / "stage1.onnx"))
+    digest = hashlib.sha256((d / "stage1.onnx").read_bytes()).hexdigest()
+    _edit(d, lambda m: m["stages"][0].update(sha256=digest))  # a hostile folder's hashes match its own files
+    with pytest.raises(ManifestError, match="outside"):
+        dvt_core.build(d, backend="onnx")

@@ -554,3 +554,12 @@ def test_graph_naming_external_data_outside_the_folder_is_refused(export_dir, tm
     _edit(d, lambda m: m["stages"][0].update(sha256=digest))  # a hostile folder's hashes match its own files
     with pytest.raises(ManifestError, match="outside"):
         dvt_core.build(d, backend="onnx")
+
+
+def test_out_of_range_weights_never_give_silent_predictions(tmp_path):
+    ck = _fm()
+    state = {k: (v * 1e30 if v.ndim == 2 else v) for k, v in ck.state.items()}  # finite, but overflow the logits
+    p = write_checkpoint(tmp_path / "big.safetensors", state, ck.meta)
+    proc = run(["predict", "--model", FM, "--weights", p, _png(tmp_path / "a.png")], tmp_path)
+    refused(proc, "NaN or infinite logits")
+    assert "RuntimeWarning" not in proc.stderr

@@ -58,6 +58,7 @@ SUFFIX_FORMATS = ((".safetensors", "safetensors"), (".ckpt", "mindspore"), (".pt
 MAX_TENSORS = 65536           # tensors of one checkpoint (a DVT has about a thousand)
 ZIP_EXPANSION = 2             # a torch zip may hold at most this many times its size, plus ZIP_SLACK, unpacked
 ZIP_SLACK = 1 << 20
+TORCH_PICKLE_MAX = 16 << 20   # data.pkl of a torch zip: names, tensor records, metadata (a DVT's is ~100 kB)
 SAFETENSORS_MAX_HEADER = 16 << 20
 # safetensors dtype names -> numpy; BF16 is widened to float32 (lossless); F8_* and complex are refused by name
 SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8", "I32": "<i4",
@@ -243,6 +244,10 @@ def check_torch_zip(path: Path) -> None:
         raise CheckpointError(f"{path} is not a readable torch checkpoint (truncated or corrupt: {exc})") from None
     if len(infos) > MAX_TENSORS + 16:
         raise CheckpointError(f"{path} holds {len(infos)} zip entries (at most {MAX_TENSORS + 16})")
+    pickles = [i for i in infos if i.filename == "data.pkl" or i.filename.endswith("/data.pkl")]
+    if any(i.file_size > TORCH_PICKLE_MAX for i in pickles):
+        raise CheckpointError(f"{path}: its pickle is {max(i.file_size for i in pickles):,} bytes (at most "
+                              f"{TORCH_PICKLE_MAX:,}): a state dict's names and metadata are far smaller")
     unpacked = sum(max(i.file_size, 0) for i in infos)
     if unpacked > ZIP_EXPANSION * size + ZIP_SLACK:
         raise CheckpointError(f"{path} would unpack to {unpacked:,} bytes from {size:,}: refused as a "
@@ -482,9 +487,10 @@ def atomic_path(dst, force: bool = False, parents: bool = True):
 
 
 def write_checkpoint(path, state: dict[str, np.ndarray], meta: Optional[dict] = None, fmt: Optional[str] = None,
-                     force: bool = False) -> Path:
+                     force: bool = False, parents: bool = False) -> Path:
     """Write canonical ``state`` and ``meta`` atomically. ``fmt`` defaults from the file suffix;
-    a suffix that names another format than ``fmt`` is refused (a file must say what it holds)."""
+    a suffix that names another format than ``fmt`` is refused (a file must say what it holds). A missing
+    folder is refused unless ``parents`` (nothing is created silently)."""
     path = Path(path)
     named = suffix_format(path)
     fmt = fmt or format_for_suffix(path)
@@ -496,9 +502,9 @@ def write_checkpoint(path, state: dict[str, np.ndarray], meta: Optional[dict] = 
               "mindspore-official": _write_mindspore_official}.get(fmt)
     if writer is None:
         raise CheckpointError(f"cannot write format {fmt!r}; choose one of {', '.join(WRITE_FORMATS)}")
-    fileio.check_writable(path, force=force, parents=True)
+    fileio.check_writable(path, force=force, parents=parents)
     state = {k: np.require(v, requirements="C") for k, v in state.items()}  # keeps 0-d tensors 0-d
-    with atomic_path(path, force=force) as tmp:
+    with atomic_path(path, force=force, parents=parents) as tmp:
         writer(tmp, state, meta)
     return path
 

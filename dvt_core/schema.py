@@ -494,9 +494,10 @@ def check_train_config(cfg, where: str = "training", error=ArgumentError):
     ``error`` naming the field otherwise. Returns ``cfg``."""
     want_int(cfg.epochs, f"{where}: epochs", 1, 1_000_000, error)
     want_int(cfg.batch_size, f"{where}: batch_size", 1, 1 << 20, error)
-    want_float(cfg.lr, f"{where}: lr", 0.0, 10.0, low_open=True, error=error)
-    want_float(cfg.min_lr, f"{where}: min_lr", 0.0, 10.0, error=error)
-    want_float(cfg.weight_decay, f"{where}: weight_decay", 0.0, 100.0, error=error)
+    # finite and positive, no upper bound: a huge rate is a divergence the trainer reports by step
+    want_float(cfg.lr, f"{where}: lr", 0.0, low_open=True, error=error)
+    want_float(cfg.min_lr, f"{where}: min_lr", 0.0, error=error)
+    want_float(cfg.weight_decay, f"{where}: weight_decay", 0.0, error=error)
     want_float(cfg.warmup_epochs, f"{where}: warmup_epochs", 0.0, 1e6, error=error)
     want_float(cfg.label_smoothing, f"{where}: label_smoothing", 0.0, 1.0, high_open=True, error=error)
     if isinstance(cfg.holdout, float) and not float(cfg.holdout).is_integer():

@@ -41,8 +41,8 @@ def add_arguments(parser) -> None:
                              "kernels of other grids resampled")
     parser.add_argument("--epochs", type=number("int", 1, 1_000_000), default=None)
     parser.add_argument("--batch-size", type=number("int", 1, 1 << 20), default=None, help="global batch size")
-    parser.add_argument("--lr", type=number("float", 0, 10, low_open=True), default=None)
-    parser.add_argument("--weight-decay", type=number("float", 0, 100), default=None)
+    parser.add_argument("--lr", type=number("float", 0, low_open=True), default=None)
+    parser.add_argument("--weight-decay", type=number("float", 0), default=None)
     parser.add_argument("--warmup-epochs", type=number("float", 0, 1e6), default=None)
     parser.add_argument("--holdout", type=_holdout, default=None,
                         help="training images kept out for calibration: a count or a fraction "

@@ -417,7 +417,11 @@ def _read_safetensors(path: Path) -> Checkpoint:
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     try:
         size = os.fstat(fd).st_size
-        header, meta, start = _safetensors_header(fd, path, size)
+        try:
+            header, meta, start = _safetensors_header(fd, path, size)
+        except CheckpointError as exc:  # say first what the file is not, then the field at fault
+            detail = str(exc).replace(f"{path}: ", "", 1).replace(str(path), "it", 1)
+            raise CheckpointError(f"{path} is not a readable safetensors file ({detail})") from None
         state = {}
         for name, e in header.items():
             dt = np.dtype(SAFETENSORS_DTYPES[e["dtype"]])

@@ -563,3 +563,21 @@ def test_out_of_range_weights_never_give_silent_predictions(tmp_path):
     proc = run(["predict", "--model", FM, "--weights", p, _png(tmp_path / "a.png")], tmp_path)
     refused(proc, "NaN or infinite logits")
     assert "RuntimeWarning" not in proc.stderr
+
+
+def test_bfloat16_ckpt_loads_widened(tmp_path):
+    import torch
+
+    ck = _fm()
+    from dvt_core.checkpoint.naming import canonical_to_mindspore
+
+    bits = {k: torch.from_numpy(v.copy()).to(torch.bfloat16) for k, v in ck.state.items()}
+    raw = b"".join(ms_ckpt._entry(canonical_to_mindspore(k), list(v.shape), "BFloat16", v.view(torch.int16).numpy()
+                                  .tobytes()) for k, v in bits.items())
+    raw += ms_ckpt._entry("dvt_meta", [0], "str", json.dumps(ck.meta).encode("utf-32-le"))
+    p = tmp_path / "bf16.ckpt"
+    p.write_bytes(raw)
+    model = dvt_core.build(FM, weights=p)
+    assert any("bfloat16 -> float32" in c for c in model.checkpoint_meta["load_casts"])
+    k = sorted(bits)[7]
+    assert np.array_equal(model.state_dict()[k].numpy(), bits[k].float().numpy())

@@ -34,6 +34,7 @@ MS_DTYPES = {
     "Int64": np.dtype("<i8"), "UInt64": np.dtype("<u8"), "Float16": np.dtype("<f2"),
     "Float32": np.dtype("<f4"), "Float64": np.dtype("<f8"),
 }
+BFLOAT16 = "BFloat16"  # read (widened to float32, lossless), never written
 MAX_DIMS = 8
 MAX_ELEMENTS = 1 << 34          # per tensor; the byte-length check bounds it by the file size anyway
 MAX_STRING_BYTES = 4 << 20      # an append_dict string (metadata JSON) of at most 1 Mi characters
@@ -225,10 +226,10 @@ def _decode(buf, size: int, where: str):
             except UnicodeDecodeError:
                 raise CheckpointError(f"{where}: string entry {tag!r} is not valid UTF-32") from None
             return
-        if dtype not in MS_DTYPES:
+        if dtype not in MS_DTYPES and dtype != BFLOAT16:
             raise CheckpointError(f"{where}: entry {tag!r} has dtype {dtype!r}, which this project does not read "
                                   f"(known: {', '.join(MS_DTYPES)})")
-        np_dtype = MS_DTYPES[dtype]
+        np_dtype = MS_DTYPES.get(dtype, np.dtype("<u2"))  # bfloat16: its bits, widened below
         shape = list(dims)
         if shape == [0] and total == np_dtype.itemsize:
             shape = []  # MindSpore writes a 0-d tensor with dims [0]
@@ -242,7 +243,12 @@ def _decode(buf, size: int, where: str):
         for s, e in parts:
             view[off:off + e - s] = np.frombuffer(buf, dtype=np.uint8, count=e - s, offset=s)
             off += e - s
-        tensors[tag] = arr.astype(np_dtype.newbyteorder("="), copy=False).reshape(shape)
+        arr = arr.astype(np_dtype.newbyteorder("="), copy=False).reshape(shape)
+        if dtype == BFLOAT16:
+            from dvt_core.checkpoint.files import bf16_to_float32
+
+            arr = bf16_to_float32(arr)
+        tensors[tag] = arr
 
     for count, (tag, dims, dtype, content) in enumerate(_entries(buf, size, where)):
         if count >= MAX_ENTRIES:

@@ -72,10 +72,6 @@ class ArgumentError(InputError):
     """A command-line argument or API argument of the wrong type or out of range, named."""
 
 
-class UnsafePathError(InputError):
-    """A path that leads outside the folder it must stay in, or a special file (FIFO, device, socket)."""
-
-
 class OutputError(DVTError):
     """An output that could not be written (the disk full, a quota, a write the file system refused); nothing
     half-written is left."""

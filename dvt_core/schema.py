@@ -23,8 +23,7 @@ import stat
 from pathlib import Path
 from typing import Callable, Optional
 
-from dvt_core.errors import (ArgumentError, CheckpointError, DVTError, InputError, ManifestError, SpecError,
-                             UnsafePathError)
+from dvt_core.errors import ArgumentError, CheckpointError, DVTError, InputError, ManifestError, SpecError
 
 # ---- limits -------------------------------------------------------------------------------------------
 MAX_JSON_BYTES = 8 << 20          # a manifest or a metadata string: it describes a model, it never holds one

@@ -24,7 +24,7 @@ from dvt_core.errors import CheckpointError, InputError
 
 pytestmark = pytest.mark.hostile
 
-from helpers import MEM_LIMIT, ROOT, refused, run  # noqa: E402,F401
+from helpers import ROOT, refused, run  # noqa: E402,F401
 
 SMALL = dict(depth=1, embed_dim=16, num_heads=2, token_dim=8)  # tiny T2T overrides
 

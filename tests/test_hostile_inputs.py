@@ -581,3 +581,9 @@ def test_bfloat16_ckpt_loads_widened(tmp_path):
     assert any("bfloat16 -> float32" in c for c in model.checkpoint_meta["load_casts"])
     k = sorted(bits)[7]
     assert np.array_equal(model.state_dict()[k].numpy(), bits[k].float().numpy())
+
+
+def test_disk_full_during_calibrate_is_one_line_and_leaves_nothing(tmp_path):
+    refused(run(["calibrate", "--model", FM, "--weights", "default", "--budget", "3M", "--limit", "200",
+                 "--out", "o.safetensors"], tmp_path, preexec_fn=_fsize_limited(20_000)), "o.safetensors")
+    assert list(tmp_path.iterdir()) == []

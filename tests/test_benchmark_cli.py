@@ -80,7 +80,7 @@ def test_benchmark_budget_takes_suffixes():
 @pytest.mark.parametrize("extra,message", [
     (["--split", "0.5", "0.5"], "--split needs 3"),
     (["--budget", "1"], "--budget 1 MACs is outside"),
-    (["--batch-sizes", "0"], "--batch-sizes must be 1 or more"),
+    (["--batch-sizes", "0"], "--batch-sizes: must lie in [1, "),
     (["--device", "nonsense"], "device 'nonsense'"),
 ])
 def test_benchmark_refuses_bad_options(extra, message):

@@ -34,6 +34,7 @@ class OnnxDVT(ExportedDVT):
         sessions = []
         for st in self.manifest["stages"]:
             path = self.directory / st["file"]
+            check_external_data(path, self.directory)
             try:
                 s = ort.InferenceSession(str(path), sess_options=opts, providers=[provider])
             except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
@@ -56,6 +57,32 @@ class OnnxDVT(ExportedDVT):
     def _run_graph(self, index: int, feeds: dict) -> list:
         s = self.sessions[index]
         return s.run(self.manifest["stages"][index]["outputs"], feeds)
+
+
+def check_external_data(path: Path, directory: Path) -> None:
+    """ManifestError for a graph whose tensors name external data outside ``directory`` (absolute, ``..``, a
+    link leading out): ONNX Runtime would read whatever file the graph names. Read without the data itself;
+    without the onnx package, a graph that has external data at all is refused (it cannot be checked)."""
+    from dvt_core import schema
+    from dvt_core.errors import ManifestError
+
+    try:
+        import onnx
+        from onnx.external_data_helper import _get_all_tensors, uses_external_data
+    except ImportError:
+        if b"location" in path.read_bytes():
+            raise ManifestError(f"{path}: a graph with external data cannot be checked without the onnx "
+                                "package (pip install 'dvt[onnx]')") from None
+        return
+    try:
+        graph = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - onnx raises protobuf's DecodeError and its own types
+        raise ManifestError(f"{path}: not a readable ONNX graph ({str(exc).splitlines()[0][:160]})") from None
+    for tensor in _get_all_tensors(graph):
+        if uses_external_data(tensor):
+            info = {e.key: e.value for e in tensor.external_data}
+            schema.resolve_inside(directory, info.get("location"), f"{path.name}: tensor {tensor.name[:60]!r} "
+                                                                    "external data")
 
 
 class OnnxRuntime(GraphRuntimeBase):

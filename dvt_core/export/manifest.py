@@ -4,8 +4,7 @@ See ``dvt_core.export`` for what the graphs and the carried tensors are.
 """
 from __future__ import annotations
 
-import hashlib
-import json
+import os
 from pathlib import Path
 from typing import Optional, Union
 
@@ -19,6 +18,7 @@ MANIFEST_VERSION = 1
 FORMATS = ("onnx", "mindir")
 SOURCE_BACKEND = {"onnx": "torch", "mindir": "mindspore"}  # which backend writes each format
 DEFAULT_OPSET = 17
+SUPPORTED_OPSETS = range(14, 22)  # scaled_dot_product_attention needs 14; each of 14..21 exported and run in ORT
 FEATURES, RELATIONS = "features", "relations"
 PREV = "prev_"  # a graph's input for a carried tensor is named PREV + the output's name
 # meta keys copied to the manifest's top level (what serving needs); the whole metadata is kept too
@@ -26,11 +26,10 @@ META_KEYS = ("thresholds", "budgets", "default_budget", "classes", "dataset")
 
 
 def sha256_of(path: Union[str, Path]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    """SHA-256 of a regular file: :func:`dvt_core.checkpoint.registry.sha256`."""
+    from dvt_core.checkpoint.registry import sha256
+
+    return sha256(path)
 
 
 def carry_names(spec, index: int) -> list[str]:
@@ -86,43 +85,44 @@ def stage_entry(index: int, file: str, inputs: list[str], outputs: list[str]) ->
 
 def read_manifest(directory: Union[str, Path], fmt: Optional[str] = None, model: Optional[str] = None,
                   verify: bool = True) -> dict:
-    """The manifest of export ``directory``, checked: it is an export, of format ``fmt`` (if given), of
-    model ``model`` (if given), and every graph's SHA-256 matches (if ``verify``)."""
+    """The manifest of export ``directory``, checked as untrusted input (:func:`dvt_core.schema.check_manifest`):
+    size-capped before parsing, every field's type, range and length checked against its spec, every file
+    it names resolved inside the folder; of format ``fmt`` and model ``model`` (if given); with ``verify``
+    every file in the folder covered by its SHA-256 list (graphs and external data) and matching it."""
+    from dvt_core import schema
+    from dvt_core.errors import ManifestError
+
     d = Path(directory)
     if not d.is_dir():
         raise InputError(f"{d} is not a dvt export folder (not a directory); make one with `dvt export`")
     path = d / MANIFEST
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise InputError(f"{d} is not a dvt export (no {MANIFEST}); make one with `dvt export`")
-    try:
-        m = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path} is not a readable manifest ({exc})") from None
-    if not isinstance(m, dict) or m.get("format") != MANIFEST_KIND or not isinstance(m.get("stages"), list):
-        raise InputError(f"{path} is not a dvt export manifest")
-    if m.get("format_version") != MANIFEST_VERSION:
-        raise CheckpointError(f"{path}: manifest version {m.get('format_version')} is not supported "
-                              f"(this dvt reads {MANIFEST_VERSION})")
+    if path.is_symlink():
+        raise ManifestError(f"{path} is a symbolic link; an export's manifest is a file inside it")
+    m = schema.read_json_file(path, MANIFEST, ManifestError, schema.MAX_JSON_BYTES)
+    m = schema.check_manifest(m, d, str(path), FORMATS, MANIFEST_KIND, MANIFEST_VERSION)
     if fmt is not None and m.get("graph_format") != fmt:
         raise InputError(f"{d} holds {m.get('graph_format')} graphs, not {fmt}; "
                          f"use --backend {m.get('graph_format')} (backend={m.get('graph_format')!r})")
     if model is not None and model != m.get("model"):
         raise CheckpointError(f"{d} is an export of {m.get('model')}, not {model}")
-    from dvt_core.model.specs import CascadeSpec
-
-    try:
-        spec = CascadeSpec.from_dict(m["spec"]).validate()
-    except Exception as exc:  # noqa: BLE001 - any malformed spec is the manifest's fault
-        raise CheckpointError(f"{path}: the spec it holds is invalid ({exc})") from None
-    if spec.name != m.get("model") or len(m["stages"]) != spec.num_exits:
-        raise CheckpointError(f"{path}: its spec ({spec.name}, {spec.num_exits} exits) does not match its model "
-                              f"{m.get('model')} with {len(m['stages'])} graphs")
     if verify:
-        for st in m["stages"]:
-            g = d / str(st.get("file", ""))
-            if not st.get("file") or not g.is_file():
-                raise CheckpointError(f"{d}: graph {st.get('file')} named in {MANIFEST} is missing")
-            if sha256_of(g) != st.get("sha256"):
-                raise CheckpointError(f"{g}: SHA-256 differs from {MANIFEST} (modified or corrupt graph)")
-    m["_spec"] = spec
+        verify_files(m, d)
     return m
+
+
+def verify_files(manifest: dict, directory: Union[str, Path]) -> None:
+    """ManifestError unless every file the export reads is a regular file inside ``directory`` matching its
+    SHA-256, and no file the manifest does not cover sits in the folder."""
+    from dvt_core import schema
+    from dvt_core.errors import ManifestError
+
+    files = schema.manifest_files(manifest, directory)
+    for g, want, where in files:
+        if not g.is_file():
+            raise ManifestError(f"{directory}: {where} {g.name} named in {MANIFEST} is missing")
+        schema.check_regular_file(g, f"{where} file", ManifestError)
+        if sha256_of(g) != want:
+            raise ManifestError(f"{g}: SHA-256 differs from {MANIFEST} (modified or corrupt file)")
+    schema.check_no_unlisted_files(directory, [g for g, _, _ in files], MANIFEST)

@@ -5,15 +5,14 @@ The framework's own half (tracing a stage into ONNX or MindIR) is ``dvt_backends
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Union
 
+from dvt_core import fileio
 from dvt_core.errors import InputError
-from dvt_core.export.manifest import (DEFAULT_OPSET, FORMATS, MANIFEST, SOURCE_BACKEND, make_manifest,  # noqa: F401
-                                      sha256_of)
+from dvt_core.export.manifest import (DEFAULT_OPSET, FORMATS, MANIFEST, SOURCE_BACKEND, SUPPORTED_OPSETS,  # noqa: F401
+                                      make_manifest, sha256_of)
+
 
 def export(name_or_spec=None, weights=None, fmt: str = "onnx", out: Union[str, Path] = "export",
            force: bool = False, opset: int = DEFAULT_OPSET, **overrides) -> Path:
@@ -24,35 +23,40 @@ def export(name_or_spec=None, weights=None, fmt: str = "onnx", out: Union[str, P
     """
     from dvt_core.runtime.builder import build
 
-    check_target(fmt, out, force)
+    check_target(fmt, out, force, opset)
     model = build(name_or_spec, backend=SOURCE_BACKEND[fmt], weights=weights, **overrides)
     return export_model(model, fmt, out, force=force, opset=opset)
 
 
-def check_target(fmt: str, out: Union[str, Path], force: bool) -> None:
-    """InputError for an unknown format, or an ``out`` that exists (without ``force``) or is no export."""
+def check_target(fmt: str, out: Union[str, Path], force: bool, opset: int = DEFAULT_OPSET) -> None:
+    """InputError for an unknown format or opset, or an ``out`` that exists (without ``force``), is no export,
+    or whose parent folder is missing (nothing is created silently)."""
     if fmt not in FORMATS:
         raise InputError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     out = Path(out)
-    if out.exists() and not force:
+    if fileio.exists(out) and not force:
         raise InputError(f"{out} exists; pass --force (force=True) to replace it")
-    if out.exists() and not (out / MANIFEST).is_file() and (not out.is_dir() or any(out.iterdir())):
+    if fileio.exists(out) and not (out / MANIFEST).is_file() and (not out.is_dir() or any(out.iterdir())):
         raise InputError(f"refusing to replace {out}: it is not a dvt export (no {MANIFEST}) and not empty")
+    try:
+        fileio.check_folder_target(out, force)
+    except OSError as exc:
+        raise InputError(str(exc)) from None
+    if fmt == "onnx" and int(opset) not in SUPPORTED_OPSETS:
+        raise InputError(f"ONNX opset {opset} is not one this export writes "
+                         f"({SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1})")
 
 
 def export_model(model, fmt: str, out: Union[str, Path], force: bool = False, opset: int = DEFAULT_OPSET) -> Path:
     """Export a built model (torch for "onnx", MindSpore for "mindir") into ``out``, atomically."""
     from dvt_core.runtime.contract import backend_of
 
-    check_target(fmt, out, force)
+    check_target(fmt, out, force, opset)
     backend = SOURCE_BACKEND[fmt]
     if backend_of(model).name != backend:
         raise InputError(f"{fmt} graphs are exported from a {backend} model, not a {backend_of(model).name} one")
     writer = importlib_export(backend)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with fileio.atomic_dir(out, force=force) as tmp:  # removed on failure, SIGTERM and SIGINT alike
         kwargs = {"opset": int(opset)} if fmt == "onnx" else {}
         stages, versions, batch_axes = writer.export_stages(model, tmp, **kwargs)
         for st in stages:
@@ -60,18 +64,17 @@ def export_model(model, fmt: str, out: Union[str, Path], force: bool = False, op
         versions = {"dvt": _dvt_version(), **versions}
         manifest = make_manifest(model.spec, fmt, stages, getattr(model, "checkpoint_meta", {}), versions,
                                  batch_axes)
+        manifest["data_files"] = _data_files(tmp, stages)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out)
+
+
+def _data_files(folder: Path, stages: list) -> list[dict]:
+    """Every file an exporter wrote beside the graphs (external weights), with its SHA-256: a reader
+    verifies every file it may read."""
+    graphs = {st["file"] for st in stages}
+    return [{"file": p.relative_to(folder).as_posix(), "sha256": sha256_of(p)}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.relative_to(folder).as_posix() not in graphs]
 
 
 def importlib_export(backend: str):

@@ -21,21 +21,11 @@ class UserError(DVTError):
     """A problem with what the user asked for; printed as one line."""
 
 
-def _parse_value(text: str):
-    import yaml
-
-    return yaml.safe_load(text)
-
-
 def parse_overrides(items: Optional[Sequence[str]]) -> dict:
-    """``["num_classes=10", "grids=[2,4,7]"]`` -> dict (values parsed as YAML scalars/lists)."""
-    out = {}
-    for item in items or ():
-        if "=" not in item:
-            raise UserError(f"override {item!r} is not KEY=VALUE")
-        k, v = item.split("=", 1)
-        out[k.strip()] = _parse_value(v)
-    return out
+    """``["num_classes=10", "grids=[2,4,7]"]`` -> dict: :func:`dvt_core.schema.parse_overrides` (typed, not YAML)."""
+    from dvt_core.schema import parse_overrides as parse
+
+    return parse(items)
 
 
 def add_common_options(p: argparse.ArgumentParser, model: bool = True, weights: bool = True,
@@ -119,12 +109,9 @@ def _check_limit(value: Optional[int], option: str) -> Optional[int]:
 
 
 def _has_shipped_weights(name: Optional[str]) -> bool:
-    from dvt_core.checkpoint.registry import shipped_models
+    from dvt_core.checkpoint.registry import has_shipped_weights
 
-    try:
-        return name in shipped_models()
-    except DVTError:
-        return False
+    return has_shipped_weights(name)
 
 
 def check_picture(path) -> None:
@@ -136,15 +123,9 @@ def check_picture(path) -> None:
 
 
 def _is_shipped_file(path) -> bool:
-    """True when ``path`` is one of the weight files this project ships (their SHA-256 is registered)."""
-    from dvt_core.checkpoint.registry import registry, weights_dir
+    from dvt_core.checkpoint.registry import is_shipped_file
 
-    try:
-        entries = (registry().get("shipped") or {}).values()
-    except DVTError:
-        return False
-    target = Path(path).resolve()
-    return any((weights_dir() / e["file"]).resolve() == target for e in entries if "file" in e)
+    return is_shipped_file(path)
 
 
 def resolve_weights(args) -> str:
@@ -172,18 +153,9 @@ def build_from_args(args, weights=None):
     # Cheap checks first, so a mistake is reported before a framework is imported.
     if args.model is not None:
         get_spec(args.model)  # an unknown name is reported as such, before any weights are looked up
-    if weights is not None and str(weights) != "default" and not Path(weights).exists():
-        raise UserError(f"weights file not found: {weights}")
-    if getattr(args, "sha256", None):
-        if weights is None or str(weights) == "default":
-            raise UserError("--sha256 checks an explicit --weights FILE (shipped weights are always checked)")
-        from dvt_core.checkpoint.registry import verify_sha256
+    from dvt_core.checkpoint.registry import check_weights
 
-        verify_sha256(weights, args.sha256)
-    if str(weights) == "default":
-        from dvt_core.checkpoint.registry import default_weights_path
-
-        default_weights_path(args.model, verify=False)  # no weights ship for this model: say so now
+    check_weights(args.model, weights, getattr(args, "sha256", None))  # exists, regular, SHA-256, ships
     get_backend(args.backend)
     check_device(args.backend, args.device)
     try:

@@ -22,6 +22,7 @@ import numpy as np
 from dvt_core.cli.commands._shared import (UserError, add_force_option, check_outputs, emit_json, parse_budget,
                                            parse_overrides)
 from dvt_core.runtime.benchmarking import MODES, RUNTIMES
+from dvt_core.schema import MAX_BENCH_BATCH, MAX_SEED, number
 
 HELP = ("does early exit pay? adaptive inference against the same runtime's static backbone, per runtime and "
         "precision (ratios measured in one run)")
@@ -40,9 +41,9 @@ def add_arguments(parser) -> None:
                         help="checkpoint (its stored operating point is used), or an export folder for onnx / "
                              "openvino (the static model's export beside it, else exported on the fly); "
                              "default: random weights, timing does not depend on them")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64], metavar="B")
+    parser.add_argument("--batch-sizes", type=number("int", 1, MAX_BENCH_BATCH), nargs="+", default=[1, 64], metavar="B")
     g = parser.add_mutually_exclusive_group()
-    g.add_argument("--split", type=float, nargs="+", default=None, metavar="SHARE",
+    g.add_argument("--split", type=number("float", 0, 1), nargs="+", default=None, metavar="SHARE",
                    help="share of the images leaving at each exit (default: the checkpoint's operating point, "
                         "else 0.6 0.25 0.15 for three exits)")
     g.add_argument("--budget", type=parse_budget, default=None, metavar="MACS",
@@ -50,24 +51,24 @@ def add_arguments(parser) -> None:
                         "else shares following the paper's budget rule")
     parser.add_argument("--modes", nargs="+", default=["adaptive", "stages"], choices=MODES, metavar="MODE",
                         help=f"what to time: {', '.join(MODES)} (default adaptive stages)")
-    parser.add_argument("--images", type=int, default=32,
+    parser.add_argument("--images", type=number("int", 1, 1 << 20), default=32,
                         help="images per timed run at each batch size (at least one batch; default 32)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed rounds (best and median over them)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (compilation happens there)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads of every runtime")
+    parser.add_argument("--repeats", type=number("int", 1, 10_000), default=3, help="timed rounds (best and median over them)")
+    parser.add_argument("--warmup", type=number("int", 0, 10_000), default=1, help="untimed rounds first (compilation happens there)")
+    parser.add_argument("--threads", type=number("int", 1, 4096), default=None, help="CPU threads of every runtime")
     parser.add_argument("--device", default="cpu", help="device (cpu, cuda, ...); the runtime must have it")
     parser.add_argument("--compile", action="store_true", help="torch.compile the torch models first")
     parser.add_argument("--no-timm", action="store_true", help="leave timm's model out even when importable")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=number("int", 0, MAX_SEED), default=0)
     parser.add_argument("--json", default=None, metavar="F", help="write the figures as JSON ('-' for stdout)")
     add_force_option(parser)
     # --serve: the HTTP service under load (dvt_core.serve.loadtest), its own mode
     parser.add_argument("--serve", action="store_true",
                         help="load-test `dvt serve` on 127.0.0.1: adaptive against every stage and the static "
                              "model (dvt_fashion_mnist; --threads per server, --repeats rounds)")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32], metavar="N",
+    parser.add_argument("--concurrency", type=number("int", 1, 1024), nargs="+", default=[1, 4, 16, 32], metavar="N",
                         help="with --serve: concurrent clients of each load run")
-    parser.add_argument("--requests", type=int, default=400, help="with --serve: requests per load run")
+    parser.add_argument("--requests", type=number("int", 1, 1_000_000), default=400, help="with --serve: requests per load run")
 
 
 def _check_args(args) -> None:

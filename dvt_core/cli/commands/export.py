@@ -30,9 +30,7 @@ def run(args) -> int:
     get_spec(args.model)  # an unknown name is reported first
     if args.weights != "default" and not Path(args.weights).exists():
         raise UserError(f"weights file not found: {args.weights}")
-    if args.format == "onnx" and not 7 <= args.opset <= 21:
-        raise UserError(f"--opset {args.opset} is outside what the torch exporter writes (7..21)")
-    check_target(args.format, args.out, args.force)
+    check_target(args.format, args.out, args.force, args.opset)  # format, opset, the folder and its parent
     from dvt_core.runtime.builder import get_backend
 
     get_backend(SOURCE_BACKEND[args.format])

@@ -81,11 +81,10 @@ def run(args) -> int:
     if early is None or (early.img_size, early.in_chans) != (spec.img_size, spec.in_chans):
         loaded = _load_images(files, spec)
     files, images, failed = loaded
+    if images is None:  # nothing done: a user error (status 2, one line), not a partial failure
+        raise UserError(f"none of the {len(failed)} image(s) could be read (first: {escape_text(failed[0])})")
     for line in failed:  # reported and skipped; the status says so at the end
         print(f"dvt predict: skipped {escape_text(line)}", file=sys.stderr)
-    if images is None:
-        print(f"dvt predict: none of the {len(failed)} image(s) could be read", file=sys.stderr)
-        return 1
     res = evaluation.adaptive(model, images, thresholds)
     classes = _class_names(meta, spec.num_classes)
     names = exit_names(spec)

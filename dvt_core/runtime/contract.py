@@ -110,10 +110,10 @@ class Backend(Protocol):
 
 
 MEMBERS = tuple(name for name in Backend.__dict__ if not name.startswith("_")) + ("NAME",)
-BACKENDS = ("torch", "mindspore", "onnx", "mindir")
+BACKENDS = ("torch", "mindspore", "onnx", "mindir", "openvino")
 # run a `dvt export` folder (per-stage graphs, dvt_core.export.writer); nothing to build or train
-EXPORT_BACKENDS = ("onnx", "mindir")
-PACKAGES = {"onnx": "onnxruntime", "mindir": "mindspore"}  # the package a backend cannot run without
+EXPORT_BACKENDS = ("onnx", "mindir", "openvino")
+PACKAGES = {"onnx": "onnxruntime", "mindir": "mindspore", "openvino": "openvino"}  # the package a backend cannot run without
 
 
 def _raised_by_dvt(exc: ImportError) -> bool:

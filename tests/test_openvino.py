@@ -1,0 +1,265 @@
+"""The OpenVINO runtime of ONNX exports: parity with torch, precision and threads, the contract, a runtime
+free of torch and MindSpore, the command line, and the pins."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import dvt_core
+from dvt_core.errors import InputError
+from dvt_core.export.writer import export_model
+
+openvino = pytest.importorskip("openvino")
+torch = pytest.importorskip("torch")
+
+pytestmark = pytest.mark.export
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = dict(img_size=32, grids=(2, 3, 4), depth=2, embed_dim=32, num_heads=2, num_classes=10)
+BLOCK = """
+import importlib.abc, sys
+class _Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {blocked}:
+            raise ModuleNotFoundError(f"No module named {{name!r}} (blocked in this test)", name=name)
+sys.meta_path.insert(0, _Block())
+"""
+
+
+def median_thresholds(logits) -> list:
+    """Each exit's median confidence: about half the images leave at every exit."""
+    from dvt_core.runtime import policy
+
+    return [float(np.median(policy.softmax(np.asarray(lg)).max(1))) for lg in logits[:-1]] + [-1e8]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A small DVT-DeiT (both reuse paths), its ONNX export, sample images, torch's logits and thresholds."""
+    torch.manual_seed(0)
+    model = dvt_core.build("dvt_deit_small", backend="torch", **SMALL).eval()
+    images = np.random.default_rng(1).standard_normal((9, 3, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        ref = [o.numpy() for o in model(torch.from_numpy(images))]
+    thresholds = median_thresholds(ref)
+    model.checkpoint_meta = {"thresholds": thresholds, "classes": [f"c{i}" for i in range(10)]}
+    out = export_model(model, "onnx", tmp_path_factory.mktemp("export") / "deit")
+    return model, out, images, ref, thresholds
+
+
+def ref_rows(model, images, exit_index: int, rows) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.from_numpy(images[rows]))[exit_index].numpy()
+
+
+def run_py(code: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_pin_in_setup_makefile_and_installed():
+    """The openvino extra pins the version checked to import beside torch and MindSpore with numpy 1.26."""
+    text = (ROOT / "setup.py").read_text()
+    assert '"openvino==2026.4.1"' in text and '"openvino": OPENVINO' in text
+    assert openvino.__version__.startswith("2026.4.1") and np.__version__ == "1.26.4"
+    install = (ROOT / "Makefile").read_text().split("pip install --quiet -e")[1].splitlines()[0]
+    assert "openvino" in install
+
+
+@pytest.mark.mindspore
+def test_openvino_imports_beside_torch_and_mindspore():
+    pytest.importorskip("mindspore")
+    r = run_py("""
+        import torch, mindspore as ms, openvino as ov, onnxruntime, numpy as np
+        assert "CPU" in ov.Core().available_devices
+        print(float((ms.Tensor(np.ones(3, np.float32)) * 2).sum()))
+    """)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().endswith("6.0") and "Numpy init failed" not in r.stderr
+
+
+def test_fp32_matches_torch_logits_and_exits(exported):
+    model, out, images, ref, thresholds = exported
+    rt = dvt_core.build(out, backend="openvino")
+    assert rt.backend_name == "openvino" and rt.precision == "fp32" and rt.inference_precision == "fp32"
+    ours = rt(images)
+    assert len(ours) == 3
+    for a, b in zip(ours, ref):
+        assert isinstance(a, np.ndarray) and a.dtype == np.float32 and a.shape == (9, 10)
+        np.testing.assert_allclose(a, b, atol=1e-4)
+    res = rt.adaptive(images)  # the manifest's thresholds
+    ref_res = model.adaptive(torch.from_numpy(images), thresholds)
+    np.testing.assert_array_equal(res.exit_index, ref_res.exit_index)
+    assert len(set(res.exit_index.tolist())) > 1, "the thresholds should split the batch over exits"
+    np.testing.assert_array_equal(res.macs, np.asarray(dvt_core.exit_macs(model.spec))[res.exit_index])
+
+
+def test_every_batch_size_matches_batch_of_all(exported):
+    """Batch 1 (compiled with static shapes) and other sizes (dynamic) give the same logits."""
+    _, out, images, ref, _ = exported
+    rt = dvt_core.build(out, backend="openvino")
+    for n in (1, 2, 5):
+        for a, b in zip(rt(images[:n]), ref):
+            np.testing.assert_allclose(a, b[:n], atol=1e-4)
+
+
+def test_precision_and_threads(exported):
+    """bf16 and fp16 run (on a CPU without them OpenVINO picks the nearest it has, and says which);
+    their logits stay near fp32's; threads are set; bad values are refused by name."""
+    from dvt_core.runtime import contract
+
+    _, out, images, ref, _ = exported
+    caps = openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    rt = dvt_core.build(out, backend="openvino")
+    for precision, needs in (("bf16", "BF16"), ("fp16", "FP16")):
+        rt.set_precision(precision)
+        assert rt.precision == precision
+        assert rt.inference_precision in (precision if needs in caps else None, "bf16" if "BF16" in caps else "fp32")
+        worst = max(float(np.abs(a - b).max()) for a, b in zip(rt(images), ref))
+        scale = max(float(np.abs(b).max()) for b in ref)
+        assert worst < 0.05 * scale + 0.05, (precision, worst, scale)
+    rt.set_precision("fp32").set_threads(1)
+    assert rt.threads == 1 and rt.compiled[0].get_property("INFERENCE_NUM_THREADS") == 1
+    np.testing.assert_allclose(rt(images)[2], ref[2], atol=1e-4)
+    with pytest.raises(InputError, match="unknown precision 'int4'"):
+        rt.set_precision("int4")
+    with pytest.raises(InputError, match="threads must be a positive"):
+        rt.set_threads(0)
+    with pytest.raises(InputError, match="unknown OpenVINO device 'cuda'"):
+        rt.to_device("cuda")
+    with pytest.raises(InputError, match="unknown precision 'fp8'"):
+        contract.get_backend("openvino").load(out, precision="fp8")
+
+
+def test_contract_members_and_early_exit_loop(exported):
+    """dvt_core.runtime.contract's members with the written signatures; they drive dvt_core's early-exit loop
+    and the evaluation helpers like a framework's."""
+    import inspect
+
+    from dvt_core.runtime import contract, evaluation
+    from dvt_core.runtime.early_exit import run_adaptive
+
+    model, out, images, _, thresholds = exported
+    b = contract.get_backend("openvino")
+    assert contract.missing_members(b) == [] and b.NAME == "openvino"
+
+    def params(fn, drop_self=False):
+        return [(p.name, p.kind, p.default) for p in list(inspect.signature(fn).parameters.values())[drop_self:]]
+
+    for member in contract.MEMBERS:
+        if member != "NAME":
+            assert params(getattr(b, member)) == params(getattr(contract.Backend, member), True), member
+    rt = b.load(out)
+    x = b.to_tensor(rt, images)
+    res = run_adaptive(lambda i, imgs, c: b.run_stage(rt, i, imgs, c), b.to_numpy, b.select, x, len(x),
+                       thresholds, rt.exit_macs)
+    np.testing.assert_array_equal(res.exit_index, model.adaptive(torch.from_numpy(images), thresholds).exit_index)
+    _, carry = b.run_stage(rt, 0, x)  # streaming early exit joins the rows of several batches
+    joined = b.join([b.select(x, carry, [0, 2]), b.select(x, carry, [5])])
+    np.testing.assert_allclose(b.to_numpy(b.run_stage(rt, 1, *joined)[0]), ref_rows(model, images, 1, [0, 2, 5]),
+                               atol=1e-4)
+    raw = np.random.default_rng(2).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    np.testing.assert_allclose(evaluation.exit_probs(rt, raw, batch_size=4),
+                               evaluation.exit_probs(model, raw, batch_size=4), atol=1e-5)
+    for fn, args in ((b.build_model, (model.spec,)), (b.model_state, (rt,)), (b.load_state, (rt, {})),
+                     (b.read_file, ("x",)), (b.write_file, ("x", {}, {}))):
+        with pytest.raises(InputError, match="openvino"):
+            fn(*args)
+
+
+def test_build_by_name_checks_the_model(exported):
+    from dvt_core.errors import CheckpointError
+
+    _, out, _, _, _ = exported
+    assert dvt_core.build("dvt_deit_small", backend="openvino", weights=out).spec.name == "dvt_deit_small"
+    with pytest.raises(CheckpointError, match="export of dvt_deit_small, not dvt_t2t_vit_12"):
+        dvt_core.build("dvt_t2t_vit_12", backend="openvino", weights=out)
+
+
+def test_runtime_imports_neither_torch_nor_mindspore(exported, tmp_path):
+    _, out, images, ref, _ = exported
+    np.save(tmp_path / "x.npy", images)
+    np.save(tmp_path / "ref.npy", np.stack(ref))
+    code = BLOCK.format(blocked='{"torch", "mindspore", "onnxruntime"}') + f"""
+import numpy as np, dvt_core
+x = np.load({str(tmp_path / 'x.npy')!r}); ref = np.load({str(tmp_path / 'ref.npy')!r})
+m = dvt_core.build({str(out)!r}, backend="openvino")
+assert max(float(np.abs(a - b).max()) for a, b in zip(m(x), ref)) < 1e-4
+res = m.adaptive(x)
+assert len(res.exit_index) == len(x)
+assert not any(k.split(".")[0] in ("torch", "mindspore", "onnxruntime") for k in sys.modules)
+print("ok", res.exit_counts.tolist())
+"""
+    r = run_py(code)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.startswith("ok")
+
+
+def test_missing_openvino_is_a_clear_error(exported):
+    _, out, _, _, _ = exported
+    code = BLOCK.format(blocked='{"openvino"}') + f"""
+import dvt_core
+try:
+    dvt_core.build({str(out)!r}, backend="openvino")
+except dvt_core.InputError as exc:
+    print("InputError:", exc)
+"""
+    r = run_py(code)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "InputError: the openvino backend needs the openvino package" in r.stdout
+    assert "pip install 'dvt[openvino]'" in r.stdout
+
+
+# ---- the command line -------------------------------------------------------------------------------------
+
+
+def dvt(*args, cwd) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "dvt_core", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def fashion_cli(tmp_path_factory):
+    """`dvt export` of the shipped Fashion-MNIST DVT, and three PNGs of the shipped test subset."""
+    from PIL import Image
+
+    tmp = tmp_path_factory.mktemp("cli")
+    r = dvt("export", "dvt_fashion_mnist", "--weights", "default", "--format", "onnx", "--out", "fm", cwd=tmp)
+    assert r.returncode == 0, r.stderr[-2000:]
+    with np.load(ROOT / "dvt_core" / "assets" / "fashion_mnist_test_subset.npz") as d:
+        for i in range(3):
+            Image.fromarray(d["images"][i]).save(tmp / f"img{i}.png")
+    return tmp
+
+
+def test_cli_predict_and_demo_on_openvino(fashion_cli):
+    files = ["img0.png", "img1.png", "img2.png"]
+    r = dvt("predict", "--backend", "openvino", "--weights", "fm", "--json", *files, cwd=fashion_cli)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ref = dvt("predict", "--model", "dvt_fashion_mnist", "--json", *files, cwd=fashion_cli)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    ours = [json.loads(x) for x in r.stdout.splitlines()]
+    theirs = [json.loads(x) for x in ref.stdout.splitlines()]
+    assert len(ours) == 3
+    assert [(o["prediction"], o["exit"], o["macs"]) for o in ours] == \
+        [(o["prediction"], o["exit"], o["macs"]) for o in theirs]
+    d = dvt("demo", "--backend", "openvino", "--weights", "fm", "--limit", "0", "--out", "d.png", cwd=fashion_cli)
+    assert d.returncode == 0, d.stderr[-2000:]
+    assert "openvino" in d.stdout and "accuracy:" in d.stdout
+
+
+def test_cli_bad_export_is_one_line(fashion_cli, tmp_path):
+    (tmp_path / "empty").mkdir()
+    r = dvt("predict", "--backend", "openvino", "--weights", tmp_path / "empty", fashion_cli / "img0.png",
+            cwd=tmp_path)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dvt predict: error:") and "is not a dvt export" in lines[0]

@@ -263,3 +263,47 @@ def test_cli_bad_export_is_one_line(fashion_cli, tmp_path):
     assert r.returncode == 2, r.stderr[-2000:]
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("dvt predict: error:") and "is not a dvt export" in lines[0]
+
+
+# ---- graph forms: the reuse resize and the weights' precision --------------------------------------------
+
+
+@pytest.mark.parametrize("resize", ["gather", "dense"])
+def test_resize_forms_match_torch_in_both_runtimes(exported, tmp_path, resize):
+    import onnx
+
+    model, _, images, ref, _ = exported
+    out = export_model(model, "onnx", tmp_path / resize, resize=resize)
+    manifest = json.loads((out / "dvt.json").read_text())
+    assert manifest["resize"] == resize and manifest["precision"] == "fp32"
+    ops = {n.op_type for n in onnx.load(str(out / "stage2.onnx")).graph.node}
+    assert ("ReduceSum" in ops) == (resize == "gather"), ops
+    for runtime in ("openvino", "onnx"):
+        for a, b in zip(dvt_core.build(out, backend=runtime)(images), ref):
+            np.testing.assert_allclose(a, b, atol=1e-4, err_msg=f"{runtime}, resize {resize}")
+
+
+def test_fp16_weights_halve_the_graphs_and_stay_close(exported, tmp_path):
+    import onnx
+
+    model, fp32_dir, images, ref, _ = exported
+    out = export_model(model, "onnx", tmp_path / "half", precision="fp16")
+    assert json.loads((out / "dvt.json").read_text())["precision"] == "fp16"
+    graph = onnx.load(str(out / "stage1.onnx")).graph
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in graph.initializer)
+    for name in ("stage1.onnx", "stage2.onnx", "stage3.onnx"):
+        assert (out / name).stat().st_size < 0.7 * (fp32_dir / name).stat().st_size
+    scale = max(float(np.abs(b).max()) for b in ref)
+    for runtime in ("openvino", "onnx"):
+        ours = dvt_core.build(out, backend=runtime)(images)
+        worst = max(float(np.abs(a - b).max()) for a, b in zip(ours, ref))
+        assert 0 < worst < 1e-2 * scale, (runtime, worst, scale)  # float16 rounding of the weights, no more
+
+
+def test_bad_graph_options_are_refused(exported, tmp_path):
+    model, _, _, _, _ = exported
+    with pytest.raises(InputError, match="unknown resize form 'sparse'"):
+        export_model(model, "onnx", tmp_path / "a", resize="sparse")
+    with pytest.raises(InputError, match="unknown graph precision 'bf16'"):
+        export_model(model, "onnx", tmp_path / "b", precision="bf16")
+    assert list(tmp_path.iterdir()) == []

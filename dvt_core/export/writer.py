@@ -40,6 +40,11 @@ MANIFEST_VERSION = 1
 FORMATS = ("onnx", "mindir")
 SOURCE_BACKEND = {"onnx": "torch", "mindir": "mindspore"}  # which backend writes each format
 DEFAULT_OPSET = 17
+# ONNX graph forms (dvt_backends.torch.export): the reuse resize as "gather" (the taps) or "dense" (one MatMul);
+# "auto" picks the one the named runtime runs fastest (docs/deploy.md has the profiles)
+RESIZE_FORMS = ("gather", "dense", "auto")
+AUTO_RESIZE = {"onnx": "dense", "openvino": "dense"}
+GRAPH_PRECISIONS = ("fp32", "fp16")  # what the ONNX graphs store their weights in
 FEATURES, RELATIONS = "features", "relations"
 PREV = "prev_"  # a graph's input for a carried tensor is named PREV + the output's name
 # meta keys copied to the manifest's top level (what serving needs); the whole metadata is kept too
@@ -81,7 +86,8 @@ def _plain(obj):
     return str(obj)
 
 
-def make_manifest(spec, fmt: str, stages: list[dict], meta: dict, versions: dict, batch_axes: dict) -> dict:
+def make_manifest(spec, fmt: str, stages: list[dict], meta: dict, versions: dict, batch_axes: dict,
+                  graph_form: Optional[dict] = None) -> dict:
     from dvt_core.model.macs import exit_macs
 
     meta = _plain(dict(meta or {}))
@@ -94,21 +100,40 @@ def make_manifest(spec, fmt: str, stages: list[dict], meta: dict, versions: dict
     for key in META_KEYS:
         out[key] = meta.get(key)
     out.update({"versions": versions, "batch_axes": batch_axes, "stages": stages, "checkpoint_meta": meta})
+    out.update(graph_form or {})  # how the graphs were written: the resize form, the weights' precision
     return out
 
 
 def export(name_or_spec=None, weights=None, fmt: str = "onnx", out: Union[str, Path] = "export",
-           force: bool = False, opset: int = DEFAULT_OPSET, **overrides) -> Path:
+           force: bool = False, opset: int = DEFAULT_OPSET, resize: str = "auto", precision: str = "fp32",
+           **overrides) -> Path:
     """Export ``name_or_spec`` with ``weights`` (any checkpoint ``build`` reads) as per-stage graphs.
 
     ``fmt`` "onnx" traces the torch backend, "mindir" the MindSpore backend. Writes ``out`` atomically;
-    an existing ``out`` is replaced only with ``force``. Returns ``out``.
+    an existing ``out`` is replaced only with ``force``. Returns ``out``. ONNX only: ``resize`` is the form
+    of the reuse resize ("gather", "dense", or "auto": the one ONNX Runtime and OpenVINO run fastest) and
+    ``precision`` what the weights are stored in ("fp32", or "fp16": half the size; runtimes compute in the
+    precision they are asked for). Both are recorded in the manifest.
     """
     from dvt_core.runtime.builder import build
 
     check_target(fmt, out, force)
+    graph_form(fmt, resize, precision)
     model = build(name_or_spec, backend=SOURCE_BACKEND[fmt], weights=weights, **overrides)
-    return export_model(model, fmt, out, force=force, opset=opset)
+    return export_model(model, fmt, out, force=force, opset=opset, resize=resize, precision=precision)
+
+
+def graph_form(fmt: str, resize: str = "auto", precision: str = "fp32") -> dict:
+    """The checked graph options of an ``fmt`` export, as the manifest records them; InputError for bad ones."""
+    if resize not in RESIZE_FORMS:
+        raise InputError(f"unknown resize form {resize!r}; choose one of {', '.join(RESIZE_FORMS)}")
+    if precision not in GRAPH_PRECISIONS:
+        raise InputError(f"unknown graph precision {precision!r}; choose one of {', '.join(GRAPH_PRECISIONS)}")
+    if fmt != "onnx":
+        if resize != "auto" or precision != "fp32":
+            raise InputError(f"resize and precision are options of ONNX graphs; {fmt} graphs have one form")
+        return {}
+    return {"resize": AUTO_RESIZE["onnx"] if resize == "auto" else resize, "precision": precision}
 
 
 def check_target(fmt: str, out: Union[str, Path], force: bool) -> None:
@@ -122,11 +147,14 @@ def check_target(fmt: str, out: Union[str, Path], force: bool) -> None:
         raise InputError(f"refusing to replace {out}: it is not a dvt export (no {MANIFEST}) and not empty")
 
 
-def export_model(model, fmt: str, out: Union[str, Path], force: bool = False, opset: int = DEFAULT_OPSET) -> Path:
-    """Export a built model (torch for "onnx", MindSpore for "mindir") into ``out``, atomically."""
+def export_model(model, fmt: str, out: Union[str, Path], force: bool = False, opset: int = DEFAULT_OPSET,
+                 resize: str = "auto", precision: str = "fp32") -> Path:
+    """Export a built model (torch for "onnx", MindSpore for "mindir") into ``out``, atomically
+    (``resize``, ``precision``: :func:`export`)."""
     from dvt_core.runtime.contract import backend_of
 
     check_target(fmt, out, force)
+    form = graph_form(fmt, resize, precision)
     backend = SOURCE_BACKEND[fmt]
     if backend_of(model).NAME != backend:
         raise InputError(f"{fmt} graphs are exported from a {backend} model, not a {backend_of(model).NAME} one")
@@ -135,13 +163,13 @@ def export_model(model, fmt: str, out: Union[str, Path], force: bool = False, op
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        kwargs = {"opset": int(opset)} if fmt == "onnx" else {}
+        kwargs = {"opset": int(opset), **form} if fmt == "onnx" else {}
         stages, versions, batch_axes = writer.export_stages(model, tmp, **kwargs)
         for st in stages:
             st["sha256"] = sha256_of(tmp / st["file"])
         versions = {"dvt": _dvt_version(), **versions}
         manifest = make_manifest(model.spec, fmt, stages, getattr(model, "checkpoint_meta", {}), versions,
-                                 batch_axes)
+                                 batch_axes, form)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")

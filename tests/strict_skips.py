@@ -1,8 +1,9 @@
-"""In CI (``CI=true``) a skipped test that needs the data set or the conformance fixtures is a failure.
+"""In CI (``CI=true``) a skipped test that needs the data set, the conformance fixtures or an export
+runtime (onnxruntime, OpenVINO) is a failure.
 
 Locally such tests skip, saying why (``make test`` prints the reasons with ``-ra``); in CI their
-inputs must be there, so a skip would hide a test that never ran. Tests opt in with the ``dataset``
-or ``conformance`` marker. Loaded by tests/conftest.py (and usable as ``-p strict_skips``).
+inputs must be there, so a skip would hide a test that never ran. Tests opt in with the ``dataset``,
+``conformance`` or ``export`` marker. Loaded by tests/conftest.py (and usable as ``-p strict_skips``).
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import os
 
 import pytest
 
-STRICT_MARKERS = ("dataset", "conformance")
+STRICT_MARKERS = ("dataset", "conformance", "export")
 
 
 def in_ci() -> bool:

@@ -331,8 +331,17 @@ def test_bad_confidence_kind_and_images_raise():
         model.adaptive(make_images(model, n=2), [0.5, 0.5], confidence="margin")
     with pytest.raises(InputError):
         model.adaptive(make_images(model, n=2)[:, :, :16], [0.5, 0.5])
-    with pytest.raises(InputError):
-        model.adaptive(make_images(model, n=2).numpy(), [0.5, 0.5])
+    with pytest.raises(InputError, match="expected an image batch"):
+        model.adaptive("images.png", [0.5, 0.5])
+
+
+def test_numpy_images_give_the_tensor_answer():
+    """preprocess() returns numpy: adaptive takes it as it takes the framework's tensors."""
+    model = small_model("vit")
+    images = make_images(model, n=6)
+    a, b = model.adaptive(images, [0.3, 0.3]), model.adaptive(images.numpy(), [0.3, 0.3])
+    np.testing.assert_array_equal(a.exit_index, b.exit_index)
+    np.testing.assert_array_equal(a.logits, b.logits)
 
 
 # ---- the shipped Fashion-MNIST DVT --------------------------------------------------------------

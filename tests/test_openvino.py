@@ -134,35 +134,32 @@ def test_precision_and_threads(exported):
     rt.set_precision("fp32").set_threads(1)
     assert rt.threads == 1 and rt.compiled[0].get_property("INFERENCE_NUM_THREADS") == 1
     np.testing.assert_allclose(rt(images)[2], ref[2], atol=1e-4)
-    with pytest.raises(InputError, match="unknown precision 'int4'"):
+    with pytest.raises(InputError, match="runs fp32, bf16, fp16, not 'int4'"):
         rt.set_precision("int4")
     with pytest.raises(InputError, match="threads must be a positive"):
         rt.set_threads(0)
     with pytest.raises(InputError, match="unknown OpenVINO device 'cuda'"):
         rt.to_device("cuda")
-    with pytest.raises(InputError, match="unknown precision 'fp8'"):
-        contract.get_backend("openvino").load(out, precision="fp8")
+    with pytest.raises(InputError, match="runs fp32, bf16, fp16, not 'fp8'"):
+        contract.get_backend("openvino").open(out, precision="fp8")
+    with pytest.raises(InputError, match="threads must be a positive"):
+        dvt_core.build(out, backend="openvino", threads=-1)
+    built = dvt_core.build(out, backend="openvino", precision="bf16", threads=1)
+    assert (built.precision, built.threads) == ("bf16", 1)
+    assert built.compiled[2].get_property("INFERENCE_NUM_THREADS") == 1
 
 
-def test_contract_members_and_early_exit_loop(exported):
-    """dvt_core.runtime.contract's members with the written signatures; they drive dvt_core's early-exit loop
-    and the evaluation helpers like a framework's."""
-    import inspect
-
+def test_graph_runtime_drives_early_exit_and_evaluation(exported):
+    """The registered runtime is a GraphRuntime (no framework members); its primitives drive dvt_core's
+    early-exit loop, streaming's join and the evaluation helpers like a framework's."""
     from dvt_core.runtime import contract, evaluation
     from dvt_core.runtime.early_exit import run_adaptive
 
     model, out, images, _, thresholds = exported
     b = contract.get_backend("openvino")
-    assert contract.missing_members(b) == [] and b.NAME == "openvino"
-
-    def params(fn, drop_self=False):
-        return [(p.name, p.kind, p.default) for p in list(inspect.signature(fn).parameters.values())[drop_self:]]
-
-    for member in contract.MEMBERS:
-        if member != "NAME":
-            assert params(getattr(b, member)) == params(getattr(contract.Backend, member), True), member
-    rt = b.load(out)
+    assert isinstance(b, contract.GraphRuntime) and b.name == "openvino" and not hasattr(b, "build_model")
+    rt = b.open(out)
+    assert contract.backend_of(rt) is b
     x = b.to_tensor(rt, images)
     res = run_adaptive(lambda i, imgs, c: b.run_stage(rt, i, imgs, c), b.to_numpy, b.select, x, len(x),
                        thresholds, rt.exit_macs)
@@ -174,10 +171,6 @@ def test_contract_members_and_early_exit_loop(exported):
     raw = np.random.default_rng(2).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
     np.testing.assert_allclose(evaluation.exit_probs(rt, raw, batch_size=4),
                                evaluation.exit_probs(model, raw, batch_size=4), atol=1e-5)
-    for fn, args in ((b.build_model, (model.spec,)), (b.model_state, (rt,)), (b.load_state, (rt, {})),
-                     (b.read_file, ("x",)), (b.write_file, ("x", {}, {}))):
-        with pytest.raises(InputError, match="openvino"):
-            fn(*args)
 
 
 def test_build_by_name_checks_the_model(exported):

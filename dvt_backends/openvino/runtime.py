@@ -16,7 +16,8 @@ import numpy as np
 import openvino as ov
 
 from dvt_core.errors import CheckpointError, InputError
-from dvt_core.export.writer import ExportedDVT, read_manifest
+from dvt_core.export.graph import ExportedDVT, GraphRuntimeBase
+from dvt_core.export.manifest import read_manifest
 
 PRECISIONS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}  # dvt's names -> OpenVINO's element types
 DEVICES = {"cpu": "CPU"}
@@ -29,23 +30,6 @@ def core() -> ov.Core:
     if _CORE is None:
         _CORE = ov.Core()
     return _CORE
-
-
-def device_for(device) -> str:
-    """OpenVINO's device name for ``device`` (cpu); InputError for one it lacks here."""
-    kind = str(device or "cpu").split(":")[0].lower()
-    if kind not in DEVICES:
-        raise InputError(f"unknown OpenVINO device {device!r}; use cpu")
-    if DEVICES[kind] not in core().available_devices:
-        raise InputError(f"device {device!r} asked for, but this OpenVINO has no {DEVICES[kind]} plugin")
-    return DEVICES[kind]
-
-
-def check_precision(precision: str) -> str:
-    """OpenVINO's element type for ``precision``; InputError for a name it does not know."""
-    if precision not in PRECISIONS:
-        raise InputError(f"unknown precision {precision!r} for OpenVINO; choose one of {', '.join(PRECISIONS)}")
-    return PRECISIONS[precision]
 
 
 def check_threads(threads) -> Optional[int]:
@@ -64,14 +48,13 @@ class OpenVinoDVT(ExportedDVT):
     with every shape fixed, made on first use, which skips OpenVINO's shape inference in every call.
     """
 
-    graph_format = "onnx"  # what it reads; it runs as the "openvino" backend
+    backend_name = "openvino"
+    graph_format = "onnx"  # what it reads
 
     def __init__(self, directory, manifest: dict, device: str = "cpu", precision: str = "fp32",
                  threads: Optional[int] = None, static_batches: tuple = (1,)):
         super().__init__(directory, manifest)
-        self.backend_name = "openvino"
-        check_precision(precision)
-        self.precision = precision
+        self.precision = RUNTIME.check_precision(precision)
         self.threads = check_threads(threads)
         self.device = None
         self.graphs: list = []  # per stage: the model as read (recompiled when an option changes)
@@ -95,13 +78,13 @@ class OpenVinoDVT(ExportedDVT):
 
     def config(self) -> dict:
         """The compile options: precision hint, threads, latency (one stream: a request runs on every thread)."""
-        cfg = {"INFERENCE_PRECISION_HINT": check_precision(self.precision), "PERFORMANCE_HINT": "LATENCY"}
+        cfg = {"INFERENCE_PRECISION_HINT": PRECISIONS[self.precision], "PERFORMANCE_HINT": "LATENCY"}
         if self.threads:
             cfg["INFERENCE_NUM_THREADS"] = int(self.threads)
         return cfg
 
     def to_device(self, device) -> "OpenVinoDVT":
-        target = device_for(device)
+        target = RUNTIME.device_for(device)
         self.compiled = [self._compile(i, graph, target) for i, graph in enumerate(self.graphs)]
         self.requests = [c.create_infer_request() for c in self.compiled]
         self._static_requests = {}
@@ -136,8 +119,7 @@ class OpenVinoDVT(ExportedDVT):
 
     def set_precision(self, precision: str) -> "OpenVinoDVT":
         """Compute in ``precision`` ("fp32", "bf16", "fp16"); the stages are compiled anew."""
-        check_precision(precision)
-        self.precision = precision
+        self.precision = RUNTIME.check_precision(precision)
         return self.to_device(self.device)
 
     def set_threads(self, threads: Optional[int]) -> "OpenVinoDVT":
@@ -162,11 +144,33 @@ class OpenVinoDVT(ExportedDVT):
         return [request.get_output_tensor(i).data.copy() for i in range(len(st["outputs"]))]
 
 
-def load(directory: Union[str, Path], model: Optional[str] = None, device: str = "cpu", precision: str = "fp32",
-         threads: Optional[int] = None, static_batches: tuple = (1,)) -> OpenVinoDVT:
-    """The ONNX export in ``directory`` on OpenVINO; ``model`` (a zoo name) must match when given."""
-    check_precision(precision)
-    check_threads(threads)
-    manifest = read_manifest(directory, fmt="onnx", model=model)
-    return OpenVinoDVT(directory, manifest, device=device, precision=precision, threads=threads,
-                       static_batches=static_batches)
+class OpenVinoRuntime(GraphRuntimeBase):
+    """ONNX graphs compiled by OpenVINO for the CPU, in fp32, bf16 or fp16 (its inference precision hint)."""
+
+    name = "openvino"
+    graph_format = "onnx"
+    precisions = tuple(PRECISIONS)
+
+    def device_for(self, device) -> str:
+        """OpenVINO's device name for ``device`` (cpu); InputError for one it lacks here."""
+        kind = str(device or "cpu").split(":")[0].lower()
+        if kind not in DEVICES:
+            raise InputError(f"unknown OpenVINO device {device!r}; use cpu")
+        if DEVICES[kind] not in core().available_devices:
+            raise InputError(f"device {device!r} asked for, but this OpenVINO has no {DEVICES[kind]} plugin")
+        return DEVICES[kind]
+
+    def open(self, directory: Union[str, Path], model: Optional[str] = None, device: str = "cpu",
+             precision: str = "fp32", threads: Optional[int] = None) -> OpenVinoDVT:
+        self.check_precision(precision)
+        check_threads(threads)
+        self.device_for(device)
+        manifest = read_manifest(directory, fmt="onnx", model=model)
+        return OpenVinoDVT(directory, manifest, device=device, precision=precision, threads=threads)
+
+    def set_precision(self, model: OpenVinoDVT, precision: str) -> OpenVinoDVT:
+        """The model compiled anew to compute in ``precision`` (OpenVINO's inference precision hint)."""
+        return model.set_precision(precision)
+
+
+RUNTIME = OpenVinoRuntime()

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from dvt_core.export.writer import FEATURES, PREV, RELATIONS, carry_names, stage_entry
+from dvt_core.export.manifest import FEATURES, PREV, RELATIONS, carry_names, stage_entry
 
 from .cascade import DVT, Reuse
 from .layers import TokenResize
@@ -103,8 +103,6 @@ def _resize_by_gather(self: TokenResize, x: torch.Tensor) -> torch.Tensor:
     picked = picked.reshape(x.shape[:-2] + (self.n_new, index.shape[1], x.shape[-1]))
     return (picked * weight.to(x.dtype)[..., None]).sum(dim=-2)
 
-
-RESIZE_FORMS = ("gather", "dense")
 
 
 @contextlib.contextmanager

@@ -93,7 +93,9 @@ def check_openvino(model, out_dir: Path, images: np.ndarray, label: str, resize:
 
 
 def check_mindir(model, out_dir: Path, images: np.ndarray, label: str):
-    from dvt_backends.mindspore import adaptive_numpy, forward_numpy
+    from dvt_backends.mindspore import RUNTIME
+
+    adaptive_numpy, forward_numpy = RUNTIME.adaptive_numpy, RUNTIME.forward_numpy
 
     export_model(model, "mindir", out_dir)
     rt = dvt_core.build(out_dir, backend="mindir")

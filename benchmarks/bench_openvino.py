@@ -135,7 +135,7 @@ def bench_fashion(args) -> dict:
             times = {k: min(v) / n for k, v in time_interleaved(runs, 1, args.rounds).items()}
             speedup, predicted = times["static"] / times["dvt"], static_macs / mean_macs
             key = f"{runtime} {precision} batch {batch}"
-            results[key] = {"dvt_ms_per_image": times["dvt"] * 1e3, "static_ms_per_image": times["static"] * 1e3,
+            results[key] = {"resize": dvt_model.manifest.get("resize"), "dvt_ms_per_image": times["dvt"] * 1e3, "static_ms_per_image": times["static"] * 1e3,
                             "speedup": speedup, "predicted": predicted, "of_prediction": speedup / predicted,
                             "dvt_mean_macs": mean_macs, "static_macs": static_macs, "images": n}
             print(f"{key:26s} dvt {times['dvt'] * 1e3:.3f} ms/img, static {times['static'] * 1e3:.3f} ms/img: "
@@ -147,13 +147,15 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("what", choices=("stages", "fashion"))
     p.add_argument("--model", default="dvt_deit_small")
-    p.add_argument("--resize", nargs="+", default=["gather", "dense"], choices=("gather", "dense", "auto"))
+    p.add_argument("--resize", nargs="+", default=None, choices=("gather", "dense", "auto"),
+                   help="resize forms to export (stages: default gather and dense; fashion: the first, default auto)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
     p.add_argument("--images", type=int, default=512, help="fashion: images of the shipped subset timed")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    args.resize = args.resize or (["gather", "dense"] if args.what == "stages" else ["auto"])
     import openvino
 
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())

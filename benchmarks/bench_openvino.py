@@ -3,6 +3,10 @@ and the shipped Fashion-MNIST DVT against the shipped static model.
 
     python benchmarks/bench_openvino.py stages  [--model dvt_deit_small] [--resize gather dense] [--threads 1]
     python benchmarks/bench_openvino.py fashion [--batch-sizes 1 64] [--threads 1]
+    python benchmarks/bench_openvino.py profile GRAPH.onnx [--runtime openvino|onnx] [--precision bf16]
+
+``profile`` runs one graph at batch 1 (all shapes fixed) with per-node timing (OpenVINO ``PERF_COUNT``, ONNX
+Runtime ``enable_profiling``) and prints the time per node type.
 
 ``stages`` exports ``--model`` (random weights) and its last stage alone as a one-stage cascade (the static
 backbone) through the same exporter, once per ``--resize`` form, then times every stage graph at batch 1
@@ -143,9 +147,56 @@ def bench_fashion(args) -> dict:
     return {"images": args.images, "results": results}
 
 
+def profile_graph(path: str, runtime: str, precision: str, threads: int, calls: int) -> dict:
+    """Microseconds per call spent in each (node type, kernel) of graph ``path`` at batch 1, summed over nodes."""
+    import collections
+
+    totals: dict = collections.defaultdict(float)
+    if runtime == "openvino":
+        import openvino as ov
+
+        core = ov.Core()
+        graph = core.read_model(path)
+        graph.reshape({i.get_any_name(): [1] + [d.get_length() for d in list(i.get_partial_shape())[1:]]
+                       for i in graph.inputs})
+        hint = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}[precision]
+        compiled = core.compile_model(graph, "CPU", {"INFERENCE_PRECISION_HINT": hint, "PERF_COUNT": True,
+                                                     "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"})
+        request = compiled.create_infer_request()
+        feeds = {i.get_any_name(): np.random.default_rng(0).standard_normal(list(i.get_shape())).astype(np.float32)
+                 for i in compiled.inputs}
+        for _ in range(5):
+            request.infer(feeds)
+        for _ in range(calls):
+            request.infer(feeds)
+            for node in request.profiling_info:
+                totals[(node.node_type, node.exec_type)] += node.real_time.total_seconds() * 1e6 / calls
+        return dict(totals)
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.enable_profiling = True
+    opts.profile_file_prefix = str(Path(tempfile.mkdtemp(prefix="bench_openvino-")) / "ort")
+    session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    feeds = {i.name: np.random.default_rng(0).standard_normal([1] + list(i.shape[1:])).astype(np.float32)
+             for i in session.get_inputs()}
+    for _ in range(5 + calls):
+        session.run(None, feeds)
+    events = json.loads(Path(session.end_profiling()).read_text())
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            totals[(e["args"].get("op_name", "?"), "cpu")] += e["dur"] / (5 + calls)
+    return dict(totals)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=("stages", "fashion"))
+    p.add_argument("what", choices=("stages", "fashion", "profile"))
+    p.add_argument("graph", nargs="?", help="profile: the .onnx graph")
+    p.add_argument("--runtime", default="openvino", choices=("openvino", "onnx"))
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--calls", type=int, default=20)
     p.add_argument("--model", default="dvt_deit_small")
     p.add_argument("--resize", nargs="+", default=None, choices=("gather", "dense", "auto"),
                    help="resize forms to export (stages: default gather and dense; fashion: the first, default auto)")
@@ -160,6 +211,13 @@ def main(argv=None) -> int:
 
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     print(f"{cpu_name()}, {args.threads} thread(s), OpenVINO {openvino.__version__}; {started}", flush=True)
+    if args.what == "profile":
+        table = profile_graph(args.graph, args.runtime, args.precision, args.threads, args.calls)
+        total = sum(table.values())
+        print(f"{args.graph} on {args.runtime} {args.precision}, batch 1: {total:.0f} us in nodes per call")
+        for (kind, kernel), us in sorted(table.items(), key=lambda kv: -kv[1])[:20]:
+            print(f"  {kind:24s} {kernel:28s} {us:10.1f} us  {100 * us / total:5.1f}%")
+        return 0
     figures = bench_stages(args) if args.what == "stages" else bench_fashion(args)
     figures.update({"cpu": cpu_name(), "threads": args.threads, "openvino": openvino.__version__, "started": started})
     if args.json:

@@ -13,7 +13,7 @@ import torch
 
 from dvt_core.runtime import evaluation
 from dvt_core.runtime.streaming import StreamingAdaptive, prefetch, stage_ops, stream_adaptive
-from test_early_exit import TIE, assert_matches, full_run, make_images, reference, small_model, spread_thresholds
+from helpers import TIE, assert_matches, full_run, make_images, reference, small_model, spread_thresholds
 
 
 def recording(ops):

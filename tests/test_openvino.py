@@ -16,6 +16,7 @@ import dvt_core
 from dvt_core.errors import InputError
 from dvt_core.export.writer import export_model
 
+from helpers import SMALL
 from strict_skips import in_ci
 
 if in_ci():  # a module-level skip escapes strict_skips' per-test check: in CI a missing runtime fails collection
@@ -27,7 +28,6 @@ else:
 
 pytestmark = pytest.mark.export
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = dict(img_size=32, grids=(2, 3, 4), depth=2, embed_dim=32, num_heads=2, num_classes=10)
 BLOCK = """
 import importlib.abc, sys
 class _Block(importlib.abc.MetaPathFinder):

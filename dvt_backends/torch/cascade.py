@@ -21,6 +21,9 @@ from dvt_core.model.specs import CascadeSpec, sinusoid_position_table
 from .layers import Block, FeatureReuse, RelationReuse, TokenResize
 from .tokenizers import build_tokenizer
 
+# dvt_core.runtime.contract.PRECISIONS -> the dtype every weight, buffer and activation is held in
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 class Reuse(NamedTuple):
     """What a stage hands to the next: its final tokens (pre-norm) and its attention logits."""
@@ -66,7 +69,7 @@ class Stage(nn.Module):
             self.pos_embed = nn.Parameter(torch.zeros(1, st.num_tokens, st.embed_dim))
         plan = spec.reuse_plan(index)
         fr = plan.feature
-        self.relation_reuse = RelationReuse(plan.relation) if plan.relation else None
+        self.relation_reuse = RelationReuse(plan.relation, st.depth) if plan.relation else None
         dpr = drop_path_rates(spec, index)
         self.blocks = nn.ModuleList(Block(st, fr.out_dim if fr else 0, dpr[j], FeatureReuse(fr) if fr else None,
                                           spec.gelu) for j in range(st.depth))
@@ -94,11 +97,10 @@ class Stage(nn.Module):
             feats = self._reused_features(reuse.features)
         if reuse is not None and self.relation_reuse is not None:
             rels = self.relation_reuse(reuse.relations)
-        h = self.num_heads
         logits_per_block = []
         for j, blk in enumerate(self.blocks):
-            x, logits = blk(x, None if feats is None else feats[j],
-                            None if rels is None else rels[:, j * h:(j + 1) * h], keep_relations)
+            x, logits = blk(x, None if feats is None else feats[j], None if rels is None else rels[j],
+                            keep_relations)
             if keep_relations:
                 logits_per_block.append(logits)
         out = self.head(self.norm(x)[:, 0])
@@ -114,7 +116,28 @@ class DVT(ModelAPI, nn.Module):
         self.stages = nn.ModuleList(Stage(spec, i) for i in range(spec.num_exits))
         self.checkpoint_meta: dict = {}
         self.exit_macs = exit_macs(self.spec)  # per image, cumulative; the spec is frozen
+        self.precision = "fp32"
         self.reset_parameters()
+
+    def set_precision(self, precision: str) -> "DVT":
+        """Hold every weight and buffer in ``precision`` ("fp32", "bf16", "fp16"; in place; returns the model).
+
+        The whole network then runs in that dtype, images cast on entry (``run_stage``, ``forward``,
+        the runtime's ``to_tensor``): no float32 islands between the products. Chosen over
+        ``torch.autocast``, which runs LayerNorm, softmax and the additions in float32 and casts the
+        weights again at every call (slower here: docs/performance.md). Exit confidences are computed
+        in float32 from the logits. ``set_precision("fp32")`` goes back.
+        """
+        if precision not in PRECISION_DTYPES:
+            raise InputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISION_DTYPES)}")
+        self.to(PRECISION_DTYPES[precision])
+        self.precision = precision
+        return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the weights are held in (what ``set_precision`` chose, or a plain ``model.to(dtype)``)."""
+        return self.stages[0].cls_token.dtype
 
     # ---- initialisation (dvt_core.model.recipe) -------------------------------------------------------
     def reset_parameters(self) -> None:
@@ -144,6 +167,8 @@ class DVT(ModelAPI, nn.Module):
         """Logits of exit ``index`` and what the next stage reuses (None after the last)."""
         last = index == len(self.stages) - 1
         keep = not last and self.spec.relation_reuse
+        if images.dtype != self.dtype:  # float32 images into a bf16 / fp16 model
+            images = images.to(self.dtype)
         logits, out = self.stages[index](images, reuse, keep_relations=keep)
         if last:
             return logits, None
@@ -151,6 +176,7 @@ class DVT(ModelAPI, nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         self.check_images(images)
+        images = images.to(self.dtype)
         outputs, reuse = [], None
         for i in range(len(self.stages)):
             logits, reuse = self.run_stage(i, images, reuse)

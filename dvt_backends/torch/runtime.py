@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from dvt_core.errors import InputError
-from dvt_core.runtime.contract import Framework
+from dvt_core.runtime.contract import PRECISIONS, Framework
 
 from . import files
 from .cascade import DVT, join, select
@@ -18,6 +18,7 @@ from .io import load_state, model_state
 
 class TorchFramework(Framework):
     name = "torch"
+    precisions = PRECISIONS
     # the framework's own functions serve as the contract's members as they are
     model_state = staticmethod(model_state)
     load_state = staticmethod(load_state)
@@ -59,3 +60,7 @@ class TorchFramework(Framework):
 
     def inference(self, model: DVT):
         return model.inference()
+
+    def set_precision(self, model: DVT, precision: str) -> DVT:
+        """The model held and run in ``precision`` (``DVT.set_precision``: weights, buffers and activations)."""
+        return model.set_precision(self.check_precision(precision))

@@ -38,14 +38,18 @@ def parse_overrides(items: Optional[Sequence[str]]) -> dict:
     return out
 
 
-def add_common_options(p: argparse.ArgumentParser, model: bool = True, weights: bool = True) -> None:
-    """--backend and --device; with ``model`` --model and -O; with ``weights`` --weights."""
+def add_common_options(p: argparse.ArgumentParser, model: bool = True, weights: bool = True,
+                       precision: bool = True) -> None:
+    """--backend and --device; with ``model`` --model and -O; with ``weights`` --weights; with
+    ``precision`` --precision."""
     from dvt_core.runtime.contract import runtime_names
 
     p.add_argument("--backend", default="torch",
                    help=f"{' or '.join(runtime_names('spec'))} (default torch), or {' / '.join(runtime_names('export'))} "
                         "to run a `dvt export` folder given as --weights")
     p.add_argument("--device", default=None, help="torch device (cpu, cuda, cuda:1, mps) or MindSpore target")
+    if precision:
+        add_precision_option(p)
     if model:
         p.add_argument("--model", default=None, help="zoo model name (see `dvt flops --list`)")
         p.add_argument("--override", "-O", action="append", metavar="KEY=VALUE",
@@ -57,6 +61,13 @@ def add_common_options(p: argparse.ArgumentParser, model: bool = True, weights: 
                        help="refuse --weights FILE unless its SHA-256 is this (shipped weights are always checked)")
         p.add_argument("--allow-lossy-cast", action="store_true",
                        help="accept weights whose dtype cast to float32 changes values (int, out-of-range float64)")
+
+
+def add_precision_option(p: argparse.ArgumentParser) -> None:
+    from dvt_core.runtime.contract import PRECISIONS
+
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="dtype the model computes in (default fp32); bf16 is fast on CPUs with AVX512-BF16 / AMX")
 
 
 def add_force_option(p: argparse.ArgumentParser) -> None:
@@ -177,7 +188,8 @@ def build_from_args(args, weights=None):
     check_device(args.backend, args.device)
     try:
         model = build(args.model, backend=args.backend, weights=weights,
-                      allow_lossy_cast=bool(getattr(args, "allow_lossy_cast", False)), **overrides)
+                      allow_lossy_cast=bool(getattr(args, "allow_lossy_cast", False)),
+                      precision=getattr(args, "precision", None) or "fp32", **overrides)
     except CheckpointError as exc:
         problems = exc.missing or exc.unexpected or exc.mismatched
         if not problems:

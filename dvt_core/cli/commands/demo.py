@@ -83,8 +83,7 @@ def run(args) -> int:
     if not exported and args.weights is not None:
         raise UserError("the demo runs the shipped weights; --weights is for --backend onnx|mindir (an export folder)")
     ns = SimpleNamespace(model=DEMO_MODEL, weights=args.weights if exported else "default", override=None,
-                         backend=args.backend,
-                         device=args.device)
+                         backend=args.backend, device=args.device, precision=args.precision)
     model = build_from_args(ns)
     spec, meta = model.spec, _meta(model)
     if args.full:

@@ -70,7 +70,8 @@ def _evaluate_baselines(args, names, images, labels) -> list[dict]:
     for name in names:
         if args.baselines == "auto" and not _has_shipped_weights(name):
             continue
-        ns = SimpleNamespace(model=name, weights="default", override=None, backend=args.backend, device=args.device)
+        ns = SimpleNamespace(model=name, weights="default", override=None, backend=args.backend, device=args.device,
+                             precision=args.precision)  # the baselines at the DVT's precision: like with like
         model = build_from_args(ns)
         probs = evaluation.exit_probs(model, images, args.batch_size, progress=_progress(), desc=name)
         costs = exit_macs(model.spec)

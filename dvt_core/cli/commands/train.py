@@ -31,7 +31,7 @@ def _holdout(text: str):
 
 
 def add_arguments(parser) -> None:
-    add_common_options(parser, weights=False)
+    add_common_options(parser, weights=False, precision=False)  # training runs fp32
     parser.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist or a folder with one sub-folder per class")
     parser.add_argument("--out", default="runs/train", help="output folder (checkpoints, final weights)")
     parser.add_argument("--init", default=None, metavar="FILE",

@@ -8,6 +8,9 @@ MINDSPORE = ["mindspore==2.10.0", "numpy<2"]
 # Export (onnx) and the framework-free runtime (onnxruntime). onnx 1.18+ pulls an ml_dtypes that needs
 # numpy 2, which MindSpore 2.10 cannot use: these pins import beside torch and MindSpore with numpy 1.26.
 ONNX = ["onnx==1.17.0", "onnxruntime==1.32.0", "numpy==1.26.4"]
+# OpenVINO runs the same ONNX export (its own ONNX reader; onnx itself is only needed to export). 2026.4.1
+# resolves with numpy 1.26.4 and imports beside torch 2.13 and MindSpore 2.10.
+OPENVINO = ["openvino==2026.4.1", "numpy==1.26.4"]
 # `dvt serve`: an ASGI app on Starlette, served by uvicorn (h11; no compiled extras).
 SERVE = ["starlette==1.10.0", "uvicorn==0.55.0", "numpy==1.26.4"]
 # Ray Data / Ray Serve (dvt_core.integrations.ray). pyarrow 22+ needs numpy 2: 21.0.0 imports with numpy 1.26.
@@ -30,6 +33,7 @@ setup(
         "torch": TORCH,
         "mindspore": MINDSPORE,
         "onnx": ONNX,
+        "openvino": OPENVINO,
         "serve": SERVE,
         "ray": RAY + SERVE,
         # setuptools with its own bdist_wheel: the wheel check builds offline (pip wheel --no-build-isolation)

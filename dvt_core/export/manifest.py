@@ -19,6 +19,12 @@ FORMATS = ("onnx", "mindir")
 SOURCE_BACKEND = {"onnx": "torch", "mindir": "mindspore"}  # which backend writes each format
 DEFAULT_OPSET = 17
 SUPPORTED_OPSETS = range(14, 22)  # scaled_dot_product_attention needs 14; each of 14..21 exported and run in ORT
+# ONNX graph forms (dvt_backends.torch.export): the reuse resize as "gather" (its taps: Gather, Mul, ReduceSum)
+# or "dense" (one MatMul by its constant matrix); "auto" is the one ONNX Runtime and OpenVINO run fastest
+# (docs/deploy.md has the profiles)
+RESIZE_FORMS = ("gather", "dense", "auto")
+AUTO_RESIZE = "dense"
+GRAPH_PRECISIONS = ("fp32", "fp16")  # what ONNX graphs store their weights in
 FEATURES, RELATIONS = "features", "relations"
 PREV = "prev_"  # a graph's input for a carried tensor is named PREV + the output's name
 # meta keys copied to the manifest's top level (what serving needs); the whole metadata is kept too
@@ -59,7 +65,8 @@ def _plain(obj):
     return str(obj)
 
 
-def make_manifest(spec, fmt: str, stages: list[dict], meta: dict, versions: dict, batch_axes: dict) -> dict:
+def make_manifest(spec, fmt: str, stages: list[dict], meta: dict, versions: dict, batch_axes: dict,
+                  graph_form: Optional[dict] = None) -> dict:
     from dvt_core.model.macs import exit_macs
 
     meta = _plain(dict(meta or {}))
@@ -72,7 +79,21 @@ def make_manifest(spec, fmt: str, stages: list[dict], meta: dict, versions: dict
     for key in META_KEYS:
         out[key] = meta.get(key)
     out.update({"versions": versions, "batch_axes": batch_axes, "stages": stages, "checkpoint_meta": meta})
+    out.update(graph_form or {})  # how the graphs were written: the resize form, the weights' precision
     return out
+
+
+def graph_form(fmt: str, resize: str = "auto", precision: str = "fp32") -> dict:
+    """The checked graph options of an ``fmt`` export, as the manifest records them; InputError for bad ones."""
+    if resize not in RESIZE_FORMS:
+        raise InputError(f"unknown resize form {resize!r}; choose one of {', '.join(RESIZE_FORMS)}")
+    if precision not in GRAPH_PRECISIONS:
+        raise InputError(f"unknown graph precision {precision!r}; choose one of {', '.join(GRAPH_PRECISIONS)}")
+    if fmt != "onnx":
+        if resize != "auto" or precision != "fp32":
+            raise InputError(f"resize and precision are options of ONNX graphs; {fmt} graphs have one form")
+        return {}
+    return {"resize": AUTO_RESIZE if resize == "auto" else resize, "precision": precision}
 
 
 def stage_entry(index: int, file: str, inputs: list[str], outputs: list[str]) -> dict:

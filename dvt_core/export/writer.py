@@ -11,21 +11,26 @@ from typing import Union
 from dvt_core import fileio
 from dvt_core.errors import InputError
 from dvt_core.export.manifest import (DEFAULT_OPSET, FORMATS, MANIFEST, SOURCE_BACKEND, SUPPORTED_OPSETS,  # noqa: F401
-                                      make_manifest, sha256_of)
+                                      graph_form, make_manifest, sha256_of)
 
 
 def export(name_or_spec=None, weights=None, fmt: str = "onnx", out: Union[str, Path] = "export",
-           force: bool = False, opset: int = DEFAULT_OPSET, **overrides) -> Path:
+           force: bool = False, opset: int = DEFAULT_OPSET, resize: str = "auto", precision: str = "fp32",
+           **overrides) -> Path:
     """Export ``name_or_spec`` with ``weights`` (any checkpoint ``build`` reads) as per-stage graphs.
 
     ``fmt`` "onnx" traces the torch backend, "mindir" the MindSpore backend. Writes ``out`` atomically;
-    an existing ``out`` is replaced only with ``force``. Returns ``out``.
+    an existing ``out`` is replaced only with ``force``. Returns ``out``. ONNX only: ``resize`` is the form
+    of the reuse resize ("gather", "dense", or "auto": the one ONNX Runtime and OpenVINO run fastest) and
+    ``precision`` what the weights are stored in ("fp32", or "fp16": half the size; runtimes compute in the
+    precision they are asked for). Both are recorded in the manifest.
     """
     from dvt_core.runtime.builder import build
 
     check_target(fmt, out, force, opset)
+    graph_form(fmt, resize, precision)
     model = build(name_or_spec, backend=SOURCE_BACKEND[fmt], weights=weights, **overrides)
-    return export_model(model, fmt, out, force=force, opset=opset)
+    return export_model(model, fmt, out, force=force, opset=opset, resize=resize, precision=precision)
 
 
 def check_target(fmt: str, out: Union[str, Path], force: bool, opset: int = DEFAULT_OPSET) -> None:
@@ -47,23 +52,26 @@ def check_target(fmt: str, out: Union[str, Path], force: bool, opset: int = DEFA
                          f"({SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1})")
 
 
-def export_model(model, fmt: str, out: Union[str, Path], force: bool = False, opset: int = DEFAULT_OPSET) -> Path:
-    """Export a built model (torch for "onnx", MindSpore for "mindir") into ``out``, atomically."""
+def export_model(model, fmt: str, out: Union[str, Path], force: bool = False, opset: int = DEFAULT_OPSET,
+                 resize: str = "auto", precision: str = "fp32") -> Path:
+    """Export a built model (torch for "onnx", MindSpore for "mindir") into ``out``, atomically
+    (``resize``, ``precision``: :func:`export`)."""
     from dvt_core.runtime.contract import backend_of
 
     check_target(fmt, out, force, opset)
+    form = graph_form(fmt, resize, precision)
     backend = SOURCE_BACKEND[fmt]
     if backend_of(model).name != backend:
         raise InputError(f"{fmt} graphs are exported from a {backend} model, not a {backend_of(model).name} one")
     writer = importlib_export(backend)
     with fileio.atomic_dir(out, force=force) as tmp:  # removed on failure, SIGTERM and SIGINT alike
-        kwargs = {"opset": int(opset)} if fmt == "onnx" else {}
+        kwargs = {"opset": int(opset), **form} if fmt == "onnx" else {}
         stages, versions, batch_axes = writer.export_stages(model, tmp, **kwargs)
         for st in stages:
             st["sha256"] = sha256_of(tmp / st["file"])
         versions = {"dvt": _dvt_version(), **versions}
         manifest = make_manifest(model.spec, fmt, stages, getattr(model, "checkpoint_meta", {}), versions,
-                                 batch_axes)
+                                 batch_axes, form)
         manifest["data_files"] = _data_files(tmp, stages)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
     return Path(out)

@@ -40,6 +40,7 @@ RUNTIMES = {
     "mindspore": ("dvt_backends.mindspore", "mindspore", "spec"),
     "onnx": ("dvt_backends.onnx", "onnxruntime", "export"),
     "mindir": ("dvt_backends.mindir", "mindspore", "export"),
+    "openvino": ("dvt_backends.openvino", "openvino", "export"),
 }
 
 

@@ -330,6 +330,7 @@ def build_subject(runtime: str, precision: str, name: str, weights, overrides: d
 
         src = _seeded_torch(name, weights, overrides, seed, "fp32")
         tag = Path(workdir) / f"{fmt}-{id(src)}"
+        tag.mkdir()  # inside the benchmark's own temporary folder: exports never create folders themselves
         if model is None:
             model = dvt_core.build(export_model(src, fmt, tag / "dvt"), backend=runtime, precision=precision,
                                    threads=threads)

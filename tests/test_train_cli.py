@@ -55,6 +55,9 @@ def test_folder_classes_holdout_calibration_and_force(folder, tmp_path):
     assert meta["class_names"] == meta["classes"] == ["a", "b", "c"]
     n = sum(1 for _ in folder.rglob("*.png"))
     assert meta["holdout"] == round(0.1 * n) and meta["train"]["holdout"] == round(0.1 * n)  # the default 0.1
+    # where it was trained and what was held out, for evaluate / calibrate to default to
+    assert meta["dataset"] == {"name": folder.name, "path": str(folder.resolve()), "split": "train", "images": n,
+                               "holdout": round(0.1 * n), "seed": 0}
     # calibrated on the held-out part at the end: predict needs no thresholds
     assert len(meta["thresholds"]) == 3 and meta["calibration"]["split"] == "holdout"
     assert meta["calibration"]["images"] == meta["holdout"]

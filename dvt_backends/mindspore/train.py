@@ -122,7 +122,7 @@ def check_resumable(state_path, spec: CascadeSpec) -> None:
 
 def train(spec: CascadeSpec, images: np.ndarray, labels: np.ndarray, cfg: TrainConfig, out_dir,
           device: Optional[str] = None, resume: bool = False, progress: bool = True,
-          extra_meta: Optional[dict] = None, init=None, init_state: Optional[dict] = None) -> Path:
+          extra_meta: Optional[dict] = None, init=None, dataset=None, init_state: Optional[dict] = None) -> Path:
     """Train ``spec`` on uint8 ``images`` and ``labels`` as the torch trainer does; returns the final weights
     path ``<out_dir>/<spec.name>.ckpt``. ``init_state`` (canonical numpy state) replaces the seeded
     initialisation, e.g. to start from torch's exact initial weights."""
@@ -207,7 +207,7 @@ def train(spec: CascadeSpec, images: np.ndarray, labels: np.ndarray, cfg: TrainC
     final = out_dir / f"{spec.name}.ckpt"
     meta = final_meta(spec, cfg, history, images=len(images), hold_idx=hold_idx, labels=labels, probs=probs,
                       seconds=time.time() - t0, device=ms.get_context("device_target"), world=1,
-                      backend="mindspore", init=init_report)
+                      backend="mindspore", init=init_report, dataset=dataset)
     meta.update(extra_meta or {})
     write_checkpoint(final, model_state(model), meta, fmt="mindspore", force=True)
     return final

@@ -97,7 +97,7 @@ def _pick_device(device: Optional[str], local_rank: int) -> torch.device:
 
 def train(spec: CascadeSpec, images: np.ndarray, labels: np.ndarray, cfg: TrainConfig, out_dir,
           device: Optional[str] = None, resume: bool = False, progress: bool = True,
-          extra_meta: Optional[dict] = None, init=None) -> Path:
+          extra_meta: Optional[dict] = None, init=None, dataset=None) -> Path:
     """Train ``spec`` on uint8 ``images`` (N, H, W[, C]) and ``labels``; returns the final weights path.
 
     ``cfg.holdout`` images (chosen by ``cfg.seed``) are kept out of training; their indices are saved
@@ -202,7 +202,7 @@ def train(spec: CascadeSpec, images: np.ndarray, labels: np.ndarray, cfg: TrainC
             probs = exit_probs(model, images[hold_idx])
         meta = final_meta(spec, cfg, history, images=len(images), hold_idx=hold_idx, labels=labels, probs=probs,
                           seconds=time.time() - t0, device=str(dev), world=world, backend="torch",
-                          init=init_report)
+                          init=init_report, dataset=dataset)
         meta.update(extra_meta or {})
         write_checkpoint(final, model_state(model), meta, force=True)
     if world > 1:

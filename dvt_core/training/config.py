@@ -106,10 +106,32 @@ def check_finite_loss(loss: float, step: int, epoch: int) -> None:
                                "no weights written for it. Lower --lr, or raise --warmup-epochs")
 
 
+def dataset_record(source, images: int, holdout: int, seed: int) -> dict:
+    """``meta["dataset"]``: where a model was trained and which part of it was held out, so evaluation and
+    calibration can default to the same images. ``source`` is ``"fashion-mnist"``, an image folder's path,
+    or None (arrays handed to the Python API); ``name`` is the data set's name (the folder's own name),
+    ``path`` the folder's absolute path (None for Fashion-MNIST), ``images`` the training split's size,
+    ``holdout`` the held-out count drawn with ``seed`` by :func:`dvt_core.data.sources.split_holdout`."""
+    from pathlib import Path
+
+    from dvt_core.data.datasets import is_fashion_mnist
+
+    if source is None:
+        name, path = None, None
+    elif is_fashion_mnist(source):
+        name, path = "fashion-mnist", None
+    else:
+        resolved = Path(source).resolve()
+        name, path = resolved.name, str(resolved)
+    return {"name": name, "path": path, "split": "train", "images": int(images), "holdout": int(holdout),
+            "seed": int(seed)}
+
+
 def final_meta(spec, cfg: TrainConfig, history: list, images: int, hold_idx, labels, probs, seconds: float,
-               device: str, world: int, backend: str, init=None) -> dict:
+               device: str, world: int, backend: str, init=None, dataset=None) -> dict:
     """The metadata a trainer writes with its final weights, calibrated on the held-out part when there is
-    one (``probs``: the exits' probabilities on it), so the default operating point is ready to use."""
+    one (``probs``: the exits' probabilities on it), so the default operating point is ready to use.
+    ``dataset`` is where the images came from (see :func:`dataset_record`)."""
     from dvt_core.model.macs import exit_macs
     from dvt_core.runtime.operating_point import calibration_meta
 
@@ -117,7 +139,8 @@ def final_meta(spec, cfg: TrainConfig, history: list, images: int, hold_idx, lab
     meta = {"arch": spec.name, "spec": spec.to_dict(), "exit_macs": costs, "train": cfg.to_dict(),
             "history": history, "holdout_indices_seed": cfg.seed, "holdout": int(len(hold_idx)),
             "dataset_images": int(images), "train_seconds": round(seconds, 1), "device": device,
-            "world_size": world, "backend": backend}
+            "world_size": world, "backend": backend,
+            "dataset": dataset_record(dataset, images, len(hold_idx), cfg.seed)}
     if init is not None:
         meta["init"] = init if isinstance(init, dict) else init.to_meta()
     if probs is not None and len(hold_idx):

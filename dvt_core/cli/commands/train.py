@@ -144,7 +144,7 @@ def run(args) -> int:
     t0 = time.time()
     path = trainer.train(spec, images, labels, cfg, out, device=args.device, resume=args.resume,
                          progress=not args.no_progress and _progress(), init=args.init,
-                         extra_meta={"classes": classes, "class_names": classes, "dataset": args.dataset})
+                         dataset=args.dataset, extra_meta={"classes": classes, "class_names": classes})
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"wrote {path} in {time.time() - t0:.0f} s (default operating point calibrated on "
               f"{cfg.holdout} held-out images)")

@@ -106,7 +106,7 @@ def test_writes_checkpoints_with_metadata(reference, data):
     # last.pth holds the same weights plus what resuming needs
     state = torch.load(out / "last.pth", map_location="cpu", weights_only=True)
     assert state["epoch"] == cfg.epochs
-    assert json.loads(state["history"]) == meta["history"]
+    assert json.loads(state["record"])["history"] == meta["history"]
     states_equal({k: v.numpy() for k, v in state["model"].items()}, ckpt.state)
 
     # the spec travels with the weights: the file rebuilds the trained model
@@ -279,7 +279,7 @@ def test_two_process_data_parallel_matches_one_process(tmp_path):
            "--master_port", str(_free_port()), "-m", "dvt_core", *args, "--out", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    final = out / "dvt_fashion_mnist.safetensors"
+    final = out / "images.safetensors"  # named after the folder
     assert listing(out) == {"last.pth", final.name}
     ddp = read_checkpoint(final)
     assert ddp.meta["world_size"] == 2
@@ -288,7 +288,8 @@ def test_two_process_data_parallel_matches_one_process(tmp_path):
     # the same run in one process, on the images as `dvt train` loads them
     from dvt_core.data.datasets import load_dataset
 
-    spec = tiny_spec()
+    spec = dvt_core.CascadeSpec.from_dict(ddp.meta["spec"])  # the folder's own normalisation
+    assert spec.mean != tiny_spec().mean and ddp.meta["normalisation"]["from"] == "training images"
     x, y, _ = load_dataset(str(dataset), "train", spec)
     cfg = TrainConfig(epochs=1, batch_size=16, holdout=20, max_steps=2, augment=False)
     single = read_checkpoint(trainer.train(spec, x, y, cfg, tmp_path / "single", progress=False))

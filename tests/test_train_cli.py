@@ -50,7 +50,7 @@ def test_folder_classes_holdout_calibration_and_force(folder, tmp_path):
     out = tmp_path / "run"
     proc = ok(dvt(*BASE, "--dataset", folder, "--out", out))
     assert "has 3 classes: training dvt_fashion_mnist with num_classes=3" in proc.stdout
-    meta = read_checkpoint(out / "dvt_fashion_mnist.safetensors").meta
+    meta = read_checkpoint(out / f"{folder.name}.safetensors").meta
     assert meta["spec"]["num_classes"] == 3
     assert meta["class_names"] == meta["classes"] == ["a", "b", "c"]
     n = sum(1 for _ in folder.rglob("*.png"))
@@ -61,16 +61,16 @@ def test_folder_classes_holdout_calibration_and_force(folder, tmp_path):
     # calibrated on the held-out part at the end: predict needs no thresholds
     assert len(meta["thresholds"]) == 3 and meta["calibration"]["split"] == "holdout"
     assert meta["calibration"]["images"] == meta["holdout"]
-    pred = ok(dvt("predict", "--weights", out / "dvt_fashion_mnist.safetensors", folder / "a"))
+    pred = ok(dvt("predict", "--weights", out / f"{folder.name}.safetensors", folder / "a"))
     assert "the default stored in" in pred.stderr
 
     again = refused(dvt(*BASE, "--dataset", folder, "--out", out), "already holds", "--force")
     assert str(out) in again
     ok(dvt(*BASE, "--dataset", folder, "--out", out, "--force", "--holdout", "0.25"))
-    assert read_checkpoint(out / "dvt_fashion_mnist.safetensors").meta["holdout"] == round(0.25 * n)
+    assert read_checkpoint(out / f"{folder.name}.safetensors").meta["holdout"] == round(0.25 * n)
 
     # calibrate of the folder-trained model: its held-out part only, its class count
-    cal = ok(dvt("calibrate", "--weights", out / "dvt_fashion_mnist.safetensors", "--dataset", folder,
+    cal = ok(dvt("calibrate", "--weights", out / f"{folder.name}.safetensors", "--dataset", folder,
                  "--budget", "1e6", "--json", "-"))
     result = json.loads(cal.stdout)
     assert result["split"] == "holdout" and result["images"] == round(0.25 * n)
@@ -85,7 +85,7 @@ def test_divergence_stops_with_status_2_and_writes_no_weights(folder, tmp_path):
     line = refused(dvt(*BASE, "--dataset", folder, "--out", out, "--lr", "1e30", "--warmup-epochs", "0"),
                    "diverged", "step")
     assert "at step " in line and "(epoch 1)" in line
-    assert not (out / "dvt_fashion_mnist.safetensors").exists()
+    assert not (out / f"{folder.name}.safetensors").exists()
     assert not (out / "last.pth").exists()
 
 
@@ -95,8 +95,8 @@ def test_resume_after_max_steps_continues_inside_the_epoch(folder, tmp_path):
     ok(dvt(*BASE, "--dataset", folder, "--out", part, "--max-steps", "3"))  # stops after epoch 2's first step
     res = ok(dvt(*BASE, "--dataset", folder, "--out", part, "--resume"))
     assert "at epoch 2, step 3" in res.stdout, res.stdout
-    a = read_checkpoint(tmp_path / "whole" / "dvt_fashion_mnist.safetensors")
-    b = read_checkpoint(part / "dvt_fashion_mnist.safetensors")
+    a = read_checkpoint(tmp_path / "whole" / f"{folder.name}.safetensors")
+    b = read_checkpoint(part / f"{folder.name}.safetensors")
     for k in a.state:
         np.testing.assert_array_equal(a.state[k], b.state[k], err_msg=k)
     assert [h["loss"] for h in a.meta["history"]] == [h["loss"] for h in b.meta["history"]]
@@ -106,12 +106,12 @@ def test_resume_after_max_steps_continues_inside_the_epoch(folder, tmp_path):
 def test_init_reinitialises_heads_and_refuses_another_architecture(folder, tmp_path):
     src = tmp_path / "src"
     ok(dvt(*BASE, "--dataset", folder, "--out", src, "--epochs", "1"))
-    src_file = src / "dvt_fashion_mnist.safetensors"
+    src_file = src / f"{folder.name}.safetensors"
     out = tmp_path / "tuned"
     proc = ok(dvt(*BASE, "--dataset", folder, "--out", out, "--epochs", "1",
                   "--init", src_file, "-O", "num_classes=3", "-O", "grids=[2,4,14]"))
     assert "resampled stages.2.pos_embed" in proc.stdout and "resampled stages.2.tokenizer.proj.weight" in proc.stdout
-    meta = read_checkpoint(out / "dvt_fashion_mnist.safetensors").meta
+    meta = read_checkpoint(out / f"{folder.name}.safetensors").meta
     assert meta["init"]["file"] == str(src_file) and len(meta["init"]["resampled"]) == 2
     line = refused(dvt(*BASE, "--dataset", folder, "--out", tmp_path / "bad", "--init", src_file,
                        "-O", "embed_dim=24"), "does not fit", "mismatched")
@@ -125,7 +125,7 @@ def test_mindspore_training_from_the_command_line(folder, tmp_path):
     pytest.importorskip("mindspore", reason="MindSpore training needs mindspore")
     out = tmp_path / "ms"
     ok(dvt(*BASE, "--dataset", folder, "--out", out, "--backend", "mindspore", "--epochs", "1", timeout=600))
-    ckpt = read_checkpoint(out / "dvt_fashion_mnist.ckpt")
+    ckpt = read_checkpoint(out / f"{folder.name}.ckpt")
     assert ckpt.format == "mindspore" and ckpt.meta["backend"] == "mindspore"
     assert ckpt.meta["class_names"] == ["a", "b", "c"] and len(ckpt.meta["thresholds"]) == 3
     assert (out / "last.ckpt").exists()

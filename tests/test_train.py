@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -28,8 +27,8 @@ from dvt_core.checkpoint.files import read_checkpoint
 from dvt_core.model.macs import exit_macs
 from dvt_core.training.config import TrainConfig, cosine_lr, steps_per_epoch
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = dict(depth=1, embed_dim=16, num_heads=2, feature_reuse_dim=4, feature_reuse_hidden=8)
+from helpers import REPO, TINY, free_port, synthetic, write_image_folder as _write_image_folder
+
 N_IMAGES = 300
 HOLDOUT = 40
 BASE = dict(epochs=5, batch_size=32, lr=3e-3, warmup_epochs=1.0, holdout=HOLDOUT, pad=0, seed=0)
@@ -37,20 +36,6 @@ BASE = dict(epochs=5, batch_size=32, lr=3e-3, warmup_epochs=1.0, holdout=HOLDOUT
 
 def tiny_spec(**extra):
     return dvt_core.get_spec("dvt_fashion_mnist", **{**TINY, **extra})
-
-
-def synthetic(n: int = N_IMAGES, seed: int = 0):
-    """uint8 (n, 28, 28) noise with a bright 10x3 square whose position (2 rows x 5 columns, mirrored
-    left-right) is the class; int64 labels, 10 classes in equal numbers."""
-    rng = np.random.default_rng(seed)
-    labels = np.arange(n) % 10
-    rng.shuffle(labels)
-    images = rng.integers(0, 40, size=(n, 28, 28)).astype(np.uint8)
-    for img, c in zip(images, labels):
-        r, col = 2 + 13 * (c // 5), 1 + 3 * (c % 5)
-        img[r:r + 10, col:col + 3] = 255
-        img[r:r + 10, 27 - col - 2:27 - col + 1] = 255
-    return images, labels.astype(np.int64)
 
 
 def states_equal(a: dict, b: dict) -> None:
@@ -245,21 +230,6 @@ def test_trainer_follows_the_schedule(data, tmp_path, monkeypatch):
 
 # ---- two processes through torchrun ---------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _write_image_folder(root: Path, images: np.ndarray, labels: np.ndarray) -> None:
-    from PIL import Image
-
-    for i, (img, c) in enumerate(zip(images, labels)):
-        folder = root / f"class{c}"
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(img, "L").save(folder / f"{i:03d}.png")
-
-
 def test_two_process_data_parallel_matches_one_process(tmp_path):
     """torchrun, 2 CPU processes (gloo): each takes half of every global batch and DDP averages the
     gradients, so the weights match one process on the same global batches (no augmentation, whose
@@ -276,7 +246,7 @@ def test_two_process_data_parallel_matches_one_process(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     env.update(OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", PYTHONPATH=str(REPO))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "dvt_core", *args, "--out", str(out)]
+           "--master_port", str(free_port()), "-m", "dvt_core", *args, "--out", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     final = out / "images.safetensors"  # named after the folder

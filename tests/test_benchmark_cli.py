@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from test_cli import dvt
+from helpers import dvt
 
 TINY = ["-O", "img_size=32", "-O", "grids=[2,3,4]", "-O", "depth=1", "-O", "embed_dim=32", "-O", "num_heads=2"]
 

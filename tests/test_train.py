@@ -27,9 +27,8 @@ from dvt_core.checkpoint.files import read_checkpoint
 from dvt_core.model.macs import exit_macs
 from dvt_core.training.config import TrainConfig, cosine_lr, steps_per_epoch
 
-from helpers import REPO, TINY, free_port, synthetic, write_image_folder as _write_image_folder
+from helpers import N_IMAGES, ROOT as REPO, TINY, _write_image_folder, free_port, synthetic
 
-N_IMAGES = 300
 HOLDOUT = 40
 BASE = dict(epochs=5, batch_size=32, lr=3e-3, warmup_epochs=1.0, holdout=HOLDOUT, pad=0, seed=0)
 

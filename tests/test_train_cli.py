@@ -13,7 +13,7 @@ import pytest
 
 from dvt_core.checkpoint.files import read_checkpoint
 
-from helpers import TINY, run_dvt as dvt, synthetic, write_image_folder as _write_image_folder
+from helpers import TINY, _write_image_folder, dvt, synthetic
 
 OV = [a for k, v in TINY.items() for a in ("-O", f"{k}={v}")]
 BASE = ["train", "--model", "dvt_fashion_mnist", *OV, "--epochs", "2", "--batch-size", "16", "--no-progress"]

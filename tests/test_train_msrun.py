@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from dvt_core.checkpoint.files import read_checkpoint
-from helpers import REPO, TINY, free_port, run_dvt, synthetic, write_image_folder
+from helpers import ROOT as REPO, TINY, _write_image_folder as write_image_folder, free_port, run_dvt, synthetic
 
 pytestmark = pytest.mark.mindspore
 

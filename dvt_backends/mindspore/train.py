@@ -141,9 +141,9 @@ class MindSporeTrainer(Trainer):
     def __init__(self, spec: CascadeSpec, cfg: TrainConfig, device: Optional[str] = None):
         C.configure_runtime()
         if device is not None:
-            from . import to_device
+            from . import RUNTIME
 
-            to_device(None, device)
+            RUNTIME.to_device(None, device)
         self.world, self.rank = _launch_env()
         self.cfg = cfg
         ms.set_seed(cfg.seed)

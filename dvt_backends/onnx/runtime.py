@@ -7,23 +7,14 @@ from typing import Optional, Union
 import onnxruntime as ort
 
 from dvt_core.errors import CheckpointError, InputError
-from dvt_core.export.writer import ExportedDVT, read_manifest
+from dvt_core.export.graph import ExportedDVT, GraphRuntimeBase
+from dvt_core.export.manifest import read_manifest
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
-def device_for(device) -> str:
-    """ONNX Runtime's execution provider for ``device`` (cpu, cuda); InputError for one it lacks here."""
-    kind = str(device or "cpu").split(":")[0].lower()
-    if kind not in PROVIDERS:
-        raise InputError(f"unknown ONNX Runtime device {device!r}; use cpu or cuda")
-    provider = PROVIDERS[kind]
-    if provider not in ort.get_available_providers():
-        raise InputError(f"device {device!r} asked for, but this onnxruntime has no {provider}")
-    return provider
-
-
 class OnnxDVT(ExportedDVT):
+    backend_name = "onnx"
     graph_format = "onnx"
 
     def __init__(self, directory, manifest: dict, device: str = "cpu", threads: Optional[int] = None):
@@ -34,7 +25,7 @@ class OnnxDVT(ExportedDVT):
         self.to_device(device)
 
     def to_device(self, device) -> "OnnxDVT":
-        provider = device_for(device)
+        provider = RUNTIME.device_for(device)
         kind = str(device or "cpu").split(":")[0].lower()
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -67,8 +58,27 @@ class OnnxDVT(ExportedDVT):
         return s.run(self.manifest["stages"][index]["outputs"], feeds)
 
 
-def load(directory: Union[str, Path], model: Optional[str] = None, device: str = "cpu",
-         threads: Optional[int] = None) -> OnnxDVT:
-    """The exported DVT in ``directory`` on ONNX Runtime; ``model`` (a zoo name) must match when given."""
-    manifest = read_manifest(directory, fmt="onnx", model=model)
-    return OnnxDVT(directory, manifest, device=device, threads=threads)
+class OnnxRuntime(GraphRuntimeBase):
+    """ONNX graphs on ONNX Runtime (fp32: its CPU provider has no bf16 kernels for these graphs)."""
+
+    name = "onnx"
+    graph_format = "onnx"
+
+    def device_for(self, device) -> str:
+        """ONNX Runtime's execution provider for ``device`` (cpu, cuda); InputError for one it lacks here."""
+        kind = str(device or "cpu").split(":")[0].lower()
+        if kind not in PROVIDERS:
+            raise InputError(f"unknown ONNX Runtime device {device!r}; use cpu or cuda")
+        provider = PROVIDERS[kind]
+        if provider not in ort.get_available_providers():
+            raise InputError(f"device {device!r} asked for, but this onnxruntime has no {provider}")
+        return provider
+
+    def open(self, directory: Union[str, Path], model: Optional[str] = None, device: str = "cpu",
+             precision: str = "fp32", threads: Optional[int] = None) -> OnnxDVT:
+        self.check_precision(precision)
+        manifest = read_manifest(directory, fmt="onnx", model=model)
+        return OnnxDVT(directory, manifest, device=device, threads=threads)
+
+
+RUNTIME = OnnxRuntime()

@@ -1,21 +1,19 @@
 """The DVT cascade in PyTorch: stages of growing token grids, feature and relation reuse, early exit.
 
 Mirrors ``dvt_backends/mindspore/cascade.py``. ``DVT(spec)(images)`` returns one logits tensor per exit;
-``DVT.adaptive(images, thresholds)`` runs true early exit (the loop lives in dvt_core.runtime.early_exit).
+``DVT.adaptive(images, thresholds)`` runs true early exit (written once: dvt_core.runtime.contract).
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
 from typing import NamedTuple, Optional, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from dvt_core.runtime.early_exit import AdaptiveResult, run_adaptive
 from dvt_core.model.macs import exit_macs
-from dvt_core.runtime.operating_point import model_thresholds
+from dvt_core.runtime.contract import ModelAPI
 from dvt_core.model.recipe import INIT_STD, TRUNC_BOUND, drop_path_rates
 from dvt_core.errors import InputError, check_images_shape
 from dvt_core.model.specs import CascadeSpec, sinusoid_position_table
@@ -31,10 +29,6 @@ class Reuse(NamedTuple):
     # per block (B, heads, N, N): kept apart so early exit slices only the images that go on before
     # anything is concatenated
     relations: Optional[tuple[torch.Tensor, ...]]
-
-
-def _to_numpy(logits: torch.Tensor) -> np.ndarray:
-    return logits.detach().float().cpu().numpy()
 
 
 def select(images: torch.Tensor, carry: Reuse, rows) -> tuple[torch.Tensor, Reuse]:
@@ -111,7 +105,7 @@ class Stage(nn.Module):
         return out, Reuse(x, tuple(logits_per_block) if keep_relations else None)
 
 
-class DVT(nn.Module):
+class DVT(ModelAPI, nn.Module):
     """A Dynamic Vision Transformer: ``forward`` returns the logits of every exit, in exit order."""
 
     def __init__(self, spec: CascadeSpec):
@@ -176,21 +170,6 @@ class DVT(nn.Module):
         return self
 
     @torch.no_grad()
-    def adaptive(self, images: torch.Tensor, thresholds: Optional[Sequence[float]] = None,
-                 confidence: str = "max_softmax") -> AdaptiveResult:
-        """True early exit: an image leaves at the first exit whose confidence reaches its threshold.
-
-        Only the images that go on run the next stage, with their rows of the reused features and
-        attention logits. ``thresholds`` has one value per exit (the last is ignored) or one fewer;
-        without them, the default operating point stored in the checkpoint the model was built from.
-        Runs in evaluation mode (dropout and stochastic depth off) and restores the previous mode.
-        """
-        self.check_images(images)
-        thresholds = model_thresholds(self, thresholds)
-        with self.inference():
-            return run_adaptive(self.run_stage, _to_numpy, select, images, images.shape[0], thresholds,
-                                self.exit_macs, confidence)
-
     @contextmanager
     def inference(self):
         """Evaluation mode (dropout and stochastic depth off) without gradients; restores the mode."""

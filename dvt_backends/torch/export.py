@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from dvt_core.export.writer import FEATURES, PREV, RELATIONS, carry_names, stage_entry
+from dvt_core.export.manifest import FEATURES, PREV, RELATIONS, carry_names, stage_entry
 
 from .cascade import DVT, Reuse
 from .layers import TokenResize

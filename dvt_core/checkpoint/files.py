@@ -34,7 +34,7 @@ import numpy as np
 from dvt_core import fileio
 
 from dvt_core.checkpoint import ms_ckpt as ckpt_format
-from dvt_core.errors import CheckpointError, UnsafeCheckpointError
+from dvt_core.errors import CheckpointError, InputError, UnsafeCheckpointError
 from dvt_core.checkpoint.naming import (canonical_to_mindspore, canonical_to_ms_official, is_ms_official_layout, is_ms_training_state,
                      is_official_layout, mindspore_to_canonical, ms_official_to_canonical, rename_official)
 from dvt_core.model.shapes import check_spec_state
@@ -97,13 +97,13 @@ class Checkpoint:
 
 
 def _framework_files(name: str, path, action: str = "reading"):
-    """The backend ``dvt_backends.<name>``, whose ``read_file`` / ``write_file`` handle the framework's own
-    files; imported only now."""
-    import importlib
+    """The framework ``name`` (its runtime), whose ``read_file`` / ``write_file`` handle its own files;
+    imported only now."""
+    from dvt_core.runtime.contract import get_backend
 
     try:
-        return importlib.import_module(f"dvt_backends.{name}")
-    except ImportError:
+        return get_backend(name)
+    except InputError:
         raise CheckpointError(f"{path} is a {name} checkpoint; {action} it needs {name} "
                               f"(pip install 'dvt[{name}]')") from None
 

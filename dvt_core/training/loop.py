@@ -8,7 +8,6 @@ of the default operating point and the final metadata.
 """
 from __future__ import annotations
 
-import importlib
 import json
 import time
 from pathlib import Path
@@ -24,15 +23,16 @@ from dvt_core.training.trainer import Trainer
 
 
 def make_trainer(backend: str, spec, cfg: TrainConfig, device: Optional[str] = None) -> Trainer:
-    """The ``backend``'s :class:`Trainer` for ``spec`` (its import errors said plainly by ``get_backend``)."""
-    from dvt_core.runtime.builder import get_backend
+    """The ``backend``'s :class:`Trainer` for ``spec``: ``Framework.trainer`` of the runtime contract (an
+    unknown or missing backend, or a runtime that does not train, said plainly)."""
+    from dvt_core.runtime.contract import Framework, get_backend
 
     framework = get_backend(backend)
+    if not isinstance(framework, Framework):
+        raise InputError(f"the {backend} runtime runs exported graphs and cannot train; use torch or mindspore")
     if device is not None:  # a device the backend cannot use here: InputError before any work
         framework.device_for(device)
-    if hasattr(framework, "trainer"):
-        return framework.trainer(spec, cfg, device)
-    return importlib.import_module(f"dvt_backends.{backend}.train").make_trainer(spec, cfg, device)
+    return framework.trainer(spec, cfg, device)
 
 
 def check_resumable(trainer: Trainer, path, spec) -> None:

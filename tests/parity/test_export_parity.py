@@ -75,7 +75,9 @@ def check_onnx(model, out_dir: Path, images: np.ndarray, label: str):
 
 
 def check_mindir(model, out_dir: Path, images: np.ndarray, label: str):
-    from dvt_backends.mindspore import adaptive_numpy, forward_numpy
+    from dvt_backends.mindspore import RUNTIME
+
+    adaptive_numpy, forward_numpy = RUNTIME.adaptive_numpy, RUNTIME.forward_numpy
 
     export_model(model, "mindir", out_dir)
     rt = dvt_core.build(out_dir, backend="mindir")

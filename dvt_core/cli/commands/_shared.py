@@ -40,8 +40,11 @@ def parse_overrides(items: Optional[Sequence[str]]) -> dict:
 
 def add_common_options(p: argparse.ArgumentParser, model: bool = True, weights: bool = True) -> None:
     """--backend and --device; with ``model`` --model and -O; with ``weights`` --weights."""
+    from dvt_core.runtime.contract import runtime_names
+
     p.add_argument("--backend", default="torch",
-                   help="torch (default), mindspore, or onnx / mindir to run a `dvt export` folder given as --weights")
+                   help=f"{' or '.join(runtime_names('spec'))} (default torch), or {' / '.join(runtime_names('export'))} "
+                        "to run a `dvt export` folder given as --weights")
     p.add_argument("--device", default=None, help="torch device (cpu, cuda, cuda:1, mps) or MindSpore target")
     if model:
         p.add_argument("--model", default=None, help="zoo model name (see `dvt flops --list`)")

@@ -73,9 +73,9 @@ def run(args) -> int:
         raise UserError(f"--limit must be 0 or more, got {args.limit}")
     check_outputs(args, args.out, args.json)
     check_picture(args.out)
-    from dvt_core.runtime.builder import EXPORT_BACKENDS
+    from dvt_core.runtime.contract import runtime_names
 
-    exported = args.backend in EXPORT_BACKENDS
+    exported = args.backend in runtime_names("export")
     if exported and args.weights is None:
         raise UserError(f"--backend {args.backend} runs an export: pass --weights DIR "
                         f"(make it with `dvt export {DEMO_MODEL} --weights default --format {args.backend} --out DIR`)")

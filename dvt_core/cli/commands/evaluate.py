@@ -32,9 +32,9 @@ def add_arguments(parser) -> None:
 
 def _baseline_names(args, spec) -> list[str]:
     choice = (args.baselines or "auto").strip()
-    from dvt_core.runtime.builder import EXPORT_BACKENDS
+    from dvt_core.runtime.contract import runtime_names
 
-    if choice == "none" or (choice == "auto" and args.backend in EXPORT_BACKENDS):  # baselines need a framework
+    if choice == "none" or (choice == "auto" and args.backend in runtime_names("export")):  # baselines need a framework
         return []
     if choice != "auto":
         names = [n.strip() for n in choice.split(",") if n.strip()]

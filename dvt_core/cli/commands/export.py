@@ -10,7 +10,7 @@ HELP = "export one graph per stage (ONNX or MindIR) and a dvt.json manifest, for
 
 
 def add_arguments(parser) -> None:
-    from dvt_core.export.writer import DEFAULT_OPSET, FORMATS
+    from dvt_core.export.manifest import DEFAULT_OPSET, FORMATS
 
     parser.add_argument("model", help="zoo model name (see `dvt flops --list`)")
     parser.add_argument("--weights", required=True,
@@ -24,7 +24,8 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from dvt_core.export.writer import MANIFEST, SOURCE_BACKEND, check_target, export
+    from dvt_core.export.manifest import MANIFEST, SOURCE_BACKEND
+    from dvt_core.export.writer import check_target, export
 
     get_spec(args.model)  # an unknown name is reported first
     if args.weights != "default" and not Path(args.weights).exists():

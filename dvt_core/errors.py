@@ -22,6 +22,14 @@ class InputError(DVTError):
     """An image batch that does not fit the model (rank, channels, size) or bad call arguments."""
 
 
+class ConfigError(DVTError):
+    """A configuration value out of its range (a training run's, say); ``field`` names it."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(message)
+
+
 class CheckpointError(DVTError):
     """A file that is not a usable checkpoint for the requested model."""
 

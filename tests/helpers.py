@@ -275,7 +275,7 @@ def _write_image_folder(root: Path, images: np.ndarray, labels: np.ndarray) -> N
     for i, (img, c) in enumerate(zip(images, labels)):
         folder = root / f"class{c}"
         folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(img, "L").save(folder / f"{i:03d}.png")
+        Image.fromarray(img, "L" if img.ndim == 2 else "RGB").save(folder / f"{i:03d}.png")
 
 
 # ---- hostile inputs: the CLI under an address-space limit; a refusal is status 2 and one line -----------------
@@ -307,3 +307,21 @@ def refused(proc, *needles, status=2):
     for n in needles:
         assert n in lines[0], lines[0]
     return lines[0]
+
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 free now (for a launcher's rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_dvt(*args, cwd=None, timeout: int = 300, env=None) -> subprocess.CompletedProcess:
+    """:func:`dvt` with its own environment ``env`` (the checkout importable, one thread unless set)."""
+    full = dict(os.environ if env is None else env, PYTHONPATH=str(ROOT))
+    full.setdefault("OMP_NUM_THREADS", "1")
+    return subprocess.run([sys.executable, "-m", "dvt_core", *map(str, args)], cwd=cwd or os.getcwd(), env=full,
+                          capture_output=True, text=True, timeout=timeout)

@@ -262,7 +262,7 @@ def test_train_image_folder_then_predict(files, tmp_path):
     ok(dvt("train", "--model", "dvt_fashion_mnist", "-O", "depth=1", "-O", "num_classes=2", "--dataset",
            files["folder"], "--out", out, "--epochs", "1", "--max-steps", "1", "--holdout", "4", "--batch-size", "4",
            "--no-progress"))
-    ck = out / "dvt_fashion_mnist.safetensors"
+    ck = out / "folder.safetensors"  # a folder-trained model is named after its folder
     # training ends calibrated on its 4 held-out images: predict works at once
     assert _meta(ck)["classes"] == ["Trouser", "sneaker"] and len(_meta(ck)["thresholds"]) == 3
     img = next(iter(files["truth"]))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -28,9 +27,8 @@ from dvt_core.checkpoint.files import read_checkpoint
 from dvt_core.model.macs import exit_macs
 from dvt_core.training.config import TrainConfig, cosine_lr, steps_per_epoch
 
-from helpers import N_IMAGES, TINY, _write_image_folder, synthetic
+from helpers import N_IMAGES, ROOT as REPO, TINY, _write_image_folder, free_port, synthetic
 
-REPO = Path(__file__).resolve().parents[1]
 HOLDOUT = 40
 BASE = dict(epochs=5, batch_size=32, lr=3e-3, warmup_epochs=1.0, holdout=HOLDOUT, pad=0, seed=0)
 
@@ -92,7 +90,7 @@ def test_writes_checkpoints_with_metadata(reference, data):
     # last.pth holds the same weights plus what resuming needs
     state = torch.load(out / "last.pth", map_location="cpu", weights_only=True)
     assert state["epoch"] == cfg.epochs
-    assert json.loads(state["history"]) == meta["history"]
+    assert json.loads(state["record"])["history"] == meta["history"]
     states_equal({k: v.numpy() for k, v in state["model"].items()}, ckpt.state)
 
     # the spec travels with the weights: the file rebuilds the trained model
@@ -231,12 +229,6 @@ def test_trainer_follows_the_schedule(data, tmp_path, monkeypatch):
 
 # ---- two processes through torchrun ---------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_data_parallel_matches_one_process(tmp_path):
     """torchrun, 2 CPU processes (gloo): each takes half of every global batch and DDP averages the
     gradients, so the weights match one process on the same global batches (no augmentation, whose
@@ -253,10 +245,10 @@ def test_two_process_data_parallel_matches_one_process(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     env.update(OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", PYTHONPATH=str(REPO))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "dvt_core", *args, "--out", str(out)]
+           "--master_port", str(free_port()), "-m", "dvt_core", *args, "--out", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    final = out / "dvt_fashion_mnist.safetensors"
+    final = out / "images.safetensors"  # named after the folder
     assert listing(out) == {"last.pth", final.name}
     ddp = read_checkpoint(final)
     assert ddp.meta["world_size"] == 2
@@ -265,7 +257,8 @@ def test_two_process_data_parallel_matches_one_process(tmp_path):
     # the same run in one process, on the images as `dvt train` loads them
     from dvt_core.data.datasets import load_dataset
 
-    spec = tiny_spec()
+    spec = dvt_core.CascadeSpec.from_dict(ddp.meta["spec"])  # the folder's own normalisation
+    assert spec.mean != tiny_spec().mean and ddp.meta["normalisation"]["from"] == "training images"
     x, y, _ = load_dataset(str(dataset), "train", spec)
     cfg = TrainConfig(epochs=1, batch_size=16, holdout=20, max_steps=2, augment=False)
     single = read_checkpoint(trainer.train(spec, x, y, cfg, tmp_path / "single", progress=False))

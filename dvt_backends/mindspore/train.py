@@ -1,16 +1,16 @@
-"""Training a DVT (or a static baseline) with MindSpore: the recipe of the torch trainer, step for step.
+"""MindSpore's side of training (:class:`dvt_core.training.trainer.Trainer`): the torch trainer's recipe,
+step for step, under the one loop (:func:`dvt_core.training.loop.fit`).
 
-Multi-exit loss, AdamW (torch's update rule and defaults, the same parameter groups), cosine schedule
-with warm-up, label smoothing, gradient clipping, the same batches (dvt_core.training.config), atomic
-checkpoints (``last.ckpt`` to resume, ``<name>.ckpt`` with the same metadata as torch's
-``.safetensors``), resume inside an epoch, seeds, and calibration of the default operating point on
-the held-out part at the end. One process: a launcher's WORLD_SIZE above 1 is refused (see README).
+Multi-exit loss, AdamW (torch's update rule and defaults, the same parameter groups), gradient
+clipping, the ``last.ckpt`` training state (weights, AdamW moments, the generator's state, the loop's
+record) and ``<name>.ckpt`` final weights. Data-parallel over the processes MindSpore's launcher
+``msrun`` starts (CPU included: the gradients are averaged with one ``AllReduce`` per step); another
+launcher's WORLD_SIZE above 1 is refused.
 """
 from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -18,15 +18,12 @@ import mindspore as ms
 import numpy as np
 from mindspore import ops
 
-from dvt_core.data import sources as dvt_data
-from dvt_core.checkpoint.files import atomic_path, write_checkpoint
+from dvt_core.checkpoint.naming import canonical_to_mindspore, mindspore_to_canonical
+from dvt_core.checkpoint.transfer import param_groups
 from dvt_core.errors import InputError
-from dvt_core.runtime.evaluation import exit_probs
-from dvt_core.checkpoint.naming import canonical_to_mindspore
 from dvt_core.model.specs import CascadeSpec
-from dvt_core.training.config import (TrainConfig, check_finite_loss, epoch_batches, final_meta, resolve_holdout, run_epoch,
-                               steps_per_epoch)
-from dvt_core.checkpoint.transfer import load_init, param_groups
+from dvt_core.training.config import TrainConfig
+from dvt_core.training.trainer import Trainer
 
 from . import compat as C
 from . import files
@@ -81,17 +78,22 @@ def make_optimizer(model: DVT, weight_decay: float) -> AdamW:
     return AdamW(named, param_groups(((n, len(C.shape_of(p))) for n, p in named.items()), weight_decay))
 
 
-def make_train_step(model: DVT, opt: AdamW, cfg: TrainConfig):
-    """``step(x, y, lr) -> loss`` (float): one multi-exit loss, gradient and AdamW update on numpy batches."""
+def make_train_step(model: DVT, opt: AdamW, cfg: TrainConfig, world: int = 1):
+    """``step(x, y, lr) -> loss`` (float): one multi-exit loss, gradient and AdamW update on numpy batches;
+    with ``world > 1`` (under msrun) the gradients are averaged over the processes first."""
     def forward(images, targets):
         return DVT.loss(model(images), targets, label_smoothing=cfg.label_smoothing)
 
     grad_fn = ms.value_and_grad(forward, None, opt.params)
+    all_reduce = ops.AllReduce() if world > 1 else None
 
-    def step(xb: np.ndarray, yb: np.ndarray, lr: float, index: int = 0, epoch: int = 0) -> float:
+    def step(xb: np.ndarray, yb: np.ndarray, lr: float) -> float:
         loss, grads = grad_fn(C.to_tensor(xb), C.index_tensor(yb))
         value = float(C.to_numpy(loss))
-        check_finite_loss(value, index, epoch)
+        if not np.isfinite(value):  # diverged: the loop stops the run; no update with a NaN gradient
+            return value
+        if all_reduce is not None:
+            grads = _mean_over_processes(all_reduce, grads, world)
         if cfg.grad_clip:  # torch's clip_grad_norm_: one global norm, clipped to grad_clip
             total = float(np.sqrt(C.to_numpy(ops.addn([(g * g).sum() for g in grads]))))
             coef = cfg.grad_clip / (total + 1e-6)
@@ -103,111 +105,112 @@ def make_train_step(model: DVT, opt: AdamW, cfg: TrainConfig):
     return step
 
 
-def check_resumable(state_path, spec: CascadeSpec) -> None:
-    """InputError unless ``state_path`` (a trainer's last.ckpt) holds weights of ``spec``'s architecture."""
-    try:
-        saved = files.load(state_path)
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"cannot resume from {state_path}: not a readable training checkpoint ({first})") from None
-    want = {canonical_to_mindspore(k): tuple(v.shape) for k, v in model_state(DVT(spec)).items()}
-    have = {k: tuple(v.shape) for k, v in saved.items() if isinstance(v, np.ndarray) and not k.startswith(
-        ("optimizer.", "rng_state"))}
-    if want != have:
-        diff = sorted(set(want) ^ set(have)) or [k for k in want if want[k] != have.get(k)]
-        raise InputError(f"cannot resume from {state_path}: it holds another architecture than {spec.name} with "
-                         f"these overrides ({len(diff)} tensors differ, e.g. {diff[0]}); use the same --model "
-                         "and -O, or another --out")
+def _mean_over_processes(all_reduce, tensors, world: int) -> tuple:
+    """Every process's ``tensors`` averaged, in one AllReduce of their concatenation (what DDP does)."""
+    shapes = [t.shape for t in tensors]
+    flat = all_reduce(ops.cat([t.reshape(-1) for t in tensors])) / world
+    out, at = [], 0
+    for shape in shapes:
+        size = int(np.prod(shape)) if len(shape) else 1
+        out.append(flat[at:at + size].reshape(shape))
+        at += size
+    return tuple(out)
+
+
+def _launch_env() -> tuple[int, int]:
+    """``(world, rank)``: msrun's processes join MindSpore's collective communication here; any other
+    launcher's several processes are refused."""
+    if os.environ.get("MS_ROLE"):  # started by msrun (the scheduler process never returns from init)
+        from mindspore.communication import get_group_size, get_rank, init
+
+        init()
+        return int(get_group_size()), int(get_rank())
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise InputError("MindSpore data-parallel training is started by msrun (e.g. `msrun --worker_num=2 "
+                         "--local_worker_num=2 --join=True $(which dvt) train --backend mindspore ...`), not by "
+                         "torchrun")
+    return 1, 0
+
+
+class MindSporeTrainer(Trainer):
+    backend = "mindspore"
+    state_file = "last.ckpt"
+    weights_suffix = ".ckpt"
+    weights_format = "mindspore"
+
+    def __init__(self, spec: CascadeSpec, cfg: TrainConfig, device: Optional[str] = None):
+        C.configure_runtime()
+        if device is not None:
+            from . import RUNTIME
+
+            RUNTIME.to_device(None, device)
+        self.world, self.rank = _launch_env()
+        self.cfg = cfg
+        ms.set_seed(cfg.seed)
+        self.model = DVT(spec)
+        self.opt = self._step = None
+
+    @property
+    def device(self) -> str:
+        return ms.get_context("device_target")
+
+    def weights(self) -> dict:
+        return model_state(self.model)
+
+    def load_weights(self, state: dict, source: str) -> None:
+        load_state(self.model, state, source=source)
+
+    def prepare(self) -> None:
+        if self.world > 1:  # every process starts from the same weights (the same seed draws them; made sure)
+            params = named_parameters(self.model)
+            names = list(params)
+            mean = _mean_over_processes(ops.AllReduce(), [params[n] for n in names], self.world)
+            for n, value in zip(names, mean):
+                ops.assign(params[n], value)
+        if self.rank:  # each process draws its own dropout / stochastic-depth masks
+            ms.set_seed(self.cfg.seed * 1000 + self.rank)
+        self.opt = make_optimizer(self.model, self.cfg.weight_decay)
+        self._step = make_train_step(self.model, self.opt, self.cfg, self.world)
+
+    def step(self, images: np.ndarray, labels: np.ndarray, lr: float) -> float:
+        return self._step(images, labels, lr)
+
+    def train_mode(self, on: bool) -> None:
+        self.model.set_train(on)
+
+    def save_state(self, path, record: dict) -> None:
+        params = {canonical_to_mindspore(k): v for k, v in model_state(self.model).items()}
+        params.update(self.opt.state())
+        params["rng_state"] = C.to_numpy(ms.get_rng_state())
+        files.save(path, params, {STATE_KEY: json.dumps({"record": record, "adam_step": self.opt.t})})
+
+    def load_state(self, path) -> dict:
+        saved = files.load(path)
+        st = json.loads(saved[STATE_KEY])
+        load_state(self.model, {k: saved[canonical_to_mindspore(k)] for k in model_state(self.model)},
+                   source=str(path))
+        self.opt.load(saved, st["adam_step"])
+        if "rng_state" in saved:
+            ms.set_rng_state(ms.Tensor(saved["rng_state"]))
+        return st["record"]
+
+    def saved_weights(self, path) -> dict:
+        return {mindspore_to_canonical(k): v for k, v in files.load(path).items()
+                if isinstance(v, np.ndarray) and not k.startswith(("optimizer.", "rng_state"))}
+
+    def barrier(self) -> None:
+        if self.world > 1:  # an AllReduce every process must reach
+            ops.AllReduce()(ms.Tensor(np.zeros(1, np.float32))).asnumpy()
+
+
+def make_trainer(spec: CascadeSpec, cfg: TrainConfig, device: Optional[str] = None) -> MindSporeTrainer:
+    return MindSporeTrainer(spec, cfg, device)
 
 
 def train(spec: CascadeSpec, images: np.ndarray, labels: np.ndarray, cfg: TrainConfig, out_dir,
-          device: Optional[str] = None, resume: bool = False, progress: bool = True,
-          extra_meta: Optional[dict] = None, init=None, init_state: Optional[dict] = None) -> Path:
-    """Train ``spec`` on uint8 ``images`` and ``labels`` as the torch trainer does; returns the final weights
-    path ``<out_dir>/<spec.name>.ckpt``. ``init_state`` (canonical numpy state) replaces the seeded
-    initialisation, e.g. to start from torch's exact initial weights."""
+          device: Optional[str] = None, **options) -> Path:
+    """:func:`dvt_core.training.loop.fit` with this backend (the options are ``fit``'s; ``init_state``,
+    canonical numpy weights, replaces the seeded initialisation, e.g. to start from torch's)."""
+    from dvt_core.training.loop import fit
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise InputError("MindSpore training runs in one process; data-parallel MindSpore training is not "
-                         "built (see README); start `dvt train --backend mindspore` without a launcher")
-    C.configure_runtime()
-    if device is not None:
-        from . import to_device
-
-        to_device(None, device)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    cfg = resolve_holdout(cfg, len(images))
-    train_idx, hold_idx = dvt_data.split_holdout(len(images), cfg.holdout, cfg.seed)
-    x_train, y_train = images[train_idx], labels[train_idx]
-
-    ms.set_seed(cfg.seed)
-    model = DVT(spec)
-    init_report = None
-    if init_state is not None:
-        load_state(model, init_state, source="init_state")
-    if init is not None:
-        state, init_report = load_init(init, spec, model_state(model))
-        load_state(model, state, source=str(init))
-        print("\n".join(init_report.lines()), flush=True)
-    opt = make_optimizer(model, cfg.weight_decay)
-    step_fn = make_train_step(model, opt, cfg)
-    spe = steps_per_epoch(len(x_train), cfg)
-    total = spe * cfg.epochs
-    warmup = int(cfg.warmup_epochs * spe)
-    start_epoch, history, step, partial = 0, [], 0, (0.0, 0)
-    state_path = out_dir / "last.ckpt"
-    if resume and state_path.exists():
-        saved = files.load(state_path)
-        st = json.loads(saved[STATE_KEY])
-        load_state(model, {k: saved[canonical_to_mindspore(k)] for k in model_state(model)}, source=str(state_path))
-        opt.load(saved, st["adam_step"])
-        history, step = st["history"], int(st["step"])
-        start_epoch = step // spe
-        if step % spe:
-            history = history[:-1]
-            partial = tuple(st["partial"])
-        if "rng_state" in saved:
-            ms.set_rng_state(ms.Tensor(saved["rng_state"]))
-        init_report = st.get("init")
-        print(f"resumed from {state_path} at epoch {start_epoch + 1}, step {step}")
-
-    t0 = time.time()
-    probs = None
-    for epoch in range(start_epoch, cfg.epochs):
-        model.set_train(True)
-        batches = epoch_batches(x_train, y_train, cfg, epoch, spec.mean, spec.std)
-        step, running, seen = run_epoch(step_fn, batches, cfg, epoch, step, spe, total, warmup, partial,
-                                        progress=progress)
-        model.set_train(False)
-        record = {"epoch": epoch + 1, "loss": running / max(seen, 1), "seconds": round(time.time() - t0, 1)}
-        if len(hold_idx):
-            probs = exit_probs(model, images[hold_idx])
-            record["holdout_accuracy"] = [float(a) for a in (probs.argmax(-1) == labels[hold_idx]).mean(1) * 100]
-        history.append(record)
-        accs = record.get("holdout_accuracy")
-        acc_txt = " holdout acc " + "/".join(f"{a:.2f}" for a in accs) if accs else ""
-        print(f"epoch {epoch + 1}/{cfg.epochs} loss {record['loss']:.4f}{acc_txt} ({record['seconds']} s)", flush=True)
-        done = epoch + 1 == cfg.epochs or (cfg.max_steps is not None and step >= cfg.max_steps)
-        if (epoch + 1) % cfg.checkpoint_every == 0 or done:
-            st = {"epoch": epoch + 1, "step": step, "partial": [running, seen], "history": history,
-                  "adam_step": opt.t, "init": init_report if isinstance(init_report, dict) or init_report is None
-                  else init_report.to_meta()}
-            params = {canonical_to_mindspore(k): v for k, v in model_state(model).items()}
-            params.update(opt.state())
-            params["rng_state"] = C.to_numpy(ms.get_rng_state())
-            with atomic_path(state_path, force=True) as tmp:
-                files.save(tmp, params, {STATE_KEY: json.dumps(st)})
-        if done:
-            break
-
-    model.set_train(False)
-    if probs is None and len(hold_idx):
-        probs = exit_probs(model, images[hold_idx])
-    final = out_dir / f"{spec.name}.ckpt"
-    meta = final_meta(spec, cfg, history, images=len(images), hold_idx=hold_idx, labels=labels, probs=probs,
-                      seconds=time.time() - t0, device=ms.get_context("device_target"), world=1,
-                      backend="mindspore", init=init_report)
-    meta.update(extra_meta or {})
-    write_checkpoint(final, model_state(model), meta, fmt="mindspore", force=True)
-    return final
+    return fit(spec, images, labels, cfg, out_dir, backend="mindspore", device=device, **options)

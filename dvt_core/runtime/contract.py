@@ -178,6 +178,13 @@ class Framework(Runtime):
         """Write ``state`` (names as this framework spells them, ``dvt_core.checkpoint.naming``) and the string
         ``entries`` beside it to ``path`` (a temporary name; the caller renames it into place)."""
 
+    @abc.abstractmethod
+    def trainer(self, spec, config, device=None) -> Any:
+        """This framework's side of training ``spec`` with the ``config`` (a
+        :class:`~dvt_core.training.config.TrainConfig`) on ``device``: a
+        :class:`dvt_core.training.trainer.Trainer` (its optimizer step, training-state file, modes), which
+        the one loop :func:`dvt_core.training.loop.fit` drives."""
+
 
 class GraphRuntime(Runtime):
     """A runtime of exported per-stage graphs (``dvt export``): it opens a folder; nothing to build or train."""

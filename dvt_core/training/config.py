@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from typing import Iterator, Optional, Union
 
 import numpy as np
 
 from dvt_core.data import sources as data
-from dvt_core.errors import DVTError
+from dvt_core.errors import ConfigError, DVTError
 
 FOLDER_HOLDOUT = 0.1  # default held-out fraction of an image folder (Fashion-MNIST keeps TrainConfig.holdout)
 
@@ -39,6 +40,32 @@ class TrainConfig:
     max_steps: Optional[int] = None  # stop early after this many steps (smoke tests)
     grad_clip: Optional[float] = None
 
+    def validate(self) -> "TrainConfig":
+        """``self`` when every field lies in its range; else :class:`~dvt_core.errors.ConfigError` naming
+        the field, the rule and the value (what ``dvt train`` reports for its options too)."""
+        _check_int(self, "epochs", low=1)
+        _check_int(self, "batch_size", low=1)
+        _check_real(self, "lr", low=0.0, open_low=True)
+        _check_real(self, "min_lr", low=0.0)
+        _check_real(self, "weight_decay", low=0.0)
+        _check_real(self, "warmup_epochs", low=0.0)
+        _check_real(self, "label_smoothing", low=0.0, high=1.0)
+        _check_int(self, "pad", low=0)
+        _check_int(self, "seed", low=0)
+        _check_int(self, "checkpoint_every", low=1)
+        if self.max_steps is not None:
+            _check_int(self, "max_steps", low=1)
+        if self.grad_clip is not None:
+            _check_real(self, "grad_clip", low=0.0, open_low=True)
+        if not isinstance(self.augment, (bool, np.bool_)):
+            raise ConfigError("augment", f"augment must be True or False, got {self.augment!r}")
+        h = self.holdout
+        if isinstance(h, bool) or not isinstance(h, (int, float, np.integer, np.floating)) or not math.isfinite(h):
+            raise ConfigError("holdout", f"holdout must be a count or a fraction below 1, got {h!r}")
+        if h < 0 or (not float(h).is_integer() and h >= 1):
+            raise ConfigError("holdout", f"holdout must be a count (0 or more) or a fraction in [0, 1), got {h:g}")
+        return self
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -46,6 +73,36 @@ class TrainConfig:
     def from_dict(cls, d: dict) -> "TrainConfig":
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def _check_int(cfg, field: str, low: int) -> None:
+    value = getattr(cfg, field)
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ConfigError(field, f"{field} must be a whole number, got {value!r}")
+    if value < low:
+        raise ConfigError(field, f"{field} must be at least {low}, got {value}")
+
+
+def _check_real(cfg, field: str, low: float, open_low: bool = False, high: Optional[float] = None) -> None:
+    """``low <= value`` (``low < value`` when ``open_low``) and ``value < high``, finite."""
+    value = getattr(cfg, field)
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ConfigError(field, f"{field} must be a number, got {value!r}")
+    rule = f"{'above' if open_low else 'at least'} {low:g}" + (f" and below {high:g}" if high is not None else "")
+    bad = not math.isfinite(value) or value < low or (open_low and value == low) or (high is not None and value >= high)
+    if bad:
+        raise ConfigError(field, f"{field} must be a finite number {rule}, got {value:g}")
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def model_file_name(name) -> str:
+    """``name`` (a folder's, ``--name``, a spec's) as a file-name stem that stays inside its folder: runs of
+    characters other than letters, digits, ``.``, ``_`` and ``-`` become ``_``, leading dots and
+    separators go, at most 64 characters; ``model`` when nothing is left."""
+    stem = _UNSAFE.sub("_", str(name)).strip("._-")[:64].rstrip("._-")
+    return stem or "model"
 
 
 def cosine_lr(step: int, total_steps: int, warmup_steps: int, peak: float, floor: float) -> float:
@@ -106,10 +163,32 @@ def check_finite_loss(loss: float, step: int, epoch: int) -> None:
                                "no weights written for it. Lower --lr, or raise --warmup-epochs")
 
 
+def dataset_record(source, images: int, holdout: int, seed: int) -> dict:
+    """``meta["dataset"]``: where a model was trained and which part of it was held out, so evaluation and
+    calibration can default to the same images. ``source`` is ``"fashion-mnist"``, an image folder's path,
+    or None (arrays handed to the Python API); ``name`` is the data set's name (the folder's own name),
+    ``path`` the folder's absolute path (None for Fashion-MNIST), ``images`` the training split's size,
+    ``holdout`` the held-out count drawn with ``seed`` by :func:`dvt_core.data.sources.split_holdout`."""
+    from pathlib import Path
+
+    from dvt_core.data.datasets import is_fashion_mnist
+
+    if source is None:
+        name, path = None, None
+    elif is_fashion_mnist(source):
+        name, path = "fashion-mnist", None
+    else:
+        resolved = Path(source).resolve()
+        name, path = resolved.name, str(resolved)
+    return {"name": name, "path": path, "split": "train", "images": int(images), "holdout": int(holdout),
+            "seed": int(seed)}
+
+
 def final_meta(spec, cfg: TrainConfig, history: list, images: int, hold_idx, labels, probs, seconds: float,
-               device: str, world: int, backend: str, init=None) -> dict:
+               device: str, world: int, backend: str, init=None, dataset=None) -> dict:
     """The metadata a trainer writes with its final weights, calibrated on the held-out part when there is
-    one (``probs``: the exits' probabilities on it), so the default operating point is ready to use."""
+    one (``probs``: the exits' probabilities on it), so the default operating point is ready to use.
+    ``dataset`` is where the images came from (see :func:`dataset_record`)."""
     from dvt_core.model.macs import exit_macs
     from dvt_core.runtime.operating_point import calibration_meta
 
@@ -117,7 +196,8 @@ def final_meta(spec, cfg: TrainConfig, history: list, images: int, hold_idx, lab
     meta = {"arch": spec.name, "spec": spec.to_dict(), "exit_macs": costs, "train": cfg.to_dict(),
             "history": history, "holdout_indices_seed": cfg.seed, "holdout": int(len(hold_idx)),
             "dataset_images": int(images), "train_seconds": round(seconds, 1), "device": device,
-            "world_size": world, "backend": backend}
+            "world_size": world, "backend": backend,
+            "dataset": dataset_record(dataset, images, len(hold_idx), cfg.seed)}
     if init is not None:
         meta["init"] = init if isinstance(init, dict) else init.to_meta()
     if probs is not None and len(hold_idx):

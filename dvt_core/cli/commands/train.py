@@ -9,7 +9,7 @@ from pathlib import Path
 from dvt_core.errors import DVTError
 from dvt_core.training.config import FOLDER_HOLDOUT, TrainConfig, resolve_holdout
 from dvt_core.model.zoo import get_spec
-from dvt_core.data.datasets import is_fashion_mnist as _is_fashion_mnist, load_dataset
+from dvt_core.data.datasets import dataset_record, is_fashion_mnist as _is_fashion_mnist, load_dataset
 from dvt_core.cli.commands._shared import UserError, _progress, add_common_options, check_device, parse_overrides
 
 HELP = "train a DVT or a static baseline (torchrun for several processes)"
@@ -144,7 +144,7 @@ def run(args) -> int:
     t0 = time.time()
     path = trainer.train(spec, images, labels, cfg, out, device=args.device, resume=args.resume,
                          progress=not args.no_progress and _progress(), init=args.init,
-                         extra_meta={"classes": classes, "class_names": classes, "dataset": args.dataset})
+                         extra_meta={"classes": classes, "dataset": dataset_record(args.dataset)})
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"wrote {path} in {time.time() - t0:.0f} s (default operating point calibrated on "
               f"{cfg.holdout} held-out images)")

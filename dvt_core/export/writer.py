@@ -135,6 +135,7 @@ def export_model(model, fmt: str, out: Union[str, Path], force: bool = False, op
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700: the export gets the modes the umask says
         kwargs = {"opset": int(opset)} if fmt == "onnx" else {}
         stages, versions, batch_axes = writer.export_stages(model, tmp, **kwargs)
         for st in stages:
@@ -172,6 +173,35 @@ def _dvt_version() -> str:
 
 
 # ---- reading an export --------------------------------------------------------------------------------
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def is_export(path) -> bool:
+    """Whether ``path`` is a folder holding a dvt export manifest."""
+    return Path(path).is_dir() and (Path(path) / MANIFEST).is_file()
+
+
+def rewrite_operating_points(directory: Union[str, Path], meta: dict) -> Path:
+    """Store a new default operating point in export ``directory``: the manifest's ``thresholds``,
+    ``budgets`` and ``default_budget`` and its ``checkpoint_meta`` become those of ``meta`` (a calibrated
+    checkpoint's metadata, :func:`dvt_core.runtime.operating_point.calibrated_meta`). The graphs and their
+    SHA-256 are checked first and kept; ``dvt.json`` is replaced atomically."""
+    from dvt_core import fileio
+
+    manifest = read_manifest(directory, verify=True)
+    manifest.pop("_spec", None)
+    meta = _plain(dict(meta))
+    for key in ("thresholds", "budgets", "default_budget"):
+        manifest[key] = meta.get(key)
+    manifest["checkpoint_meta"] = meta
+    path = Path(directory) / MANIFEST
+    fileio.write_text(path, json.dumps(manifest, indent=1) + "\n", force=True)
+    return path
 
 
 def read_manifest(directory: Union[str, Path], fmt: Optional[str] = None, model: Optional[str] = None,

@@ -135,7 +135,8 @@ def run(args) -> int:
 
         exit_gallery(args.out, images, res.exit_index, pred_names, true_names, names, force=args.force,
                      title=f"{DEMO_MODEL}: {n} test images by exit taken ({accuracy:.1f}% correct, "
-                           f"{_mmacs(mean_macs)} MACs on average vs {_mmacs(static_macs)} static)")
+                           f"{_mmacs(mean_macs)} MACs on average vs {_mmacs(static_macs)} static)\n"
+                           "a row shows at most 12 images of its exit: wrong predictions (red, x) first")
         print(f"wrote {args.out}", file=out)
     emit_json({"model": DEMO_MODEL, "backend": args.backend, "images": n, "full": bool(args.full),
                "thresholds": [float(t) for t in thresholds], "accuracy": accuracy, "mean_macs": mean_macs,

@@ -8,6 +8,10 @@ MINDSPORE = ["mindspore==2.10.0", "numpy<2"]
 # Export (onnx) and the framework-free runtime (onnxruntime). onnx 1.18+ pulls an ml_dtypes that needs
 # numpy 2, which MindSpore 2.10 cannot use: these pins import beside torch and MindSpore with numpy 1.26.
 ONNX = ["onnx==1.17.0", "onnxruntime==1.32.0", "numpy==1.26.4"]
+# The lean serving runtime: run a `dvt export` folder on ONNX Runtime, without onnx, a framework or plots.
+ONNXRUNTIME = ["onnxruntime==1.32.0", "numpy==1.26.4"]
+# Pictures (`dvt evaluate --plot`, `dvt demo --out`); the rest of dvt imports and runs without it.
+PLOTS = ["matplotlib>=3.6"]
 
 setup(
     name="dvt",
@@ -21,11 +25,13 @@ setup(
     package_dir={"dvt_weights": "weights"},
     package_data={"dvt_core": ["assets/*", "*.yaml"], "dvt_weights": ["registry.yaml", "*.safetensors"]},
     data_files=[],
-    install_requires=["numpy<2", "pyyaml>=6", "safetensors>=0.4", "tqdm>=4.60", "pillow>=9", "matplotlib>=3.6"],
+    install_requires=["numpy<2", "pyyaml>=6", "safetensors>=0.4", "tqdm>=4.60", "pillow>=9"],
     extras_require={
         "torch": TORCH,
         "mindspore": MINDSPORE,
         "onnx": ONNX,
+        "onnxruntime": ONNXRUNTIME,
+        "plots": PLOTS,
         # setuptools with its own bdist_wheel: the wheel check builds offline (pip wheel --no-build-isolation)
         "dev": ["pytest>=7", "setuptools>=70.1", "wheel"],
     },

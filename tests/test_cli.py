@@ -392,7 +392,7 @@ def _error_cases(f, tmp):
         (["calibrate", "--weights", tmp / "copy.safetensors", "--budget", "5e5"], ["cheapest", "1053056"]),
         (["calibrate", "--weights", tmp / "copy.safetensors", "--budget", "4e6", "--out", tmp / "exists.pth"],
          ["exists", "--force"]),
-        (["evaluate", "--model", "dvt_fashion_mnist", "--dataset", f["folder"]], ["--calibration same"]),
+        (["evaluate", "--model", "dvt_fashion_mnist", "--dataset", f["folder"], "--split", "test"], ["no test split"]),
         (["evaluate", "--model", "dvt_fashion_mnist", "--dataset", tmp / "nowhere"], ["unknown dataset"]),
         (["evaluate", "--model", "dvt_fashion_mnist", "--limit", "0"], ["--limit"]),
         (["convert", SHIPPED, tmp / "exists.pth"], ["exists", "--force"]),

@@ -12,23 +12,35 @@ HELP = "export one graph per stage (ONNX or MindIR) and a dvt.json manifest, for
 def add_arguments(parser) -> None:
     from dvt_core.export.writer import DEFAULT_OPSET, FORMATS
 
-    parser.add_argument("model", help="zoo model name (see `dvt flops --list`)")
+    parser.add_argument("model", nargs="?", default=None,
+                        help="zoo model name (see `dvt flops --list`); optional when --weights FILE names its "
+                             "architecture (every checkpoint dvt writes does)")
     parser.add_argument("--weights", required=True,
                         help="checkpoint (.pth.tar, .pth, .safetensors, .ckpt) or 'default' (the shipped weights)")
     parser.add_argument("--format", required=True, choices=FORMATS,
                         help="onnx (traced from the torch backend) or mindir (from the MindSpore backend)")
     parser.add_argument("--out", required=True, help="folder to write (graphs and dvt.json)")
     parser.add_argument("--force", action="store_true", help="replace an existing export folder")
-    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset")
     parser.add_argument("--override", "-O", action="append", metavar="KEY=VALUE", help="spec override (repeatable)")
 
 
 def run(args) -> int:
     from dvt_core.export.writer import MANIFEST, SOURCE_BACKEND, check_target, export
 
-    get_spec(args.model)  # an unknown name is reported first
+    if args.model is not None:
+        get_spec(args.model)  # an unknown name is reported first
+    elif args.weights == "default":
+        raise UserError("--weights default needs the model name: dvt export MODEL --weights default ...")
     if args.weights != "default" and not Path(args.weights).exists():
         raise UserError(f"weights file not found: {args.weights}")
+    if args.model is None:
+        from dvt_core.checkpoint.files import read_checkpoint
+
+        meta = read_checkpoint(args.weights).meta or {}
+        if not meta.get("spec") and not meta.get("arch"):
+            raise UserError(f"{args.weights} does not say which model it holds; name it: dvt export MODEL "
+                            f"--weights {args.weights} ...")
     if args.format == "onnx" and not 7 <= args.opset <= 21:
         raise UserError(f"--opset {args.opset} is outside what the torch exporter writes (7..21)")
     check_target(args.format, args.out, args.force)

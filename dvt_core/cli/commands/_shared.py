@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from dvt_core.data.datasets import match_folder_classes as _match_folder_classes, model_classes
+from dvt_core.data.datasets import model_classes
 from dvt_core.errors import DVTError
 from dvt_core.runtime.operating_point import check_budget, choose_thresholds as _choose_thresholds, exit_costs, parse_macs
 from dvt_core.model.zoo import get_spec
@@ -311,14 +311,6 @@ def choose_thresholds(args, spec, meta: dict, source: str) -> tuple[np.ndarray, 
 
 def exit_macs(spec) -> list[int]:
     return exit_costs(spec)
-
-
-def match_folder_classes(labels: np.ndarray, folder_classes: list, meta: dict, spec):
-    """:func:`dvt_core.data.datasets.match_folder_classes`, its note printed on stderr."""
-    labels, classes, note = _match_folder_classes(labels, folder_classes, meta, spec)
-    if note:
-        print(f"note: {note}", file=sys.stderr)
-    return labels, classes
 
 
 def _early_spec(args):

@@ -11,7 +11,7 @@ venv: $(STAMP)
 $(STAMP): setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[torch,mindspore,onnx,plots,dev]"
+	$(PY) -m pip install --quiet -e ".[torch,mindspore,onnx,plots,openvino,serve,ray,dev]"
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
@@ -40,12 +40,13 @@ parity: venv
 demo: venv
 	$(VENV)/bin/dvt demo --force   # replaces its own dvt_demo.png from an earlier run
 
-## Speed figures (ratios measured within one run): early exit vs static, the policy sweep, MindSpore vs torch, ONNX Runtime vs torch.
+## Speed figures (ratios measured within one run): early exit vs static, the policy sweep, MindSpore vs torch; each runtime and precision against its own static model.
 bench: venv
 	$(PY) -m dvt_core benchmark dvt_t2t_vit_12 --batch-sizes 1 64 --threads 1 --repeats 3
 	$(PY) benchmarks/bench_policy.py
 	$(PY) benchmarks/bench_mindspore.py
-	$(PY) -m dvt_core benchmark dvt_deit_small --backend onnx --batch-sizes 1 64 --threads 1 --repeats 3
+	$(PY) -m dvt_core benchmark dvt_deit_small --backend torch onnx --batch-sizes 1 64 --threads 1 --repeats 3
+	$(PY) -m dvt_core benchmark dvt_fashion_mnist --weights default --backend torch onnx --precision fp32 bf16 --batch-sizes 1 64 --images 128 --threads 1 --modes adaptive stages streaming
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

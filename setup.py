@@ -12,6 +12,13 @@ ONNX = ["onnx==1.17.0", "onnxruntime==1.32.0", "numpy==1.26.4"]
 ONNXRUNTIME = ["onnxruntime==1.32.0", "numpy==1.26.4"]
 # Pictures (`dvt evaluate --plot`, `dvt demo --out`); the rest of dvt imports and runs without it.
 PLOTS = ["matplotlib>=3.6"]
+# OpenVINO runs the same ONNX export (its own ONNX reader; onnx itself is only needed to export). 2026.4.1
+# resolves with numpy 1.26.4 and imports beside torch 2.13 and MindSpore 2.10.
+OPENVINO = ["openvino==2026.4.1", "numpy==1.26.4"]
+# `dvt serve`: an ASGI app on Starlette, served by uvicorn (h11; no compiled extras).
+SERVE = ["starlette==1.10.0", "uvicorn==0.55.0", "numpy==1.26.4"]
+# Ray Data / Ray Serve (dvt_core.integrations.ray). pyarrow 22+ needs numpy 2: 21.0.0 imports with numpy 1.26.
+RAY = ["ray[data,serve]==2.60.0", "pyarrow==21.0.0", "numpy==1.26.4"]
 
 setup(
     name="dvt",
@@ -32,6 +39,9 @@ setup(
         "onnx": ONNX,
         "onnxruntime": ONNXRUNTIME,
         "plots": PLOTS,
+        "openvino": OPENVINO,
+        "serve": SERVE,
+        "ray": RAY + SERVE,
         # setuptools with its own bdist_wheel: the wheel check builds offline (pip wheel --no-build-isolation)
         "dev": ["pytest>=7", "setuptools>=70.1", "wheel"],
     },

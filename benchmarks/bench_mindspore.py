@@ -71,8 +71,8 @@ def main(argv=None) -> int:
     import torch
 
     import dvt_core  # first: registers dvt_backends in a checkout
-    import dvt_backends.mindspore as bm
-    import dvt_backends.torch as bt
+    from dvt_backends.mindspore import RUNTIME as bm
+    from dvt_backends.torch import RUNTIME as bt
 
     if args.threads:
         torch.set_num_threads(args.threads)

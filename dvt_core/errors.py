@@ -61,3 +61,17 @@ def list_problems(missing, unexpected, mismatched, limit: int = 12) -> str:
             more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
             parts.append(f"{len(items)} {label}: {shown}{more}")
     return "; ".join(parts)
+
+
+class ManifestError(CheckpointError):
+    """An export folder whose ``dvt.json`` or files cannot be trusted: malformed, inconsistent with its spec,
+    naming a path outside the folder, or not matching its SHA-256."""
+
+
+class ArgumentError(InputError):
+    """A command-line argument or API argument of the wrong type or out of range, named."""
+
+
+class OutputError(DVTError):
+    """An output that could not be written (the disk full, a quota, a write the file system refused); nothing
+    half-written is left."""

@@ -23,6 +23,7 @@ import errno
 import os
 import re
 import secrets
+import shutil
 import signal
 import stat
 import threading
@@ -44,7 +45,10 @@ _handlers_installed = False
 def _remove_live() -> None:
     for p in list(_live):
         with contextlib.suppress(OSError):
-            os.unlink(p)
+            if os.path.isdir(p) and not os.path.islink(p):
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                os.unlink(p)
         _live.discard(p)
 
 
@@ -106,8 +110,12 @@ def sweep_stale(folder: Union[str, os.PathLike]) -> list[str]:
             continue
         p = os.path.join(folder, name)
         with contextlib.suppress(OSError):
-            if stat.S_ISREG(os.lstat(p).st_mode):
+            mode = os.lstat(p).st_mode
+            if stat.S_ISREG(mode):
                 os.unlink(p)
+                removed.append(p)
+            elif stat.S_ISDIR(mode):  # a temporary output folder (an export), never through a link
+                shutil.rmtree(p)
                 removed.append(p)
     return removed
 
@@ -258,6 +266,65 @@ def atomic_write(dst: Union[str, os.PathLike], force: bool = False, parents: boo
             os.unlink(tmp)
         with _lock:
             _live.discard(str(tmp))
+
+
+def check_folder_target(dst: Union[str, os.PathLike], force: bool = False) -> Path:
+    """Refuse early an output folder that could not be written; returns it as an absolute Path.
+
+    FileExistsError when something is there and ``force`` is false; FileNotFoundError when its parent
+    folder is missing (nothing is created silently); PermissionError when the parent is not writable;
+    IsADirectoryError for the file-system root or a folder holding the current one.
+    """
+    dst = Path(os.path.abspath(dst))
+    if dst.parent == dst:
+        raise IsADirectoryError(f"cannot write the output folder {dst}: name a folder to create")
+    cwd = Path.cwd()
+    if exists(dst) and (dst == cwd or dst in cwd.parents):
+        raise IsADirectoryError(f"refusing to replace {dst}: it holds the current folder; name a new folder")
+    if exists(dst) and not force:
+        raise FileExistsError(f"{dst} exists; pass --force to replace it")
+    if not dst.parent.is_dir():
+        what = "is not a folder" if exists(dst.parent) else "does not exist (create it first)"
+        raise FileNotFoundError(f"cannot write {dst}: folder {dst.parent} {what}")
+    if not os.access(dst.parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write {dst}: cannot write into folder {dst.parent}")
+    return dst
+
+
+@contextlib.contextmanager
+def atomic_dir(dst: Union[str, os.PathLike], force: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside ``dst`` to fill; on success it takes ``dst``'s place (replacing an
+    existing one only with ``force``), on failure, SIGTERM or SIGINT it is removed. One left by a killed
+    process is swept by the next output into that folder."""
+    dst = check_folder_target(dst, force)
+    _install_handlers()
+    sweep_stale(dst.parent)
+    tmp = temp_path_for(dst)
+    old = Path(f"{tmp}.old")
+    with _lock:
+        _live.update((str(tmp), str(old)))
+    try:
+        os.mkdir(tmp)
+        yield tmp
+        _fsync_dir(str(tmp))
+        if exists(dst):
+            if not force:
+                raise FileExistsError(f"{dst} exists; pass --force to replace it")
+            os.replace(dst, old)
+            try:
+                os.replace(tmp, dst)
+            except BaseException:
+                os.replace(old, dst)
+                raise
+        elif not _rename_noreplace(str(tmp), str(dst)):
+            os.rename(tmp, dst)
+        _fsync_dir(str(dst.parent))
+    finally:
+        for p in (tmp, old):
+            if os.path.isdir(p) and not os.path.islink(p):
+                shutil.rmtree(p, ignore_errors=True)
+        with _lock:
+            _live.difference_update((str(tmp), str(old)))
 
 
 def write_bytes(dst: Union[str, os.PathLike], data: bytes, force: bool = False) -> Path:

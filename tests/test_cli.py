@@ -8,104 +8,20 @@ images shipped in dvt_core/assets and on small image folders made here.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = ROOT / "weights" / "dvt_fashion_mnist.safetensors"
-SUBSET = ROOT / "dvt_core" / "assets" / "fashion_mnist_test_subset.npz"
-CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
-
-
-def _fashion_installed() -> bool:
-    from dvt_core.data import sources as data
-
-    root = data.fashion_mnist_root()
-    return all(any((Path(root) / f"{stem}{ext}").is_file() for ext in ("", ".gz"))
-               for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-                            "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"))
-
-
-def needs_fashion(test):
-    """Marked ``dataset`` (a skip is a failure in CI) and skipped where Fashion-MNIST is not installed."""
-    skip = pytest.mark.skipif(not _fashion_installed(),
-                              reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
-    return pytest.mark.dataset(skip(test))
-
-
-def _has_mindspore() -> bool:
-    """Whether mindspore is installed; a broken MindSpore backend then fails its tests, never skips them."""
-    import importlib.util
-
-    return importlib.util.find_spec("mindspore") is not None
-
-
-needs_mindspore = pytest.mark.skipif(not _has_mindspore(), reason="mindspore is not installed")
-
-
-def dvt(*args, cwd=None, script: bool = False, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run the CLI in a fresh process: ``python -m dvt_core`` or, with ``script``, the console script."""
-    if script:
-        exe = Path(sys.executable).with_name("dvt")
-        if not exe.exists():
-            pytest.skip(f"console script {exe} not installed (pip install -e .)")
-        cmd = [str(exe), *map(str, args)]
-    else:
-        cmd = [sys.executable, "-m", "dvt_core", *map(str, args)]
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONPATH=str(ROOT))
-    return subprocess.run(cmd, cwd=cwd or os.getcwd(), env=env, capture_output=True, text=True, timeout=timeout)
+from helpers import CLASSES, SHIPPED, SUBSET, assert_png, assert_same_tensors, dvt, needs_fashion, needs_mindspore, ok, read_state, user_error
 
 
 @pytest.fixture(autouse=True)
 def _run_elsewhere(tmp_path, monkeypatch):
     """Commands run in a scratch folder, so nothing they (or a framework) write lands in the repository."""
     monkeypatch.chdir(tmp_path)
-
-
-def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    assert "Traceback" not in proc.stderr
-    return proc
-
-
-def user_error(proc: subprocess.CompletedProcess, *fragments: str) -> str:
-    """Status 2, one stderr line, no traceback; returns the line (checked for ``fragments``)."""
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    assert "Traceback" not in proc.stderr, proc.stderr
-    assert len(lines) == 1, f"expected one stderr line, got {len(lines)}:\n{proc.stderr}"
-    for frag in fragments:
-        assert frag in lines[0], f"{frag!r} not in {lines[0]!r}"
-    return lines[0]
-
-
-def assert_png(path: Path) -> None:
-    from PIL import Image
-
-    assert path.is_file(), f"{path} was not written"
-    with Image.open(path) as img:
-        assert img.format == "PNG"
-        assert img.size[0] > 100 and img.size[1] > 100
-        img.verify()
-
-
-def read_state(path: Path) -> dict:
-    from dvt_core.checkpoint.files import read_checkpoint
-
-    return read_checkpoint(path).state
-
-
-def assert_same_tensors(a: dict, b: dict) -> None:
-    assert sorted(a) == sorted(b)
-    for k in a:
-        np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), err_msg=k)
 
 
 # ---- shared inputs -------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import os
 import numpy as np
 import pytest
 
-from test_cli import SHIPPED, SUBSET, dvt, needs_mindspore, ok, user_error
+from helpers import SHIPPED, SUBSET, dvt, needs_mindspore, ok, user_error
 
 MODEL = ["--model", "dvt_fashion_mnist"]
 

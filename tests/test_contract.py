@@ -1,6 +1,7 @@
-"""The backend contract (``dvt_core.runtime.contract``): both backends provide every member with the written
-signature and behave alike where dvt_core says they must (mode after build, early exit driven through
-the contract, file round trip, initialisation and stochastic-depth numbers read from dvt_core)."""
+"""The runtime contract (``dvt_core.runtime.contract``): every registered runtime implements its layer's
+primitives with the written signatures and none overrides what is derived from them; the frameworks behave
+alike where dvt_core says they must (mode after build, early exit, file round trip, initialisation and
+stochastic-depth numbers read from dvt_core)."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,62 +12,70 @@ import numpy as np
 import pytest
 
 import dvt_core
-from dvt_core.runtime import contract
 from dvt_core.model.recipe import INIT_STD, TRUNC_BOUND, drop_path_rates
+from dvt_core.runtime import contract
 
-from parity.conftest import SMALL, SMALL_T2T, random_images
+from helpers import SMALL, SMALL_T2T, random_images
 
 BACKENDS = [pytest.param("torch"), pytest.param("mindspore", marks=pytest.mark.mindspore)]
+RUNTIMES = BACKENDS + [pytest.param("onnx", marks=pytest.mark.export),
+                       pytest.param("mindir", marks=[pytest.mark.export, pytest.mark.mindspore]),
+                       pytest.param("openvino", marks=pytest.mark.export)]
+# what the contract derives from the primitives: written once in Runtime, never in a runtime
+DERIVED = ("check_precision", "images_in", "forward_numpy", "adaptive", "adaptive_numpy")
 
 
 def _module(name):
-    if name == "mindspore":
-        pytest.importorskip("mindspore")
     return contract.get_backend(name)
 
 
-def _params(fn, drop_self: bool = False):
+def _params(fn, drop_self: bool = True):
     ps = list(inspect.signature(fn).parameters.values())[1 if drop_self else 0:]
     return [(p.name, p.kind, p.default) for p in ps]
 
 
+def _primitives(layer) -> set:
+    return {n for cls in layer.__mro__ for n in getattr(cls, "__abstractmethods__", ())}
+
+
 # ---- the written contract ---------------------------------------------------------------------------------
 
-def test_every_member_is_documented():
-    assert set(contract.MEMBERS) >= {"build_model", "model_state", "load_state", "to_device", "run_stage", "select",
-                                     "forward_numpy", "adaptive_numpy", "read_file", "write_file", "to_numpy", "NAME"}
-    for name in contract.MEMBERS:
-        if name != "NAME":
-            assert (getattr(contract.Backend, name).__doc__ or "").strip(), f"{name} has no docstring"
+def test_every_primitive_and_derived_operation_is_documented():
+    assert _primitives(contract.Framework) >= {"build_model", "model_state", "load_state", "read_file", "write_file",
+                                              "device_for", "to_device", "to_tensor", "to_numpy", "run_stage",
+                                              "select", "join", "inference"}
+    assert "open" in _primitives(contract.GraphRuntime) and "build_model" not in _primitives(contract.GraphRuntime)
+    for layer in (contract.Runtime, contract.Framework, contract.GraphRuntime):
+        for name in _primitives(layer) | set(DERIVED) | {"set_precision"}:
+            assert (getattr(layer, name).__doc__ or "").strip(), f"{layer.__name__}.{name} has no docstring"
 
 
-@pytest.mark.parametrize("name", BACKENDS)
-def test_backend_provides_every_member_with_the_written_signature(name):
-    mod = _module(name)
-    assert contract.missing_members(mod) == []
-    assert mod.NAME == name
-    for member in contract.MEMBERS:
-        if member == "NAME":
-            continue
-        fn = getattr(mod, member)
-        assert callable(fn), member
-        assert _params(fn) == _params(getattr(contract.Backend, member), drop_self=True), \
-            f"dvt_backends.{name}.{member}{inspect.signature(fn)} differs from the contract"
+@pytest.mark.parametrize("name", RUNTIMES)
+def test_runtime_implements_its_layer_with_the_written_signatures(name):
+    rt = _module(name)
+    layer = contract.Framework if contract.RUNTIMES[name][2] == "spec" else contract.GraphRuntime
+    assert isinstance(rt, layer) and rt.name == name
+    if layer is contract.GraphRuntime:  # no refusing stubs: a graph runtime has no framework members at all
+        assert not isinstance(rt, contract.Framework) and not hasattr(rt, "build_model")
+    for member in _primitives(layer) | {"set_precision"}:
+        own = getattr(rt, member)  # bound (or a framework function serving as it): no self to drop
+        assert _params(own, drop_self=False) == _params(getattr(layer, member)), \
+            f"{name}: {member}{inspect.signature(own)} differs from the contract"
+    for member in DERIVED:  # derived operations come from the base, unchanged
+        assert getattr(type(rt), member) is getattr(contract.Runtime, member), f"{name} overrides {member}"
 
 
-@pytest.mark.mindspore
-def test_both_backends_have_identical_signatures():
-    torch_b, ms_b = _module("torch"), _module("mindspore")
-    for member in contract.MEMBERS:
-        if member != "NAME":
-            assert _params(getattr(torch_b, member)) == _params(getattr(ms_b, member)), member
+def test_a_package_without_a_runtime_is_refused(monkeypatch):
+    import dvt_backends.torch as package
 
-
-def test_a_backend_lacking_a_member_is_refused(monkeypatch):
-    mod = contract.get_backend("torch")
-    monkeypatch.delattr(mod, "select")
-    with pytest.raises(dvt_core.InputError, match="lacks select"):
+    monkeypatch.setattr(package, "RUNTIME", object())
+    with pytest.raises(dvt_core.InputError, match="does not fulfil the runtime contract"):
         contract.get_backend("torch")
+
+
+def test_an_unoffered_precision_is_named():
+    with pytest.raises(dvt_core.InputError, match="runs fp32, not 'int4'"):
+        _module("onnx").check_precision("int4")
 
 
 # ---- finding the backend of a model --------------------------------------------------------------------------
@@ -110,23 +119,26 @@ def test_build_returns_the_model_in_evaluation_mode(name):
 
 @pytest.mark.parametrize("name", BACKENDS)
 @pytest.mark.parametrize("arch,overrides", [("dvt_t2t_vit_12", SMALL_T2T), ("dvt_deit_tiny", SMALL)])
-def test_early_exit_through_the_contract_equals_model_adaptive(name, arch, overrides):
+def test_early_exit_takes_the_first_confident_exit_of_the_full_cascade(name, arch, overrides):
+    """model.adaptive (the contract's loop) against the rule applied to every exit's logits in numpy."""
     mod = _module(name)
     model = dvt_core.build(arch, backend=name, **overrides)
     x = random_images(model.spec, 12, seed=3)
-    probs = np.stack([dvt_core.runtime.policy.softmax(lg) for lg in mod.forward_numpy(model, x)])
+    full = mod.forward_numpy(model, x)
+    probs = [np.exp(lg - lg.max(1, keepdims=True)) / np.exp(lg - lg.max(1, keepdims=True)).sum(1, keepdims=True)
+             for lg in full]
     # thresholds at the median confidence: about half the images leave at each exit
     thresholds = [float(np.median(p.max(axis=1))) for p in probs[:-1]]
-    got = contract.run_adaptive(model, x, thresholds)
-    want = mod.adaptive_numpy(model, x, thresholds)
+    want_exit = np.array([next((i for i, p in enumerate(probs[:-1]) if p[k].max() >= thresholds[i]), len(full) - 1)
+                          for k in range(len(x))])
+    got = model.adaptive(x, thresholds)  # numpy in: the contract converts it
     assert 0 < got.exit_counts[0] < len(x) and got.exit_counts[-1] > 0  # images left at several exits
-    np.testing.assert_array_equal(got.exit_index, want.exit_index)
-    np.testing.assert_array_equal(got.prediction, want.prediction)
-    np.testing.assert_allclose(got.logits, want.logits, rtol=1e-5, atol=1e-5)
-    # and each image's logits are those of the full cascade at the exit it took
-    full = mod.forward_numpy(model, x)
-    for i, e in enumerate(got.exit_index):
+    np.testing.assert_array_equal(got.exit_index, want_exit)
+    for i, e in enumerate(got.exit_index):  # each image's logits are the full cascade's at the exit it took
         np.testing.assert_allclose(got.logits[i], full[e][i], rtol=1e-4, atol=1e-4)
+        assert got.prediction[i] == full[e][i].argmax()
+    again = model.adaptive(mod.to_tensor(model, x), thresholds)  # the runtime's own tensors give the same
+    np.testing.assert_array_equal(again.exit_index, got.exit_index)
 
 
 @pytest.mark.parametrize("name", BACKENDS)

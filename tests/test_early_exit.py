@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 import dvt_core
 from dvt_core import InputError
@@ -32,114 +31,17 @@ from dvt_core.runtime import policy
 from dvt_core.runtime.early_exit import normalize_thresholds
 from dvt_core.model.macs import exit_macs
 
+from helpers import FAMILIES, TIE, assert_matches, full_run, make_images, reference, small_model, spread_thresholds
+
 REPO = Path(__file__).resolve().parents[1]
 SUBSET = REPO / "dvt_core" / "assets" / "fashion_mnist_test_subset.npz"
 
-TIE = 1e-5  # confidences this close to a threshold may legitimately go either way
-BATCH = 24
 
 SMALL = dict(embed_dim=32, depth=2, num_heads=2, img_size=32, grids=(2, 3, 4), num_classes=10)
-FAMILIES = {"t2t": ("dvt_t2t_vit_12", dict(token_dim=16)), "vit": ("dvt_deit_tiny", {})}
 ABLATIONS = [(True, True), (True, False), (False, True), (False, False)]
 
 
 # ---- helpers ------------------------------------------------------------------------------------
-
-_MODELS: dict = {}
-
-
-def small_model(family: str, feature_reuse: bool = True, relation_reuse: bool = True):
-    """A small cascade in eval mode whose exits give spread-out confidences (cached per config)."""
-    key = (family, feature_reuse, relation_reuse)
-    if key not in _MODELS:
-        name, extra = FAMILIES[family]
-        torch.manual_seed(0)
-        model = dvt_core.build(name, feature_reuse=feature_reuse, relation_reuse=relation_reuse,
-                               **SMALL, **extra).eval()
-        g = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for m in model.modules():
-                if isinstance(m, nn.Linear):
-                    m.weight.normal_(0.0, m.in_features ** -0.5, generator=g)
-            for st in model.stages:
-                st.head.weight.mul_(4.0)
-                st.cls_token.normal_(0.0, 1.0, generator=g)
-        _MODELS[key] = model
-    return _MODELS[key]
-
-
-def make_images(model, n: int = BATCH, seed: int = 0) -> torch.Tensor:
-    s = model.spec
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, s.in_chans, s.img_size, s.img_size, generator=g)
-
-
-def full_run(model, images: torch.Tensor, kind: str = "max_softmax"):
-    """Every exit's float32 logits (exits, B, classes) and confidences (exits, B), as the policy sees them."""
-    with torch.no_grad():
-        logits = np.stack([o.float().numpy() for o in model(images)])
-    return logits, policy.confidence(policy.softmax(logits), kind)
-
-
-def split_threshold(values: np.ndarray, share: float, gap: float = 4 * TIE) -> float:
-    """A threshold that lets about ``share`` of ``values`` (the highest) through and sits in a gap of at
-    least ``gap`` between two of them, so no value is within ``gap / 2`` of it."""
-    v = np.unique(values.astype(np.float64))[::-1]  # falling
-    if len(v) < 2:
-        return float(v[0] - gap)
-    mids = (v[:-1] + v[1:]) / 2
-    ok = np.flatnonzero(v[:-1] - v[1:] >= gap)
-    assert ok.size, "no usable gap between the confidences"
-    # mids[i] lets v[0..i] through: i + 1 values
-    best = ok[np.argmin(np.abs((ok + 1) / len(v) - share))]
-    return float(mids[best])
-
-
-def spread_thresholds(conf: np.ndarray) -> list[float]:
-    """Thresholds (num_exits - 1) sending about the same share of the images to every exit."""
-    n_exits = conf.shape[0]
-    left = np.ones(conf.shape[1], bool)
-    out = []
-    for k in range(n_exits - 1):
-        t = split_threshold(conf[k][left], 1.0 / (n_exits - k))
-        out.append(t)
-        left &= conf[k] < t
-    return out
-
-
-def reference(logits: np.ndarray, conf: np.ndarray, thresholds, costs):
-    """What the policy says each image does: (exit, prediction, confidence, logits, macs, ambiguous)."""
-    n_exits, n = conf.shape
-    t = normalize_thresholds(thresholds, n_exits)
-    # adaptive takes +-inf as "never" / "always"; the policy only knows its finite sentinels
-    exits = policy.assign_exits(conf, np.clip(t, policy.ALWAYS, policy.NEVER))
-    rows = np.arange(n)
-    ambiguous = np.zeros(n, bool)
-    for k in range(n_exits - 1):
-        ambiguous |= (exits >= k) & (np.abs(conf[k].astype(np.float64) - float(t[k])) < TIE)
-    return dict(exit=exits, prediction=logits[exits, rows].argmax(1), confidence=conf[exits, rows],
-                logits=logits[exits, rows], macs=np.asarray(costs, np.int64)[exits], ambiguous=ambiguous)
-
-
-def assert_matches(result, ref, n_exits: int):
-    n = len(ref["exit"])
-    assert len(result) == n
-    for name, dtype in (("prediction", np.int64), ("exit_index", np.int64), ("confidence", np.float32),
-                        ("logits", np.float32), ("macs", np.int64)):
-        assert getattr(result, name).dtype == dtype, name
-    assert result.logits.shape == ref["logits"].shape
-    keep = ~ref["ambiguous"]
-    np.testing.assert_array_equal(result.exit_index[keep], ref["exit"][keep])
-    np.testing.assert_array_equal(result.prediction[keep], ref["prediction"][keep])
-    np.testing.assert_array_equal(result.macs[keep], ref["macs"][keep])
-    np.testing.assert_allclose(result.confidence[keep], ref["confidence"][keep], rtol=0, atol=TIE)
-    np.testing.assert_allclose(result.logits[keep], ref["logits"][keep], rtol=0, atol=TIE)
-    # the per-image record is self-consistent, ambiguous images included
-    assert result.exit_counts.dtype.kind == "i" and result.exit_counts.shape == (n_exits,)
-    np.testing.assert_array_equal(result.exit_counts, np.bincount(result.exit_index, minlength=n_exits))
-    assert int(result.exit_counts.sum()) == n
-    np.testing.assert_array_equal(result.prediction, result.logits.argmax(1))
-    assert result.mean_macs == pytest.approx(result.macs.mean(), rel=1e-12)
 
 
 class StageSpy:
@@ -331,8 +233,17 @@ def test_bad_confidence_kind_and_images_raise():
         model.adaptive(make_images(model, n=2), [0.5, 0.5], confidence="margin")
     with pytest.raises(InputError):
         model.adaptive(make_images(model, n=2)[:, :, :16], [0.5, 0.5])
-    with pytest.raises(InputError):
-        model.adaptive(make_images(model, n=2).numpy(), [0.5, 0.5])
+    with pytest.raises(InputError, match="expected an image batch"):
+        model.adaptive("images.png", [0.5, 0.5])
+
+
+def test_numpy_images_give_the_tensor_answer():
+    """preprocess() returns numpy: adaptive takes it as it takes the framework's tensors."""
+    model = small_model("vit")
+    images = make_images(model, n=6)
+    a, b = model.adaptive(images, [0.3, 0.3]), model.adaptive(images.numpy(), [0.3, 0.3])
+    np.testing.assert_array_equal(a.exit_index, b.exit_index)
+    np.testing.assert_array_equal(a.logits, b.logits)
 
 
 # ---- the shipped Fashion-MNIST DVT --------------------------------------------------------------

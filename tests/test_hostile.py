@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -25,32 +24,9 @@ from dvt_core.errors import CheckpointError, InputError
 
 pytestmark = pytest.mark.hostile
 
-ROOT = Path(__file__).resolve().parents[1]
-MEM_LIMIT = 6 << 30  # address space; importing torch/MindSpore maps ~3 GB, the bombs below ask for far more
+from helpers import ROOT, refused, run  # noqa: E402,F401
+
 SMALL = dict(depth=1, embed_dim=16, num_heads=2, token_dim=8)  # tiny T2T overrides
-
-
-def _limit():
-    resource.setrlimit(resource.RLIMIT_AS, (MEM_LIMIT, MEM_LIMIT))
-
-
-def run(args, cwd, backend="torch", timeout=240):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "dvt_core", *map(str, args)]
-    if backend and args and args[0] in ("predict", "evaluate"):
-        cmd += ["--backend", backend]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
-                          preexec_fn=_limit)
-
-
-def refused(proc, *needles):
-    """Status 2, one line on stderr naming the problem, no traceback, no signal."""
-    assert proc.returncode == 2, f"exit {proc.returncode}\nstdout:{proc.stdout}\nstderr:{proc.stderr[-3000:]}"
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith("[WARNING")]
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
 
 
 def _png(path, size=8):

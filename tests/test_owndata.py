@@ -17,11 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import ROOT, refused, run_dvt, succeeded
+from helpers import CLASSES, ROOT, SHIPPED, SUBSET, ok as succeeded, run_dvt, user_error as refused
 
-SHIPPED = ROOT / "weights" / "dvt_fashion_mnist.safetensors"
-SUBSET = ROOT / "dvt_core" / "assets" / "fashion_mnist_test_subset.npz"
-CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 # How a person names the folders: sorted, these would number the classes unlike the model does.
 FOLDER_NAMES = ["tshirt", "TROUSER", "pull over", "Dress", "coat", "sandal", "shirt", "Sneaker", "bag", "ankle_boot"]
 EXIT1_MACS = 1053056  # dvt_fashion_mnist's first exit (dvt flops dvt_fashion_mnist)

@@ -18,7 +18,7 @@ from dvt_core import CheckpointError, get_spec, list_models
 from dvt_core.model.macs import exit_params, stage_params
 from dvt_core.model.shapes import check_spec_state, frozen_names, state_diff, state_shapes
 
-from parity.conftest import small_overrides
+from helpers import small_overrides
 
 ZOO = list_models()
 REPO = Path(__file__).resolve().parents[1]
@@ -67,7 +67,7 @@ def test_small_table_equals_the_torch_state_dict(name):
 @pytest.mark.parametrize("name", ZOO)
 def test_small_table_equals_the_mindspore_state(name):
     pytest.importorskip("mindspore")
-    import dvt_backends.mindspore as bm
+    from dvt_backends.mindspore import RUNTIME as bm
 
     spec = get_spec(name, **small_overrides(name))
     specs = [spec, get_spec(spec, relation_reuse=False)] + ([_transformer_tokens(spec)] if "t2t" in name else [])

@@ -53,7 +53,7 @@ def test_core_imports_no_framework():
 def test_torch_backend_never_imports_mindspore(tmp_path):
     path = tmp_path / "m.safetensors"
     code = ("import sys, torch, dvt_core; "
-            "from dvt_backends.torch import model_state; "
+            "from dvt_backends.torch import RUNTIME; model_state = RUNTIME.model_state; "
             "from dvt_core.checkpoint.files import write_checkpoint; "
             "kw = dict(embed_dim=32, depth=1, num_heads=2, img_size=32, grids=(2, 3, 4), token_dim=16); "
             "m = dvt_core.build('dvt_t2t_vit_12', backend='torch', **kw).eval(); "

@@ -13,7 +13,7 @@ import torch
 
 from dvt_core.runtime import evaluation
 from dvt_core.runtime.streaming import StreamingAdaptive, prefetch, stage_ops, stream_adaptive
-from test_early_exit import TIE, assert_matches, full_run, make_images, reference, small_model, spread_thresholds
+from helpers import TIE, assert_matches, full_run, make_images, reference, small_model, spread_thresholds
 
 
 def recording(ops):
@@ -138,7 +138,9 @@ def test_mindspore_streaming_equals_its_adaptive():
     model = dvt_core.build("dvt_deit_tiny", backend="mindspore", embed_dim=32, depth=2, num_heads=2, img_size=32,
                            grids=(2, 3, 4), num_classes=10)
     x = np.random.default_rng(2).standard_normal((14, 3, 32, 32)).astype(np.float32)
-    from dvt_backends.mindspore import forward_numpy
+    from dvt_backends.mindspore import RUNTIME
+
+    forward_numpy = RUNTIME.forward_numpy
     from dvt_core.runtime import policy
 
     conf = policy.confidence(policy.softmax(np.stack(forward_numpy(model, x))))

@@ -13,7 +13,9 @@ import pytest
 import torch
 
 import dvt_core
-from dvt_backends.torch import DVT, model_state
+from dvt_backends.torch import DVT, RUNTIME
+
+model_state = RUNTIME.model_state
 from dvt_core import CheckpointError, InputError, UnsafeCheckpointError
 from dvt_core.checkpoint.files import write_checkpoint
 

@@ -28,29 +28,15 @@ from dvt_core.checkpoint.files import read_checkpoint
 from dvt_core.model.macs import exit_macs
 from dvt_core.training.config import TrainConfig, cosine_lr, steps_per_epoch
 
+from helpers import N_IMAGES, TINY, _write_image_folder, synthetic
+
 REPO = Path(__file__).resolve().parents[1]
-TINY = dict(depth=1, embed_dim=16, num_heads=2, feature_reuse_dim=4, feature_reuse_hidden=8)
-N_IMAGES = 300
 HOLDOUT = 40
 BASE = dict(epochs=5, batch_size=32, lr=3e-3, warmup_epochs=1.0, holdout=HOLDOUT, pad=0, seed=0)
 
 
 def tiny_spec(**extra):
     return dvt_core.get_spec("dvt_fashion_mnist", **{**TINY, **extra})
-
-
-def synthetic(n: int = N_IMAGES, seed: int = 0):
-    """uint8 (n, 28, 28) noise with a bright 10x3 square whose position (2 rows x 5 columns, mirrored
-    left-right) is the class; int64 labels, 10 classes in equal numbers."""
-    rng = np.random.default_rng(seed)
-    labels = np.arange(n) % 10
-    rng.shuffle(labels)
-    images = rng.integers(0, 40, size=(n, 28, 28)).astype(np.uint8)
-    for img, c in zip(images, labels):
-        r, col = 2 + 13 * (c // 5), 1 + 3 * (c % 5)
-        img[r:r + 10, col:col + 3] = 255
-        img[r:r + 10, 27 - col - 2:27 - col + 1] = 255
-    return images, labels.astype(np.int64)
 
 
 def states_equal(a: dict, b: dict) -> None:
@@ -249,15 +235,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _write_image_folder(root: Path, images: np.ndarray, labels: np.ndarray) -> None:
-    from PIL import Image
-
-    for i, (img, c) in enumerate(zip(images, labels)):
-        folder = root / f"class{c}"
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(img, "L").save(folder / f"{i:03d}.png")
 
 
 def test_two_process_data_parallel_matches_one_process(tmp_path):

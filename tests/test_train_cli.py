@@ -13,8 +13,7 @@ import pytest
 
 from dvt_core.checkpoint.files import read_checkpoint
 
-from test_cli import dvt
-from test_train import TINY, _write_image_folder, synthetic
+from helpers import TINY, _write_image_folder, dvt, synthetic
 
 OV = [a for k, v in TINY.items() for a in ("-O", f"{k}={v}")]
 BASE = ["train", "--model", "dvt_fashion_mnist", *OV, "--epochs", "2", "--batch-size", "16", "--no-progress"]

@@ -84,13 +84,13 @@ def test_installed_build_with_default_weights(installed, backend):
     if backend == "mindspore" and importlib.util.find_spec("mindspore") is None:
         pytest.skip("mindspore is not installed")
     py, env, _, work = installed
-    code = ("import numpy as np, dvt_core, dvt_backends, dvt_core.checkpoint.registry as w; "
+    code = ("import numpy as np, dvt_core, dvt_backends, dvt_core.checkpoint.registry as w, dvt_core.data.sources as s; "
             f"m = dvt_core.build('dvt_fashion_mnist', backend={backend!r}, weights='default'); "
             "b = dvt_core.runtime.contract.backend_of(m); "
-            "d = np.load(dvt_core.data.sources.__file__.replace('data.py', 'assets/fashion_mnist_test_subset.npz')); "
-            "x = dvt_core.data.sources.normalize(d['images'][:200], m.spec.mean, m.spec.std); "
+            "d = np.load(s.__file__.replace('data/sources.py', 'assets/fashion_mnist_test_subset.npz')); "
+            "x = s.normalize(d['images'][:200], m.spec.mean, m.spec.std); "
             "acc = (b.forward_numpy(m, x)[-1].argmax(1) == d['labels'][:200]).mean(); "
-            "print(b.NAME, w.weights_dir(), dvt_backends.__file__, acc)")
+            "print(b.name, w.weights_dir(), dvt_backends.__file__, acc)")
     name, weights_dir, backends_file, acc = _run([py, "-c", code], cwd=work, env=env).stdout.split()
     venv = str(work.parent / "venv")
     assert name == backend and weights_dir.startswith(venv) and backends_file.startswith(venv)

@@ -1,7 +1,7 @@
 """The DVT cascade in MindSpore: stages of growing token grids, feature and relation reuse, early exit.
 
 Mirrors ``dvt_backends/torch/cascade.py``. ``DVT(spec)(images)`` returns one logits tensor per exit;
-``DVT.adaptive(images, thresholds)`` runs true early exit (the loop lives in dvt_core.runtime.early_exit).
+``DVT.adaptive(images, thresholds)`` runs true early exit (written once: dvt_core.runtime.contract).
 Runs in MindSpore's default PyNative mode; ``DVT.compiled()`` gives a graph-mode (``ms.jit``) forward.
 """
 from __future__ import annotations
@@ -9,9 +9,8 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import NamedTuple, Optional, Sequence
 
-from dvt_core.runtime.early_exit import AdaptiveResult, run_adaptive
 from dvt_core.model.macs import exit_macs
-from dvt_core.runtime.operating_point import model_thresholds
+from dvt_core.runtime.contract import ModelAPI
 from dvt_core.model.recipe import INIT_STD, drop_path_rates
 from dvt_core.errors import InputError, check_images_shape
 from dvt_core.model.specs import CascadeSpec, sinusoid_position_table
@@ -115,7 +114,7 @@ class Stage(C.Cell):
         return out, (x, relations)
 
 
-class DVT(C.Cell):
+class DVT(ModelAPI, C.Cell):
     """A Dynamic Vision Transformer: ``construct`` returns the logits of every exit, in exit order."""
 
     def __init__(self, spec: CascadeSpec):
@@ -172,21 +171,6 @@ class DVT(C.Cell):
             return self._compiled(images)
 
         return run
-
-    def adaptive(self, images, thresholds: Optional[Sequence[float]] = None,
-                 confidence: str = "max_softmax") -> AdaptiveResult:
-        """True early exit: an image leaves at the first exit whose confidence reaches its threshold.
-
-        Only the images that go on run the next stage, with their rows of the reused features and
-        attention logits. ``thresholds`` has one value per exit (the last is ignored) or one fewer;
-        without them, the default operating point stored in the checkpoint the model was built from.
-        Runs in evaluation mode (dropout and stochastic depth off) and restores the previous mode.
-        """
-        self.check_images(images)
-        thresholds = model_thresholds(self, thresholds)
-        with self.inference():
-            return run_adaptive(self.run_stage, C.to_numpy, select, images, C.shape_of(images)[0], thresholds,
-                                self.exit_macs, confidence)
 
     @contextmanager
     def inference(self):

@@ -13,7 +13,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn
 
-from dvt_core.export.writer import FEATURES, PREV, RELATIONS, carry_names, stage_entry
+from dvt_core.export.manifest import FEATURES, PREV, RELATIONS, carry_names, stage_entry
 
 from . import compat as C
 from .cascade import DVT, FEATURE_BATCH_AXIS, RELATION_BATCH_AXIS

@@ -16,6 +16,6 @@ def load(path) -> dict:
     return {**tensors, **strings}
 
 
-def save(path, params: dict, append: dict) -> None:
-    """Write ``params`` (MindSpore names -> numpy arrays) and string entries ``append`` to ``path``."""
-    ckpt_format.write_ckpt(path, params, {k: str(v) for k, v in append.items()})
+def save(path, state: dict, entries: dict) -> None:
+    """Write ``state`` (MindSpore names -> numpy arrays) and the string ``entries`` (``append_dict``) to ``path``."""
+    ckpt_format.write_ckpt(path, state, {k: str(v) for k, v in entries.items()})

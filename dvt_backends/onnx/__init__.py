@@ -1,25 +1,9 @@
-"""ONNX Runtime backend: a DVT exported with ``dvt export --format onnx``, run without torch or MindSpore.
+"""ONNX Runtime runtime: a DVT exported with ``dvt export --format onnx``, run without torch or MindSpore.
 
-``load(directory)`` (what ``dvt_core.build(DIR, backend="onnx")`` calls) returns an :class:`OnnxDVT`.
-Imports onnxruntime and numpy only. The contract's members are those every export runtime shares
-(``dvt_core.export.writer``); what is ONNX Runtime's own lives in ``runtime.py``.
+``RUNTIME.open(directory)`` (what ``dvt_core.build(DIR, backend="onnx")`` calls) returns an :class:`OnnxDVT`.
+Imports onnxruntime and numpy only; the contract's primitives are those every graph runtime shares
+(``dvt_core.export.graph``); what is ONNX Runtime's own lives in ``runtime.py``.
 """
-import numpy as np
+from .runtime import RUNTIME, OnnxDVT, OnnxRuntime
 
-from dvt_core.export.writer import (adaptive_numpy, forward_numpy, inference, join_with, refusals, run_stage, to_device,
-                             to_tensor)
-from dvt_core.export.writer import select_numpy as select
-
-from .runtime import OnnxDVT, device_for, load
-
-NAME = "onnx"
-EXPORTED = True
-RUNTIME = OnnxDVT
-
-to_numpy = OnnxDVT.to_numpy
-join = join_with(np.concatenate)
-build_model, model_state, load_state, read_file, write_file = refusals(NAME)
-
-__all__ = ["OnnxDVT", "load", "forward_numpy", "adaptive_numpy", "to_device", "device_for", "to_tensor", "to_numpy",
-           "run_stage", "select", "join", "inference", "build_model", "model_state", "load_state", "read_file",
-           "write_file", "NAME"]
+__all__ = ["RUNTIME", "OnnxDVT", "OnnxRuntime"]

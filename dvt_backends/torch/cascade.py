@@ -1,27 +1,28 @@
 """The DVT cascade in PyTorch: stages of growing token grids, feature and relation reuse, early exit.
 
 Mirrors ``dvt_backends/mindspore/cascade.py``. ``DVT(spec)(images)`` returns one logits tensor per exit;
-``DVT.adaptive(images, thresholds)`` runs true early exit (the loop lives in dvt_core.runtime.early_exit).
+``DVT.adaptive(images, thresholds)`` runs true early exit (written once: dvt_core.runtime.contract).
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
 from typing import NamedTuple, Optional, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from dvt_core.runtime.early_exit import AdaptiveResult, run_adaptive
 from dvt_core.model.macs import exit_macs
-from dvt_core.runtime.operating_point import model_thresholds
+from dvt_core.runtime.contract import ModelAPI
 from dvt_core.model.recipe import INIT_STD, TRUNC_BOUND, drop_path_rates
 from dvt_core.errors import InputError, check_images_shape
 from dvt_core.model.specs import CascadeSpec, sinusoid_position_table
 
 from .layers import Block, FeatureReuse, RelationReuse, TokenResize
 from .tokenizers import build_tokenizer
+
+# dvt_core.runtime.contract.PRECISIONS -> the dtype every weight, buffer and activation is held in
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Reuse(NamedTuple):
@@ -31,10 +32,6 @@ class Reuse(NamedTuple):
     # per block (B, heads, N, N): kept apart so early exit slices only the images that go on before
     # anything is concatenated
     relations: Optional[tuple[torch.Tensor, ...]]
-
-
-def _to_numpy(logits: torch.Tensor) -> np.ndarray:
-    return logits.detach().float().cpu().numpy()
 
 
 def select(images: torch.Tensor, carry: Reuse, rows) -> tuple[torch.Tensor, Reuse]:
@@ -72,7 +69,7 @@ class Stage(nn.Module):
             self.pos_embed = nn.Parameter(torch.zeros(1, st.num_tokens, st.embed_dim))
         plan = spec.reuse_plan(index)
         fr = plan.feature
-        self.relation_reuse = RelationReuse(plan.relation) if plan.relation else None
+        self.relation_reuse = RelationReuse(plan.relation, st.depth) if plan.relation else None
         dpr = drop_path_rates(spec, index)
         self.blocks = nn.ModuleList(Block(st, fr.out_dim if fr else 0, dpr[j], FeatureReuse(fr) if fr else None,
                                           spec.gelu) for j in range(st.depth))
@@ -100,18 +97,17 @@ class Stage(nn.Module):
             feats = self._reused_features(reuse.features)
         if reuse is not None and self.relation_reuse is not None:
             rels = self.relation_reuse(reuse.relations)
-        h = self.num_heads
         logits_per_block = []
         for j, blk in enumerate(self.blocks):
-            x, logits = blk(x, None if feats is None else feats[j],
-                            None if rels is None else rels[:, j * h:(j + 1) * h], keep_relations)
+            x, logits = blk(x, None if feats is None else feats[j], None if rels is None else rels[j],
+                            keep_relations)
             if keep_relations:
                 logits_per_block.append(logits)
         out = self.head(self.norm(x)[:, 0])
         return out, Reuse(x, tuple(logits_per_block) if keep_relations else None)
 
 
-class DVT(nn.Module):
+class DVT(ModelAPI, nn.Module):
     """A Dynamic Vision Transformer: ``forward`` returns the logits of every exit, in exit order."""
 
     def __init__(self, spec: CascadeSpec):
@@ -120,7 +116,28 @@ class DVT(nn.Module):
         self.stages = nn.ModuleList(Stage(spec, i) for i in range(spec.num_exits))
         self.checkpoint_meta: dict = {}
         self.exit_macs = exit_macs(self.spec)  # per image, cumulative; the spec is frozen
+        self.precision = "fp32"
         self.reset_parameters()
+
+    def set_precision(self, precision: str) -> "DVT":
+        """Hold every weight and buffer in ``precision`` ("fp32", "bf16", "fp16"; in place; returns the model).
+
+        The whole network then runs in that dtype, images cast on entry (``run_stage``, ``forward``,
+        the runtime's ``to_tensor``): no float32 islands between the products. Chosen over
+        ``torch.autocast``, which runs LayerNorm, softmax and the additions in float32 and casts the
+        weights again at every call (slower here: docs/performance.md). Exit confidences are computed
+        in float32 from the logits. ``set_precision("fp32")`` goes back.
+        """
+        if precision not in PRECISION_DTYPES:
+            raise InputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISION_DTYPES)}")
+        self.to(PRECISION_DTYPES[precision])
+        self.precision = precision
+        return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the weights are held in (what ``set_precision`` chose, or a plain ``model.to(dtype)``)."""
+        return self.stages[0].cls_token.dtype
 
     # ---- initialisation (dvt_core.model.recipe) -------------------------------------------------------
     def reset_parameters(self) -> None:
@@ -150,6 +167,8 @@ class DVT(nn.Module):
         """Logits of exit ``index`` and what the next stage reuses (None after the last)."""
         last = index == len(self.stages) - 1
         keep = not last and self.spec.relation_reuse
+        if images.dtype != self.dtype:  # float32 images into a bf16 / fp16 model
+            images = images.to(self.dtype)
         logits, out = self.stages[index](images, reuse, keep_relations=keep)
         if last:
             return logits, None
@@ -157,6 +176,7 @@ class DVT(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         self.check_images(images)
+        images = images.to(self.dtype)
         outputs, reuse = [], None
         for i in range(len(self.stages)):
             logits, reuse = self.run_stage(i, images, reuse)
@@ -176,21 +196,6 @@ class DVT(nn.Module):
         return self
 
     @torch.no_grad()
-    def adaptive(self, images: torch.Tensor, thresholds: Optional[Sequence[float]] = None,
-                 confidence: str = "max_softmax") -> AdaptiveResult:
-        """True early exit: an image leaves at the first exit whose confidence reaches its threshold.
-
-        Only the images that go on run the next stage, with their rows of the reused features and
-        attention logits. ``thresholds`` has one value per exit (the last is ignored) or one fewer;
-        without them, the default operating point stored in the checkpoint the model was built from.
-        Runs in evaluation mode (dropout and stochastic depth off) and restores the previous mode.
-        """
-        self.check_images(images)
-        thresholds = model_thresholds(self, thresholds)
-        with self.inference():
-            return run_adaptive(self.run_stage, _to_numpy, select, images, images.shape[0], thresholds,
-                                self.exit_macs, confidence)
-
     @contextmanager
     def inference(self):
         """Evaluation mode (dropout and stochastic depth off) without gradients; restores the mode."""

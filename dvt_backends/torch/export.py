@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from dvt_core.export.writer import FEATURES, PREV, RELATIONS, carry_names, stage_entry
+from dvt_core.export.manifest import FEATURES, PREV, RELATIONS, carry_names, stage_entry
 
 from .cascade import DVT, Reuse
 from .layers import TokenResize
@@ -80,6 +80,21 @@ def _padded_taps(resize: TokenResize) -> tuple[torch.Tensor, torch.Tensor]:
     return index.to(resize.indices.device), weight.to(resize.weights.device)
 
 
+def _dense_matrix(resize: TokenResize) -> torch.Tensor:
+    """The resize as its (n_new, n_old) matrix (at most four non-zero weights a row)."""
+    matrix = torch.zeros(resize.n_new, resize.n_old, dtype=resize.weights.dtype)
+    rows = torch.repeat_interleave(torch.arange(resize.n_new),
+                                   torch.diff(torch.cat((resize.offsets.cpu(), torch.tensor([resize.nnz])))))
+    matrix.index_put_((rows, resize.indices.cpu()), resize.weights.cpu(), accumulate=True)
+    return matrix.to(resize.weights.device)
+
+
+def _resize_dense(self: TokenResize, x: torch.Tensor) -> torch.Tensor:
+    """TokenResize as one MatMul by its constant matrix: more multiply-adds than the taps, but a product
+    that runtimes run at full speed (and fuse with what is around it), where a gather runs as a copy loop."""
+    return torch.matmul(self._export_matrix.to(x.dtype), x)
+
+
 def _resize_by_gather(self: TokenResize, x: torch.Tensor) -> torch.Tensor:
     """TokenResize as Gather, Mul and ReduceSum: the same weighted sums, exported without the Loop nodes
     that ``embedding_bag`` becomes in ONNX (ONNX Runtime runs those far slower)."""
@@ -89,27 +104,40 @@ def _resize_by_gather(self: TokenResize, x: torch.Tensor) -> torch.Tensor:
     return (picked * weight.to(x.dtype)[..., None]).sum(dim=-2)
 
 
+
 @contextlib.contextmanager
-def exportable(model: DVT):
-    """Swap in traceable, Loop-free forms of the soft split and the reuse resize for an export."""
+def exportable(model: DVT, resize: str = "gather"):
+    """Swap in traceable, Loop-free forms of the soft split and the reuse resize (``resize``: "gather",
+    Gather + Mul + ReduceSum over the at most four taps; "dense", one MatMul) for an export."""
     splits = [m for m in model.modules() if isinstance(m, T2TModule)]
     resizes = [m for m in model.modules() if isinstance(m, TokenResize)]
     for m in splits:
         m._split = types.MethodType(_split_by_gather, m)
     for m in resizes:
-        m._export_taps = _padded_taps(m)
-        m.forward = types.MethodType(_resize_by_gather, m)
+        if resize == "dense":
+            m._export_matrix = _dense_matrix(m)
+            m.forward = types.MethodType(_resize_dense, m)
+        else:
+            m._export_taps = _padded_taps(m)
+            m.forward = types.MethodType(_resize_by_gather, m)
     try:
         yield model
     finally:
         for m in splits:
             del m._split
         for m in resizes:
-            del m.forward, m._export_taps
+            del m.forward
+            m.__dict__.pop("_export_taps", None)
+            m.__dict__.pop("_export_matrix", None)
 
 
-def export_stages(model: DVT, out_dir: Path, opset: int = 17, batch: int = 2):
-    """Write ``stage{i}.onnx`` for every stage into ``out_dir``: (stage entries, versions, batch axes)."""
+def export_stages(model: DVT, out_dir: Path, opset: int = 17, batch: int = 2, resize: str = "gather",
+                  precision: str = "fp32"):
+    """Write ``stage{i}.onnx`` for every stage into ``out_dir``: (stage entries, versions, batch axes).
+
+    ``resize`` picks the form of the reuse resize (:func:`exportable`); ``precision`` "fp16" stores the
+    weights as float16, each cast to float32 where the graph reads it (half the file; the runtime still
+    computes in the precision it is asked for)."""
     import onnx
 
     spec = model.spec
@@ -119,7 +147,7 @@ def export_stages(model: DVT, out_dir: Path, opset: int = 17, batch: int = 2):
     images = torch.randn(batch, spec.in_chans, spec.img_size, spec.img_size, device=dev)
     entries, carry = [], ()
     try:
-        with exportable(model), torch.no_grad(), warnings.catch_warnings():
+        with exportable(model, resize), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             for i in range(spec.num_exits):
                 g = StageGraph(model, i)
@@ -130,6 +158,8 @@ def export_stages(model: DVT, out_dir: Path, opset: int = 17, batch: int = 2):
                 torch.onnx.export(g, (images, *carry), str(out_dir / file), input_names=names_in,
                                   output_names=names_out, dynamic_axes=axes, opset_version=opset, dynamo=False,
                                   do_constant_folding=True)
+                if precision == "fp16":
+                    store_weights_fp16(out_dir / file)
                 out = g(images, *carry)
                 carry = tuple(out[1:]) if isinstance(out, tuple) else ()
                 entries.append(stage_entry(i, file, names_in, names_out))
@@ -137,3 +167,32 @@ def export_stages(model: DVT, out_dir: Path, opset: int = 17, batch: int = 2):
         model.train(was)
     versions = {"torch": torch.__version__, "onnx": onnx.__version__, "opset": int(opset)}
     return entries, versions, dict(BATCH_AXES)
+
+
+# weights smaller than this stay float32: casting a bias or a scale costs a node and saves nothing
+FP16_MIN_ELEMENTS = 1024
+
+
+def store_weights_fp16(path: Path) -> None:
+    """Rewrite the ONNX graph at ``path`` with its large float32 weights stored as float16, each read
+    through a Cast to float32 (a decompression both ONNX Runtime and OpenVINO fold at load)."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph_model = onnx.load(str(path))
+    g = graph_model.graph
+    casts, kept = [], []
+    for init in g.initializer:
+        if init.data_type != onnx.TensorProto.FLOAT or int(np.prod(init.dims)) < FP16_MIN_ELEMENTS:
+            kept.append(init)
+            continue
+        half = numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), init.name + "_fp16")
+        kept.append(half)
+        casts.append(onnx.helper.make_node("Cast", [half.name], [init.name], to=onnx.TensorProto.FLOAT,
+                                           name=init.name + "_to_fp32"))
+    del g.initializer[:]
+    g.initializer.extend(kept)
+    nodes = casts + list(g.node)  # the casts first: nodes stay in topological order
+    del g.node[:]
+    g.node.extend(nodes)
+    onnx.save(graph_model, str(path))

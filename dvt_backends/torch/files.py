@@ -18,13 +18,33 @@ def _numpy_safe_globals():
     return out
 
 
-def _to_numpy(obj):
+def _tensor_to_numpy(t, where: str):
+    """A tensor as numpy: bfloat16 widened to float32 (lossless, marked so the load lists it); sparse,
+    quantized, complex and float8 tensors refused by name (no DVT weight is one)."""
+    from dvt_core.checkpoint.files import refuse_dtype, widened
+
+    if t.layout != torch.strided:
+        refuse_dtype(where, f"a sparse tensor ({str(t.layout).replace('torch.', '')})")
+    if t.is_quantized:
+        refuse_dtype(where, f"a quantized tensor ({str(t.dtype).replace('torch.', '')})")
+    if t.is_complex():
+        refuse_dtype(where, f"a complex tensor ({str(t.dtype).replace('torch.', '')})")
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        return widened(t.float().numpy(), "bfloat16")
+    try:
+        return t.numpy()
+    except (TypeError, RuntimeError):  # float8 and other dtypes numpy lacks
+        refuse_dtype(where, f"dtype {str(t.dtype).replace('torch.', '')}")
+
+
+def _to_numpy(obj, where: str = "tensor"):
     if torch.is_tensor(obj):
-        return obj.detach().cpu().numpy()
+        return _tensor_to_numpy(obj, where)
     if isinstance(obj, dict):
-        return {k: _to_numpy(v) for k, v in obj.items()}
+        return {k: _to_numpy(v, f"tensor {str(k)[:80]!r}") for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_numpy(v) for v in obj)
+        return type(obj)(_to_numpy(v, where) for v in obj)
     return obj
 
 

@@ -8,8 +8,10 @@ from dvt_core.model.shapes import check_state
 
 
 def model_state(model: torch.nn.Module) -> dict[str, np.ndarray]:
-    """Every parameter and persistent buffer as float32 numpy arrays, canonical names."""
-    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+    """Every parameter and persistent buffer as float32 numpy arrays, canonical names (a bf16 / fp16
+    model's too: numpy has no bfloat16)."""
+    return {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().numpy().copy()
+            for k, v in model.state_dict().items()}
 
 
 def load_state(model: torch.nn.Module, state: dict[str, np.ndarray], source: str = "checkpoint") -> None:

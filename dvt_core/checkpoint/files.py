@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import warnings
 import zipfile
@@ -31,10 +32,10 @@ from typing import Any, Optional
 
 import numpy as np
 
-from dvt_core import fileio
+from dvt_core import fileio, schema
 
 from dvt_core.checkpoint import ms_ckpt as ckpt_format
-from dvt_core.errors import CheckpointError, UnsafeCheckpointError
+from dvt_core.errors import CheckpointError, InputError, UnsafeCheckpointError
 from dvt_core.checkpoint.naming import (canonical_to_mindspore, canonical_to_ms_official, is_ms_official_layout, is_ms_training_state,
                      is_official_layout, mindspore_to_canonical, ms_official_to_canonical, rename_official)
 from dvt_core.model.shapes import check_spec_state
@@ -52,6 +53,39 @@ PICKLE_SCAN_MAX = 64 << 20    # bytes of the one pickle entry the safety rescan 
 # Suffixes that name a format (a writer refuses a contradicting one); others (.bin, none) are neutral.
 SUFFIX_FORMATS = ((".safetensors", "safetensors"), (".ckpt", "mindspore"), (".pth.tar", "torch"),
                   (".pth", "torch"), (".pt", "torch"))
+
+
+MAX_TENSORS = 65536           # tensors of one checkpoint (a DVT has about a thousand)
+ZIP_EXPANSION = 2             # a torch zip may hold at most this many times its size, plus ZIP_SLACK, unpacked
+ZIP_SLACK = 1 << 20
+TORCH_PICKLE_MAX = 16 << 20   # data.pkl of a torch zip: names, tensor records, metadata (a DVT's is ~100 kB)
+SAFETENSORS_MAX_HEADER = 16 << 20
+# safetensors dtype names -> numpy; BF16 is widened to float32 (lossless); F8_* and complex are refused by name
+SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8", "I32": "<i4",
+                      "I16": "<i2", "I8": "i1", "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?"}
+
+
+class WidenedArray(np.ndarray):
+    """A float32 array read from a narrower float dtype numpy lacks (bfloat16): ``source_dtype`` names it,
+    so the load lists the cast like the others."""
+
+    source_dtype = "float32"
+
+
+def widened(a: np.ndarray, source_dtype: str) -> np.ndarray:
+    out = np.asarray(a, dtype=np.float32).view(WidenedArray)
+    out.source_dtype = source_dtype
+    return out
+
+
+def bf16_to_float32(raw: np.ndarray) -> np.ndarray:
+    """bfloat16 bits (uint16) as float32, exactly (bfloat16 is float32's upper half)."""
+    return widened((raw.astype(np.uint32) << 16).view(np.float32), "bfloat16")
+
+
+def refuse_dtype(where: str, what: str):
+    raise CheckpointError(f"{where} is {what}; DVT weights are real dense tensors (float32, float16, bfloat16, "
+                          "float64): convert it to one first")
 
 
 class CheckpointWarning(UserWarning):
@@ -97,13 +131,13 @@ class Checkpoint:
 
 
 def _framework_files(name: str, path, action: str = "reading"):
-    """The backend ``dvt_backends.<name>``, whose ``read_file`` / ``write_file`` handle the framework's own
-    files; imported only now."""
-    import importlib
+    """The framework ``name`` (its runtime), whose ``read_file`` / ``write_file`` handle its own files;
+    imported only now."""
+    from dvt_core.runtime.contract import get_backend
 
     try:
-        return importlib.import_module(f"dvt_backends.{name}")
-    except ImportError:
+        return get_backend(name)
+    except InputError:
         raise CheckpointError(f"{path} is a {name} checkpoint; {action} it needs {name} "
                               f"(pip install 'dvt[{name}]')") from None
 
@@ -113,10 +147,11 @@ def _framework_files(name: str, path, action: str = "reading"):
 def sniff_format(path) -> str:
     """'torch', 'safetensors' or 'mindspore' from the first bytes; CheckpointError for anything else."""
     p = Path(path)
-    if not p.exists():
+    if not os.path.exists(p):
         raise CheckpointError(f"checkpoint not found: {p}")
     if p.is_dir():
         raise CheckpointError(f"{p} is a directory, not a checkpoint file")
+    schema.check_regular_file(p, "checkpoint", CheckpointError)  # a FIFO or device is never opened
     with open(p, "rb") as fh:
         head = fh.read(64)
     if len(head) == 0:
@@ -141,6 +176,9 @@ def read_checkpoint(path) -> Checkpoint:
     reader = {"torch": _read_torch, "safetensors": _read_safetensors, "mindspore": _read_mindspore}[fmt]
     ckpt = reader(Path(path))
     ckpt.path = str(path)
+    if len(ckpt.state) > MAX_TENSORS:
+        raise CheckpointError(f"{path} holds {len(ckpt.state)} tensors (at most {MAX_TENSORS})")
+    schema.check_checkpoint_meta(ckpt.meta, f"{path}: metadata", CheckpointError)
     return ckpt
 
 
@@ -194,12 +232,38 @@ def _referenced_globals(path: Path) -> Optional[list[str]]:
     return found
 
 
+def check_torch_zip(path: Path) -> None:
+    """Before torch sees a zip: at most :data:`MAX_TENSORS` entries, and at most :data:`ZIP_EXPANSION` times
+    the file's size (plus :data:`ZIP_SLACK`) once unpacked (torch writes entries stored, not compressed),
+    so a small compressed file cannot unpack into gigabytes."""
+    size = os.path.getsize(path)
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = zf.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a readable torch checkpoint (truncated or corrupt: {exc})") from None
+    if len(infos) > MAX_TENSORS + 16:
+        raise CheckpointError(f"{path} holds {len(infos)} zip entries (at most {MAX_TENSORS + 16})")
+    pickles = [i for i in infos if i.filename == "data.pkl" or i.filename.endswith("/data.pkl")]
+    if any(i.file_size > TORCH_PICKLE_MAX for i in pickles):
+        raise CheckpointError(f"{path}: its pickle is {max(i.file_size for i in pickles):,} bytes (at most "
+                              f"{TORCH_PICKLE_MAX:,}): a state dict's names and metadata are far smaller")
+    unpacked = sum(max(i.file_size, 0) for i in infos)
+    if unpacked > ZIP_EXPANSION * size + ZIP_SLACK:
+        raise CheckpointError(f"{path} would unpack to {unpacked:,} bytes from {size:,}: refused as a "
+                              "decompression bomb (torch writes checkpoints uncompressed)")
+
+
 def _torch_load(path: Path):
     import pickle
 
+    if zipfile.is_zipfile(path):
+        check_torch_zip(path)
     files = _framework_files("torch", path)
     try:
         return files.read_file(path)  # torch.load(..., weights_only=True), tensors as numpy
+    except CheckpointError:
+        raise
     except pickle.UnpicklingError as exc:
         text = _ANSI.sub("", str(exc))
         blocked = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
@@ -282,11 +346,17 @@ def _read_torch(path: Path) -> Checkpoint:
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict or a DVT checkpoint")
     if "model_state_dict" in obj:  # the official release
+        if not isinstance(obj["model_state_dict"], dict):
+            raise CheckpointError(f"{path}: its model_state_dict is a {type(obj['model_state_dict']).__name__}, "
+                                  "not a mapping of names to tensors")
         state = _to_numpy_state(obj["model_state_dict"], path)
         meta = {k: _plain(obj[k], f"{path}: metadata {k!r}") for k in OFFICIAL_META_KEYS if k in obj}
         layout = "official" if is_official_layout(state) else "canonical"
         return Checkpoint(state, meta, "official", layout)
-    if "state_dict" in obj and isinstance(obj["state_dict"], dict):
+    if "state_dict" in obj and not isinstance(obj["state_dict"], dict):
+        raise CheckpointError(f"{path}: its state_dict is a {type(obj['state_dict']).__name__}, "
+                              "not a mapping of names to tensors")
+    if "state_dict" in obj:
         state = _to_numpy_state(obj["state_dict"], path)
         raw = obj.get("dvt_meta", "{}")
         meta = _json_meta(raw, f"{path}: metadata 'dvt_meta'") if isinstance(raw, str) else \
@@ -302,17 +372,70 @@ def _read_torch(path: Path) -> Checkpoint:
 
 # ---- safetensors -------------------------------------------------------------------------------------
 
-def _read_safetensors(path: Path) -> Checkpoint:
-    from safetensors import SafetensorError, safe_open
+def _safetensors_header(fd: int, path: Path, size: int) -> tuple[dict, dict, int]:
+    """``(entries, metadata, data start)`` of a safetensors file, every entry checked against the file's
+    size before any tensor is read: dtype, shape, offsets, count."""
+    head = os.pread(fd, 8, 0)
+    if len(head) < 8:
+        raise CheckpointError(f"{path} is not a readable safetensors file (truncated header)")
+    n = int.from_bytes(head, "little")
+    if n > SAFETENSORS_MAX_HEADER or n > size - 8:
+        raise CheckpointError(f"{path}: its safetensors header claims {n:,} bytes (at most "
+                              f"{min(SAFETENSORS_MAX_HEADER, size - 8):,}); truncated or hostile")
+    header = schema.loads_json(os.pread(fd, n, 8), f"{path}: its safetensors header", CheckpointError,
+                               max_bytes=SAFETENSORS_MAX_HEADER, max_depth=4)
+    schema.want_dict(header, f"{path}: its safetensors header", CheckpointError)
+    meta = header.pop("__metadata__", None) or {}
+    schema.want_dict(meta, f"{path}: its safetensors __metadata__", CheckpointError)
+    if len(header) > MAX_TENSORS:
+        raise CheckpointError(f"{path} holds {len(header)} tensors (at most {MAX_TENSORS})")
+    data_size, spans = size - 8 - n, []
+    for name, e in header.items():
+        where = f"{path}: tensor {name[:80]!r}"
+        schema.want_dict(e, where, CheckpointError)
+        dtype = e.get("dtype")
+        if dtype not in SAFETENSORS_DTYPES:
+            refuse_dtype(where, f"dtype {str(dtype)[:20]}")
+        shape = [schema.want_int(d, f"{where} shape", 0, 1 << 40, CheckpointError)
+                 for d in schema.want_list(e.get("shape"), f"{where} shape", max_len=8, error=CheckpointError)]
+        offsets = [schema.want_int(o, f"{where} data_offsets", 0, data_size, CheckpointError)
+                   for o in schema.want_list(e.get("data_offsets"), f"{where} data_offsets", 2, error=CheckpointError)]
+        want = int(np.prod(shape, dtype=object)) * np.dtype(SAFETENSORS_DTYPES[dtype]).itemsize
+        if offsets[1] - offsets[0] != want:
+            raise CheckpointError(f"{where}: its offsets span {offsets[1] - offsets[0]} bytes, its shape {shape} "
+                                  f"of {dtype} needs {want}")
+        spans.append(tuple(offsets))
+    spans.sort()
+    if any(b < a_end for (_, a_end), (b, _) in zip(spans, spans[1:])):
+        raise CheckpointError(f"{path}: two tensors share bytes; not a valid safetensors file")
+    return header, meta, 8 + n
 
+
+def _read_safetensors(path: Path) -> Checkpoint:
+    """Parsed here with every offset checked first; tensors read with ``pread`` into arrays they own (no
+    mmap: a file truncated meanwhile is an error, never SIGBUS)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     try:
+        size = os.fstat(fd).st_size
+        try:
+            header, meta, start = _safetensors_header(fd, path, size)
+        except CheckpointError as exc:  # say first what the file is not, then the field at fault
+            detail = str(exc).replace(f"{path}: ", "", 1).replace(str(path), "it", 1)
+            raise CheckpointError(f"{path} is not a readable safetensors file ({detail})") from None
         state = {}
-        with safe_open(str(path), framework="numpy") as f:
-            meta_raw = (f.metadata() or {}).get("dvt", "{}")
-            for k in f.keys():
-                state[k] = f.get_tensor(k)
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({str(exc).splitlines()[0]})") from None
+        for name, e in header.items():
+            dt = np.dtype(SAFETENSORS_DTYPES[e["dtype"]])
+            b, end = e["data_offsets"]
+            raw = os.pread(fd, end - b, start + b)
+            if len(raw) != end - b:
+                raise CheckpointError(f"{path}: tensor {name[:80]!r} is truncated (the file shrank while read)")
+            a = np.frombuffer(raw, dtype=dt).reshape(e["shape"])
+            state[name] = bf16_to_float32(a) if e["dtype"] == "BF16" else a.astype(dt.newbyteorder("="))
+    except OSError as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({exc.strerror or exc})") from None
+    finally:
+        os.close(fd)
+    meta_raw = meta.get("dvt", "{}")
     meta = _json_meta(meta_raw, f"{path}: its 'dvt' metadata")
     layout = "official" if is_official_layout(state) else "canonical"
     return Checkpoint(state, meta, "safetensors", layout)
@@ -368,9 +491,10 @@ def atomic_path(dst, force: bool = False, parents: bool = True):
 
 
 def write_checkpoint(path, state: dict[str, np.ndarray], meta: Optional[dict] = None, fmt: Optional[str] = None,
-                     force: bool = False) -> Path:
+                     force: bool = False, parents: bool = False) -> Path:
     """Write canonical ``state`` and ``meta`` atomically. ``fmt`` defaults from the file suffix;
-    a suffix that names another format than ``fmt`` is refused (a file must say what it holds)."""
+    a suffix that names another format than ``fmt`` is refused (a file must say what it holds). A missing
+    folder is refused unless ``parents`` (nothing is created silently)."""
     path = Path(path)
     named = suffix_format(path)
     fmt = fmt or format_for_suffix(path)
@@ -382,9 +506,9 @@ def write_checkpoint(path, state: dict[str, np.ndarray], meta: Optional[dict] = 
               "mindspore-official": _write_mindspore_official}.get(fmt)
     if writer is None:
         raise CheckpointError(f"cannot write format {fmt!r}; choose one of {', '.join(WRITE_FORMATS)}")
-    fileio.check_writable(path, force=force, parents=True)
+    fileio.check_writable(path, force=force, parents=parents)
     state = {k: np.require(v, requirements="C") for k, v in state.items()}  # keeps 0-d tensors 0-d
-    with atomic_path(path, force=force) as tmp:
+    with atomic_path(path, force=force, parents=parents) as tmp:
         writer(tmp, state, meta)
     return path
 
@@ -413,14 +537,29 @@ def format_for_suffix(path) -> str:
     return fmt
 
 
+def _write_failed(tmp: Path, exc: BaseException):
+    from dvt_core.errors import OutputError
+
+    first = _ANSI.sub("", str(exc)).strip().splitlines()[0] if str(exc).strip() else "write failed"
+    return OutputError(f"cannot write {tmp.name.split(fileio.TEMP_MARK)[0].lstrip('.')}: the write failed "
+                       f"(disk full or file size limit?): {first[:160]}")
+
+
 def _write_safetensors(tmp: Path, state, meta) -> None:
+    from safetensors import SafetensorError
     from safetensors.numpy import save_file
 
-    save_file(state, str(tmp), metadata={"dvt": json.dumps(meta)})
+    try:
+        save_file(state, str(tmp), metadata={"dvt": json.dumps(meta)})
+    except SafetensorError as exc:  # its I/O errors (disk full) arrive as this
+        raise _write_failed(tmp, exc) from None
 
 
 def _write_torch(tmp: Path, state, meta) -> None:
-    _framework_files("torch", tmp, "writing").write_file(tmp, state, {META_ENTRY: json.dumps(meta)})
+    try:
+        _framework_files("torch", tmp, "writing").write_file(tmp, state, {META_ENTRY: json.dumps(meta)})
+    except RuntimeError as exc:  # torch's zip writer reports a failed write (disk full, size limit) this way
+        raise _write_failed(tmp, exc) from None
 
 
 def _write_mindspore(tmp: Path, state, meta) -> None:
@@ -454,12 +593,19 @@ def check_values(state: dict, source: str, allow_lossy: bool = False) -> tuple[d
     is listed in ``notes`` (one line each) and emitted as a :class:`CheckpointWarning`."""
     out, casts, lossy = {}, [], []
     for k, v in state.items():
+        source_dtype = getattr(v, "source_dtype", None)
         a = np.asarray(v)
         kind = a.dtype.kind
-        if kind == "f" and a.dtype != np.float32:
+        if isinstance(v, WidenedArray):
             if not np.all(np.isfinite(a)):
                 raise CheckpointError(f"{source}: tensor {k!r} holds NaN or infinite values")
-            f = a.astype(np.float32)
+            casts.append(f"{k}: {source_dtype} -> float32")
+            out[k] = a
+        elif kind == "f" and a.dtype != np.float32:
+            if not np.all(np.isfinite(a)):
+                raise CheckpointError(f"{source}: tensor {k!r} holds NaN or infinite values")
+            with np.errstate(over="ignore", invalid="ignore"):  # an out-of-range value is reported as lossy below
+                f = a.astype(np.float32)
             if a.dtype.itemsize > 4:
                 err = np.abs(f.astype(a.dtype) - a)
                 scale = np.maximum(np.abs(a), np.finfo(np.float32).tiny)
@@ -493,5 +639,7 @@ def checked_state(ckpt: Checkpoint, spec, source: Optional[str] = None, allow_lo
     source = source or str(ckpt.path)
     state = ckpt.canonical_state(spec.num_exits, spec.in_chans)
     check_spec_state(spec, state, source)  # names and shapes from the spec: nothing allocated yet
-    state, _ = check_values(state, source, allow_lossy=allow_lossy)
+    state, notes = check_values(state, source, allow_lossy=allow_lossy)
+    if notes:
+        ckpt.meta["load_casts"] = notes  # kept as model.checkpoint_meta: the casts made are listed, not hidden
     return state

@@ -20,7 +20,6 @@ file, the entry and the problem. :func:`write_ckpt` writes the same layout, read
 from __future__ import annotations
 
 import binascii
-import mmap
 import os
 from typing import Union
 
@@ -35,10 +34,12 @@ MS_DTYPES = {
     "Int64": np.dtype("<i8"), "UInt64": np.dtype("<u8"), "Float16": np.dtype("<f2"),
     "Float32": np.dtype("<f4"), "Float64": np.dtype("<f8"),
 }
+BFLOAT16 = "BFloat16"  # read (widened to float32, lossless), never written
 MAX_DIMS = 8
 MAX_ELEMENTS = 1 << 34          # per tensor; the byte-length check bounds it by the file size anyway
 MAX_STRING_BYTES = 4 << 20      # an append_dict string (metadata JSON) of at most 1 Mi characters
 MAX_TAG_BYTES = 4096
+MAX_ENTRIES = 1 << 17           # entries (slices included) of one file; a DVT has about a thousand tensors
 _CRC_MARK = b"crc_num"
 
 
@@ -189,23 +190,21 @@ def read_ckpt(path: Union[str, os.PathLike]) -> tuple[dict[str, np.ndarray], dic
     Raises :class:`CheckpointError` for a truncated or malformed file, an entry whose content length
     differs from ``prod(dims) * itemsize``, an unknown dtype, a repeated name or a failed CRC.
     """
+    from dvt_core.schema import read_bytes
+
     where = os.fspath(path)
-    try:
-        fh = open(where, "rb")
-    except OSError as exc:
-        raise CheckpointError(f"{where}: cannot read ({exc.strerror or exc})") from None
-    with fh:
-        size = os.fstat(fh.fileno()).st_size
-        if size == 0:
-            raise CheckpointError(f"{where} is empty, not a checkpoint")
-        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            end = size
-            if size >= 17 and buf[size - 17:size - 10] == _CRC_MARK:
-                end = size - 17
-                want = int.from_bytes(buf[size - 10:size], "big")
-                if binascii.crc32(buf[:end]) != want:
-                    raise CheckpointError(f"{where}: CRC mismatch; the file is damaged")
-            return _decode(buf, end, where)
+    # read(), not mmap: a file truncated while it is read gives fewer bytes (an error below), never SIGBUS
+    buf = read_bytes(where, "checkpoint", CheckpointError)
+    size = len(buf)
+    if size == 0:
+        raise CheckpointError(f"{where} is empty, not a checkpoint")
+    end = size
+    if size >= 17 and buf[size - 17:size - 10] == _CRC_MARK:
+        end = size - 17
+        want = int.from_bytes(buf[size - 10:size], "big")
+        if binascii.crc32(memoryview(buf)[:end]) != want:
+            raise CheckpointError(f"{where}: CRC mismatch; the file is damaged")
+    return _decode(buf, end, where)
 
 
 def _decode(buf, size: int, where: str):
@@ -227,10 +226,10 @@ def _decode(buf, size: int, where: str):
             except UnicodeDecodeError:
                 raise CheckpointError(f"{where}: string entry {tag!r} is not valid UTF-32") from None
             return
-        if dtype not in MS_DTYPES:
+        if dtype not in MS_DTYPES and dtype != BFLOAT16:
             raise CheckpointError(f"{where}: entry {tag!r} has dtype {dtype!r}, which this project does not read "
                                   f"(known: {', '.join(MS_DTYPES)})")
-        np_dtype = MS_DTYPES[dtype]
+        np_dtype = MS_DTYPES.get(dtype, np.dtype("<u2"))  # bfloat16: its bits, widened below
         shape = list(dims)
         if shape == [0] and total == np_dtype.itemsize:
             shape = []  # MindSpore writes a 0-d tensor with dims [0]
@@ -244,9 +243,16 @@ def _decode(buf, size: int, where: str):
         for s, e in parts:
             view[off:off + e - s] = np.frombuffer(buf, dtype=np.uint8, count=e - s, offset=s)
             off += e - s
-        tensors[tag] = arr.astype(np_dtype.newbyteorder("="), copy=False).reshape(shape)
+        arr = arr.astype(np_dtype.newbyteorder("="), copy=False).reshape(shape)
+        if dtype == BFLOAT16:
+            from dvt_core.checkpoint.files import bf16_to_float32
 
-    for tag, dims, dtype, content in _entries(buf, size, where):
+            arr = bf16_to_float32(arr)
+        tensors[tag] = arr
+
+    for count, (tag, dims, dtype, content) in enumerate(_entries(buf, size, where)):
+        if count >= MAX_ENTRIES:
+            raise CheckpointError(f"{where} holds more than {MAX_ENTRIES} entries; refused")
         if pending is not None and pending[0] == tag and dtype != "str":
             if pending[1] != dims or pending[2] != dtype:
                 raise CheckpointError(f"{where}: slices of entry {tag!r} disagree on dims or dtype")

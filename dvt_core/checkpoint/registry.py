@@ -31,14 +31,33 @@ def weights_dir() -> Path:
     return checkout
 
 
+REGISTRY_MAX_BYTES = 1 << 20
+
+
 @lru_cache(maxsize=4)
 def _registry(path: str) -> dict:
+    """The registry, read as untrusted input: at most :data:`REGISTRY_MAX_BYTES`, a mapping whose
+    ``shipped`` entries each name a ``file`` and a ``sha256`` (checked when used)."""
     import yaml
+
+    from dvt_core import schema
 
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"weights registry not found at {p} (set {WEIGHTS_ENV} to the folder holding it)")
-    return yaml.safe_load(p.read_text()) or {}
+    raw = schema.read_bytes(p, "weights registry", CheckpointError, REGISTRY_MAX_BYTES)
+    try:
+        data = yaml.safe_load(raw.decode("utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"weights registry {p} is not readable YAML ({first[:120]})") from None
+    schema.want_dict(data, f"weights registry {p}", CheckpointError)
+    shipped = data.get("shipped") or {}
+    schema.want_dict(shipped, f"weights registry {p}: shipped", CheckpointError)
+    for name, entry in shipped.items():
+        schema.want_dict(entry, f"weights registry {p}: shipped.{name}", CheckpointError)
+    schema.want_list(data.get("official") or [], f"weights registry {p}: official", error=CheckpointError)
+    return data
 
 
 def registry() -> dict:
@@ -50,6 +69,10 @@ def shipped_models() -> list[str]:
 
 
 def sha256(path) -> str:
+    """SHA-256 of a regular file (a FIFO or device is refused, never opened)."""
+    from dvt_core import schema
+
+    schema.check_regular_file(path, "file", CheckpointError)
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -111,3 +134,48 @@ def default_weights_path(name, verify: bool = True) -> Path:
 def official_release() -> list[dict]:
     """The authors' released checkpoints this project imports (file name, architecture, notes)."""
     return list(registry().get("official") or [])
+
+
+def has_shipped_weights(name) -> bool:
+    """True when the project ships weights for model ``name`` (False when the registry is unreadable)."""
+    from dvt_core.errors import DVTError
+
+    try:
+        return name in shipped_models()
+    except DVTError:
+        return False
+
+
+def is_shipped_file(path) -> bool:
+    """True when ``path`` is one of the weight files this project ships (their SHA-256 is registered)."""
+    from dvt_core.errors import DVTError
+
+    try:
+        entries = (registry().get("shipped") or {}).items()
+        target = Path(path).resolve()
+        return any(_entry_path(name, e) == target for name, e in entries)
+    except (DVTError, OSError):
+        return False
+
+
+def check_weights(model, weights, expected_sha256=None) -> None:
+    """Before any framework is imported: the checks ``build`` would make late, made early and named.
+
+    ``weights`` is a file (it must exist and be a regular file; ``expected_sha256`` checks it) or
+    ``"default"`` (weights must ship for ``model``; their registered SHA-256 is checked when read).
+    """
+    from dvt_core import schema
+    from dvt_core.errors import InputError
+
+    if weights is None or str(weights) == "default":
+        if expected_sha256:
+            raise InputError("--sha256 checks an explicit --weights FILE (shipped weights are always checked)")
+        if weights is not None:
+            default_weights_path(model, verify=False)  # no weights ship for this model: say so now
+        return
+    if not os.path.lexists(weights):
+        raise InputError(f"weights file not found: {weights}")
+    if not os.path.isdir(weights):  # an export folder is checked by its runtime
+        schema.check_regular_file(weights, "weights file", CheckpointError)
+    if expected_sha256:
+        verify_sha256(weights, expected_sha256)

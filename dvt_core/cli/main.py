@@ -7,11 +7,16 @@ on stderr; an internal error keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 from typing import Optional, Sequence
 
 EXIT_USER_ERROR = 2
+# errno values of OSErrors a user causes or fixes (space, quota, permissions, names); others keep their traceback
+USER_ERRNOS = {getattr(errno, n) for n in ("ENOSPC", "EDQUOT", "EROFS", "EFBIG", "EACCES", "EPERM", "ENAMETOOLONG",
+                                           "ELOOP", "ENOTDIR", "EISDIR", "EEXIST", "ENOENT", "EMLINK", "EXDEV", "ENXIO",
+                                           "ETXTBSY", "EMFILE", "ENFILE") if hasattr(errno, n)}
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
@@ -61,6 +66,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if isinstance(exc, (FileNotFoundError, IsADirectoryError, PermissionError)) and exc.filename:
             msg = f"{exc.strerror or 'cannot open'}: {exc.filename}"
         sys.stderr.write(f"dvt {args.command}: error: {msg}\n")
+        return EXIT_USER_ERROR
+    except OSError as exc:  # the disk full, a read-only or foreign folder: the user's to fix, one line
+        if exc.errno not in USER_ERRNOS:
+            raise
+        where = f": {exc.filename}" if exc.filename else ""
+        sys.stderr.write(f"dvt {args.command}: error: {exc.strerror or exc}{where}\n")
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")

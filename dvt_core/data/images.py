@@ -12,7 +12,9 @@
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
 from typing import Optional, Sequence, Union
 
 import numpy as np
@@ -25,6 +27,7 @@ ALLOWED_FORMATS = ("PNG", "JPEG", "BMP", "WEBP", "GIF", "TIFF")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 MAX_PIXELS = 40_000_000  # Pillow warns at 89 Mpx and refuses at twice that; a classifier input needs far less
 _WIDE_GRAY = ("I", "I;16", "I;16B", "I;16L", "F")
+_REDUCIBLE = ("L", "LA", "La", "RGB", "RGBA", "RGBa", "RGBX", "I", "F", "CMYK", "YCbCr", "LAB", "HSV", "PA")
 
 
 class ImageReadError(DataError, InputError):
@@ -49,36 +52,61 @@ def _check_pixels(img, name: str, max_pixels: int) -> None:
 
 
 def _reduce_for(img, target: Optional[int]):
-    """Shrink by an integer factor while keeping both sides >= 2 * target (then resize finishes)."""
+    """Shrink each side by an integer factor while keeping it >= 2 * target (the final resize finishes), for
+    every mode: ``reduce`` (a box filter) where Pillow has it, nearest-neighbour sampling otherwise (1-bit,
+    palette, 16-bit). A long thin image is shrunk along its long side alone, so the resize never builds
+    filter tables for millions of input pixels."""
     if not target:
         return img
-    factor = min(img.size) // (2 * target)
-    if factor >= 2:
-        try:
-            return img.reduce(factor)
-        except ValueError:  # a mode reduce() does not handle: the final resize does all the work
-            return img
-    return img
+    w, h = img.size
+    fx, fy = max(1, w // (2 * target)), max(1, h // (2 * target))
+    if fx == 1 and fy == 1:
+        return img
+    if img.mode in _REDUCIBLE:
+        return img.reduce((fx, fy))
+    Image, _ = _pil()
+    return img.resize((max(1, w // fx), max(1, h // fy)), getattr(Image, "Resampling", Image).NEAREST)
+
+
+def _source_name(source) -> str:
+    return os.fspath(source) if isinstance(source, (str, os.PathLike)) else getattr(source, "name", "image")
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Pillow's DecompressionBombWarning and numpy's RuntimeWarnings are this module's to turn into errors
+    (the pixel cap is lower than Pillow's): they never reach the user as raw Python warnings."""
+    Image, _ = _pil()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        yield
 
 
 def open_image(source, target: Optional[int] = None, max_pixels: int = MAX_PIXELS):
     """A decoded, upright PIL image from a path, a file object or a PIL image.
 
-    ``target`` (the model's side length) lets large images be decoded reduced. Raises ImageReadError.
+    ``target`` (the model's side length) lets large images be decoded reduced: JPEG at 1/2 to 1/8 scale
+    (``draft``), then any mode shrunk by integer factors. The pixel cap applies to what is decoded: a
+    48-megapixel photo decoded at 1/8 scale is accepted. A path that is a FIFO, device or socket is
+    refused without being opened. Raises ImageReadError.
     """
     Image, ImageOps = _pil()
     if isinstance(source, Image.Image):
         _check_pixels(source, "image", max_pixels)
         return ImageOps.exif_transpose(source)
-    name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else getattr(source, "name", "image")
+    name = _source_name(source)
+    if isinstance(source, (str, os.PathLike)):
+        from dvt_core.schema import check_regular_file
+
+        check_regular_file(source, "image", ImageReadError)
     try:
-        with Image.open(source, formats=ALLOWED_FORMATS) as img:
-            _check_pixels(img, name, max_pixels)
+        with _quiet(), Image.open(source, formats=ALLOWED_FORMATS) as img:
             if target and img.format == "JPEG":
                 img.draft(img.mode if img.mode in ("L", "RGB") else None, (2 * target, 2 * target))
+            _check_pixels(img, name, max_pixels)  # the size that will be decoded (after draft)
             img.load()
-            out = _reduce_for(img, target) if img.mode not in ("P", "1") else img
-            out = ImageOps.exif_transpose(out)  # a new image either way: it owns no file handle
+            out = ImageOps.exif_transpose(_reduce_for(img, target))  # a new image: it owns no file handle
             return out if out is not img else img.copy()
     except ImageReadError:
         raise
@@ -91,7 +119,8 @@ def open_image(source, target: Optional[int] = None, max_pixels: int = MAX_PIXEL
                              f"{', '.join(ALLOWED_FORMATS)})") from None
     except Image.DecompressionBombError as exc:
         raise ImageReadError(f"{name}: refused as a decompression bomb ({exc})") from None
-    except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as exc:
+    except (OSError, ValueError, SyntaxError, EOFError, MemoryError, TypeError, KeyError, IndexError,
+            ZeroDivisionError, OverflowError) as exc:  # what a malformed file makes a Pillow plugin raise
         raise ImageReadError(f"{name}: unreadable image ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
                              ) from None
 
@@ -108,22 +137,28 @@ def to_array(img, img_size: Optional[int], channels: int, name: str = "image") -
     if img_size is not None and img_size < 1:
         raise ValueError(f"img_size must be >= 1, got {img_size}")
     try:
-        if img.mode in _WIDE_GRAY:
-            # Wide grayscale (16-bit PNG): rescale to 8 bits instead of letting convert() clip.
-            a = np.asarray(img, dtype=np.float64)
-            wide = img.mode.startswith("I;16") or (img.mode == "I" and a.size and a.max() > 255)
-            a = a * (255.0 / 65535.0) if wide else a
-            img = Image.fromarray(np.clip(a + 0.5, 0, 255).astype(np.uint8), "L")
-        elif img.mode in ("P", "PA", "LA", "RGBA") or "transparency" in img.info:
-            # Composite transparent pixels over black, the background Fashion-MNIST uses.
-            rgba = img.convert("RGBA")
-            bg = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-            img = Image.alpha_composite(bg, rgba).convert("RGB")
-        img = img.convert("L" if channels == 1 else "RGB")
-        if img_size is not None and img.size != (img_size, img_size):
-            img = img.resize((img_size, img_size), getattr(Image, "Resampling", Image).BILINEAR)
+        with _quiet():
+            return _converted(img, Image, img_size, channels)
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageReadError(f"{name}: unreadable image ({exc})") from None
+
+
+def _converted(img, Image, img_size: Optional[int], channels: int) -> np.ndarray:
+    """``img`` as uint8 grey or RGB at ``img_size``: wide grey rescaled, transparency over black."""
+    if img.mode in _WIDE_GRAY:
+        # Wide grayscale (16-bit PNG): rescale to 8 bits instead of letting convert() clip.
+        a = np.asarray(img, dtype=np.float64)
+        wide = img.mode.startswith("I;16") or (img.mode == "I" and a.size and a.max() > 255)
+        a = a * (255.0 / 65535.0) if wide else a
+        img = Image.fromarray(np.clip(a + 0.5, 0, 255).astype(np.uint8), "L")
+    elif img.mode in ("P", "PA", "LA", "RGBA") or "transparency" in img.info:
+        # Composite transparent pixels over black, the background Fashion-MNIST uses.
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(bg, rgba).convert("RGB")
+    img = img.convert("L" if channels == 1 else "RGB")
+    if img_size is not None and img.size != (img_size, img_size):
+        img = img.resize((img_size, img_size), getattr(Image, "Resampling", Image).BILINEAR)
     return np.asarray(img, dtype=np.uint8).copy()
 
 
@@ -140,8 +175,11 @@ def peek_is_gray(path) -> bool:
     """Whether an image file is greyscale, from its header alone (nothing decoded)."""
     Image, _ = _pil()
     name = os.fspath(path)
+    from dvt_core.schema import check_regular_file
+
+    check_regular_file(path, "image", ImageReadError)
     try:
-        with Image.open(path, formats=ALLOWED_FORMATS) as img:
+        with _quiet(), Image.open(path, formats=ALLOWED_FORMATS) as img:
             return is_gray(img)
     except FileNotFoundError:
         raise ImageReadError(f"{name}: image file not found") from None

@@ -199,6 +199,9 @@ class CascadeSpec:
         return ReusePlan(feature, relation)
 
     def validate(self) -> "CascadeSpec":
+        from dvt_core.schema import check_spec_limits
+
+        check_spec_limits(self)  # names, ranges and sizes first: before any derived number is computed
         if not self.stages:
             raise SpecError(f"{self.name}: a cascade needs at least one stage")
         if self.num_classes < 1:

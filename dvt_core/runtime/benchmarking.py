@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -59,3 +61,321 @@ def timed_count(batch: int, images: int) -> int:
     """Images timed at ``batch``: at least ``images`` and one batch, whole batches only."""
     n = max(batch, images)
     return n - n % batch
+
+
+# ---- timing over the runtime contract: any runtime's DVT against the same runtime's static backbone ------------
+# Everything below calls a model only through its backend's contract members (backend_of(model).run_stage, ...):
+# torch, ONNX Runtime and OpenVINO models are timed by the same code. A runtime's extras (timm's model for torch)
+# come in as ``references``: name -> (call on the runtime's input batch, MACs per image).
+
+GOAL_RATIO = 0.9  # realised speed-up over the static model / the MACs' prediction at which early exit "pays"
+
+
+@dataclass
+class Subject:
+    """One runtime at one precision: its DVT, its static backbone (same runtime, same precision) and extras."""
+
+    label: str  # "torch bf16"
+    model: Any
+    static: Any
+    references: dict = field(default_factory=dict)
+
+
+def _backend(model):
+    from dvt_core.runtime.contract import backend_of
+
+    return backend_of(model)
+
+
+def _inputs(model, chunks: Sequence[np.ndarray]) -> list:
+    b = _backend(model)
+    return [b.to_tensor(model, c) for c in chunks]
+
+
+def _run_all(model, x, upto: Optional[int] = None):
+    """Every stage (or the first ``upto + 1``) on ``x``, every image going on: the last logits, on the host."""
+    b = _backend(model)
+    carry, last = None, (model.spec.num_exits - 1 if upto is None else upto)
+    for i in range(last + 1):
+        logits, carry = b.run_stage(model, i, x, carry)
+    return b.to_numpy(logits)
+
+
+def adaptive_call(model, thresholds, confidence: str = "max_softmax") -> Callable:
+    """``call(x) -> AdaptiveResult``: true early exit of one input batch (the contract's ``adaptive``)."""
+    b = _backend(model)
+    return lambda x: b.adaptive(model, x, thresholds, confidence)
+
+
+def exit_probs(model, chunks: Sequence[np.ndarray]) -> np.ndarray:
+    """Softmax of every exit over numpy ``chunks``: (exits, N, classes) float32 (for thresholds)."""
+    b = _backend(model)
+    out = []
+    with b.inference(model):
+        for x in _inputs(model, chunks):
+            carry, per_exit = None, []
+            for i in range(model.spec.num_exits):
+                logits, carry = b.run_stage(model, i, x, carry)
+                z = b.to_numpy(logits).astype(np.float64)
+                z = np.exp(z - z.max(-1, keepdims=True))
+                per_exit.append((z / z.sum(-1, keepdims=True)).astype(np.float32))
+            out.append(np.stack(per_exit))
+    return np.concatenate(out, axis=1)
+
+
+def speedups(times: dict, macs: dict, base: str = "adaptive") -> dict:
+    """Per variant: its figures, MACs per image and, against ``base``, predicted / realised speed-up and ratio."""
+    best = min(times[base])
+    out = {}
+    for k, ts in times.items():
+        v = {"seconds_best": min(ts), "macs_per_image": macs[k]}
+        if k != base:
+            v["predicted_speedup"] = macs[k] / macs[base]
+            v["realised_speedup"] = min(ts) / best
+            v["ratio"] = v["realised_speedup"] / v["predicted_speedup"]
+        out[k] = v
+    return out
+
+
+def time_adaptive(subject: Subject, chunks: Sequence[np.ndarray], thresholds, warmup: int, repeats: int) -> dict:
+    """Mode "adaptive": per-batch early exit against all exits, the static backbone and the references,
+    interleaved, each on the same input batches already in the runtime's form."""
+    model, static = subject.model, subject.static
+    n = sum(len(c) for c in chunks)
+    xs, xs_static = _inputs(model, chunks), _inputs(static, chunks)
+    results: list = []
+    call = adaptive_call(model, thresholds)
+    sb = _backend(static)
+
+    def adaptive():
+        results[:] = [call(x) for x in xs]
+
+    def static_run():
+        with sb.inference(static):
+            for x in xs_static:
+                _run_all(static, x)
+
+    def all_exits():
+        with _backend(model).inference(model):
+            for x in xs:
+                _run_all(model, x)
+
+    runs = {"adaptive": adaptive, "all exits": all_exits, "static": static_run}
+    for name, (fn, _) in subject.references.items():
+        runs[name] = (lambda f: lambda: [f(x) for x in xs])(fn)
+    times = time_interleaved(runs, warmup, repeats)
+    if not results:
+        adaptive()
+    exits = np.concatenate([np.asarray(r.exit_index) for r in results])
+    mean_macs = float(np.concatenate([np.asarray(r.macs) for r in results]).mean())
+    macs = {"adaptive": mean_macs, "all exits": model.exit_macs[-1], "static": static.exit_macs[-1],
+            **{k: m for k, (_, m) in subject.references.items()}}
+    variants = speedups(times, macs)
+    for k, v in variants.items():
+        v.update(figures(times[k], n))
+    return {"mode": "adaptive", "images": n, "batch": len(chunks[0]), "mean_macs": mean_macs,
+            "exit_index": exits.tolist(),
+            "exit_shares": (np.bincount(exits, minlength=model.spec.num_exits) / n).tolist(), "variants": variants}
+
+
+def time_streaming(subject: Subject, chunks: Sequence[np.ndarray], thresholds, warmup: int, repeats: int) -> dict:
+    """Mode "streaming": the stages' queues fill across input batches (dvt_core.runtime.streaming) against
+    per-batch early exit and the static backbone, each from the same numpy batches (conversion included)."""
+    from dvt_core.runtime.streaming import stage_ops, stream_adaptive
+
+    model, static = subject.model, subject.static
+    n, batch = sum(len(c) for c in chunks), len(chunks[0])
+    call = adaptive_call(model, thresholds)
+    sb = _backend(static)
+    out: dict = {}
+
+    def streaming():
+        out["streaming"] = stream_adaptive(stage_ops(model), chunks, thresholds, batch)
+
+    def per_batch():
+        b = _backend(model)
+        out["per-batch"] = [call(b.to_tensor(model, c)) for c in chunks]
+
+    def static_run():
+        with sb.inference(static):
+            for c in chunks:
+                _run_all(static, sb.to_tensor(static, c))
+
+    times = time_interleaved({"streaming": streaming, "per-batch adaptive": per_batch, "static": static_run},
+                             warmup, repeats)
+    if not out:
+        streaming()
+        per_batch()
+    mean_macs = float(np.asarray(out["streaming"].macs).mean())
+    macs = {"streaming": mean_macs, "per-batch adaptive": mean_macs, "static": static.exit_macs[-1]}
+    variants = speedups(times, macs, base="streaming")
+    for k, v in variants.items():
+        v.update(figures(times[k], n))
+    same = bool((np.asarray(out["streaming"].exit_index)
+                 == np.concatenate([np.asarray(r.exit_index) for r in out["per-batch"]])).all())
+    return {"mode": "streaming", "images": n, "batch": batch, "mean_macs": mean_macs, "same_exits": same,
+            "variants": variants}
+
+
+def time_stages(subject: Subject, chunks: Sequence[np.ndarray], warmup: int, repeats: int) -> dict:
+    """Mode "stages": each stage alone (its reuse inputs computed beforehand, every image going on) against
+    the static backbone, as MACs per second: where the cascade loses the static model's efficiency."""
+    from dvt_core.model.macs import stage_macs
+
+    model, static = subject.model, subject.static
+    b, sb = _backend(model), _backend(static)
+    n = sum(len(c) for c in chunks)
+    xs, xs_static = _inputs(model, chunks), _inputs(static, chunks)
+    carries = []  # per stage, per chunk: what the stage reads
+    with b.inference(model):
+        per_chunk = [None] * len(xs)
+        for i in range(model.spec.num_exits):
+            carries.append(list(per_chunk))
+            per_chunk = [b.run_stage(model, i, x, c)[1] for x, c in zip(xs, per_chunk)]
+
+    def stage(i):
+        def go():
+            with b.inference(model):
+                for x, c in zip(xs, carries[i]):
+                    b.to_numpy(b.run_stage(model, i, x, c)[0])
+        return go
+
+    def static_run():
+        with sb.inference(static):
+            for x in xs_static:
+                _run_all(static, x)
+
+    runs = {f"stage {i + 1}": stage(i) for i in range(model.spec.num_exits)}
+    runs["static"] = static_run
+    times = time_interleaved(runs, warmup, repeats)
+    macs = {f"stage {i + 1}": stage_macs(model.spec, i) for i in range(model.spec.num_exits)}
+    macs["static"] = static.exit_macs[-1]
+    static_rate = macs["static"] * n / min(times["static"])
+    rows = {}
+    for k, ts in times.items():
+        rate = macs[k] * n / min(ts)
+        rows[k] = {**figures(ts, n), "macs_per_image": macs[k], "macs_per_s": rate,
+                   "of_static": rate / static_rate}
+    return {"mode": "stages", "images": n, "batch": len(chunks[0]), "variants": rows}
+
+
+def verdict(label: str, row: dict, base: str = "static") -> str:
+    """The line a person reads: does early exit pay against the static model at this batch size?"""
+    v = row["variants"][base]
+    realised, predicted, ratio = v["realised_speedup"], v["predicted_speedup"], v["ratio"]
+    where = f"{label}, batch {row['batch']}"
+    tail = f"(MACs predict {predicted:.2f}x; ratio {ratio:.2f})"
+    if realised >= 1 and ratio >= GOAL_RATIO:
+        return f"early exit pays: {realised:.2f}x faster than static at {where} {tail}"
+    if realised >= 1:
+        return f"early exit is faster but short of the MACs: {realised:.2f}x faster than static at {where} {tail}"
+    return f"early exit does not pay: {1 / realised:.2f}x slower than static at {where} {tail}"
+
+
+# ---- what is timed: subjects built through dvt_core.build, images, thresholds --------------------------------
+
+RUNTIMES = ("torch", "onnx", "openvino")
+EXPORT_FORMAT = {"onnx": "onnx", "openvino": "onnx"}  # the export folder each exported runtime runs
+MODES = ("adaptive", "stages", "streaming")
+
+
+def _sibling_export(directory, static_name: str):
+    """The export folder of ``static_name`` beside ``directory`` (its manifest names that model), or None."""
+    from pathlib import Path
+
+    from dvt_core.errors import DVTError
+    from dvt_core.export.manifest import read_manifest
+
+    for d in sorted(Path(directory).resolve().parent.iterdir()):
+        if d.is_dir() and d != Path(directory).resolve():
+            try:
+                read_manifest(d, model=static_name)
+            except (DVTError, OSError):
+                continue
+            return d
+    return None
+
+
+def build_subject(runtime: str, precision: str, name: str, weights, overrides: dict, threads: Optional[int],
+                  workdir, seed: int = 0, compile: bool = False, no_timm: bool = False,
+                  device: Optional[str] = None) -> Subject:
+    """``runtime``'s DVT and static backbone at ``precision``. torch builds both (random weights unless
+    ``weights``); an exported runtime loads ``weights`` when it is an export folder (the static model's
+    export beside it) and otherwise exports both from torch into ``workdir``."""
+    import dvt_core
+    from pathlib import Path
+
+    from dvt_core.model.zoo import static_spec
+
+    if runtime == "torch":
+        model = _seeded_torch(name, weights, overrides, seed, precision)
+        static = dvt_core.build(static_spec(model.spec, model.spec.num_exits - 1), precision=precision)
+        if device is not None:
+            model, static = (_backend(m).to_device(m, device) for m in (model, static))
+        if compile:
+            model.compile()
+            static.compile()
+        from dvt_backends.torch.benchmark import references
+
+        return Subject(f"torch {precision}", model, static, {} if no_timm else references(model, static))
+    fmt = EXPORT_FORMAT[runtime]
+    if weights is not None and _is_dir(weights):
+        model = dvt_core.build(weights, backend=runtime, precision=precision, threads=threads)
+        static_name = static_spec(model.spec, model.spec.num_exits - 1).name
+        static_dir = _sibling_export(weights, static_name)
+    else:
+        model, static_dir = None, None
+    if model is None or static_dir is None:
+        from dvt_core.export.writer import export_model
+
+        src = _seeded_torch(name, weights, overrides, seed, "fp32")
+        tag = Path(workdir) / f"{fmt}-{id(src)}"
+        tag.mkdir()  # inside the benchmark's own temporary folder: exports never create folders themselves
+        if model is None:
+            model = dvt_core.build(export_model(src, fmt, tag / "dvt"), backend=runtime, precision=precision,
+                                   threads=threads)
+        src_static = dvt_core.build(static_spec(src.spec, src.spec.num_exits - 1))
+        static_dir = export_model(src_static, fmt, tag / "static")
+    static = dvt_core.build(static_dir, backend=runtime, precision=precision, threads=threads)
+    if device is not None:
+        model, static = (_backend(m).to_device(m, device) for m in (model, static))
+    return Subject(f"{runtime} {precision}", model, static)
+
+
+def _seeded_torch(name, weights, overrides, seed, precision):
+    """The torch DVT (random weights seeded, unless ``weights`` is a checkpoint; an export folder is not)."""
+    import dvt_core
+    from dvt_backends.torch.benchmark import seed_weights
+
+    seed_weights(seed)
+    checkpoint = None if weights is not None and _is_dir(weights) else weights
+    return dvt_core.build(name, weights=checkpoint, precision=precision, **overrides)
+
+
+def _is_dir(path) -> bool:
+    from pathlib import Path
+
+    return Path(str(path)).is_dir()
+
+
+def benchmark_images(model, count: int, seed: int) -> tuple[np.ndarray, str]:
+    """``count`` float32 images for ``model``: its checkpoint's data set's test images when it names one
+    that is installed (so that the stored operating point splits them as it was calibrated to), else
+    seeded random ones; and a phrase saying which."""
+    from dvt_core.errors import DVTError
+
+    spec, meta = model.spec, getattr(model, "checkpoint_meta", None) or {}
+    if meta.get("dataset") and meta.get("thresholds") is not None:
+        try:
+            from dvt_core.data.datasets import load_dataset
+            from dvt_core.data.sources import normalize
+
+            x, _, _ = load_dataset(meta["dataset"], "test", spec)
+            reps = -(-count // len(x))
+            x = np.concatenate([x] * reps)[:count]
+            return normalize(x, spec.mean, spec.std).astype(np.float32), f"{meta['dataset']} test images"
+        except DVTError:
+            pass
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((count, spec.in_chans, spec.img_size, spec.img_size), dtype=np.float32)
+    return x, "random images"

@@ -1,119 +1,198 @@
-"""The backend contract: what a framework backend provides, written once.
+"""The runtime contract: what an executor of a DVT provides, in two layers, written once.
 
-A backend is a module, ``dvt_backends.<name>``, that defines every member of :class:`Backend` at
-module level with exactly the signature written here (a test compares them with ``inspect``).
-Everything in ``dvt_core`` that touches a model (building, loading weights, evaluation, early exit,
-conversion, the CLI) goes through these members and nothing else, so a new runtime plugs in by
-providing them.
+* :class:`Runtime`: what every executor provides, whether it trains or only runs fixed graphs: its name,
+  device checks, tensors in and out, one stage at a time (:meth:`~Runtime.run_stage`), the rows of the images
+  that go on (:meth:`~Runtime.select`), several batches of one stage as one (:meth:`~Runtime.join`), an
+  inference context, a precision. Everything derivable from those primitives (every exit's logits, true
+  early exit, ``model.adaptive``) is written here, once, and no runtime overrides it.
+* :class:`Framework` (a :class:`Runtime`): what a training framework adds: building a model from a spec,
+  its state under canonical names, its checkpoint files, and its trainer (``dvt_core.training``).
+* :class:`GraphRuntime` (a :class:`Runtime`): what a runtime of exported per-stage graphs adds: opening an
+  export folder. Its primitives are shared by every graph runtime (``dvt_core.export.graph``).
 
-Terms:
+A runtime lives in its own package ``dvt_backends.<name>`` whose ``RUNTIME`` is an instance of one of these
+classes; :data:`RUNTIMES` is the registry (adding a runtime: its folder plus one line there).
 
-* *model*: what ``build_model`` returns; it carries ``model.spec`` (the :class:`~dvt_core.model.specs.CascadeSpec`),
-  ``model.backend_name`` (the backend's ``NAME``, how :func:`backend_of` finds the backend),
-  ``model.exit_macs`` and ``model.checkpoint_meta``.
-* *tensor*: the framework's array type. dvt_core itself only ever holds numpy arrays.
-* *carry*: what one stage hands to the next (its final tokens and its attention logits); opaque to
-  dvt_core, which only passes it back to ``run_stage`` and ``select``.
-* *state*: canonical tensor name (the torch backend's ``state_dict`` keys; ``dvt_core.checkpoint.naming``) ->
-  numpy array; its names and shapes are ``dvt_core.model.shapes.state_shapes(model.spec)``.
+Terms: *model*: what ``build_model`` or ``open`` returns; it carries ``model.spec`` (the
+:class:`~dvt_core.model.specs.CascadeSpec`), ``model.backend_name`` (how :func:`backend_of` finds its
+runtime), ``model.exit_macs`` and ``model.checkpoint_meta``. *tensor*: the runtime's array type (dvt_core
+itself only holds numpy arrays). *carry*: what one stage hands to the next (its final tokens and attention
+logits), opaque to dvt_core. *state*: canonical tensor name -> numpy array (``dvt_core.model.shapes``).
 """
 from __future__ import annotations
 
+import abc
 import importlib
 import sys
 from pathlib import Path
-from typing import Any, Optional, Protocol, Sequence, runtime_checkable
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from dvt_core.errors import InputError
+from dvt_core.errors import InputError, check_images_shape
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+# The registry: runtime name -> (its package, the third-party package it cannot run without, what it runs:
+# "spec" for a framework that builds models from specs, "export" for a runtime of `dvt export` folders).
+RUNTIMES = {
+    "torch": ("dvt_backends.torch", "torch", "spec"),
+    "mindspore": ("dvt_backends.mindspore", "mindspore", "spec"),
+    "onnx": ("dvt_backends.onnx", "onnxruntime", "export"),
+    "mindir": ("dvt_backends.mindir", "mindspore", "export"),
+    "openvino": ("dvt_backends.openvino", "openvino", "export"),
+}
 
 
-@runtime_checkable
-class Backend(Protocol):
-    """The members every ``dvt_backends.<name>`` module defines (functions at module level)."""
+class Runtime(abc.ABC):
+    """What every executor of a DVT provides. Subclasses implement the primitives (abstract methods)."""
 
-    NAME: str
-    """The backend's name, as ``build(..., backend=NAME)`` spells it ("torch", "mindspore")."""
+    name: str = ""
+    """How ``build(..., backend=name)`` spells it ("torch", "onnx", ...)."""
 
-    def build_model(self, spec) -> Any:
-        """A freshly initialised model of ``spec`` (initialised by ``dvt_core.model.recipe``), in evaluation mode.
+    precisions: tuple[str, ...] = ("fp32",)
+    """The precisions :meth:`set_precision` accepts here."""
 
-        The model's ``backend_name`` is ``NAME``; its state's names and shapes are ``state_shapes(spec)``.
-        """
-
-    def model_state(self, model) -> dict[str, np.ndarray]:
-        """Every tensor of the model's state as a numpy array (a copy), under canonical names."""
-
-    def load_state(self, model, state: dict, source: str = "checkpoint") -> None:
-        """Copy a canonical ``state`` into ``model``.
-
-        Refuses, before changing anything, a state with missing, unexpected or mismatched tensors:
-        :class:`~dvt_core.errors.CheckpointError` listing them all (``dvt_core.model.shapes.check_state``),
-        naming ``source``.
-        """
-
-    def to_device(self, model, device) -> Any:
-        """The model on ``device`` (a string such as "cpu", "cuda:0", "gpu"); returns the model.
-
-        A device this backend does not know, or cannot use on this machine, is an
-        :class:`~dvt_core.errors.InputError` naming it.
-        """
-
+    # ---- primitives ---------------------------------------------------------------------------------
+    @abc.abstractmethod
     def device_for(self, device) -> Any:
-        """This backend's handle of ``device`` (a ``torch.device``, a MindSpore target name), without a
-        model: what ``to_device`` moves a model to. Checks ``device`` before any work is done; the same
-        :class:`~dvt_core.errors.InputError` as ``to_device`` for one it does not know or cannot use here.
-        """
+        """This runtime's handle of ``device`` (a ``torch.device``, a MindSpore target, a provider), without a
+        model; checks it before any work: :class:`InputError` naming a device it does not know or cannot use."""
 
+    @abc.abstractmethod
+    def to_device(self, model, device) -> Any:
+        """The model on ``device`` (checked as :meth:`device_for` does); returns the model."""
+
+    @abc.abstractmethod
     def to_tensor(self, model, array: np.ndarray) -> Any:
-        """A float32 numpy image batch (N, C, H, W) as this backend's tensor, on the model's device."""
+        """A float32 numpy image batch (N, C, H, W) as this runtime's input, on the model's device."""
 
+    @abc.abstractmethod
     def to_numpy(self, tensor) -> np.ndarray:
-        """A tensor (an exit's logits, say) as a numpy array on the host."""
+        """A tensor (an exit's logits, say) as a float32 numpy array on the host."""
 
+    @abc.abstractmethod
     def run_stage(self, model, index: int, images, carry: Optional[Any] = None) -> tuple[Any, Optional[Any]]:
-        """Run exit ``index`` on a tensor batch: ``(logits, carry for the next stage)``.
+        """Exit ``index`` on a tensor batch: ``(logits, carry for the next stage)``; ``carry`` is what stage
+        ``index - 1`` returned for the same images (None for the first; None is returned after the last).
+        No gradients are tracked; the model's mode (training or evaluation) is left as it is."""
 
-        ``carry`` is what ``run_stage(model, index - 1, ...)`` returned for the same images (None for
-        the first stage); the returned carry is None after the last stage. For inference: no gradients
-        are tracked, and the model's mode (training or evaluation) is left as it is.
-        """
-
+    @abc.abstractmethod
     def select(self, images, carry: Any, rows: Sequence[int]) -> tuple[Any, Any]:
         """The ``rows`` of a tensor image batch and of its carry: the images that go on to the next stage."""
 
+    @abc.abstractmethod
     def join(self, parts: Sequence[tuple[Any, Any]]) -> tuple[Any, Any]:
-        """Several ``(images, carry)`` batches of the same stage as one, concatenated along the batch
-        (what streaming early exit, dvt_core.runtime.streaming, gathers from several input batches)."""
+        """Several ``(images, carry)`` batches of one stage as one, concatenated along the batch (what
+        streaming early exit, ``dvt_core.runtime.streaming``, gathers from several input batches)."""
 
+    @abc.abstractmethod
     def inference(self, model) -> Any:
-        """A context manager: the model in evaluation mode, no gradients tracked; the previous mode is
-        restored on exit."""
+        """A context manager: the model in evaluation mode, no gradients; the previous mode restored after."""
 
-    def forward_numpy(self, model, images: np.ndarray) -> list[np.ndarray]:
-        """Every exit's logits of a float32 numpy batch (N, C, H, W), in evaluation mode, without gradients."""
+    def set_precision(self, model, precision: str) -> Any:
+        """The model computing in ``precision`` (one of :attr:`precisions`); returns the model. A runtime that
+        offers more than fp32 overrides this (and extends :attr:`precisions`)."""
+        self.check_precision(precision)
+        return model
+
+    # ---- derived operations: written once, never in a runtime ---------------------------------------
+    def check_precision(self, precision: str) -> str:
+        """``precision`` if this runtime offers it, else :class:`InputError` listing what it offers."""
+        if precision not in self.precisions:
+            known = "" if precision in PRECISIONS else f" (precisions: {', '.join(PRECISIONS)})"
+            raise InputError(f"the {self.name} runtime runs {', '.join(self.precisions)}, not {precision!r}{known}")
+        return precision
+
+    def images_in(self, model, images) -> Any:
+        """A user's image batch (numpy, or already this runtime's tensor) as a checked tensor batch."""
+        if isinstance(images, np.ndarray) or isinstance(images, (list, tuple)):
+            array = np.ascontiguousarray(np.asarray(images, dtype=np.float32))
+            check_images_shape(array.shape, model.spec)
+            return self.to_tensor(model, array)
+        shape = getattr(images, "shape", None)
+        if shape is None:
+            raise InputError(f"expected an image batch (a numpy array or a {self.name} tensor), "
+                             f"got {type(images).__name__}")
+        check_images_shape(shape, model.spec)
+        return images
+
+    def forward_numpy(self, model, images) -> list[np.ndarray]:
+        """Every exit's logits of an image batch as float32 numpy arrays (evaluation mode, no gradients)."""
+        x = self.images_in(model, images)
+        out, carry = [], None
+        with self.inference(model):
+            for i in range(model.spec.num_exits):
+                logits, carry = self.run_stage(model, i, x, carry)
+                out.append(self.to_numpy(logits))
+        return out
+
+    def adaptive(self, model, images, thresholds: Optional[Sequence[float]] = None,
+                 confidence: str = "max_softmax"):
+        """True early exit: each image leaves at the first exit whose confidence reaches its threshold; only
+        the images that go on run the next stage, with their rows of the carry. ``images``: numpy or this
+        runtime's tensors; ``thresholds``: one per exit (the last is ignored) or one fewer; without them, the
+        default operating point stored with the model. A :class:`~dvt_core.runtime.early_exit.AdaptiveResult`."""
+        from dvt_core.runtime.early_exit import run_adaptive
+        from dvt_core.runtime.operating_point import model_thresholds
+
+        x = self.images_in(model, images)
+        thresholds = model_thresholds(model, thresholds)
+        with self.inference(model):
+            return run_adaptive(lambda i, imgs, carry: self.run_stage(model, i, imgs, carry), self.to_numpy,
+                                self.select, x, int(x.shape[0]), thresholds, model.exit_macs, confidence)
 
     def adaptive_numpy(self, model, images: np.ndarray, thresholds: Sequence[float],
-                       confidence: str = "max_softmax") -> Any:
-        """True early exit (``model.adaptive``) on a float32 numpy batch: a
-        :class:`~dvt_core.runtime.early_exit.AdaptiveResult`."""
+                       confidence: str = "max_softmax"):
+        """:meth:`adaptive` of a float32 numpy batch with explicit thresholds."""
+        return self.adaptive(model, images, thresholds, confidence)
 
+    def __repr__(self) -> str:
+        return f"<dvt runtime {self.name!r} ({type(self).__name__})>"
+
+
+class Framework(Runtime):
+    """A training framework's runtime: models built from specs, their state, their files, their trainer."""
+
+    @abc.abstractmethod
+    def build_model(self, spec) -> Any:
+        """A freshly initialised model of ``spec`` (``dvt_core.model.recipe``), in evaluation mode; its
+        ``backend_name`` is :attr:`name`; its state's names and shapes are ``state_shapes(spec)``."""
+
+    @abc.abstractmethod
+    def model_state(self, model) -> dict[str, np.ndarray]:
+        """Every tensor of the model's state as a numpy array (a copy), under canonical names."""
+
+    @abc.abstractmethod
+    def load_state(self, model, state: dict, source: str = "checkpoint") -> None:
+        """Copy a canonical ``state`` into ``model``; refuses, before changing anything, a state with missing,
+        unexpected or mismatched tensors (:class:`~dvt_core.errors.CheckpointError` naming ``source``)."""
+
+    @abc.abstractmethod
     def read_file(self, path) -> dict:
-        """The entries of one of this framework's checkpoint files: name -> numpy array for tensors,
-        plain values (str, int, float, nested dicts) as they are. Raises what the framework raises on a
-        bad file; only tensors and plain data are ever deserialised, never code."""
+        """The entries of one of this framework's checkpoint files: name -> numpy array for tensors, plain
+        values as they are. Only tensors and plain data are ever deserialised, never code."""
 
+    @abc.abstractmethod
     def write_file(self, path, state: dict[str, np.ndarray], entries: dict[str, str]) -> None:
         """Write ``state`` (names as this framework spells them, ``dvt_core.checkpoint.naming``) and the string
         ``entries`` beside it to ``path`` (a temporary name; the caller renames it into place)."""
 
 
-MEMBERS = tuple(name for name in Backend.__dict__ if not name.startswith("_")) + ("NAME",)
-BACKENDS = ("torch", "mindspore", "onnx", "mindir")
-# run a `dvt export` folder (per-stage graphs, dvt_core.export.writer); nothing to build or train
-EXPORT_BACKENDS = ("onnx", "mindir")
-PACKAGES = {"onnx": "onnxruntime", "mindir": "mindspore"}  # the package a backend cannot run without
+class GraphRuntime(Runtime):
+    """A runtime of exported per-stage graphs (``dvt export``): it opens a folder; nothing to build or train."""
+
+    graph_format: str = ""
+    """The graph files it reads ("onnx", "mindir"), as the export's manifest names them."""
+
+    @abc.abstractmethod
+    def open(self, directory, model: Optional[str] = None, device: str = "cpu", precision: str = "fp32",
+             threads: Optional[int] = None) -> Any:
+        """The export in ``directory`` (checked: manifest, hashes, ``model`` when given), ready to run on
+        ``device`` in ``precision`` with ``threads`` intra-op threads (None: the runtime's default)."""
+
+
+# ---- finding a runtime ------------------------------------------------------------------------------------
 
 
 def _raised_by_dvt(exc: ImportError) -> bool:
@@ -135,46 +214,45 @@ def _raised_by_dvt(exc: ImportError) -> bool:
     return any(where.is_relative_to(d) for d in ours)
 
 
-def get_backend(name: str):
-    """The backend module ``dvt_backends.<name>``, imported on first use; InputError naming what is wrong."""
-    if name not in BACKENDS:
-        raise InputError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+def get_backend(name: str) -> Runtime:
+    """The runtime registered as ``name``, its package imported on first use; InputError naming what is wrong."""
+    if name not in RUNTIMES:
+        raise InputError(f"unknown backend {name!r}; choose one of {', '.join(RUNTIMES)}")
+    package, needs, _ = RUNTIMES[name]
     try:
-        module = importlib.import_module(f"dvt_backends.{name}")
+        module = importlib.import_module(package)
     except ImportError as exc:
         # A framework that is missing or broken is the user's to install; an ImportError raised by dvt's
         # own code is a bug and keeps its traceback.
         if _raised_by_dvt(exc):
             raise
-        raise InputError(f"the {name} backend needs the {PACKAGES.get(name, name)} package ({exc}); "
+        raise InputError(f"the {name} backend needs the {needs} package ({exc}); "
                          f"install it with: pip install 'dvt[{name}]'") from None
-    lacking = missing_members(module)
-    if lacking:
-        raise InputError(f"dvt_backends.{name} does not fulfil the backend contract: it lacks {', '.join(lacking)}")
-    return module
+    runtime = getattr(module, "RUNTIME", None)
+    if not isinstance(runtime, Runtime):
+        raise InputError(f"{package} does not fulfil the runtime contract: its RUNTIME is not a Runtime")
+    return runtime
 
 
-def missing_members(module) -> list[str]:
-    """The members of the contract ``module`` does not define."""
-    return [m for m in MEMBERS if not hasattr(module, m)]
+def runtime_names(runs: Optional[str] = None) -> tuple[str, ...]:
+    """The registered runtimes (``runs="spec"``: the frameworks; ``"export"``: the export-folder runtimes),
+    without importing any of them."""
+    return tuple(n for n, (_, _, kind) in RUNTIMES.items() if runs is None or kind == runs)
 
 
-def backend_of(model):
-    """The backend module that built ``model`` (read from ``model.backend_name``, never guessed)."""
+def backend_of(model) -> Runtime:
+    """The runtime that built or opened ``model`` (read from ``model.backend_name``, never guessed)."""
     name = getattr(model, "backend_name", None)
     if not isinstance(name, str):
         raise InputError(f"not a dvt model: a {type(model).__name__} (build one with dvt_core.build)")
     return get_backend(name)
 
 
-def run_adaptive(model, images: np.ndarray, thresholds: Sequence[float], confidence: str = "max_softmax"):
-    """True early exit of a numpy batch driven through the contract alone (``run_stage`` / ``select``).
+class ModelAPI:
+    """The user methods every dvt model shares (torch, MindSpore and exported models mix this in): written
+    here once, each a call into the model's runtime."""
 
-    The same loop as each backend's ``model.adaptive``; any backend that fulfils the contract gets it.
-    """
-    from dvt_core.runtime.early_exit import run_adaptive as loop
-
-    b = backend_of(model)
-    x = b.to_tensor(model, np.ascontiguousarray(images, dtype=np.float32))
-    return loop(lambda i, imgs, carry: b.run_stage(model, i, imgs, carry), b.to_numpy, b.select, x, len(images),
-                thresholds, model.exit_macs, confidence)
+    def adaptive(self, images, thresholds: Optional[Sequence[float]] = None, confidence: str = "max_softmax"):
+        """True early exit (see :meth:`Runtime.adaptive`): numpy or tensor images, the stored default
+        thresholds unless ``thresholds`` are given."""
+        return backend_of(self).adaptive(self, images, thresholds, confidence)

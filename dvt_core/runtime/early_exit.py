@@ -91,6 +91,10 @@ def run_adaptive(run_stage: Callable[[int, Any, Any], tuple[Any, Any]],
     for i in range(num_exits):
         logits, carry = run_stage(i, images, carry)
         lg = to_numpy(logits).astype(np.float32, copy=False)
+        if not np.all(np.isfinite(lg)):  # a prediction from NaN logits would be silently wrong
+            bad = int((~np.isfinite(lg)).any(axis=1).sum())
+            raise InputError(f"exit {i + 1} gave NaN or infinite logits for {bad} of {len(lg)} image(s): the "
+                             "weights or the input are out of range; no prediction made")
         if logits_out is None:
             logits_out = np.zeros((batch_size, lg.shape[1]), np.float32)
         conf = confidence_of(softmax(lg)[None], kind=confidence)[0]

@@ -42,6 +42,8 @@ from typing import Iterable, Optional
 
 import numpy as np
 
+from dvt_core.errors import InputError
+
 CONFIDENCE_KINDS = ("max_softmax", "entropy")
 #: Threshold of an exit that takes no sample on its own (nothing reaches it).
 NEVER = np.float32(1e8)
@@ -93,12 +95,13 @@ def _check_conf(conf, name: str = "confidences") -> np.ndarray:
     """Confidences as a finite float32 array shaped (exits, samples)."""
     arr = np.asarray(conf)
     if arr.ndim != 2:
-        raise ValueError(f"{name} must be shaped (exits, samples); got {arr.ndim} dimension(s) {arr.shape}")
+        raise InputError(f"{name} must be shaped (exits, samples); got {arr.ndim} dimension(s) {arr.shape}")
     if 0 in arr.shape:
-        raise ValueError(f"{name} needs at least one exit and one sample; got shape {arr.shape}")
+        raise InputError(f"{name} needs at least one exit and one sample; got shape {arr.shape}")
     arr = arr.astype(np.float32, copy=False)
     if not np.isfinite(arr).all():
-        raise ValueError(f"{name} contain NaN or infinite values")
+        raise InputError(f"{name} contain NaN or infinite values (NaN or infinite logits: the weights or the "
+                         "input are out of range)")
     return arr
 
 
@@ -156,8 +159,9 @@ def softmax(logits, axis: int = -1) -> np.ndarray:
     x = np.asarray(logits)
     if not np.issubdtype(x.dtype, np.floating):
         x = x.astype(np.float64)
-    z = np.exp(x - x.max(axis=axis, keepdims=True))
-    return z / z.sum(axis=axis, keepdims=True)
+    with np.errstate(invalid="ignore", over="ignore"):  # inf logits give NaN here; callers refuse NaN by name
+        z = np.exp(x - x.max(axis=axis, keepdims=True))
+        return z / z.sum(axis=axis, keepdims=True)
 
 
 def confidence(probs, kind: str = "max_softmax") -> np.ndarray:

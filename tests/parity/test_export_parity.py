@@ -1,4 +1,5 @@
-"""Exported graphs against the framework that exported them: ONNX Runtime vs torch, MindIR vs MindSpore.
+"""Exported graphs against the framework that exported them: ONNX Runtime and OpenVINO vs torch, MindIR vs
+MindSpore.
 
 Per-exit logits within 1e-4; adaptive exits identical for every image whose confidence is not within
 1e-5 of a threshold. Small overrides for every zoo model; full size with the official fixture weights
@@ -74,8 +75,27 @@ def check_onnx(model, out_dir: Path, images: np.ndarray, label: str):
     return rt
 
 
+def check_openvino(model, out_dir: Path, images: np.ndarray, label: str, resize: str = "auto"):
+    """OpenVINO fp32 on the ONNX export (``resize`` form) against torch: logits within ATOL, same exits."""
+    import torch
+
+    export_model(model, "onnx", out_dir, resize=resize)
+    rt = dvt_core.build(out_dir, backend="openvino")
+    with torch.no_grad():
+        ref = [o.numpy() for o in model(torch.from_numpy(images))]
+    ours = rt(images)
+    diffs = [float(np.abs(a - b).max()) for a, b in zip(ours, ref)]
+    record_worst(f"openvino {label}", diffs)
+    assert max(diffs) <= ATOL, f"{label}: OpenVINO vs torch per exit {diffs}"
+    t = median_thresholds(ref)
+    assert_same_exits(rt.adaptive(images, t), model.adaptive(torch.from_numpy(images), t), ref, t)
+    return rt
+
+
 def check_mindir(model, out_dir: Path, images: np.ndarray, label: str):
-    from dvt_backends.mindspore import adaptive_numpy, forward_numpy
+    from dvt_backends.mindspore import RUNTIME
+
+    adaptive_numpy, forward_numpy = RUNTIME.adaptive_numpy, RUNTIME.forward_numpy
 
     export_model(model, "mindir", out_dir)
     rt = dvt_core.build(out_dir, backend="mindir")
@@ -145,6 +165,29 @@ def test_onnx_fashion_mnist_accuracy(tmp_path):
                         backend="onnx")
     assert rt.manifest["thresholds"] == rt.checkpoint_meta["thresholds"]
     assert len(rt.manifest["budgets"]) == 59
+    check_fashion_accuracy(rt)
+
+
+# ---- OpenVINO vs torch: one model per distinct small spec (the graphs of the others are the same), both
+# resize forms ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("resize", ["gather", "dense"])
+@pytest.mark.parametrize("name", [g[0] for g in MINDIR_GROUPS])
+def test_openvino_zoo_small(name, resize, tmp_path):
+    pytest.importorskip("openvino")
+    pytest.importorskip("torch")
+    model = dvt_core.build(name, backend="torch", **small_overrides(name)).eval()
+    check_openvino(model, tmp_path / "e", random_images(model.spec, 16), f"{name} (small, {resize})", resize)
+
+
+def test_openvino_fashion_mnist_accuracy(tmp_path):
+    pytest.importorskip("openvino")
+    pytest.importorskip("torch")
+    from dvt_core.export.writer import export
+
+    rt = dvt_core.build(export("dvt_fashion_mnist", weights="default", fmt="onnx", out=tmp_path / "fm"),
+                        backend="openvino")
     check_fashion_accuracy(rt)
 
 

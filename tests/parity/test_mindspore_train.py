@@ -46,7 +46,7 @@ def test_gradients_flow_and_step_lowers_loss(name):
     # the same weights in torch: loss and gradients agree (no dropout: eval mode in both)
     model.set_train(False)
     tm = dvt_core.build(name, backend="torch", **ov).eval()
-    bt.load_state(tm, bm.model_state(model))
+    bt.RUNTIME.load_state(tm, bm.RUNTIME.model_state(model))
     step, params = grad_fn(model, x, y)
     loss, grads = step(x, y)
     t_out = tm(torch.from_numpy(x.asnumpy()))
@@ -113,7 +113,7 @@ def test_t2t_token_module_gradients_match_torch_relatively(token_type):
     torch.manual_seed(0)
     tm = bt.DVT(spec).eval()
     mm = bm.DVT(spec)
-    bm.load_state(mm, bt.model_state(tm))
+    bm.RUNTIME.load_state(mm, bt.RUNTIME.model_state(tm))
     mm.set_train(False)
     x = random_images(spec, len(TARGETS), seed=5)
     t_loss = bt.DVT.loss(tm(torch.from_numpy(x)), torch.from_numpy(TARGETS).long(), label_smoothing=0.1)
@@ -173,7 +173,7 @@ def _trajectories(name, steps, batch, **extra):
     live = ([n for n, m in tm.named_modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
             + [n for n, c in mm.cells_and_names() if isinstance(c, ms.nn.Dropout) and c.p > 0])
     assert not live, f"dropout left on: {live}"
-    bm.load_state(mm, bt.model_state(tm))
+    bm.RUNTIME.load_state(mm, bt.RUNTIME.model_state(tm))
     t_step = ttrain.make_train_step(tm, tm, ttrain.make_optimizer(tm, cfg), cfg)
     m_step = mtrain.make_train_step(mm, mtrain.make_optimizer(mm, cfg.weight_decay), cfg)
     tm.train()
@@ -186,7 +186,7 @@ def _trajectories(name, steps, batch, **extra):
         lr = cosine_lr(s, steps, 1, cfg.lr, cfg.min_lr)
         t_losses.append(t_step(x, y, lr))
         m_losses.append(m_step(x, y, lr))
-    return np.array(t_losses), np.array(m_losses), bt.model_state(tm), bm.model_state(mm), spec
+    return np.array(t_losses), np.array(m_losses), bt.RUNTIME.model_state(tm), bm.RUNTIME.model_state(mm), spec
 
 
 def _assert_same_trajectory(t_losses, m_losses, t_state, m_state, outliers=0.0, bound=0.0):
@@ -236,7 +236,7 @@ def test_trainers_agree_end_to_end(tmp_path):
     cfg = TrainConfig(epochs=2, batch_size=16, lr=3e-3, warmup_epochs=0.5, holdout=8, augment=False, seed=3)
     t_path = ttrain.train(spec, images, labels, cfg, tmp_path / "torch", progress=False)
     torch.manual_seed(cfg.seed)
-    init = bt.model_state(bt.DVT(spec))
+    init = bt.RUNTIME.model_state(bt.DVT(spec))
     m_path = mtrain.train(spec, images, labels, cfg, tmp_path / "ms", progress=False, init_state=init)
     assert m_path.name == "dvt_fashion_mnist.ckpt" and (tmp_path / "ms" / "last.ckpt").exists()
     t, m = read_checkpoint(t_path), read_checkpoint(m_path)

@@ -11,8 +11,8 @@ import pytest
 ms = pytest.importorskip("mindspore", reason="the MindSpore backend needs mindspore")
 torch = pytest.importorskip("torch", reason="parity compares against the PyTorch backend")
 
-import dvt_backends.mindspore as bm  # noqa: E402
-import dvt_backends.torch as bt  # noqa: E402
+from dvt_backends.mindspore import RUNTIME as bm  # noqa: E402
+from dvt_backends.torch import RUNTIME as bt  # noqa: E402
 import dvt_core  # noqa: E402
 import reference_ms_official as R  # noqa: E402
 from official import exit_differences  # noqa: E402

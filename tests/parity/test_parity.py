@@ -26,9 +26,9 @@ import pytest
 ms = pytest.importorskip("mindspore", reason="the MindSpore backend and .ckpt conversion need mindspore")
 torch = pytest.importorskip("torch", reason="parity compares against the PyTorch backend")
 
-import dvt_backends.mindspore as bm  # noqa: E402
+from dvt_backends.mindspore import RUNTIME as bm  # noqa: E402
 from dvt_backends.mindspore import compat  # noqa: E402
-import dvt_backends.torch as bt  # noqa: E402
+from dvt_backends.torch import RUNTIME as bt  # noqa: E402
 import dvt_core  # noqa: E402
 from dvt_core import CheckpointError, InputError  # noqa: E402
 from dvt_core.checkpoint.files import read_checkpoint, write_checkpoint  # noqa: E402

@@ -21,29 +21,26 @@ class UserError(DVTError):
     """A problem with what the user asked for; printed as one line."""
 
 
-def _parse_value(text: str):
-    import yaml
-
-    return yaml.safe_load(text)
-
-
 def parse_overrides(items: Optional[Sequence[str]]) -> dict:
-    """``["num_classes=10", "grids=[2,4,7]"]`` -> dict (values parsed as YAML scalars/lists)."""
-    out = {}
-    for item in items or ():
-        if "=" not in item:
-            raise UserError(f"override {item!r} is not KEY=VALUE")
-        k, v = item.split("=", 1)
-        out[k.strip()] = _parse_value(v)
-    return out
+    """``["num_classes=10", "grids=[2,4,7]"]`` -> dict: :func:`dvt_core.schema.parse_overrides` (typed, not YAML)."""
+    from dvt_core.schema import parse_overrides as parse
+
+    return parse(items)
 
 
-def add_common_options(p: argparse.ArgumentParser, model: bool = True, weights: bool = True) -> None:
-    """--backend and --device; with ``model`` --model and -O; with ``weights`` --weights."""
+def add_common_options(p: argparse.ArgumentParser, model: bool = True, weights: bool = True,
+                       precision: bool = True) -> None:
+    """--backend and --device; with ``model`` --model and -O; with ``weights`` --weights; with
+    ``precision`` --precision."""
+    from dvt_core.runtime.contract import runtime_names
+
     p.add_argument("--backend", default="torch",
-                   help="torch, mindspore, or onnx / mindir to run a `dvt export` folder given as --weights")
+                   help=f"{' or '.join(runtime_names('spec'))}, or {' / '.join(runtime_names('export'))} "
+                        "to run a `dvt export` folder given as --weights")
     p.add_argument("--device", default=None,
                    help="torch device (cpu, cuda, cuda:1, mps) or MindSpore target (default: the backend's, cpu)")
+    if precision:
+        add_precision_option(p)
     if model:
         p.add_argument("--model", default=None, help="zoo model name (see `dvt flops --list`)")
         p.add_argument("--override", "-O", action="append", metavar="KEY=VALUE",
@@ -56,6 +53,13 @@ def add_common_options(p: argparse.ArgumentParser, model: bool = True, weights: 
                        help="refuse --weights FILE unless its SHA-256 is this (shipped weights are always checked)")
         p.add_argument("--allow-lossy-cast", action="store_true",
                        help="accept weights whose dtype cast to float32 changes values (int, out-of-range float64)")
+
+
+def add_precision_option(p: argparse.ArgumentParser) -> None:
+    from dvt_core.runtime.contract import PRECISIONS
+
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="dtype the model computes in (default fp32); bf16 is fast on CPUs with AVX512-BF16 / AMX")
 
 
 def add_force_option(p: argparse.ArgumentParser) -> None:
@@ -107,12 +111,9 @@ def _check_limit(value: Optional[int], option: str) -> Optional[int]:
 
 
 def _has_shipped_weights(name: Optional[str]) -> bool:
-    from dvt_core.checkpoint.registry import shipped_models
+    from dvt_core.checkpoint.registry import has_shipped_weights
 
-    try:
-        return name in shipped_models()
-    except DVTError:
-        return False
+    return has_shipped_weights(name)
 
 
 def plots_available() -> bool:
@@ -138,15 +139,9 @@ def check_picture(path) -> None:
 
 
 def _is_shipped_file(path) -> bool:
-    """True when ``path`` is one of the weight files this project ships (their SHA-256 is registered)."""
-    from dvt_core.checkpoint.registry import registry, weights_dir
+    from dvt_core.checkpoint.registry import is_shipped_file
 
-    try:
-        entries = (registry().get("shipped") or {}).values()
-    except DVTError:
-        return False
-    target = Path(path).resolve()
-    return any((weights_dir() / e["file"]).resolve() == target for e in entries if "file" in e)
+    return is_shipped_file(path)
 
 
 def resolve_weights(args) -> str:
@@ -174,23 +169,15 @@ def build_from_args(args, weights=None):
     # Cheap checks first, so a mistake is reported before a framework is imported.
     if args.model is not None:
         get_spec(args.model)  # an unknown name is reported as such, before any weights are looked up
-    if weights is not None and str(weights) != "default" and not Path(weights).exists():
-        raise UserError(f"weights file not found: {weights}")
-    if getattr(args, "sha256", None):
-        if weights is None or str(weights) == "default":
-            raise UserError("--sha256 checks an explicit --weights FILE (shipped weights are always checked)")
-        from dvt_core.checkpoint.registry import verify_sha256
+    from dvt_core.checkpoint.registry import check_weights
 
-        verify_sha256(weights, args.sha256)
-    if str(weights) == "default":
-        from dvt_core.checkpoint.registry import default_weights_path
-
-        default_weights_path(args.model, verify=False)  # no weights ship for this model: say so now
+    check_weights(args.model, weights, getattr(args, "sha256", None))  # exists, regular, SHA-256, ships
     get_backend(args.backend)
     check_device(args.backend, args.device)
     try:
         model = build(args.model, backend=args.backend, weights=weights,
-                      allow_lossy_cast=bool(getattr(args, "allow_lossy_cast", False)), **overrides)
+                      allow_lossy_cast=bool(getattr(args, "allow_lossy_cast", False)),
+                      precision=getattr(args, "precision", None) or "fp32", **overrides)
     except CheckpointError as exc:
         problems = exc.missing or exc.unexpected or exc.mismatched
         if not problems:

@@ -80,17 +80,17 @@ def run(args) -> int:
         args.out = None
     check_outputs(args, args.out, args.json)
     check_picture(args.out)
-    from dvt_core.runtime.builder import EXPORT_BACKENDS
+    from dvt_core.runtime.contract import get_backend, runtime_names
 
-    exported = args.backend in EXPORT_BACKENDS
+    exported = args.backend in runtime_names("export")
     if exported and args.weights is None:
+        fmt = get_backend(args.backend).graph_format  # the graphs it reads (OpenVINO reads the ONNX export)
         raise UserError(f"--backend {args.backend} runs an export: pass --weights DIR "
-                        f"(make it with `dvt export {DEMO_MODEL} --weights default --format {args.backend} --out DIR`)")
+                        f"(make it with `dvt export {DEMO_MODEL} --weights default --format {fmt} --out DIR`)")
     if not exported and args.weights is not None:
         raise UserError("the demo runs the shipped weights; --weights is for --backend onnx|mindir (an export folder)")
     ns = SimpleNamespace(model=DEMO_MODEL, weights=args.weights if exported else "default", override=None,
-                         backend=args.backend,
-                         device=args.device)
+                         backend=args.backend, device=args.device, precision=args.precision)
     model = build_from_args(ns)
     spec, meta = model.spec, _meta(model)
     if args.full:

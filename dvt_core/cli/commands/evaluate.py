@@ -39,9 +39,9 @@ def add_arguments(parser) -> None:
 
 def _baseline_names(args, spec, dataset) -> list[str]:
     choice = (args.baselines or "auto").strip()
-    from dvt_core.runtime.builder import EXPORT_BACKENDS
+    from dvt_core.runtime.contract import runtime_names
 
-    if choice == "none" or (choice == "auto" and args.backend in EXPORT_BACKENDS):  # baselines need a framework
+    if choice == "none" or (choice == "auto" and args.backend in runtime_names("export")):  # baselines need a framework
         return []
     if choice != "auto":
         names = [n.strip() for n in choice.split(",") if n.strip()]
@@ -77,7 +77,8 @@ def _evaluate_baselines(args, names, images, labels) -> list[dict]:
     for name in names:
         if args.baselines == "auto" and not _has_shipped_weights(name):
             continue
-        ns = SimpleNamespace(model=name, weights="default", override=None, backend=args.backend, device=args.device)
+        ns = SimpleNamespace(model=name, weights="default", override=None, backend=args.backend, device=args.device,
+                             precision=args.precision)  # the baselines at the DVT's precision: like with like
         model = build_from_args(ns)
         probs = evaluation.exit_probs(model, images, args.batch_size, progress=_progress(), desc=name)
         costs = exit_macs(model.spec)

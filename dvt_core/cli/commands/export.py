@@ -10,7 +10,7 @@ HELP = "export one graph per stage (ONNX or MindIR) and a dvt.json manifest, for
 
 
 def add_arguments(parser) -> None:
-    from dvt_core.export.writer import DEFAULT_OPSET, FORMATS
+    from dvt_core.export.manifest import DEFAULT_OPSET, FORMATS, GRAPH_PRECISIONS, RESIZE_FORMS
 
     parser.add_argument("model", nargs="?", default=None,
                         help="zoo model name (see `dvt flops --list`); optional when --weights FILE names its "
@@ -22,11 +22,18 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", required=True, help="folder to write (graphs and dvt.json)")
     parser.add_argument("--force", action="store_true", help="replace an existing export folder")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset")
+    parser.add_argument("--resize", default="auto", choices=RESIZE_FORMS,
+                        help="onnx: the reuse resize as gather (Gather, Mul, ReduceSum over its taps), dense (one "
+                             "MatMul) or auto (the form ONNX Runtime and OpenVINO run fastest; see docs/deploy.md)")
+    parser.add_argument("--precision", default="fp32", choices=GRAPH_PRECISIONS,
+                        help="onnx: what the weights are stored in (fp16: half the size; the runtime computes in "
+                             "the precision it is given)")
     parser.add_argument("--override", "-O", action="append", metavar="KEY=VALUE", help="spec override (repeatable)")
 
 
 def run(args) -> int:
-    from dvt_core.export.writer import MANIFEST, SOURCE_BACKEND, check_target, export
+    from dvt_core.export.manifest import MANIFEST, SOURCE_BACKEND, graph_form
+    from dvt_core.export.writer import check_target, export
 
     if args.model is not None:
         get_spec(args.model)  # an unknown name is reported first
@@ -41,9 +48,8 @@ def run(args) -> int:
         if not meta.get("spec") and not meta.get("arch"):
             raise UserError(f"{args.weights} does not say which model it holds; name it: dvt export MODEL "
                             f"--weights {args.weights} ...")
-    if args.format == "onnx" and not 7 <= args.opset <= 21:
-        raise UserError(f"--opset {args.opset} is outside what the torch exporter writes (7..21)")
-    check_target(args.format, args.out, args.force)
+    check_target(args.format, args.out, args.force, args.opset)  # format, opset, the folder and its parent
+    graph_form(args.format, args.resize, args.precision)
     from dvt_core.runtime.builder import get_backend
 
     get_backend(SOURCE_BACKEND[args.format])
@@ -53,7 +59,7 @@ def run(args) -> int:
         except ImportError:
             raise UserError("exporting ONNX needs the onnx package; install it with: pip install 'dvt[onnx]'") from None
     out = export(args.model, weights=args.weights, fmt=args.format, out=args.out, force=args.force,
-                 opset=args.opset, **parse_overrides(args.override))
+                 opset=args.opset, resize=args.resize, precision=args.precision, **parse_overrides(args.override))
     print(f"wrote {out}/ ({args.format}: {MANIFEST} and one graph per stage); "
           f"run it with dvt_core.build({str(out)!r}, backend={args.format!r})")
     return 0

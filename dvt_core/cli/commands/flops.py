@@ -41,10 +41,10 @@ def _human(n: float) -> str:
 def run(args) -> int:
     from dvt_core.model.macs import macs_table
 
-    from dvt_core.runtime.builder import BACKENDS
+    from dvt_core.runtime.contract import RUNTIMES
 
-    if args.backend not in BACKENDS:
-        raise UserError(f"unknown backend {args.backend!r}; choose one of {', '.join(BACKENDS)}")
+    if args.backend not in RUNTIMES:
+        raise UserError(f"unknown backend {args.backend!r}; choose one of {', '.join(RUNTIMES)}")
     if args.list is not None or not args.name:
         if args.list is None:
             raise UserError("name a model, or pass --list")

@@ -180,15 +180,16 @@ def run(args) -> int:
         if spec.name == "dvt_fashion_mnist":
             print(f"# note: {DOMAIN_NOTE}", file=sys.stderr)
     width = max(len(escape_text(f)) for f in files)
-    t0, done, failed = time.perf_counter(), 0, []
+    t0, done, failed, reported = time.perf_counter(), 0, [], 0
     counts, macs = np.zeros(spec.num_exits, np.int64), 0
     for start in range(0, len(files), args.batch_size):  # read, classify and print a chunk at a time
         read, images, bad = _load_images(files[start:start + args.batch_size], spec)
-        for line in bad:  # reported and skipped; the status says so at the end
-            print(f"dvt predict: skipped {escape_text(line)}", file=sys.stderr)
         failed.extend(bad)
         if images is None:
             continue
+        for line in failed[reported:]:  # reported and skipped once something was read; the status says so
+            print(f"dvt predict: skipped {escape_text(line)}", file=sys.stderr)
+        reported = len(failed)
         res = evaluation.adaptive(model, images, thresholds, batch_size=args.batch_size)
         _emit(args, spec, classes, names, read, res, width)
         sys.stdout.flush()
@@ -196,9 +197,10 @@ def run(args) -> int:
         counts += res.exit_counts
         macs += int(res.macs.sum())
     seconds = time.perf_counter() - t0
-    if done == 0:
-        print(f"dvt predict: none of the {len(failed)} image(s) could be read", file=sys.stderr)
-        return 1
+    if done == 0:  # nothing done: a user error (status 2, one line), not a partial failure
+        raise UserError(f"none of the {len(failed)} image(s) could be read (first: {escape_text(failed[0])})")
+    for line in failed[reported:]:
+        print(f"dvt predict: skipped {escape_text(line)}", file=sys.stderr)
     if not args.quiet:
         shares = ", ".join(f"exit {k + 1}: {int(c)}" for k, c in enumerate(counts))
         print(f"# {done} image(s) in {seconds:.2f} s ({done / max(seconds, 1e-9):.1f} images/s); {shares}; "

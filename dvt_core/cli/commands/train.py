@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from dvt_core.errors import DVTError
+from dvt_core.schema import MAX_SEED, check_train_config, number
 from dvt_core.training.config import FOLDER_HOLDOUT, TrainConfig, resolve_holdout
 from dvt_core.model.zoo import get_spec
 from dvt_core.data.datasets import dataset_record, is_fashion_mnist as _is_fashion_mnist, load_dataset
@@ -31,23 +32,23 @@ def _holdout(text: str):
 
 
 def add_arguments(parser) -> None:
-    add_common_options(parser, weights=False)
+    add_common_options(parser, weights=False, precision=False)  # training runs fp32
     parser.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist or a folder with one sub-folder per class")
     parser.add_argument("--out", default="runs/train", help="output folder (checkpoints, final weights)")
     parser.add_argument("--init", default=None, metavar="FILE",
                         help="start from this checkpoint (any format build reads): tensors that fit are loaded, "
                              "heads of another class count re-initialised, position embeddings and patch "
                              "kernels of other grids resampled")
-    parser.add_argument("--epochs", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=None, help="global batch size")
-    parser.add_argument("--lr", type=float, default=None)
-    parser.add_argument("--weight-decay", type=float, default=None)
-    parser.add_argument("--warmup-epochs", type=float, default=None)
+    parser.add_argument("--epochs", type=number("int", 1, 1_000_000), default=None)
+    parser.add_argument("--batch-size", type=number("int", 1, 1 << 20), default=None, help="global batch size")
+    parser.add_argument("--lr", type=number("float", 0, low_open=True), default=None)
+    parser.add_argument("--weight-decay", type=number("float", 0), default=None)
+    parser.add_argument("--warmup-epochs", type=number("float", 0, 1e6), default=None)
     parser.add_argument("--holdout", type=_holdout, default=None,
                         help="training images kept out for calibration: a count or a fraction "
                              f"(default: {TrainConfig().holdout} for fashion-mnist, {FOLDER_HOLDOUT} of a folder)")
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
+    parser.add_argument("--seed", type=number("int", 0, MAX_SEED), default=None)
+    parser.add_argument("--max-steps", type=number("int", 1, 1 << 40), default=None, help="stop after this many steps")
     parser.add_argument("--no-augment", action="store_true")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pth (OUT/last.ckpt)")
     parser.add_argument("--force", action="store_true", help="train into an --out folder that holds a run")
@@ -91,6 +92,7 @@ def run(args) -> int:
             setattr(cfg, field, value)
     if args.no_augment:
         cfg.augment = False
+    check_train_config(cfg, "train")  # the library's checks: what a Python caller of the trainer gets too
     for option, value, low in (("--epochs", cfg.epochs, 1), ("--batch-size", cfg.batch_size, 1),
                                ("--max-steps", cfg.max_steps, 1)):
         if value is not None and value < low:

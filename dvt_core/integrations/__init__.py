@@ -1,0 +1,1 @@
+"""Integrations with other systems, each imported only when used (``dvt_core.integrations.ray``: the ``ray`` extra)."""

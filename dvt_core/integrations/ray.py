@@ -1,0 +1,153 @@
+"""Scale-out on Ray: batch inference with Ray Data, and the ``dvt serve`` scheduler as a Ray Serve deployment.
+
+* :class:`DVTPredictor` is a callable class for ``ray.data.Dataset.map_batches``: Ray runs it in
+  stateful actors, so the model loads once per actor; each batch of uint8 images comes back with
+  ``label``, ``class_index``, ``confidence``, ``exit`` (1-based) and ``macs`` columns, from streaming
+  early exit inside the actor (:func:`dvt_core.runtime.evaluation.adaptive`)::
+
+      ds = ray.data.from_items([{"image": img} for img in images])
+      out = ds.map_batches(DVTPredictor, fn_constructor_kwargs={"model": "dvt_fashion_mnist"},
+                           batch_size=256, concurrency=2, num_cpus=1)
+
+* :func:`serve_deployment` binds a Ray Serve deployment that runs :class:`dvt_core.serve.app.PredictService`
+  (the per-stage batching scheduler) in each replica, so many replicas serve one endpoint with the
+  same ``POST /v1/predict``, ``GET /healthz`` and ``GET /metrics`` as ``dvt serve``.
+
+Ray is imported only inside these functions (the ``ray`` extra); this module imports without it.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+
+from dvt_core.errors import InputError
+
+OUTPUT_COLUMNS = ("label", "class_index", "confidence", "exit", "macs")
+
+
+def _load(model: str, weights, backend: str, device, thresholds, budget):
+    """(the model, its thresholds, its class names): thresholds given, those calibrated for ``budget``, or the
+    checkpoint's default, as ``dvt predict`` chooses them."""
+    import dvt_core
+    from dvt_core.data.datasets import model_classes
+    from dvt_core.runtime.operating_point import choose_thresholds
+
+    built = dvt_core.build(model, backend=backend, weights=weights)
+    if device is not None:
+        from dvt_core.runtime.contract import backend_of
+
+        built = backend_of(built).to_device(built, device)
+    meta = dict(getattr(built, "checkpoint_meta", None) or {})
+    chosen, _ = choose_thresholds(built.spec, meta, str(weights), thresholds=thresholds, budget=budget)
+    return built, chosen, model_classes(meta, built.spec.num_classes)
+
+
+class DVTPredictor:
+    """``map_batches`` callable: a batch ``{image_column: uint8 (N, H, W[, C]), ...}`` in, the same batch
+    with the :data:`OUTPUT_COLUMNS` set (the image column dropped unless ``keep_images``) out.
+
+    Images of the model's size and channels go to the model as they are (what ``dvt predict`` computes
+    from the files they came from); others are resized and converted by ``dvt_core.data.images.preprocess``.
+    ``stage_batch`` is the batch every stage runs on inside the actor (streaming early exit).
+    """
+
+    def __init__(self, model: str = "dvt_fashion_mnist", weights="default", backend: str = "torch",
+                 device: Optional[str] = None, thresholds: Optional[Sequence[float]] = None,
+                 budget: Optional[float] = None, image_column: str = "image", stage_batch: int = 64,
+                 keep_images: bool = False):
+        if stage_batch < 1:
+            raise InputError(f"stage_batch must be 1 or more, got {stage_batch}")
+        self.model, self.thresholds, self.classes = _load(model, weights, backend, device, thresholds, budget)
+        self.image_column, self.stage_batch, self.keep_images = image_column, stage_batch, keep_images
+
+    def __call__(self, batch: dict) -> dict:
+        if self.image_column not in batch:
+            raise InputError(f"the batch has no {self.image_column!r} column (it has {', '.join(map(str, batch))})")
+        res = self.predict(np.asarray(batch[self.image_column]))
+        out = {k: v for k, v in batch.items() if self.keep_images or k != self.image_column}
+        pred = res.prediction
+        out["label"] = np.asarray([self.classes[k] if self.classes else str(k) for k in pred.tolist()], dtype=object)
+        out["class_index"] = pred.astype(np.int64)
+        out["confidence"] = res.confidence.astype(np.float32)
+        out["exit"] = (res.exit_index + 1).astype(np.int64)
+        out["macs"] = res.macs.astype(np.int64)
+        return out
+
+    def predict(self, images: np.ndarray):
+        """The :class:`~dvt_core.runtime.early_exit.AdaptiveResult` of a uint8 batch (N, H, W[, C]), in order."""
+        from dvt_core.runtime import evaluation
+
+        spec = self.model.spec
+        if images.dtype != np.uint8 or images.ndim not in (3, 4):
+            raise InputError(f"DVTPredictor takes uint8 image batches (N, H, W[, C]); got {images.dtype} "
+                             f"of shape {images.shape}")
+        if len(images) == 0:
+            return evaluation.adaptive(self.model, np.zeros((0, spec.img_size, spec.img_size), np.uint8),
+                                       self.thresholds)
+        if not self._fits(images):
+            images = self._resized(images)
+        return evaluation.adaptive(self.model, images, self.thresholds, batch_size=self.stage_batch)
+
+    def _fits(self, images: np.ndarray) -> bool:
+        spec = self.model.spec
+        channels = 1 if images.ndim == 3 else images.shape[-1]
+        return images.shape[1:3] == (spec.img_size, spec.img_size) and channels == spec.in_chans
+
+    def _resized(self, images: np.ndarray) -> np.ndarray:
+        """uint8 images at the model's size and channels (the safe path of ``preprocess``), unnormalised."""
+        from dvt_core.data.images import preprocess
+
+        spec = self.model.spec
+        x = preprocess(images, spec)  # normalised float32 (N, C, H, W): undo the normalisation, exactly
+        mean = np.asarray(spec.mean, np.float32).reshape(1, -1, 1, 1)
+        std = np.asarray(spec.std, np.float32).reshape(1, -1, 1, 1)
+        pixels = np.clip(np.rint((x * std + mean) * 255.0), 0, 255).astype(np.uint8)
+        return pixels[:, 0] if spec.in_chans == 1 else pixels.transpose(0, 2, 3, 1)
+
+
+def serve_deployment(model: str = "dvt_fashion_mnist", weights="default", backend: str = "torch",
+                     thresholds: Optional[Sequence[float]] = None, budget: Optional[float] = None,
+                     limits: Optional[dict] = None, num_replicas: int = 1, ray_actor_options: Optional[dict] = None):
+    """A bound Ray Serve application: ``num_replicas`` replicas, each with its own model and per-stage
+    scheduler (:class:`dvt_core.serve.app.PredictService`, ``limits`` its :class:`ServeLimits` fields),
+    answering ``POST .../v1/predict``, ``GET .../healthz`` and ``GET .../metrics``. Run it with
+    ``ray.serve.run(app, route_prefix="/")``."""
+    from ray import serve
+
+    from dvt_core.serve.app import ServeLimits
+
+    ServeLimits(**(limits or {})).check()  # a bad limit is refused here, not in every replica
+
+    @serve.deployment(num_replicas=num_replicas, ray_actor_options=ray_actor_options or {"num_cpus": 1})
+    class DVTDeployment:
+        def __init__(self):
+            from dvt_core.serve.app import PredictService
+
+            built, chosen, classes = _load(model, weights, backend, None, thresholds, budget)
+            self.service = PredictService(built, chosen, ServeLimits(**(limits or {})), classes=classes,
+                                          mac_budget=budget)
+
+        async def __call__(self, request):
+            from starlette.responses import JSONResponse, PlainTextResponse
+
+            from dvt_core.serve.app import predict_response
+            from dvt_core.serve.metrics import CONTENT_TYPE
+
+            path = request.url.path.rstrip("/")
+            if request.method == "POST" and path.endswith("/v1/predict"):
+                return await predict_response(self.service, request)
+            if request.method == "GET" and path.endswith("/healthz"):
+                ok = self.service.healthy()
+                return JSONResponse({"status": "ok" if ok else "unavailable"}, status_code=200 if ok else 503)
+            if request.method == "GET" and path.endswith("/metrics"):
+                return PlainTextResponse(self.service.metrics.render(), media_type=CONTENT_TYPE)
+            return JSONResponse({"error": "not found: use POST /v1/predict, GET /healthz, GET /metrics"},
+                                status_code=404)
+
+        def __del__(self):
+            service = getattr(self, "service", None)
+            if service is not None:
+                service.close()
+
+    return DVTDeployment.bind()

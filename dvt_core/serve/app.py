@@ -1,0 +1,286 @@
+"""The HTTP service: ``POST /v1/predict``, ``GET /healthz``, ``GET /metrics`` (an ASGI app on Starlette).
+
+:class:`PredictService` is the framework-free part (limits, decoding, the scheduler, the answer);
+:func:`create_app` wraps it in a Starlette app, and :func:`predict_response` is the one request
+handler, shared with the Ray Serve deployment (dvt_core.integrations.ray). Starlette is imported only
+when an app or a response is made (the ``serve`` extra).
+
+Safety: a body is bounded before it is read whole (Content-Length, then while streaming), reading it
+is bounded in time, the queue is bounded (a full queue answers 503 at once, with Retry-After), every
+request waits a bounded time for its answer (then 504); nothing from a request is used as a path, and
+an error message never echoes what was sent.
+"""
+from __future__ import annotations
+
+import asyncio
+import io
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from dvt_core.errors import DVTError, InputError
+
+
+@dataclass
+class ServeLimits:
+    """Bounds of the service: batching, queue, body size and the time a request may take."""
+
+    max_batch: int = 32
+    max_wait_ms: float = 2.0
+    queue_limit: int = 256
+    max_body_mb: float = 8.0
+    read_timeout_s: float = 10.0  # to receive a whole body (a slow client gets 408)
+    request_timeout_s: float = 30.0  # from a full body to the answer (then 504)
+    retry_after_s: int = 1
+
+    def check(self) -> "ServeLimits":
+        for name in ("max_batch", "queue_limit"):
+            if int(getattr(self, name)) < 1:
+                raise InputError(f"--{name.replace('_', '-')} must be 1 or more, got {getattr(self, name)}")
+        if self.max_wait_ms < 0:
+            raise InputError(f"--max-wait-ms must be 0 or more, got {self.max_wait_ms:g}")
+        if not 0 < self.max_body_mb <= 1024:
+            raise InputError(f"--max-body-mb must be above 0 and at most 1024, got {self.max_body_mb:g}")
+        return self
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 1024 * 1024)
+
+
+class RequestError(DVTError):
+    """A request the service refuses: an HTTP status and a message that names the problem."""
+
+    def __init__(self, status: int, message: str, headers: Optional[dict] = None):
+        super().__init__(message)
+        self.status, self.headers = status, dict(headers or {})
+
+
+_UNSAFE = re.compile(r"[^ -~]")
+
+
+def _safe_reason(exc: BaseException) -> str:
+    """The reason of a decoding error without the name the reader gave the bytes, printable ASCII, bounded."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = text.split(": ", 1)[1] if text.startswith("image: ") else text
+    return _UNSAFE.sub("?", text)[:200]
+
+
+class PredictService:
+    """One model behind a :class:`~dvt_core.serve.scheduler.StageScheduler`, with its limits and metrics."""
+
+    def __init__(self, model, thresholds, limits: Optional[ServeLimits] = None, classes: Optional[list] = None,
+                 mac_budget: Optional[float] = None, adapt_budget: bool = False, decode_workers: int = 2):
+        from dvt_core.serve.metrics import ServiceMetrics
+        from dvt_core.serve.scheduler import StageScheduler
+
+        self.limits = (limits or ServeLimits()).check()
+        self.model, self.spec = model, model.spec
+        if self.spec.in_chans not in (1, 3):
+            raise InputError(f"{self.spec.name} takes {self.spec.in_chans}-channel images; "
+                             "image files give 1 (grey) or 3 (RGB)")
+        self.classes = classes
+        self.metrics = ServiceMetrics(self.spec.num_exits, self.limits.max_batch, model.exit_macs,
+                                      mac_budget=mac_budget)
+        if adapt_budget and mac_budget is None:
+            raise InputError("adapting the thresholds at run time needs a MAC budget (--budget MACS)")
+        self.scheduler = StageScheduler(model, thresholds, self.limits.max_batch, self.limits.max_wait_ms,
+                                        self.limits.queue_limit, observer=self.metrics.stage_ran,
+                                        adapt_budget=mac_budget if adapt_budget else None)
+        self.metrics.depths = self.scheduler.depths
+        self.metrics.thresholds = lambda: self.scheduler.thresholds
+        self.thresholds = self.scheduler.thresholds
+        self._decoder = ThreadPoolExecutor(max_workers=decode_workers, thread_name_prefix="dvt-serve-decode")
+
+    def decode(self, body: bytes) -> np.ndarray:
+        """The normalised float32 image (C, H, W) of an image file's bytes, read as ``dvt predict`` reads
+        a file (dvt_core.data.images.read_image); RequestError 400 when the bytes are no image."""
+        from dvt_core.data.images import ImageReadError, read_image
+        from dvt_core.data.sources import normalize
+
+        if not body:
+            raise RequestError(400, "empty body: send the bytes of an image file (PNG, JPEG, BMP, WebP, GIF, TIFF)")
+        try:
+            img = read_image(io.BytesIO(body), self.spec.img_size, self.spec.in_chans)
+        except (ImageReadError, OSError, ValueError) as exc:
+            reason = _safe_reason(exc)
+            raise RequestError(400, reason if reason.startswith("unreadable") else f"unreadable image: {reason}"
+                               ) from None
+        return normalize(img[None], self.spec.mean, self.spec.std)[0]
+
+    def answer(self, prediction) -> dict:
+        k = prediction.class_index
+        label = self.classes[k] if self.classes else str(k)
+        return {"label": label, "class_index": k, "confidence": round(prediction.confidence, 6),
+                "exit": prediction.exit_index + 1, "macs": prediction.macs}
+
+    async def predict(self, body: bytes) -> dict:
+        """The answer for one image's bytes; RequestError for a bad body, a full queue or a timeout."""
+        from dvt_core.serve.scheduler import QueueFullError, SchedulerClosedError
+
+        loop = asyncio.get_running_loop()
+        image = await loop.run_in_executor(self._decoder, self.decode, body)
+        try:
+            future = self.scheduler.submit(image)
+        except QueueFullError:
+            raise RequestError(503, "the service is at capacity; retry shortly",
+                               {"Retry-After": str(self.limits.retry_after_s)}) from None
+        except SchedulerClosedError:
+            raise RequestError(503, "the service is shutting down", {"Retry-After": str(self.limits.retry_after_s)}
+                               ) from None
+        try:
+            prediction = await asyncio.wait_for(asyncio.wrap_future(future), self.limits.request_timeout_s)
+        except asyncio.TimeoutError:
+            raise RequestError(504, f"no answer within {self.limits.request_timeout_s:g} s") from None
+        except Exception:  # a model failure: logged by the worker's caller, never echoed
+            raise RequestError(500, "the model failed on this batch") from None
+        return self.answer(prediction)
+
+    def healthy(self) -> bool:
+        return self.scheduler.alive
+
+    def close(self) -> None:
+        """Answer what is queued, then stop the worker and the decoders."""
+        self.scheduler.close()
+        self._decoder.shutdown(wait=True)
+
+
+async def read_body(request, limit: int, timeout: float) -> bytes:
+    """The whole body of a Starlette request, refused (413) above ``limit`` bytes before it is read whole:
+    from Content-Length, then while streaming; a body not received within ``timeout`` s is 408."""
+    length = request.headers.get("content-length")
+    if length is not None:
+        if not length.strip().isdigit():
+            raise RequestError(400, "bad Content-Length header")
+        if int(length) > limit:
+            raise RequestError(413, f"body of {int(length)} bytes is over the limit of {limit} bytes")
+
+    async def receive() -> bytes:
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise RequestError(413, f"body is over the limit of {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    try:
+        return await asyncio.wait_for(receive(), timeout)
+    except asyncio.TimeoutError:
+        raise RequestError(408, f"body not received within {timeout:g} s") from None
+
+
+def _json(status: int, payload: dict, headers: Optional[dict] = None):
+    from starlette.responses import JSONResponse
+
+    return JSONResponse(payload, status_code=status, headers=headers)
+
+
+async def predict_response(service: PredictService, request):
+    """The response to ``POST /v1/predict`` (Starlette request in, Starlette response out)."""
+    start = time.perf_counter()
+    try:
+        body = await read_body(request, service.limits.max_body_bytes, service.limits.read_timeout_s)
+        response = _json(200, await service.predict(body))
+    except RequestError as exc:
+        response = _json(exc.status, {"error": str(exc)}, exc.headers)
+    service.metrics.request_done(response.status_code, time.perf_counter() - start)
+    return response
+
+
+def create_app(service: PredictService):
+    """The Starlette app of ``service``; its shutdown answers what is queued and stops the worker."""
+    import contextlib
+
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from dvt_core.serve.metrics import CONTENT_TYPE
+
+    async def predict(request):
+        return await predict_response(service, request)
+
+    async def healthz(request):
+        ok = service.healthy()
+        return _json(200 if ok else 503, {"status": "ok" if ok else "unavailable", "model": service.spec.name})
+
+    async def metrics(request):
+        return PlainTextResponse(service.metrics.render(), media_type=CONTENT_TYPE)
+
+    async def not_found(request, exc):
+        return _json(getattr(exc, "status_code", 404), {"error": "not found: use POST /v1/predict, GET /healthz, "
+                                                                 "GET /metrics"})
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        await asyncio.get_running_loop().run_in_executor(None, service.close)
+
+    routes = [Route("/v1/predict", predict, methods=["POST"]), Route("/healthz", healthz, methods=["GET"]),
+              Route("/metrics", metrics, methods=["GET"])]
+    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: not_found})
+
+
+def bind_socket(host: str, port: int):
+    """A listening TCP socket on ``host:port`` (port 0: a free port the system picks)."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on such sockets (and the ones they accept);
+    # without it a response's headers and body, written apart, wait ~40 ms for the client's delayed ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise InputError(f"cannot listen on {host}:{port} ({exc.strerror or exc})") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def url_of(sock) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def run_server(service: PredictService, host: str = "127.0.0.1", port: int = 0, max_connections: int = 256,
+               keep_alive_s: float = 5.0, graceful_s: float = 30.0, announce=None) -> None:
+    """Serve ``service`` with uvicorn until SIGTERM or SIGINT; ``announce(url)`` once it accepts connections.
+
+    SIGTERM stops accepting, lets the requests in flight finish (up to ``graceful_s``), answers what is
+    queued and returns (a caller exits 0). ``max_connections`` bounds open connections and requests
+    (uvicorn answers 503 past it); idle keep-alive connections close after ``keep_alive_s``.
+    """
+    import signal
+
+    import uvicorn
+
+    sock = bind_socket(host, port)
+    url = url_of(sock)
+
+    class _Server(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets=sockets)
+            if announce is not None and not self.should_exit:
+                announce(url)
+
+        def handle_exit(self, sig, frame):
+            super().handle_exit(sig, frame)
+            if sig == signal.SIGTERM:  # a graceful stop is the expected end: not raised again afterwards
+                self._captured_signals = [s for s in self._captured_signals if s != signal.SIGTERM]
+
+    config = uvicorn.Config(create_app(service), log_level="warning", access_log=False, lifespan="on",
+                            limit_concurrency=max_connections, timeout_keep_alive=keep_alive_s,
+                            timeout_graceful_shutdown=graceful_s, h11_max_incomplete_event_size=16 * 1024,
+                            http="h11", loop="asyncio", ws="none", server_header=False)
+    try:
+        _Server(config).run(sockets=[sock])
+    finally:
+        sock.close()

@@ -8,6 +8,10 @@ MINDSPORE = ["mindspore==2.10.0", "numpy<2"]
 # Export (onnx) and the framework-free runtime (onnxruntime). onnx 1.18+ pulls an ml_dtypes that needs
 # numpy 2, which MindSpore 2.10 cannot use: these pins import beside torch and MindSpore with numpy 1.26.
 ONNX = ["onnx==1.17.0", "onnxruntime==1.32.0", "numpy==1.26.4"]
+# The lean serving runtime: run a `dvt export` folder on ONNX Runtime, without onnx, a framework or plots.
+ONNXRUNTIME = ["onnxruntime==1.32.0", "numpy==1.26.4"]
+# Pictures (`dvt evaluate --plot`, `dvt demo --out`); the rest of dvt imports and runs without it.
+PLOTS = ["matplotlib>=3.6"]
 # OpenVINO runs the same ONNX export (its own ONNX reader; onnx itself is only needed to export). 2026.4.1
 # resolves with numpy 1.26.4 and imports beside torch 2.13 and MindSpore 2.10.
 OPENVINO = ["openvino==2026.4.1", "numpy==1.26.4"]
@@ -28,11 +32,13 @@ setup(
     package_dir={"dvt_weights": "weights"},
     package_data={"dvt_core": ["assets/*", "*.yaml"], "dvt_weights": ["registry.yaml", "*.safetensors"]},
     data_files=[],
-    install_requires=["numpy<2", "pyyaml>=6", "safetensors>=0.4", "tqdm>=4.60", "pillow>=9", "matplotlib>=3.6"],
+    install_requires=["numpy<2", "pyyaml>=6", "safetensors>=0.4", "tqdm>=4.60", "pillow>=9"],
     extras_require={
         "torch": TORCH,
         "mindspore": MINDSPORE,
         "onnx": ONNX,
+        "onnxruntime": ONNXRUNTIME,
+        "plots": PLOTS,
         "openvino": OPENVINO,
         "serve": SERVE,
         "ray": RAY + SERVE,

@@ -319,9 +319,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_dvt(*args, cwd=None, timeout: int = 300, env=None) -> subprocess.CompletedProcess:
-    """:func:`dvt` with its own environment ``env`` (the checkout importable, one thread unless set)."""
-    full = dict(os.environ if env is None else env, PYTHONPATH=str(ROOT))
-    full.setdefault("OMP_NUM_THREADS", "1")
-    return subprocess.run([sys.executable, "-m", "dvt_core", *map(str, args)], cwd=cwd or os.getcwd(), env=full,
-                          capture_output=True, text=True, timeout=timeout)
+BLOCK_IMPORTS = """
+import importlib.abc, sys
+class _Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {blocked!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}} (blocked in this test)", name=name)
+sys.meta_path.insert(0, _Block())
+"""
+
+
+def run_dvt(*args, cwd=None, stdin=None, block=(), timeout: int = 300, env=None) -> subprocess.CompletedProcess:
+    """The CLI in a fresh process (one intra-op thread unless ``env`` says otherwise) fed ``stdin``, with the
+    top-level modules in ``block`` unimportable (as if not installed); ``env``: its own environment."""
+    env = dict(os.environ if env is None else env, PYTHONPATH=str(ROOT))
+    env.setdefault("OMP_NUM_THREADS", "1")
+    code = BLOCK_IMPORTS.format(blocked=set(block)) if block else ""
+    code += "import sys\nfrom dvt_core.cli.main import main\nsys.exit(main(sys.argv[1:]))\n"
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=cwd or os.getcwd(), env=env,
+                          input=stdin, capture_output=True, text=True, timeout=timeout)

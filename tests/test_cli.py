@@ -302,13 +302,13 @@ def _error_cases(f, tmp):
         (["predict", img, "--model", "dvt_fashion_mnist", "--weights", tmp / "missing.safetensors"], ["not found"]),
         (["predict", img, "--model", "dvt_fashion_mnist", "--thresholds", "0.5"], ["--thresholds"]),
         (["predict", img, "--model", "dvt_fashion_mnist", "--device", "cuda:7"], ["cuda"]),
-        (["predict"], ["inputs"]),  # argparse: missing argument
+        (["predict"], ["image files", "--files-from"]),  # no inputs at all
         (["calibrate", "--model", "dvt_fashion_mnist", "--weights", "default", "--budget", "4e6"],
          ["refusing", "--out"]),
         (["calibrate", "--weights", tmp / "copy.safetensors", "--budget", "5e5"], ["cheapest", "1053056"]),
         (["calibrate", "--weights", tmp / "copy.safetensors", "--budget", "4e6", "--out", tmp / "exists.pth"],
          ["exists", "--force"]),
-        (["evaluate", "--model", "dvt_fashion_mnist", "--dataset", f["folder"]], ["--calibration same"]),
+        (["evaluate", "--model", "dvt_fashion_mnist", "--dataset", f["folder"], "--split", "test"], ["no test split"]),
         (["evaluate", "--model", "dvt_fashion_mnist", "--dataset", tmp / "nowhere"], ["unknown dataset"]),
         (["evaluate", "--model", "dvt_fashion_mnist", "--limit", "0"], ["--limit"]),
         (["convert", SHIPPED, tmp / "exists.pth"], ["exists", "--force"]),

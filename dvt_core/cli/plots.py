@@ -12,7 +12,12 @@ import numpy as np
 
 
 def _pyplot():
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        from dvt_core.errors import InputError
+
+        raise InputError("writing a picture needs matplotlib: pip install 'dvt[plots]'") from None
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
@@ -41,9 +46,10 @@ def _save(fig, path, dpi: int = 120, force: bool = False) -> Path:
 
 def accuracy_macs_plot(path, model: str, exit_macs: Sequence[float], anytime_accuracy: Sequence[float],
                        budgets: Sequence[dict] = (), baselines: Sequence[dict] = (), grids: Sequence[int] = (),
-                       title: Optional[str] = None, force: bool = False) -> Path:
+                       title: Optional[str] = None, force: bool = False, default: Optional[dict] = None) -> Path:
     """Accuracy (percent) against average MACs per image.
 
+    ``default``: the checkpoint's default operating point (``macs``, ``accuracy``), marked with a star.
     ``budgets``: dicts with ``macs`` and ``accuracy`` (the DVT budget curve, drawn as a line);
     ``exit_macs``/``anytime_accuracy``: every exit on all images (markers); ``baselines``: dicts with
     ``model``, ``macs``, ``accuracy`` (static models, points). MACs are shown in millions.
@@ -58,16 +64,25 @@ def accuracy_macs_plot(path, model: str, exit_macs: Sequence[float], anytime_acc
             label=f"{model}: every image at one exit")
     for k, (m, a) in enumerate(zip(exit_macs, anytime_accuracy)):
         tag = f"exit {k + 1}" + (f" ({grids[k]}x{grids[k]})" if k < len(grids) else "")
-        ax.annotate(tag, (m / 1e6, a), textcoords="offset points", xytext=(6, -12), fontsize=8, color="tab:orange")
+        last = k == len(exit_macs) - 1  # the rightmost label goes to the left of its point, inside the axes
+        ax.annotate(tag, (m / 1e6, a), textcoords="offset points", xytext=(-6 if last else 6, -12), fontsize=8,
+                    color="tab:orange", ha="right" if last else "left", annotation_clip=True)
+    if default:
+        ax.plot([default["macs"] / 1e6], [default["accuracy"]], "*", color="tab:red", ms=14, ls="none",
+                label=f"default thresholds: {default['accuracy']:.2f}% at {default['macs'] / 1e6:.2f}M MACs")
     markers = ["s", "^", "v", "P", "X", "o"]
     for i, b in enumerate(baselines):
         ax.plot([b["macs"] / 1e6], [b["accuracy"]], markers[i % len(markers)], color=f"C{(i + 2) % 10}", ms=8,
                 ls="none", label=f"{b['model']} (static)")
     ax.set_xlabel("average MACs per image (millions)")
     ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title(title or f"{model}: accuracy vs. computation")
+    import textwrap
+
+    ax.set_title(textwrap.fill(title or f"{model}: accuracy vs. computation", 80), fontsize=10)
     ax.grid(True, alpha=0.3)
+    ax.margins(x=0.08, y=0.08)  # markers and their labels stay inside the axes
     ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
     return _save(fig, path, force=force)
 
 

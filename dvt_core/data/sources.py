@@ -292,22 +292,60 @@ def image_folder_files(root: Union[str, os.PathLike]) -> tuple[list[tuple[str, i
     return files, class_names
 
 
+class UnreadableImagesError(DataError):
+    """Image files of a folder that cannot be read, every one of them named (found in one pass)."""
+
+    def __init__(self, root: str, problems: list[str]):
+        self.problems = list(problems)
+        shown = "; ".join(self.problems[:20]) + (f"; ... {len(self.problems) - 20} more" if len(self.problems) > 20
+                                                  else "")
+        super().__init__(f"image folder {root}: {len(self.problems)} unreadable image file(s) (fix or remove "
+                         f"them, or skip them): {shown}")
+
+
+def _reason(exc: Exception, path: str) -> str:
+    """``path: reason`` from an image error (whose message usually starts with the path already)."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text if text.startswith(path) else f"{path}: {text}"
+
+
 class ImageFolderDataset:
     """A classification folder decoded lazily: ``ds[i]`` reads file ``i`` at ``img_size`` only then.
 
     ``len(ds)``, ``ds.labels`` (int64), ``ds.class_names``, ``ds.files``; ``ds[i]`` is a uint8 image,
     ``ds[a:b]`` / ``ds[index_array]`` a stacked batch. No decoded image is kept.
+
+    Every file's header is read when the data set is made: files that cannot be read are all named at
+    once, in :class:`UnreadableImagesError` (``unreadable="raise"``) or in ``ds.skipped`` (``"skip"``:
+    they are left out, the rest is numbered as if they were not there).
     """
 
-    def __init__(self, root, img_size: Optional[int] = None, channels: Optional[int] = None):
-        from dvt_core.data.images import peek_is_gray
+    def __init__(self, root, img_size: Optional[int] = None, channels: Optional[int] = None,
+                 unreadable: str = "raise"):
+        from dvt_core.data.images import ImageReadError, peek_is_gray
 
+        if unreadable not in ("raise", "skip"):
+            raise ValueError(f"unreadable must be 'raise' or 'skip', got {unreadable!r}")
         pairs, self.class_names = image_folder_files(root)
-        self.files = [f for f, _ in pairs]
-        self.labels = np.array([label for _, label in pairs], dtype=np.int64)
+        # Every header is read once, here, so that all unreadable files are known in one pass.
+        gray, self.skipped = [], []
+        kept = []
+        for f, label in pairs:
+            try:
+                gray.append(peek_is_gray(f))
+                kept.append((f, label))
+            except ImageReadError as exc:
+                self.skipped.append(_reason(exc, f))
+        if self.skipped and unreadable == "raise":
+            raise UnreadableImagesError(os.fspath(root), self.skipped)
+        if not kept:
+            raise DataError(f"image folder {os.fspath(root)}: none of its {len(pairs)} image files can be read "
+                            f"(e.g. {self.skipped[0]})")
+        self.files = [f for f, _ in kept]
+        self.labels = np.array([label for _, label in kept], dtype=np.int64)
         self.img_size = img_size
         if channels is None:  # from the headers alone
-            channels = 1 if all(peek_is_gray(f) for f in self.files) else 3
+            channels = 1 if all(gray) else 3
         self.channels = channels
 
     def __len__(self) -> int:
@@ -326,7 +364,8 @@ class ImageFolderDataset:
 
 
 def load_image_folder(
-    root: Union[str, os.PathLike], img_size: Optional[int] = None, channels: Optional[int] = None
+    root: Union[str, os.PathLike], img_size: Optional[int] = None, channels: Optional[int] = None,
+    unreadable: str = "raise", skipped: Optional[list] = None,
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Load a classification folder: one sub-folder per class, image files inside.
 
@@ -335,20 +374,38 @@ def load_image_folder(
     RGB. ``channels=None`` picks 1 when every file is grayscale (read from the headers), else 3.
     Without ``img_size`` all images must already share one size. Images are decoded one at a time
     and only their resized arrays kept. Hidden entries and non-image files are ignored. A missing
-    root, a root without class sub-folders, a class folder without images, an unreadable image or
-    mixed sizes raise :class:`DataError` naming the offending path.
+    root, a root without class sub-folders, a class folder without images or mixed sizes raise
+    :class:`DataError` naming the offending path. Files that cannot be read are found in one pass:
+    ``unreadable="raise"`` raises :class:`UnreadableImagesError` naming every one; ``"skip"`` leaves them
+    out and appends ``"path: reason"`` for each to ``skipped`` (a list, when given).
     """
-    ds = ImageFolderDataset(root, img_size=img_size, channels=channels)
-    arrays = []
+    from dvt_core.data.images import ImageReadError
+
+    if unreadable not in ("raise", "skip"):
+        raise ValueError(f"unreadable must be 'raise' or 'skip', got {unreadable!r}")
+    ds = ImageFolderDataset(root, img_size=img_size, channels=channels, unreadable="skip")  # all, then decide
+    problems = list(ds.skipped)
+    arrays, keep = [], []
     for i, f in enumerate(ds.files):
-        a = ds[i]
+        try:  # a header that reads can still hide a broken body: those are collected too
+            a = ds[i]
+        except ImageReadError as exc:
+            problems.append(_reason(exc, f))
+            continue
         if arrays and a.shape != arrays[0].shape:
             raise DataError(
-                f"{f}: size {a.shape[1]}x{a.shape[0]} differs from {ds.files[0]} "
+                f"{f}: size {a.shape[1]}x{a.shape[0]} differs from {ds.files[keep[0]]} "
                 f"({arrays[0].shape[1]}x{arrays[0].shape[0]}); pass img_size to resize all images"
             )
         arrays.append(a)
-    return np.stack(arrays), ds.labels, ds.class_names
+        keep.append(i)
+    if problems and unreadable == "raise":
+        raise UnreadableImagesError(os.fspath(root), problems)
+    if skipped is not None:
+        skipped.extend(problems)
+    if not arrays:
+        raise DataError(f"image folder {os.fspath(root)}: none of its image files can be read ({problems[0]})")
+    return np.stack(arrays), ds.labels[keep], ds.class_names
 
 
 # ------------------------------------------------------------------------------ arrays and batches

@@ -17,7 +17,12 @@ from dvt_core.errors import InputError
 
 @dataclass
 class AdaptiveResult:
-    """Per-image outcome of adaptive inference (numpy arrays, length = batch size)."""
+    """Per-image outcome of adaptive inference (numpy arrays, length = batch size).
+
+    ``exit`` is the exit taken counted from 1, as the CLI prints it (``exit 2/3``); ``exit_index`` the same
+    counted from 0, for indexing. ``exit_confidences`` (B, exits) holds the confidence at every exit an
+    image ran, NaN at the exits it never reached.
+    """
 
     prediction: np.ndarray  # int64 class index
     exit_index: np.ndarray  # int64, 0-based exit taken
@@ -25,9 +30,15 @@ class AdaptiveResult:
     logits: np.ndarray  # float32 (B, num_classes), logits of the exit taken
     macs: np.ndarray  # int64 multiply-accumulates spent on the image
     exit_counts: np.ndarray = field(default=None)  # images per exit
+    exit_confidences: Optional[np.ndarray] = field(default=None)  # float32 (B, exits), NaN: not reached
 
     def __len__(self) -> int:
         return len(self.prediction)
+
+    @property
+    def exit(self) -> np.ndarray:
+        """int64, the exit taken counted from 1 (``exit_index + 1``), as the CLI prints it."""
+        return np.asarray(self.exit_index, dtype=np.int64) + 1
 
     @property
     def mean_macs(self) -> float:
@@ -35,7 +46,7 @@ class AdaptiveResult:
 
     def to_dict(self) -> dict:
         return {
-            "prediction": self.prediction.tolist(), "exit_index": self.exit_index.tolist(),
+            "prediction": self.prediction.tolist(), "exit": self.exit.tolist(), "exit_index": self.exit_index.tolist(),
             "confidence": self.confidence.tolist(), "macs": self.macs.tolist(),
             "exit_counts": self.exit_counts.tolist(),
         }
@@ -74,6 +85,7 @@ def run_adaptive(run_stage: Callable[[int, Any, Any], tuple[Any, Any]],
     exit_index = np.zeros(batch_size, np.int64)
     conf_out = np.zeros(batch_size, np.float32)
     logits_out: Optional[np.ndarray] = None
+    seen_conf = np.full((batch_size, num_exits), np.nan, np.float32)
     alive = np.arange(batch_size)
     carry = None
     for i in range(num_exits):
@@ -86,6 +98,7 @@ def run_adaptive(run_stage: Callable[[int, Any, Any], tuple[Any, Any]],
         if logits_out is None:
             logits_out = np.zeros((batch_size, lg.shape[1]), np.float32)
         conf = confidence_of(softmax(lg)[None], kind=confidence)[0]
+        seen_conf[alive, i] = conf
         leave = conf >= t[i] if i < num_exits - 1 else np.ones(len(alive), bool)
         rows = alive[leave]
         pred[rows] = lg[leave].argmax(axis=1)
@@ -100,4 +113,4 @@ def run_adaptive(run_stage: Callable[[int, Any, Any], tuple[Any, Any]],
             images, carry = select(images, carry, stay)
     macs = np.asarray(exit_macs, dtype=np.int64)[exit_index]
     counts = np.bincount(exit_index, minlength=num_exits)
-    return AdaptiveResult(pred, exit_index, conf_out, logits_out, macs, counts)
+    return AdaptiveResult(pred, exit_index, conf_out, logits_out, macs, counts, seen_conf)

@@ -77,5 +77,6 @@ def _run_batches(model, batches, thresholds, batch_size, confidence, streaming):
     if not parts:
         return stream_adaptive(stage_ops(model), [], thresholds, batch_size, confidence)
     cat = lambda f: np.concatenate([getattr(p, f) for p in parts])
+    reached = None if any(p.exit_confidences is None for p in parts) else cat("exit_confidences")
     return AdaptiveResult(cat("prediction"), cat("exit_index"), cat("confidence"), cat("logits"), cat("macs"),
-                          sum(p.exit_counts for p in parts))
+                          sum(p.exit_counts for p in parts), reached)

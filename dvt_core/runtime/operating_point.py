@@ -65,12 +65,26 @@ def exit_costs(spec) -> list[int]:
     return [int(m) for m in exit_macs(spec)]
 
 
+PRINTED_MACS_TOLERANCE = 5_000
+"""Half the last digit :func:`format_macs` prints (``1.05M`` stands for 1,045,000..1,055,000 MACs)."""
+
+
+def effective_budget(budget: float, spec) -> float:
+    """``budget`` raised to the cost of an exit it stands for as dvt prints it, rounded: ``1.05M`` typed
+    from the printed cost of an exit costing 1,053,000 MACs means that exit's cost, not a hair under it."""
+    for cost in exit_costs(spec):
+        if abs(float(budget) - cost) <= PRINTED_MACS_TOLERANCE:
+            return max(float(budget), float(cost))
+    return float(budget)
+
+
 def check_budget(budget: Optional[float], spec) -> None:
-    """InputError when no operating point of ``spec`` can average ``budget`` MACs or fewer."""
+    """InputError when no operating point of ``spec`` can average ``budget`` MACs or fewer (a budget
+    within the printed rounding of an exit's cost counts as that cost: :func:`effective_budget`)."""
     if budget is None:
         return
     costs = exit_costs(spec)
-    if not np.isfinite(budget) or budget < costs[0]:
+    if not np.isfinite(budget) or effective_budget(budget, spec) < costs[0]:
         raise InputError(f"budget {budget:g} MACs is below the cheapest exit: every image runs exit 1, which "
                          f"costs {costs[0]} MACs ({format_macs(costs[0])}); the cheapest achievable average is "
                          f"{costs[0]} MACs")
@@ -115,6 +129,7 @@ def select(table: Sequence[dict], spec, budget: float, anytime: Optional[Sequenc
     entry), ``expected_macs`` and ``expected_accuracy`` (None when unknown).
     """
     check_budget(budget, spec)
+    budget = effective_budget(budget, spec)
     fits = [b for b in list(table) + _corners(spec, anytime) if _cost(b) <= budget]
     best = max(fits, key=lambda b: (_accuracy(b), -_cost(b)))  # max keeps the first of equals
     acc = _accuracy(best)
@@ -174,7 +189,7 @@ def choose_thresholds(spec, meta: dict, source: str, thresholds=None, budget: Op
         return normalize_thresholds(thresholds, spec.num_exits), "--thresholds"
     if budget is not None:
         op = budget_operating_point(meta, budget, spec, source)
-        chosen = op["policy"] or f"calibrated budget index {op['budget_index']}"
+        chosen = op["policy"] or f"calibrated budget #{op['budget_index']}"
         expect = (f"{op['expected_accuracy']:.2f}% at " if op["expected_accuracy"] is not None else "") + \
             f"{format_macs(op['expected_macs'])} MACs"
         what = f"budget {format_macs(budget)} MACs -> {chosen}; held-out: {expect}"

@@ -57,6 +57,10 @@ def stage_ops(model) -> StageOps:
 class _Collector:
     def __init__(self):
         self.ids, self.pred, self.exit, self.conf, self.logits = [], [], [], [], []
+        self.reached = []  # (ids, stage, confidences) of every stage run: each image's per-exit confidences
+
+    def note(self, ids, stage: int, conf):
+        self.reached.append((ids, stage, conf))
 
     def add(self, ids, exit_index, lg, conf):
         self.ids.append(ids)
@@ -70,13 +74,16 @@ class _Collector:
         if not self.ids:
             return AdaptiveResult(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32),
                                   np.zeros((0, num_classes or 0), np.float32), np.zeros(0, np.int64),
-                                  np.zeros(num_exits, np.int64))
+                                  np.zeros(num_exits, np.int64), np.zeros((0, num_exits), np.float32))
         order = np.argsort(np.concatenate(self.ids), kind="stable")
         exit_index = np.concatenate(self.exit)[order]
+        reached = np.full((len(order), num_exits), np.nan, np.float32)
+        for ids, stage, conf in self.reached:  # ids are 0..N-1 in input order
+            reached[ids, stage] = conf
         return AdaptiveResult(np.concatenate(self.pred)[order], exit_index, np.concatenate(self.conf)[order],
                               np.concatenate(self.logits)[order],
                               np.asarray(exit_macs, dtype=np.int64)[exit_index],
-                              np.bincount(exit_index, minlength=num_exits))
+                              np.bincount(exit_index, minlength=num_exits), reached)
 
 
 class StreamingAdaptive:
@@ -133,6 +140,7 @@ class StreamingAdaptive:
         self.num_classes = lg.shape[1]
         last = i == self.num_exits - 1
         conf = confidence_of(softmax(lg)[None], kind=self.confidence)[0]
+        self.out.note(ids, i, conf)
         leave = np.ones(len(ids), bool) if last else conf >= self.t[i]
         if leave.all():
             self.out.add(ids, i, lg, conf)

@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from dvt_core.data.datasets import match_folder_classes as _match_folder_classes, model_classes
+from dvt_core.data.datasets import model_classes
 from dvt_core.errors import DVTError
 from dvt_core.runtime.operating_point import check_budget, choose_thresholds as _choose_thresholds, exit_costs, parse_macs
 from dvt_core.model.zoo import get_spec
@@ -35,9 +35,10 @@ def add_common_options(p: argparse.ArgumentParser, model: bool = True, weights: 
     from dvt_core.runtime.contract import runtime_names
 
     p.add_argument("--backend", default="torch",
-                   help=f"{' or '.join(runtime_names('spec'))} (default torch), or {' / '.join(runtime_names('export'))} "
+                   help=f"{' or '.join(runtime_names('spec'))}, or {' / '.join(runtime_names('export'))} "
                         "to run a `dvt export` folder given as --weights")
-    p.add_argument("--device", default=None, help="torch device (cpu, cuda, cuda:1, mps) or MindSpore target")
+    p.add_argument("--device", default=None,
+                   help="torch device (cpu, cuda, cuda:1, mps) or MindSpore target (default: the backend's, cpu)")
     if precision:
         add_precision_option(p)
     if model:
@@ -46,7 +47,8 @@ def add_common_options(p: argparse.ArgumentParser, model: bool = True, weights: 
                        help="spec override, e.g. -O num_classes=10 -O grids=[2,4,7] (repeatable)")
     if weights:
         p.add_argument("--weights", default=None,
-                       help="checkpoint file (.pth.tar, .pth, .safetensors, .ckpt) or 'default'")
+                       help="checkpoint file (.pth.tar, .pth, .safetensors, .ckpt), a `dvt export` folder, or "
+                            "'default' (the shipped weights; also what --model alone uses when they exist)")
         p.add_argument("--sha256", default=None, metavar="HEX",
                        help="refuse --weights FILE unless its SHA-256 is this (shipped weights are always checked)")
         p.add_argument("--allow-lossy-cast", action="store_true",
@@ -114,12 +116,26 @@ def _has_shipped_weights(name: Optional[str]) -> bool:
     return has_shipped_weights(name)
 
 
+def plots_available() -> bool:
+    """Whether matplotlib (the ``dvt[plots]`` extra) is installed."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("matplotlib") is not None
+    except (ImportError, ValueError):  # an import hook that refuses it: not usable either
+        return False
+
+
 def check_picture(path) -> None:
-    """Before any work: refuse a picture path whose suffix names no format a picture is written in."""
+    """Before any work: refuse a picture path whose suffix names no format a picture is written in, or a
+    picture at all without matplotlib."""
     from dvt_core.cli.plots import PLOT_FORMATS
 
     if path and Path(path).suffix.lower() not in PLOT_FORMATS:
         raise UserError(f"cannot write a picture to {path}: name it {', '.join(PLOT_FORMATS)}")
+    if path and not plots_available():
+        raise UserError(f"writing the picture {path} needs matplotlib, which is not installed: "
+                        "pip install 'dvt[plots]'")
 
 
 def _is_shipped_file(path) -> bool:
@@ -235,16 +251,30 @@ def _table(header: list[str], rows: list[list[str]], file=None, right=None) -> N
 
 
 def parse_thresholds(text: str, num_exits: int) -> np.ndarray:
-    """``"0.9,0.8"`` -> float32 thresholds for every exit (the last one is -1e8: everything left leaves)."""
+    """``"0.9,0.8"`` -> float32 thresholds for every exit (the last one is -1e8: everything left leaves).
+
+    Exactly one value per exit but the last: the last exit takes every image left, so a value for it would
+    mean nothing and is refused rather than dropped. ``inf`` keeps every image at that exit going on."""
     from dvt_core.runtime.early_exit import normalize_thresholds
 
+    want = num_exits - 1
+    example = ",".join(["0.9"] * max(want, 1))
     if not str(text).strip():
-        raise UserError(f"--thresholds is empty; give {num_exits - 1} comma-separated confidences "
-                        "(one per exit but the last), e.g. --thresholds " + ",".join(["0.9"] * max(num_exits - 1, 1)))
+        raise UserError(f"--thresholds is empty; give {want} comma-separated confidences "
+                        f"(one per exit but the last), e.g. --thresholds {example}")
+    items = [v for v in text.replace(" ", "").split(",")]
     try:
-        values = [float(v) for v in text.replace(" ", "").split(",")]
+        values = [float(v) for v in items]
     except ValueError:
         raise UserError(f"--thresholds must be comma-separated numbers, got {text!r}") from None
+    bad = [item for item, v in zip(items, values) if v != v]
+    if bad:
+        raise UserError(f"--thresholds {text!r}: {bad[0]!r} is not a confidence (use numbers; inf: no image "
+                        "leaves at that exit)")
+    if len(values) != want:
+        raise UserError(f"--thresholds {text!r} gives {len(values)} value(s); this model has {num_exits} exits and "
+                        f"takes {want} (one per exit but the last, which takes every image left), e.g. "
+                        f"--thresholds {example}")
     try:
         return normalize_thresholds(values, num_exits)
     except DVTError as exc:
@@ -268,14 +298,6 @@ def choose_thresholds(args, spec, meta: dict, source: str) -> tuple[np.ndarray, 
 
 def exit_macs(spec) -> list[int]:
     return exit_costs(spec)
-
-
-def match_folder_classes(labels: np.ndarray, folder_classes: list, meta: dict, spec):
-    """:func:`dvt_core.data.datasets.match_folder_classes`, its note printed on stderr."""
-    labels, classes, note = _match_folder_classes(labels, folder_classes, meta, spec)
-    if note:
-        print(f"note: {note}", file=sys.stderr)
-    return labels, classes
 
 
 def _early_spec(args):

@@ -10,18 +10,21 @@ import numpy as np
 from dvt_core.data import sources as dvt_data
 from dvt_core.errors import DVTError
 from dvt_core.model.zoo import get_spec
-from dvt_core.cli.commands._shared import (add_force_option, check_outputs, check_picture, UserError, add_common_options, emit_json,
+from dvt_core.cli.commands._shared import (add_force_option, check_outputs, check_picture, plots_available, UserError, add_common_options, emit_json,
                       _progress, build_from_args, _meta, _class_names, exit_names, _fmt_thresholds, _mmacs, _table,
                       choose_thresholds, exit_macs, parse_budget)
 
 HELP = "the shipped Fashion-MNIST DVT on sample images"
+DEFAULT_PICTURE = "dvt_demo.png"
 
 
 def add_arguments(parser) -> None:
     add_common_options(parser, model=False, weights=False)
     parser.add_argument("--weights", default=None,
                         help="with --backend onnx|mindir: the `dvt export` folder of the shipped DVT")
-    parser.add_argument("--out", default="dvt_demo.png", help="where to write the picture (.png, .jpg, .pdf, .svg)")
+    parser.add_argument("--out", default=DEFAULT_PICTURE,
+                        help="where to write the picture (.png, .jpg, .pdf, .svg); without matplotlib installed, "
+                             "dvt_demo.png is skipped with a note")
     parser.add_argument("--full", action="store_true", help="use the whole installed test set, not the samples")
     parser.add_argument("--budget", type=parse_budget, default=None,
                         help="target average MACs per image (5e6, 5M, 300K, 1.2G)")
@@ -71,6 +74,10 @@ def run(args) -> int:
 
     if args.limit is not None and args.limit < 0:
         raise UserError(f"--limit must be 0 or more, got {args.limit}")
+    if args.out == DEFAULT_PICTURE and not plots_available():
+        print(f"note: no picture ({DEFAULT_PICTURE}): matplotlib is not installed (pip install 'dvt[plots]')",
+              file=sys.stderr)
+        args.out = None
     check_outputs(args, args.out, args.json)
     check_picture(args.out)
     from dvt_core.runtime.contract import get_backend, runtime_names
@@ -135,7 +142,8 @@ def run(args) -> int:
 
         exit_gallery(args.out, images, res.exit_index, pred_names, true_names, names, force=args.force,
                      title=f"{DEMO_MODEL}: {n} test images by exit taken ({accuracy:.1f}% correct, "
-                           f"{_mmacs(mean_macs)} MACs on average vs {_mmacs(static_macs)} static)")
+                           f"{_mmacs(mean_macs)} MACs on average vs {_mmacs(static_macs)} static)\n"
+                           "a row shows at most 12 images of its exit: wrong predictions (red, x) first")
         print(f"wrote {args.out}", file=out)
     emit_json({"model": DEMO_MODEL, "backend": args.backend, "images": n, "full": bool(args.full),
                "thresholds": [float(t) for t in thresholds], "accuracy": accuracy, "mean_macs": mean_macs,

@@ -4,33 +4,40 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from dvt_core.errors import DVTError
 from dvt_core.model.zoo import get_spec
-from dvt_core.data.datasets import is_fashion_mnist as _is_fashion_mnist, load_dataset, holdout_params
+from dvt_core.data.datasets import is_fashion_mnist as _is_fashion_mnist
 from dvt_core.cli.commands._shared import (add_force_option, check_outputs, check_picture, UserError, add_common_options, emit_json,
                       _progress, _check_limit, _has_shipped_weights, resolve_weights, build_from_args, _meta,
-                      exit_names, _mmacs, _table, exit_macs, match_folder_classes, _early_spec)
+                      exit_names, _mmacs, _table, exit_macs, _early_spec, _fmt_thresholds)
 
 HELP = "anytime accuracy and the budget curve on a data set"
 
 
 def add_arguments(parser) -> None:
     add_common_options(parser)
-    parser.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist or a folder with one sub-folder per class")
-    parser.add_argument("--split", default="test", choices=["train", "test", "holdout"])
+    parser.add_argument("--dataset", default=None,
+                        help="fashion-mnist or a folder with one sub-folder per class, named after the model's "
+                             "classes (default: the data set the checkpoint was trained on, else fashion-mnist)")
+    parser.add_argument("--split", default=None, choices=["train", "test", "holdout", "all"],
+                        help="Fashion-MNIST: train, test or holdout (default test); a folder: all of it, or "
+                             "holdout, the part its training kept out (default for the folder it was trained on)")
     parser.add_argument("--calibration", default="holdout", choices=["holdout", "same"],
-                   help="where thresholds are found: the held-out training part (default) or the evaluated split")
+                   help="where thresholds are found: the held-out part of the data the checkpoint was trained "
+                        "on, or the evaluated images (optimistic)")
     parser.add_argument("--json", default=None, help="write the results as JSON here ('-' for stdout)")
     parser.add_argument("--plot", default=None, help="write the accuracy-MACs plot here (.png, .jpg, .svg, .pdf)")
     add_force_option(parser)
     parser.add_argument("--baselines", default="auto", help="static baselines to plot: auto, none, or comma-separated names")
-    parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--batch-size", type=int, default=500, help="images per forward pass")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
     parser.add_argument("--calibration-limit", type=int, default=None, metavar="N",
                    help="find thresholds on only the first N held-out images (quick runs; default: all)")
 
 
-def _baseline_names(args, spec) -> list[str]:
+def _baseline_names(args, spec, dataset) -> list[str]:
     choice = (args.baselines or "auto").strip()
     from dvt_core.runtime.contract import runtime_names
 
@@ -41,7 +48,7 @@ def _baseline_names(args, spec) -> list[str]:
         for n in names:
             get_spec(n)
         return names
-    if spec.num_exits < 2 or not _is_fashion_mnist(args.dataset):
+    if spec.num_exits < 2 or not _is_fashion_mnist(dataset):
         return []
     from dvt_core.checkpoint.registry import registry
 
@@ -80,7 +87,55 @@ def _evaluate_baselines(args, names, images, labels) -> list[dict]:
     return rows
 
 
+def _evaluated_set(args, spec, meta):
+    """(images, labels, classes, dataset, split) that --dataset / --split name, with the checkpoint's
+    training data as the default."""
+    from dvt_core.data.datasets import dataset_key, load_for_model, trained_on
+
+    origin = trained_on(meta)
+    dataset = args.dataset if args.dataset is not None else (origin["dataset"] if origin else "fashion-mnist")
+    fashion = _is_fashion_mnist(dataset)
+    own_folder = (not fashion and origin is not None and not _is_fashion_mnist(origin["dataset"])
+                  and dataset_key(dataset) == dataset_key(origin["dataset"]))
+    split = args.split or ("test" if fashion else "holdout" if own_folder else "all")
+    if fashion and split == "all":
+        raise UserError("fashion-mnist has the splits train, test and holdout; --split all is for a folder")
+    if not fashion and split in ("train", "test"):
+        raise UserError(f"a folder has no {split} split: evaluate all of it (--split all) or, for the folder the "
+                        "checkpoint was trained on, its held-out part (--split holdout)")
+    if not fashion and not Path(dataset).exists():
+        raise UserError(f"unknown dataset {dataset!r}: use fashion-mnist or a folder with one sub-folder per class")
+    if split == "holdout":
+        if not fashion and not own_folder:
+            raise UserError(f"{dataset} is not the folder the checkpoint was trained on; its held-out part is "
+                            "unknown: use --split all")
+        from dvt_core.data.datasets import calibration_set, model_classes
+        from dvt_core.data.sources import FASHION_MNIST_CLASSES
+
+        images, labels, _ = calibration_set(meta, spec, dataset)
+        classes = list(FASHION_MNIST_CLASSES) if fashion else model_classes(meta, spec.num_classes)
+    else:
+        images, labels, classes = load_for_model(dataset, split, spec, meta)
+    return images, labels, classes, dataset, split
+
+
+def _default_point(meta, spec, probs, labels, costs):
+    """Accuracy and average MACs on the evaluated images at the checkpoint's default thresholds (None when it
+    stores none)."""
+    from dvt_core.runtime import policy
+    from dvt_core.runtime.early_exit import normalize_thresholds
+
+    if spec.num_exits < 2 or meta.get("thresholds") is None:
+        return None
+    t = normalize_thresholds(meta["thresholds"], spec.num_exits)
+    acc, macs = policy.evaluate(probs, labels, t, costs)
+    shares = np.bincount(policy.assign_exits(probs, t), minlength=spec.num_exits) / max(len(labels), 1)
+    return {"thresholds": [float(v) for v in t], "accuracy": float(acc), "macs": float(macs),
+            "exit_shares": [float(v) for v in shares]}
+
+
 def run(args) -> int:
+    from dvt_core.data.datasets import calibration_set
     from dvt_core.runtime import evaluation
     from dvt_core.runtime import policy
 
@@ -90,30 +145,19 @@ def run(args) -> int:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     check_outputs(args, args.json, args.plot)
     check_picture(args.plot)
-    fashion = _is_fashion_mnist(args.dataset)
-    if not fashion and not Path(args.dataset).exists():
+    if args.dataset is not None and not _is_fashion_mnist(args.dataset) and not Path(args.dataset).exists():
         raise UserError(f"unknown dataset {args.dataset!r}: use fashion-mnist or a folder with one sub-folder "
                         "per class")
-    early = _early_spec(args)
-    if early is not None and early.num_exits > 1 and not fashion and args.calibration == "holdout":
-        raise UserError(f"an image folder has no held-out training part to find thresholds on; pass "
-                        f"--calibration same (thresholds found on {args.dataset} itself: optimistic)")
+    _early_spec(args)
     model = build_from_args(args, resolve_weights(args))
     spec, meta = model.spec, _meta(model)
     multi = spec.num_exits > 1
-    if multi and not fashion and args.calibration == "holdout":
-        raise UserError(f"an image folder has no held-out training part to find thresholds on; pass "
-                        f"--calibration same (thresholds found on {args.dataset} itself: optimistic)")
-    hold_size, hold_seed = holdout_params(meta)
-    images, labels, classes = load_dataset(args.dataset, args.split, spec, hold_size, hold_seed)
-    if not fashion:
-        labels, classes = match_folder_classes(labels, classes, meta, spec)
+    images, labels, classes, dataset, split = _evaluated_set(args, spec, meta)
+    fashion = _is_fashion_mnist(dataset)
     if limit:
         images, labels = images[:limit], labels[:limit]
-    if labels.max() >= spec.num_classes:
-        raise UserError(f"{args.dataset} has {labels.max() + 1} classes but {spec.name} predicts {spec.num_classes}")
-    split_name = args.split if fashion else "(all images)"
-    probs = evaluation.exit_probs(model, images, args.batch_size, progress=_progress(), desc=f"{spec.name} {args.split}")
+    split_name = split if fashion else ("(held-out part)" if split == "holdout" else "(all images)")
+    probs = evaluation.exit_probs(model, images, args.batch_size, progress=_progress(), desc=f"{spec.name} {split}")
     costs = exit_macs(spec)
     anytime = policy.anytime_accuracy(probs, labels)
 
@@ -123,22 +167,26 @@ def run(args) -> int:
             cal_probs, cal_labels = probs, labels
             calibration = {"data": "evaluated images", "images": int(len(labels))}
         else:
-            hx, hy, _ = load_dataset(args.dataset, "holdout", spec, hold_size, hold_seed)
-            if cal_limit:
-                hx, hy = hx[:cal_limit], hy[:cal_limit]
+            hx, hy, desc = calibration_set(meta, spec, None, cal_limit)
+            if split == "holdout" and desc["split"] == "holdout" and _is_fashion_mnist(desc["dataset"]) == fashion:
+                print("note: the evaluated images are the held-out part the thresholds are found on: the budget "
+                      "curve is optimistic; evaluate on images the model never saw for an honest one",
+                      file=sys.stderr)
             cal_probs = evaluation.exit_probs(model, hx, args.batch_size, progress=_progress(),
                                               desc=f"{spec.name} holdout")
             cal_labels = hy
-            calibration = {"data": "held-out training images", "images": int(len(hy)), "holdout": hold_size,
-                           "seed": hold_seed}
+            calibration = {"data": f"held-out training images of {desc['dataset']}", "images": int(len(hy)),
+                           **{k: desc[k] for k in ("holdout", "seed") if k in desc}}
         sweep = policy.budget_sweep(cal_probs, cal_labels, probs, labels, costs)
         budgets = [{"budget": int(b), "macs": float(c), "accuracy": float(a), "thresholds": [float(v) for v in t]}
                    for b, c, a, t in zip(sweep.budgets, sweep.cost, sweep.accuracy, sweep.thresholds)]
 
-    baselines = _evaluate_baselines(args, _baseline_names(args, spec), images, labels)
+    baselines = _evaluate_baselines(args, _baseline_names(args, spec, dataset), images, labels)
+    default = _default_point(meta, spec, probs, labels, costs)
     result = {"model": spec.name, "backend": args.backend, "weights": str(args.weights or "default"),
-              "dataset": args.dataset, "split": args.split if fashion else None, "images": int(len(labels)),
+              "dataset": str(dataset), "split": split, "images": int(len(labels)),
               "classes": classes, "exit_macs": costs, "anytime_accuracy": [float(a) for a in anytime],
+              "default_operating_point": default,
               "calibration": calibration, "budgets": budgets, "static_baselines": baselines}
 
     out = sys.stderr if args.json == "-" else sys.stdout
@@ -147,9 +195,9 @@ def run(args) -> int:
     if args.plot:
         from dvt_core.cli.plots import accuracy_macs_plot
 
-        where = f"{args.dataset} {split_name}, {len(labels)} images"
+        where = f"{Path(str(dataset)).name if not fashion else dataset} {split_name}, {len(labels)} images"
         accuracy_macs_plot(args.plot, spec.name, costs, result["anytime_accuracy"], budgets, baselines,
-                           grids=[st.grid for st in spec.stages],
+                           grids=[st.grid for st in spec.stages], default=default,
                            title=f"{spec.name} ({args.backend}) on {where}", force=args.force)
         print(f"wrote {args.plot}", file=out)
     if args.json not in (None, "-"):
@@ -163,6 +211,11 @@ def _print_evaluation(result: dict, spec, split_name: str, out) -> None:
     rows = [[exit_names(spec)[k], _mmacs(m), f"{a:.2f}%"]
             for k, (m, a) in enumerate(zip(result["exit_macs"], result["anytime_accuracy"]))]
     _table(["every image at", "MACs", "accuracy"], rows, out, right=[0])
+    default = result.get("default_operating_point")
+    if default:
+        print(f"\nat the checkpoint's default thresholds ({_fmt_thresholds(default['thresholds'])}): "
+              f"{default['accuracy']:.2f}% at {_mmacs(default['macs'])} MACs on average; exits taken "
+              f"{' / '.join(f'{s:.0%}' for s in default['exit_shares'])}", file=out)
     budgets = result["budgets"]
     if budgets:
         cal = result["calibration"]
@@ -171,7 +224,7 @@ def _print_evaluation(result: dict, spec, split_name: str, out) -> None:
         pick = sorted({0, len(budgets) - 1, *range(4, len(budgets), 10)})
         rows = [[str(budgets[i]["budget"]), _mmacs(budgets[i]["macs"]), f"{budgets[i]['accuracy']:.2f}%",
                  ", ".join(f"{t:.3f}" for t in budgets[i]["thresholds"][:-1])] for i in pick]
-        _table(["budget", "avg MACs", "accuracy", "thresholds"], rows, out, right=[3])
+        _table(["budget #", "avg MACs", "accuracy", "thresholds"], rows, out, right=[3])
     if result["static_baselines"]:
         print("\nstatic baselines:", file=out)
         rows = []

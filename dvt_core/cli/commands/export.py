@@ -12,14 +12,16 @@ HELP = "export one graph per stage (ONNX or MindIR) and a dvt.json manifest, for
 def add_arguments(parser) -> None:
     from dvt_core.export.manifest import DEFAULT_OPSET, FORMATS, GRAPH_PRECISIONS, RESIZE_FORMS
 
-    parser.add_argument("model", help="zoo model name (see `dvt flops --list`)")
+    parser.add_argument("model", nargs="?", default=None,
+                        help="zoo model name (see `dvt flops --list`); optional when --weights FILE names its "
+                             "architecture (every checkpoint dvt writes does)")
     parser.add_argument("--weights", required=True,
                         help="checkpoint (.pth.tar, .pth, .safetensors, .ckpt) or 'default' (the shipped weights)")
     parser.add_argument("--format", required=True, choices=FORMATS,
                         help="onnx (traced from the torch backend) or mindir (from the MindSpore backend)")
     parser.add_argument("--out", required=True, help="folder to write (graphs and dvt.json)")
     parser.add_argument("--force", action="store_true", help="replace an existing export folder")
-    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset")
     parser.add_argument("--resize", default="auto", choices=RESIZE_FORMS,
                         help="onnx: the reuse resize as gather (Gather, Mul, ReduceSum over its taps), dense (one "
                              "MatMul) or auto (the form ONNX Runtime and OpenVINO run fastest; see docs/deploy.md)")
@@ -33,9 +35,19 @@ def run(args) -> int:
     from dvt_core.export.manifest import MANIFEST, SOURCE_BACKEND, graph_form
     from dvt_core.export.writer import check_target, export
 
-    get_spec(args.model)  # an unknown name is reported first
+    if args.model is not None:
+        get_spec(args.model)  # an unknown name is reported first
+    elif args.weights == "default":
+        raise UserError("--weights default needs the model name: dvt export MODEL --weights default ...")
     if args.weights != "default" and not Path(args.weights).exists():
         raise UserError(f"weights file not found: {args.weights}")
+    if args.model is None:
+        from dvt_core.checkpoint.files import read_checkpoint
+
+        meta = read_checkpoint(args.weights).meta or {}
+        if not meta.get("spec") and not meta.get("arch"):
+            raise UserError(f"{args.weights} does not say which model it holds; name it: dvt export MODEL "
+                            f"--weights {args.weights} ...")
     check_target(args.format, args.out, args.force, args.opset)  # format, opset, the folder and its parent
     graph_form(args.format, args.resize, args.precision)
     from dvt_core.runtime.builder import get_backend

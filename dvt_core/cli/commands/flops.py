@@ -16,7 +16,19 @@ def add_arguments(parser) -> None:
     parser.add_argument("--override", "-O", action="append", metavar="KEY=VALUE")
     parser.add_argument("--backend", default="torch",
                         help="accepted as by every subcommand; MACs and parameters do not depend on it")
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--json", action="store_true",
+                        help="JSON: the table's rows; with --list the names (`dvt flops --list --json` stays a plain "
+                             "list of names)")
+
+
+def _shipped() -> set:
+    from dvt_core.checkpoint.registry import shipped_models
+    from dvt_core.errors import DVTError
+
+    try:
+        return set(shipped_models())
+    except DVTError:
+        return set()
 
 
 def _human(n: float) -> str:
@@ -39,10 +51,13 @@ def run(args) -> int:
         names = list_models(args.list)
         if not names:
             raise UserError(f"no model matches {args.list!r}; `dvt flops --list` lists them all")
+        shipped = _shipped()
         if args.json:
             print(json.dumps(names))
         else:
-            print("\n".join(names))
+            width = max(len(n) for n in names)
+            print("\n".join(f"{n.ljust(width)}  shipped weights (--weights default)" if n in shipped else n
+                            for n in names))
         return 0
     rows = macs_table(args.name, **parse_overrides(args.override))
     if args.json:

@@ -98,7 +98,7 @@ def run(args) -> int:
         raise UserError(f"--budget must be a positive number of MACs, got {args.budget:g}")
 
     if exported:
-        from dvt_core.export.writer import read_manifest
+        from dvt_core.export.manifest import read_manifest
 
         manifest = read_manifest(src, verify=False)
         if args.backend == "torch":  # the default: an export runs on its own runtime

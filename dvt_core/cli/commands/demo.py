@@ -67,11 +67,8 @@ def _reference_numbers() -> Optional[str]:
         return None
 
 
-def run(args) -> int:
-    from types import SimpleNamespace
-
-    from dvt_core.runtime import evaluation
-
+def _check_args(args) -> bool:
+    """Every option checked before any work; True when the demo runs an export folder."""
     if args.limit is not None and args.limit < 0:
         raise UserError(f"--limit must be 0 or more, got {args.limit}")
     if args.out == DEFAULT_PICTURE and not plots_available():
@@ -89,10 +86,16 @@ def run(args) -> int:
                         f"(make it with `dvt export {DEMO_MODEL} --weights default --format {fmt} --out DIR`)")
     if not exported and args.weights is not None:
         raise UserError("the demo runs the shipped weights; --weights is for --backend onnx|mindir (an export folder)")
+    return exported
+
+
+def _model_and_images(args, exported: bool):
+    """(model, images, labels, their indices in the test set, a phrase saying what they are)."""
+    from types import SimpleNamespace
+
     ns = SimpleNamespace(model=DEMO_MODEL, weights=args.weights if exported else "default", override=None,
                          backend=args.backend, device=args.device, precision=args.precision)
     model = build_from_args(ns)
-    spec, meta = model.spec, _meta(model)
     if args.full:
         images, labels = dvt_data.load_fashion_mnist("test")
         index = np.arange(len(labels))
@@ -101,6 +104,15 @@ def run(args) -> int:
         images, labels, index = demo_samples()
         what = (f"{len(labels)} sample test images shipped with dvt (run `dvt demo --full` for the whole "
                 "Fashion-MNIST test set)")
+    return model, images, labels, index, what
+
+
+def run(args) -> int:
+    from dvt_core.runtime import evaluation
+
+    exported = _check_args(args)
+    model, images, labels, index, what = _model_and_images(args, exported)
+    spec, meta = model.spec, _meta(model)
     thresholds, how = choose_thresholds(args, spec, meta, "the shipped weights")
     res = evaluation.adaptive(model, images, thresholds, progress=_progress())
     classes = _class_names(meta, spec.num_classes) or list(dvt_data.FASHION_MNIST_CLASSES)
@@ -135,6 +147,13 @@ def run(args) -> int:
     if ref:
         print(ref, file=out)
 
+    _write_outputs(args, images, index, labels, res, classes, names, thresholds, accuracy, static_macs, out)
+    return 0
+
+
+def _write_outputs(args, images, index, labels, res, classes, names, thresholds, accuracy, static_macs, out) -> None:
+    """The exit gallery (--out) and the JSON record (--json)."""
+    n, mean_macs, shares = len(labels), res.mean_macs, res.exit_counts / len(labels)
     pred_names = [classes[int(p)] for p in res.prediction]
     true_names = [classes[int(y)] for y in labels]
     if args.out:
@@ -155,4 +174,3 @@ def run(args) -> int:
                               "macs": int(res.macs[i])} for i in range(n)]}, args.json, force=args.force)
     if args.json not in (None, "-"):
         print(f"wrote {args.json}", file=out)
-    return 0

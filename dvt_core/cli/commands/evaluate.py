@@ -135,7 +135,6 @@ def _default_point(meta, spec, probs, labels, costs):
 
 
 def run(args) -> int:
-    from dvt_core.data.datasets import calibration_set
     from dvt_core.runtime import evaluation
     from dvt_core.runtime import policy
 
@@ -161,25 +160,8 @@ def run(args) -> int:
     costs = exit_macs(spec)
     anytime = policy.anytime_accuracy(probs, labels)
 
-    budgets, calibration = [], None
-    if multi:
-        if args.calibration == "same":
-            cal_probs, cal_labels = probs, labels
-            calibration = {"data": "evaluated images", "images": int(len(labels))}
-        else:
-            hx, hy, desc = calibration_set(meta, spec, None, cal_limit)
-            if split == "holdout" and desc["split"] == "holdout" and _is_fashion_mnist(desc["dataset"]) == fashion:
-                print("note: the evaluated images are the held-out part the thresholds are found on: the budget "
-                      "curve is optimistic; evaluate on images the model never saw for an honest one",
-                      file=sys.stderr)
-            cal_probs = evaluation.exit_probs(model, hx, args.batch_size, progress=_progress(),
-                                              desc=f"{spec.name} holdout")
-            cal_labels = hy
-            calibration = {"data": f"held-out training images of {desc['dataset']}", "images": int(len(hy)),
-                           **{k: desc[k] for k in ("holdout", "seed") if k in desc}}
-        sweep = policy.budget_sweep(cal_probs, cal_labels, probs, labels, costs)
-        budgets = [{"budget": int(b), "macs": float(c), "accuracy": float(a), "thresholds": [float(v) for v in t]}
-                   for b, c, a, t in zip(sweep.budgets, sweep.cost, sweep.accuracy, sweep.thresholds)]
+    budgets, calibration = _budget_curve(args, model, meta, probs, labels, split, fashion, cal_limit) if multi \
+        else ([], None)
 
     baselines = _evaluate_baselines(args, _baseline_names(args, spec, dataset), images, labels)
     default = _default_point(meta, spec, probs, labels, costs)
@@ -203,6 +185,33 @@ def run(args) -> int:
     if args.json not in (None, "-"):
         print(f"wrote {args.json}", file=out)
     return 0
+
+
+def _budget_curve(args, model, meta, probs, labels, split, fashion, cal_limit):
+    """(the 59-budget curve, what its thresholds were found on): on the evaluated images (--calibration
+    same) or on the checkpoint's held-out training images."""
+    from dvt_core.data.datasets import calibration_set
+    from dvt_core.runtime import evaluation, policy
+
+    spec, costs = model.spec, exit_macs(model.spec)
+    if args.calibration == "same":
+        cal_probs, cal_labels = probs, labels
+        calibration = {"data": "evaluated images", "images": int(len(labels))}
+    else:
+        hx, hy, desc = calibration_set(meta, spec, None, cal_limit)
+        if split == "holdout" and desc["split"] == "holdout" and _is_fashion_mnist(desc["dataset"]) == fashion:
+            print("note: the evaluated images are the held-out part the thresholds are found on: the budget "
+                  "curve is optimistic; evaluate on images the model never saw for an honest one",
+                  file=sys.stderr)
+        cal_probs = evaluation.exit_probs(model, hx, args.batch_size, progress=_progress(),
+                                          desc=f"{spec.name} holdout")
+        cal_labels = hy
+        calibration = {"data": f"held-out training images of {desc['dataset']}", "images": int(len(hy)),
+                       **{k: desc[k] for k in ("holdout", "seed") if k in desc}}
+    sweep = policy.budget_sweep(cal_probs, cal_labels, probs, labels, costs)
+    budgets = [{"budget": int(b), "macs": float(c), "accuracy": float(a), "thresholds": [float(v) for v in t]}
+               for b, c, a, t in zip(sweep.budgets, sweep.cost, sweep.accuracy, sweep.thresholds)]
+    return budgets, calibration
 
 
 def _print_evaluation(result: dict, spec, split_name: str, out) -> None:

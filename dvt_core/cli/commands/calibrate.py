@@ -85,6 +85,25 @@ def _target(args, src, shipped: bool, exported: bool):
     return dst, fmt
 
 
+def _read_source(args, src, exported: bool, fmt):
+    """(spec, metadata, checkpoint or None, output format) of what is calibrated, checked before any model
+    is built; an export runs on its own runtime unless --backend names another."""
+    if exported:
+        from dvt_core.export.manifest import read_manifest
+
+        manifest = read_manifest(src, verify=False)
+        if args.backend == "torch":  # the default: an export runs on its own runtime
+            args.backend = manifest["graph_format"]
+        return manifest["_spec"], dict(manifest.get("checkpoint_meta") or {}), None, fmt
+    from dvt_core.checkpoint.files import read_checkpoint
+    from dvt_core.runtime.builder import resolve_spec
+
+    ckpt = read_checkpoint(src)
+    if args.out is None:
+        fmt = "torch" if ckpt.format == "official" else ckpt.format
+    return resolve_spec(args.model, ckpt, **parse_overrides(args.override)), ckpt.meta, ckpt, fmt
+
+
 def run(args) -> int:
     from dvt_core.data.datasets import calibration_set
     from dvt_core.runtime import evaluation
@@ -97,21 +116,7 @@ def run(args) -> int:
     if not np.isfinite(args.budget) or args.budget <= 0:
         raise UserError(f"--budget must be a positive number of MACs, got {args.budget:g}")
 
-    if exported:
-        from dvt_core.export.manifest import read_manifest
-
-        manifest = read_manifest(src, verify=False)
-        if args.backend == "torch":  # the default: an export runs on its own runtime
-            args.backend = manifest["graph_format"]
-        early, meta, ckpt = manifest["_spec"], dict(manifest.get("checkpoint_meta") or {}), None
-    else:
-        from dvt_core.checkpoint.files import read_checkpoint
-        from dvt_core.runtime.builder import resolve_spec
-
-        ckpt = read_checkpoint(src)
-        if args.out is None:
-            fmt = "torch" if ckpt.format == "official" else ckpt.format
-        early, meta = resolve_spec(args.model, ckpt, **parse_overrides(args.override)), ckpt.meta  # checks first
+    early, meta, ckpt, fmt = _read_source(args, src, exported, fmt)
     if early.num_exits < 2:
         raise UserError(f"{early.name} has a single exit: there are no thresholds to calibrate")
     _check_budget(args.budget, early)

@@ -446,6 +446,21 @@ def _check_train(value, where: str, error) -> None:
     check_train_config(TrainConfig.from_dict({k: v for k, v in value.items() if k in known}), where, error)
 
 
+def _check_dataset(value, where: str, error) -> None:
+    """A data set's name or folder path, or the trainer's record of it
+    (:func:`dvt_core.training.config.dataset_record`: name, path, split, images, holdout, seed)."""
+    if isinstance(value, str):
+        want_str(value, where, 4096, error=error)
+        return
+    want_dict(value, where, error)
+    for key in ("name", "path", "split"):
+        if value.get(key) is not None:
+            want_str(value[key], f"{where}.{key}", 4096, error=error)
+    for key, high in (("images", 1 << 40), ("holdout", 1 << 40), ("seed", MAX_SEED)):
+        if value.get(key) is not None:
+            want_int(value[key], f"{where}.{key}", 0, high, error)
+
+
 META_RULES: dict[str, Callable] = {
     "arch": lambda v, w, e, n: check_name(v, w, e),
     "thresholds": lambda v, w, e, n: _check_thresholds(v, w, e, n),
@@ -456,7 +471,7 @@ META_RULES: dict[str, Callable] = {
     "classes": lambda v, w, e, n: [want_str(c, f"{w}[{i}]", MAX_CLASS_NAME, error=e)
                                    for i, c in enumerate(want_list(v, w, max_len=MAX_CLASSES, error=e))],
     "class_names": lambda v, w, e, n: META_RULES["classes"](v, w, e, n),
-    "dataset": lambda v, w, e, n: want_str(v, w, 1024, error=e),
+    "dataset": lambda v, w, e, n: _check_dataset(v, w, e),
     "holdout": lambda v, w, e, n: want_int(v, w, 0, 1 << 40, e),
     "holdout_indices_seed": lambda v, w, e, n: want_int(v, w, 0, MAX_SEED, e),
     "seed": lambda v, w, e, n: want_int(v, w, 0, MAX_SEED, e),

@@ -123,15 +123,17 @@ def trained(tmp_path_factory):
                       "--epochs", "1", "--max-steps", "2", "--batch-size", "16", "--holdout", "0.25",
                       "--no-progress", cwd=base, timeout=600))
     test = write_folder(base / "test", {1: "trouser", 7: "sneaker", 8: "BAG"}, 6, offset=40)
-    return {"ckpt": base / "run" / "dvt_fashion_mnist.safetensors", "data": base / "data", "test": test}
+    return {"ckpt": base / "run" / "data.safetensors", "data": base / "data", "test": test}
 
 
 def test_checkpoint_records_its_training_folder(trained):
     from dvt_core.checkpoint.files import read_checkpoint
 
     meta = read_checkpoint(trained["ckpt"]).meta
-    assert meta["dataset"] == str(trained["data"].resolve()) and meta["classes"] == ["Bag", "Sneaker", "Trouser"]
-    assert meta["holdout"] == 15 and meta["dataset_images"] == 60
+    record = meta["dataset"]
+    assert record["path"] == str(trained["data"].resolve()) and record["name"] == "data"
+    assert meta["classes"] == ["Bag", "Sneaker", "Trouser"]
+    assert record["holdout"] == 15 and record["images"] == 60 and meta["holdout"] == 15
 
 
 def test_evaluate_a_folder_trained_model_on_a_test_folder(trained, tmp_path):

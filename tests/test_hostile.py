@@ -424,7 +424,7 @@ def test_control_characters_are_escaped_in_text_output(tmp_path):
     meta["classes"] = ["\x1b[31mred\x1b[0m"] + [f"c{i}" for i in range(1, 10)]
     w = write_checkpoint(tmp_path / "w.safetensors", ck.state, meta)
     img = _png(tmp_path / "a\nforged line.png")
-    proc = run(["predict", img, "--weights", w, "--thresholds", "0,0,0"], tmp_path)
+    proc = run(["predict", img, "--weights", w, "--thresholds", "0,0"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "\x1b" not in proc.stdout and len(proc.stdout.strip().splitlines()) == 1
     assert "a\\x0aforged line.png" in proc.stdout
@@ -454,5 +454,5 @@ def test_sha256_option_checks_an_explicit_file(tmp_path):
     refused(run(["predict", img, "--weights", w, "--sha256", "0" * 64], tmp_path), "w.safetensors", "SHA-256")
     from dvt_core.checkpoint.registry import sha256
 
-    ok = run(["predict", img, "--weights", w, "--sha256", sha256(w), "--thresholds", "0,0,0"], tmp_path)
+    ok = run(["predict", img, "--weights", w, "--sha256", sha256(w), "--thresholds", "0,0"], tmp_path)
     assert ok.returncode == 0, ok.stderr[-2000:]

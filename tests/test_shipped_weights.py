@@ -105,8 +105,8 @@ def test_torch_and_mindspore_agree_on_the_whole_test_set():
     except data.DataError as exc:
         pytest.skip(str(exc))
     spec = dvt_core.get_spec("dvt_fashion_mnist")
-    from dvt_backends import mindspore as ms_backend
-    from dvt_backends import torch as torch_backend
+    from dvt_backends.mindspore import RUNTIME as ms_backend
+    from dvt_backends.torch import RUNTIME as torch_backend
 
     pt = dvt_core.build("dvt_fashion_mnist", weights="default")
     ms = dvt_core.build("dvt_fashion_mnist", backend="mindspore", weights="default")

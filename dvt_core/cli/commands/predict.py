@@ -175,10 +175,9 @@ def run(args) -> int:
     thresholds, how = choose_thresholds(args, spec, meta, source)
     classes = _class_names(meta, spec.num_classes)
     names = exit_names(spec)
-    if not args.json and not args.quiet:
-        print(f"# {spec.name} ({args.backend}), thresholds {_fmt_thresholds(thresholds)} ({how})", file=sys.stderr)
-        if spec.name == "dvt_fashion_mnist":
-            print(f"# note: {DOMAIN_NOTE}", file=sys.stderr)
+    # the header goes out with the first answers: a run that fails before any (nothing readable, NaN
+    # logits) is one error line and nothing else
+    header = not args.json and not args.quiet
     width = max(len(escape_text(f)) for f in files)
     t0, done, failed, reported = time.perf_counter(), 0, [], 0
     counts, macs = np.zeros(spec.num_exits, np.int64), 0
@@ -191,6 +190,12 @@ def run(args) -> int:
             print(f"dvt predict: skipped {escape_text(line)}", file=sys.stderr)
         reported = len(failed)
         res = evaluation.adaptive(model, images, thresholds, batch_size=args.batch_size)
+        if header:
+            print(f"# {spec.name} ({args.backend}), thresholds {_fmt_thresholds(thresholds)} ({how})",
+                  file=sys.stderr)
+            if spec.name == "dvt_fashion_mnist":
+                print(f"# note: {DOMAIN_NOTE}", file=sys.stderr)
+            header = False
         _emit(args, spec, classes, names, read, res, width)
         sys.stdout.flush()
         done += len(read)

@@ -133,7 +133,7 @@ def train_dataset(dataset: Union[str, Path], spec, cfg: TrainConfig, out_dir, ba
         for stale in (state, final):
             if stale.exists():
                 stale.unlink()
-    extra = {"classes": classes, "class_names": classes}
+    extra = {"classes": classes}  # one key (readers still accept an older checkpoint's class_names)
     if not fashion:
         extra["normalisation"] = {"mean": list(spec.mean), "std": list(spec.std),
                                   "from": "training images" if not fixed_normalisation else "spec"}

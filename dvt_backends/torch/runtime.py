@@ -33,6 +33,10 @@ class TorchFramework(Framework):
 
         return make_trainer(spec, config, device)
 
+    def set_threads(self, model: DVT, threads: int) -> DVT:
+        torch.set_num_threads(int(threads))  # process-wide in torch
+        return model
+
     def build_model(self, spec) -> DVT:
         """A freshly initialised DVT of ``spec``, in evaluation mode (``model.train()`` to train it)."""
         return DVT(spec).eval()

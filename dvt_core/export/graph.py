@@ -138,6 +138,11 @@ class GraphRuntimeBase(GraphRuntime):
             {k: self.concatenate([p[1][k] for p in parts], first.axes[k]) for k in first}, first.axes)
         return images, carry
 
+    def set_threads(self, model: ExportedDVT, threads: int) -> ExportedDVT:
+        if not hasattr(model, "set_threads"):
+            return super().set_threads(model, threads)
+        return model.set_threads(threads)
+
     def inference(self, model: ExportedDVT):
         """Exported graphs run inference only: nothing to switch."""
         return contextlib.nullcontext()

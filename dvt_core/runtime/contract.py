@@ -96,6 +96,11 @@ class Runtime(abc.ABC):
         self.check_precision(precision)
         return model
 
+    def set_threads(self, model, threads: int) -> Any:
+        """The runtime's intra-op threads for ``model`` (a framework's are process-wide); returns the model.
+        A runtime without such a setting refuses with :class:`InputError`."""
+        raise InputError(f"the {self.name} runtime has no thread setting here; set OMP_NUM_THREADS instead")
+
     # ---- derived operations: written once, never in a runtime ---------------------------------------
     def check_precision(self, precision: str) -> str:
         """``precision`` if this runtime offers it, else :class:`InputError` listing what it offers."""

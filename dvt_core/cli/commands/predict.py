@@ -112,14 +112,9 @@ def set_threads(model, backend: str, threads) -> None:
         return
     if threads < 1:
         raise UserError(f"--threads must be at least 1, got {threads}")
-    if hasattr(model, "set_threads"):
-        model.set_threads(threads)
-    elif backend == "torch":
-        import torch
+    from dvt_core.runtime.contract import backend_of
 
-        torch.set_num_threads(threads)
-    else:
-        raise UserError(f"--threads is not available with --backend {backend}; set OMP_NUM_THREADS instead")
+    backend_of(model).set_threads(model, threads)
 
 
 def _top_k(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

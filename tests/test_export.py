@@ -276,20 +276,6 @@ def one_line_error(r, command: str, fragment: str) -> None:
     assert len(lines) == 1 and lines[0].startswith(f"dvt {command}: error:") and fragment in lines[0], r.stderr
 
 
-@pytest.fixture(scope="module")
-def fashion_cli(tmp_path_factory):
-    """`dvt export` of the shipped Fashion-MNIST DVT, and three PNGs of the shipped test subset."""
-    from PIL import Image
-
-    tmp = tmp_path_factory.mktemp("cli")
-    r = dvt("export", "dvt_fashion_mnist", "--weights", "default", "--format", "onnx", "--out", "fm", cwd=tmp)
-    assert r.returncode == 0, r.stderr[-2000:]
-    with np.load(ROOT / "dvt_core" / "assets" / "fashion_mnist_test_subset.npz") as d:
-        for i in range(3):
-            Image.fromarray(d["images"][i]).save(tmp / f"img{i}.png")
-    return tmp
-
-
 def test_cli_export_then_predict_matches_torch(fashion_cli):
     r = dvt("predict", "--backend", "onnx", "--weights", "fm", "--json", "img0.png", "img1.png", "img2.png",
             cwd=fashion_cli)

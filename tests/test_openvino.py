@@ -16,7 +16,7 @@ import dvt_core
 from dvt_core.errors import InputError
 from dvt_core.export.writer import export_model
 
-from helpers import SMALL
+from helpers import SMALL, dvt
 from strict_skips import in_ci
 
 if in_ci():  # a module-level skip escapes strict_skips' per-test check: in CI a missing runtime fails collection
@@ -217,26 +217,6 @@ except dvt_core.InputError as exc:
 
 
 # ---- the command line -------------------------------------------------------------------------------------
-
-
-def dvt(*args, cwd) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "dvt_core", *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
-
-
-@pytest.fixture(scope="module")
-def fashion_cli(tmp_path_factory):
-    """`dvt export` of the shipped Fashion-MNIST DVT, and three PNGs of the shipped test subset."""
-    from PIL import Image
-
-    tmp = tmp_path_factory.mktemp("cli")
-    r = dvt("export", "dvt_fashion_mnist", "--weights", "default", "--format", "onnx", "--out", "fm", cwd=tmp)
-    assert r.returncode == 0, r.stderr[-2000:]
-    with np.load(ROOT / "dvt_core" / "assets" / "fashion_mnist_test_subset.npz") as d:
-        for i in range(3):
-            Image.fromarray(d["images"][i]).save(tmp / f"img{i}.png")
-    return tmp
 
 
 def test_cli_predict_and_demo_on_openvino(fashion_cli):

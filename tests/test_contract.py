@@ -61,6 +61,8 @@ def test_runtime_implements_its_layer_with_the_written_signatures(name):
         own = getattr(rt, member)  # bound (or a framework function serving as it): no self to drop
         assert _params(own, drop_self=False) == _params(getattr(layer, member)), \
             f"{name}: {member}{inspect.signature(own)} differs from the contract"
+    if layer is contract.Framework:  # the framework's trainer is its package's train.make_trainer
+        assert getattr(type(rt), "trainer") is contract.Framework.trainer
     for member in DERIVED:  # derived operations come from the base, unchanged
         assert getattr(type(rt), member) is getattr(contract.Runtime, member), f"{name} overrides {member}"
 

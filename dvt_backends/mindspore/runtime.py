@@ -22,12 +22,6 @@ class MindSporeFramework(Framework):
     select = staticmethod(select)
     join = staticmethod(join)
 
-    def trainer(self, spec, config, device=None):
-        """The framework's Trainer (``train.py``), imported on first use so inference never loads it."""
-        from .train import make_trainer
-
-        return make_trainer(spec, config, device)
-
     def build_model(self, spec) -> DVT:
         """A freshly initialised DVT of ``spec``, in evaluation mode (``model.set_train(True)`` to train it)."""
         compat.configure_runtime()

@@ -27,12 +27,6 @@ class TorchFramework(Framework):
     select = staticmethod(select)
     join = staticmethod(join)
 
-    def trainer(self, spec, config, device=None):
-        """The framework's Trainer (``train.py``), imported on first use so inference never loads it."""
-        from .train import make_trainer
-
-        return make_trainer(spec, config, device)
-
     def set_threads(self, model: DVT, threads: int) -> DVT:
         torch.set_num_threads(int(threads))  # process-wide in torch
         return model

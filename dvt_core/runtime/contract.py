@@ -183,12 +183,14 @@ class Framework(Runtime):
         """Write ``state`` (names as this framework spells them, ``dvt_core.checkpoint.naming``) and the string
         ``entries`` beside it to ``path`` (a temporary name; the caller renames it into place)."""
 
-    @abc.abstractmethod
     def trainer(self, spec, config, device=None) -> Any:
         """This framework's side of training ``spec`` with the ``config`` (a
         :class:`~dvt_core.training.config.TrainConfig`) on ``device``: a
         :class:`dvt_core.training.trainer.Trainer` (its optimizer step, training-state file, modes), which
-        the one loop :func:`dvt_core.training.loop.fit` drives."""
+        the one loop :func:`dvt_core.training.loop.fit` drives. It is the framework package's
+        ``train.make_trainer``, imported on first use so that inference never loads training code."""
+        package = type(self).__module__.rsplit(".", 1)[0]
+        return importlib.import_module(f"{package}.train").make_trainer(spec, config, device)
 
 
 class GraphRuntime(Runtime):

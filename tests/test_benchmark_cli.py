@@ -43,6 +43,12 @@ def test_benchmark_prints_every_variant_and_writes_json(tmp_path):
         assert [stages[f"stage {k + 1}"]["macs_per_image"] for k in range(3)] == \
             [dvt_core.stage_macs(SPEC, k) for k in range(3)]
         assert stages["static"]["of_static"] == pytest.approx(1.0)
+        # each stage is also timed inside the whole cascade, beside its time alone; the static model is not
+        assert "ms_per_image_in_cascade" not in stages["static"]
+        for k in range(3):
+            st = stages[f"stage {k + 1}"]
+            assert st["ms_per_image_in_cascade"] > 0
+            assert st["in_cascade_of_alone"] == pytest.approx(st["ms_per_image_in_cascade"] / st["ms_per_image_best"])
         assert b["streaming"]["same_exits"] is True
     # one verdict per batch size, the last line of the output
     assert len(report["verdicts"]) == 2 and r.stdout.strip().splitlines()[-1] == report["verdicts"][-1]

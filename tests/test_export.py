@@ -15,6 +15,7 @@ import dvt_core
 from dvt_core.errors import CheckpointError, InputError
 from dvt_core.export.manifest import MANIFEST, read_manifest, sha256_of
 from dvt_core.export.writer import export_model
+from helpers import BLOCK_IMPORTS
 
 pytest.importorskip("onnxruntime")
 torch = pytest.importorskip("torch")
@@ -214,22 +215,12 @@ def test_runtime_checks_images(exported):
         rt(images[:, :1])
 
 
-BLOCK = """
-import importlib.abc, sys
-class _Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in {blocked}:
-            raise ModuleNotFoundError(f"No module named {{name!r}} (blocked in this test)", name=name)
-sys.meta_path.insert(0, _Block())
-"""
-
-
 def test_onnx_runtime_imports_neither_torch_nor_mindspore(exported, tmp_path):
     model, out, images = exported
     np.save(tmp_path / "x.npy", images)
     with torch.no_grad():
         np.save(tmp_path / "ref.npy", np.stack([o.numpy() for o in model(torch.from_numpy(images))]))
-    code = BLOCK.format(blocked='{"torch", "mindspore"}') + f"""
+    code = BLOCK_IMPORTS.format(blocked={"torch", "mindspore"}) + f"""
 import numpy as np, dvt_core
 x = np.load({str(tmp_path / 'x.npy')!r}); ref = np.load({str(tmp_path / 'ref.npy')!r})
 m = dvt_core.build({str(out)!r}, backend="onnx")
@@ -247,7 +238,7 @@ print("ok", res.exit_counts.tolist())
 
 def test_missing_onnxruntime_is_a_clear_error(exported):
     _, out, _ = exported
-    code = BLOCK.format(blocked='{"onnxruntime"}') + f"""
+    code = BLOCK_IMPORTS.format(blocked={"onnxruntime"}) + f"""
 import dvt_core
 try:
     dvt_core.build({str(out)!r}, backend="onnx")

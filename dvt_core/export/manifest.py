@@ -4,12 +4,14 @@ See ``dvt_core.export`` for what the graphs and the carried tensors are.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
 
+from dvt_core import fileio
 from dvt_core.errors import CheckpointError, InputError
 
 MANIFEST = "dvt.json"
@@ -147,3 +149,21 @@ def verify_files(manifest: dict, directory: Union[str, Path]) -> None:
         if sha256_of(g) != want:
             raise ManifestError(f"{g}: SHA-256 differs from {MANIFEST} (modified or corrupt file)")
     schema.check_no_unlisted_files(directory, [g for g, _, _ in files], MANIFEST)
+
+
+def rewrite_operating_points(directory: Union[str, Path], meta: dict) -> Path:
+    """Store a new default operating point in export ``directory``: the manifest's ``thresholds``,
+    ``budgets`` and ``default_budget`` and its ``checkpoint_meta`` become those of ``meta`` (a calibrated
+    checkpoint's metadata, :func:`dvt_core.runtime.operating_point.calibrated_meta`). The export is checked
+    first (every file against its SHA-256); the graphs and their hashes are kept and ``dvt.json`` is
+    replaced atomically."""
+    manifest = read_manifest(directory, verify=True)
+    manifest.pop("_spec", None)
+    meta = _plain(dict(meta))
+    for key in ("thresholds", "budgets", "default_budget"):
+        manifest[key] = meta.get(key)
+    manifest["checkpoint_meta"] = meta
+    path = Path(directory) / MANIFEST
+    fileio.write_text(path, json.dumps(manifest, indent=1) + "\n", force=True)
+    read_manifest(directory, verify=False)  # what was written reads back as a valid manifest
+    return path

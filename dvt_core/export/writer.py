@@ -103,23 +103,3 @@ def _dvt_version() -> str:
 def is_export(path) -> bool:
     """Whether ``path`` is a folder holding a dvt export manifest."""
     return Path(path).is_dir() and (Path(path) / MANIFEST).is_file()
-
-
-def rewrite_operating_points(directory: Union[str, Path], meta: dict) -> Path:
-    """Store a new default operating point in export ``directory``: the manifest's ``thresholds``,
-    ``budgets`` and ``default_budget`` and its ``checkpoint_meta`` become those of ``meta`` (a calibrated
-    checkpoint's metadata, :func:`dvt_core.runtime.operating_point.calibrated_meta`). The export is checked
-    first (every file against its SHA-256); the graphs and their hashes are kept and ``dvt.json`` is
-    replaced atomically."""
-    from dvt_core.export.manifest import _plain, read_manifest
-
-    manifest = read_manifest(directory, verify=True)
-    manifest.pop("_spec", None)
-    meta = _plain(dict(meta))
-    for key in ("thresholds", "budgets", "default_budget"):
-        manifest[key] = meta.get(key)
-    manifest["checkpoint_meta"] = meta
-    path = Path(directory) / MANIFEST
-    fileio.write_text(path, json.dumps(manifest, indent=1) + "\n", force=True)
-    read_manifest(directory, verify=False)  # what was written reads back as a valid manifest
-    return path

@@ -160,10 +160,12 @@ def print_stages(row, label, unit, out) -> None:
     scale, u = unit
     print(f"\n{label}, batch {row['batch']}: each stage alone (every image going on) against the static model",
           file=out)
-    print(f"  {'':8}  ms/img best  {u}MACs  GMAC/s  of static", file=out)
+    print(f"  {'':8}  ms/img best  {u}MACs  GMAC/s  of static  in the cascade: ms/img  x alone", file=out)
     for k, v in row["variants"].items():
+        tail = ("" if "ms_per_image_in_cascade" not in v else
+                f"  {v['ms_per_image_in_cascade']:21.3f} {v['in_cascade_of_alone']:7.2f}x")
         print(f"  {k:8}  {v['ms_per_image_best']:11.3f} {_macs(v['macs_per_image'], scale):>6} "
-              f"{v['macs_per_s'] / 1e9:7.2f} {v['of_static']:9.2f}", file=out)
+              f"{v['macs_per_s'] / 1e9:7.2f} {v['of_static']:9.2f}{tail}", file=out)
 
 
 def print_streaming(row, label, unit, out) -> None:

@@ -130,7 +130,7 @@ def run(args) -> int:
     new_meta = operating_point.calibrated_meta(meta, spec, thresholds, chosen, found["budgets"],
                                                holdout_anytime_accuracy=found["holdout_anytime_accuracy"])
     if exported:
-        from dvt_core.export.writer import rewrite_operating_points
+        from dvt_core.export.manifest import rewrite_operating_points
 
         written = rewrite_operating_points(src, new_meta)
     else:

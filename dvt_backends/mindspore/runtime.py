@@ -14,6 +14,9 @@ from .io import load_state, model_state
 
 class MindSporeFramework(Framework):
     name = "mindspore"
+    # measured on MindSpore 2.10's CPU build (README, Performance): what a lower precision would need is missing
+    precisions_why = ("MindSpore 2.10's CPU build has no bf16 MatMul or LayerNorm kernel, and its fp16 MatMul "
+                      "is no faster than fp32 there")
     # the framework's own functions serve as the contract's members as they are
     model_state = staticmethod(model_state)
     load_state = staticmethod(load_state)

@@ -53,6 +53,9 @@ class Runtime(abc.ABC):
     precisions: tuple[str, ...] = ("fp32",)
     """The precisions :meth:`set_precision` accepts here."""
 
+    precisions_why: str = ""
+    """Why the others are not offered (a measured reason, said when one is refused); empty when obvious."""
+
     # ---- primitives ---------------------------------------------------------------------------------
     @abc.abstractmethod
     def device_for(self, device) -> Any:
@@ -106,7 +109,8 @@ class Runtime(abc.ABC):
         """``precision`` if this runtime offers it, else :class:`InputError` listing what it offers."""
         if precision not in self.precisions:
             known = "" if precision in PRECISIONS else f" (precisions: {', '.join(PRECISIONS)})"
-            raise InputError(f"the {self.name} runtime runs {', '.join(self.precisions)}, not {precision!r}{known}")
+            why = f": {self.precisions_why}" if self.precisions_why and precision in PRECISIONS else ""
+            raise InputError(f"the {self.name} runtime runs {', '.join(self.precisions)}, not {precision!r}{known}{why}")
         return precision
 
     def images_in(self, model, images) -> Any:

@@ -249,12 +249,14 @@ def _offered(runtimes, precisions) -> tuple[list, list]:
 
     pairs, notes = [], []
     for runtime in runtimes:
-        offered = get_backend(runtime).precisions  # InputError for a runtime that is not installed
+        backend = get_backend(runtime)  # InputError for a runtime that is not installed
+        offered, why = backend.precisions, backend.precisions_why
         for p in precisions:
             if p in offered:
                 pairs.append((runtime, p))
             else:
-                notes.append(f"the {runtime} runtime runs {', '.join(offered)}, not {p}: left out")
+                notes.append(f"the {runtime} runtime runs {', '.join(offered)}, not {p}{f' ({why})' if why else ''}: "
+                             "left out")
     if not pairs:
         raise UserError("; ".join(notes))
     return pairs, notes

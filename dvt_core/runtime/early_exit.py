@@ -66,6 +66,20 @@ def normalize_thresholds(thresholds, num_exits: int) -> np.ndarray:
     return t
 
 
+def _exit_confidence(logits: np.ndarray, kind: str) -> np.ndarray:
+    """float32 confidence of each row of finite float32 ``logits``, equal to
+    ``policy.confidence(policy.softmax(logits)[None], kind)[0]`` bit for bit (the thresholds were found on
+    those). max-softmax without the division of every class: the largest probability is exp(0) / sum, and
+    the division is correctly rounded, so ``1 / sum`` is that value exactly; at batch 1 the general path's
+    checks and error-state switches cost more than the stage's own arithmetic on small models."""
+    if kind != "max_softmax":
+        from dvt_core.runtime.policy import confidence as confidence_of, softmax
+
+        return confidence_of(softmax(logits)[None], kind=kind)[0]
+    z = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return (np.float32(1.0) / z.sum(axis=1)).astype(np.float32, copy=False)
+
+
 def run_adaptive(run_stage: Callable[[int, Any, Any], tuple[Any, Any]],
                  to_numpy: Callable[[Any], np.ndarray],
                  select: Callable[[Any, Any, np.ndarray], tuple[Any, Any]],
@@ -77,8 +91,6 @@ def run_adaptive(run_stage: Callable[[int, Any, Any], tuple[Any, Any]],
     previous stage left for reuse (``carry``; None for the first). ``select(images, carry, rows)``
     keeps ``rows`` (int64 numpy) of both. ``to_numpy(logits)`` gives float32 (B, classes).
     """
-    from dvt_core.runtime.policy import confidence as confidence_of, softmax
-
     num_exits = len(exit_macs)
     t = normalize_thresholds(thresholds, num_exits)
     pred = np.zeros(batch_size, np.int64)
@@ -91,26 +103,31 @@ def run_adaptive(run_stage: Callable[[int, Any, Any], tuple[Any, Any]],
     for i in range(num_exits):
         logits, carry = run_stage(i, images, carry)
         lg = to_numpy(logits).astype(np.float32, copy=False)
-        if not np.all(np.isfinite(lg)):  # a prediction from NaN logits would be silently wrong
+        if not np.isfinite(lg).all():  # a prediction from NaN logits would be silently wrong
             bad = int((~np.isfinite(lg)).any(axis=1).sum())
             raise InputError(f"exit {i + 1} gave NaN or infinite logits for {bad} of {len(lg)} image(s): the "
                              "weights or the input are out of range; no prediction made")
         if logits_out is None:
             logits_out = np.zeros((batch_size, lg.shape[1]), np.float32)
-        conf = confidence_of(softmax(lg)[None], kind=confidence)[0]
+        conf = _exit_confidence(lg, confidence)
         seen_conf[alive, i] = conf
-        leave = conf >= t[i] if i < num_exits - 1 else np.ones(len(alive), bool)
-        rows = alive[leave]
-        pred[rows] = lg[leave].argmax(axis=1)
+        # the three outcomes take no boolean indexing where none is needed (batch 1 is always one of the first two)
+        leave = None if i == num_exits - 1 else conf >= t[i]
+        if leave is None or leave.all():
+            rows, lg_left, conf_left = alive, lg, conf
+        elif not leave.any():
+            continue  # every image goes on, nothing is sliced
+        else:
+            rows, lg_left, conf_left = alive[leave], lg[leave], conf[leave]
+        pred[rows] = lg_left.argmax(axis=1)
         exit_index[rows] = i
-        conf_out[rows] = conf[leave]
-        logits_out[rows] = lg[leave]
-        if leave.all():
+        conf_out[rows] = conf_left
+        logits_out[rows] = lg_left
+        if len(rows) == len(alive):
             break
-        if leave.any():  # when every image goes on, nothing is sliced
-            stay = np.flatnonzero(~leave)
-            alive = alive[stay]
-            images, carry = select(images, carry, stay)
+        stay = np.flatnonzero(~leave)
+        alive = alive[stay]
+        images, carry = select(images, carry, stay)
     macs = np.asarray(exit_macs, dtype=np.int64)[exit_index]
     counts = np.bincount(exit_index, minlength=num_exits)
     return AdaptiveResult(pred, exit_index, conf_out, logits_out, macs, counts, seen_conf)

@@ -90,7 +90,7 @@ class OnnxRuntime(GraphRuntimeBase):
 
     name = "onnx"
     graph_format = "onnx"
-    precisions_why = "its CPU provider has no bf16 kernels for these graphs (OpenVINO runs them in bf16)"
+    precisions_why = "its CPU provider has no bf16 kernels for these graphs; OpenVINO runs them in bf16"
 
     def device_for(self, device) -> str:
         """ONNX Runtime's execution provider for ``device`` (cpu, cuda); InputError for one it lacks here."""

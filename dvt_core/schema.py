@@ -504,29 +504,15 @@ def check_checkpoint_meta(meta, where: str, error=CheckpointError) -> dict:
 # ---- training and command-line numbers ----------------------------------------------------------------------
 
 def check_train_config(cfg, where: str = "training", error=ArgumentError):
-    """``cfg`` (a :class:`~dvt_core.training.config.TrainConfig`) with every number finite and in range;
-    ``error`` naming the field otherwise. Returns ``cfg``."""
-    want_int(cfg.epochs, f"{where}: epochs", 1, 1_000_000, error)
-    want_int(cfg.batch_size, f"{where}: batch_size", 1, 1 << 20, error)
-    # finite and positive, no upper bound: a huge rate is a divergence the trainer reports by step
-    want_float(cfg.lr, f"{where}: lr", 0.0, low_open=True, error=error)
-    want_float(cfg.min_lr, f"{where}: min_lr", 0.0, error=error)
-    want_float(cfg.weight_decay, f"{where}: weight_decay", 0.0, error=error)
-    want_float(cfg.warmup_epochs, f"{where}: warmup_epochs", 0.0, 1e6, error=error)
-    want_float(cfg.label_smoothing, f"{where}: label_smoothing", 0.0, 1.0, high_open=True, error=error)
-    if isinstance(cfg.holdout, float) and not float(cfg.holdout).is_integer():
-        want_float(cfg.holdout, f"{where}: holdout", 0.0, 1.0, high_open=True, error=error)
-    else:
-        want_int(cfg.holdout, f"{where}: holdout", 0, 1 << 40, error)
-    want_bool(cfg.augment, f"{where}: augment", error)
-    want_int(cfg.pad, f"{where}: pad", 0, 1024, error)
-    want_int(cfg.seed, f"{where}: seed", 0, MAX_SEED, error)
-    want_int(cfg.checkpoint_every, f"{where}: checkpoint_every", 1, 1_000_000, error)
-    if cfg.max_steps is not None:
-        want_int(cfg.max_steps, f"{where}: max_steps", 1, 1 << 40, error)
-    if cfg.grad_clip is not None:
-        want_float(cfg.grad_clip, f"{where}: grad_clip", 0.0, low_open=True, error=error)
-    return cfg
+    """``cfg`` (a :class:`~dvt_core.training.config.TrainConfig`) if its own rules
+    (:meth:`~dvt_core.training.config.TrainConfig.validate`, the one set) pass; else ``error`` saying
+    ``where`` and the rule broken. Returns ``cfg``."""
+    from dvt_core.errors import ConfigError
+
+    try:
+        return cfg.validate()
+    except ConfigError as exc:
+        raise error(f"{where}: {exc}") from None
 
 
 def number(kind: str = "float", low=None, high=None, low_open: bool = False, high_open: bool = False):

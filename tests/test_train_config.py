@@ -3,6 +3,7 @@ file name, the resume check (the one spec-state diff) for both trainers' state f
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -26,6 +27,23 @@ def test_validate_names_the_field_out_of_range(field, value):
         cfg.validate()
     assert err.value.field == field and str(err.value).startswith(field)
     assert isinstance(err.value, DVTError)
+
+
+@pytest.mark.parametrize("field, value, rule", [("epochs", 10 ** 7, "epochs must be at most 1000000"),
+                                               ("seed", 2 ** 32, "seed must be at most 4294967295"),
+                                               ("warmup_epochs", 1e7, "warmup_epochs must be a finite number at least 0 and at most 1e+06")])
+def test_one_rule_set_for_the_library_and_for_checkpoint_records(field, value, rule):
+    # TrainConfig.validate is the only place the rules live: a checkpoint's training record is refused by
+    # dvt_core.schema with the same words, as a CheckpointError saying where
+    from dvt_core import schema
+    from dvt_core.errors import CheckpointError
+
+    cfg = TrainConfig()
+    setattr(cfg, field, value)
+    with pytest.raises(ConfigError, match="^" + re.escape(rule)):
+        cfg.validate()
+    with pytest.raises(CheckpointError, match="^checkpoint_meta.train: " + re.escape(rule)):
+        schema.check_train_config(cfg, "checkpoint_meta.train", CheckpointError)
 
 
 def test_validate_accepts_the_defaults_and_edges():

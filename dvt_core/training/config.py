@@ -15,8 +15,14 @@ import numpy as np
 
 from dvt_core.data import sources as data
 from dvt_core.errors import ConfigError, DVTError
+from dvt_core.schema import MAX_SEED
 
 FOLDER_HOLDOUT = 0.1  # default held-out fraction of an image folder (Fashion-MNIST keeps TrainConfig.holdout)
+# upper bounds of TrainConfig.validate (far beyond any real run; they bound what a hostile record can ask for)
+MAX_EPOCHS = 1_000_000
+MAX_BATCH = 1 << 20
+MAX_PAD = 1024
+MAX_COUNT = 1 << 40  # steps, held-out images
 
 
 class TrainingDiverged(DVTError):
@@ -42,19 +48,21 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """``self`` when every field lies in its range; else :class:`~dvt_core.errors.ConfigError` naming
-        the field, the rule and the value (what ``dvt train`` reports for its options too)."""
-        _check_int(self, "epochs", low=1)
-        _check_int(self, "batch_size", low=1)
-        _check_real(self, "lr", low=0.0, open_low=True)
+        the field, the rule and the value. The one set of rules: ``dvt train``'s options, the Python API and
+        the training record inside an untrusted checkpoint (``dvt_core.schema``) are all checked by it. The
+        upper bounds keep a hostile record from asking for absurd work, not any real run."""
+        _check_int(self, "epochs", low=1, high=MAX_EPOCHS)
+        _check_int(self, "batch_size", low=1, high=MAX_BATCH)
+        _check_real(self, "lr", low=0.0, open_low=True)  # no upper bound: a huge rate diverges, reported by step
         _check_real(self, "min_lr", low=0.0)
         _check_real(self, "weight_decay", low=0.0)
-        _check_real(self, "warmup_epochs", low=0.0)
+        _check_real(self, "warmup_epochs", low=0.0, high=MAX_EPOCHS, closed_high=True)
         _check_real(self, "label_smoothing", low=0.0, high=1.0)
-        _check_int(self, "pad", low=0)
-        _check_int(self, "seed", low=0)
-        _check_int(self, "checkpoint_every", low=1)
+        _check_int(self, "pad", low=0, high=MAX_PAD)
+        _check_int(self, "seed", low=0, high=MAX_SEED)
+        _check_int(self, "checkpoint_every", low=1, high=MAX_EPOCHS)
         if self.max_steps is not None:
-            _check_int(self, "max_steps", low=1)
+            _check_int(self, "max_steps", low=1, high=MAX_COUNT)
         if self.grad_clip is not None:
             _check_real(self, "grad_clip", low=0.0, open_low=True)
         if not isinstance(self.augment, (bool, np.bool_)):
@@ -62,7 +70,7 @@ class TrainConfig:
         h = self.holdout
         if isinstance(h, bool) or not isinstance(h, (int, float, np.integer, np.floating)) or not math.isfinite(h):
             raise ConfigError("holdout", f"holdout must be a count or a fraction below 1, got {h!r}")
-        if h < 0 or (not float(h).is_integer() and h >= 1):
+        if h < 0 or (not float(h).is_integer() and h >= 1) or h > MAX_COUNT:
             raise ConfigError("holdout", f"holdout must be a count (0 or more) or a fraction in [0, 1), got {h:g}")
         return self
 
@@ -75,21 +83,27 @@ class TrainConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-def _check_int(cfg, field: str, low: int) -> None:
+def _check_int(cfg, field: str, low: int, high: int) -> None:
     value = getattr(cfg, field)
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise ConfigError(field, f"{field} must be a whole number, got {value!r}")
     if value < low:
         raise ConfigError(field, f"{field} must be at least {low}, got {value}")
+    if value > high:
+        raise ConfigError(field, f"{field} must be at most {high}, got {value}")
 
 
-def _check_real(cfg, field: str, low: float, open_low: bool = False, high: Optional[float] = None) -> None:
-    """``low <= value`` (``low < value`` when ``open_low``) and ``value < high``, finite."""
+def _check_real(cfg, field: str, low: float, open_low: bool = False, high: Optional[float] = None,
+                closed_high: bool = False) -> None:
+    """``low <= value`` (``low < value`` when ``open_low``) and ``value < high`` (``<=`` when ``closed_high``),
+    finite."""
     value = getattr(cfg, field)
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise ConfigError(field, f"{field} must be a number, got {value!r}")
-    rule = f"{'above' if open_low else 'at least'} {low:g}" + (f" and below {high:g}" if high is not None else "")
-    bad = not math.isfinite(value) or value < low or (open_low and value == low) or (high is not None and value >= high)
+    top = "" if high is None else f" and {'at most' if closed_high else 'below'} {high:g}"
+    rule = f"{'above' if open_low else 'at least'} {low:g}{top}"
+    over = high is not None and (value > high if closed_high else value >= high)
+    bad = not math.isfinite(value) or value < low or (open_low and value == low) or over
     if bad:
         raise ConfigError(field, f"{field} must be a finite number {rule}, got {value:g}")
 

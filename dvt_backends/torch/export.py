@@ -112,10 +112,7 @@ def _relation_reuse_activation_left(self: RelationReuse, prev_logits) -> torch.T
     bf16 hint: 0.95 of the time; fp32 and ONNX Runtime unchanged; docs/deploy.md). The 1x1 mixing keeps the
     module's form: written channels-last (activation-left too) it gained OpenVINO bf16 another 3 % but cost
     ONNX Runtime 4 %, the transposes it needs."""
-    x = torch.cat(tuple(p.transpose(-2, -1) for p in prev_logits), dim=1)  # (B, C, keys, queries)
-    b, c, n, _ = x.shape
-    r = self._mix(self.reduce, self.act(self._mix(self.expand, x.reshape(b, c, n * n))))
-    r = r.reshape(b, self.depth, -1, n, n).transpose(0, 1)  # (depth, B, heads, keys, queries), small grid
+    r = self.mixed(prev_logits)  # (depth, B, heads, keys, queries), small grid
     m_t = self.resize._export_matrix.t().to(r.dtype)  # (n, N)
     r = torch.matmul(r, m_t)  # queries resized: (depth, B, heads, keys, N)
     return torch.matmul(r.transpose(-2, -1), m_t)  # keys resized: (depth, B, heads, N, N), queries first

@@ -201,6 +201,12 @@ class RelationReuse(nn.Module):
 
     def forward(self, prev_logits: Sequence[torch.Tensor]) -> torch.Tensor:
         """``prev_logits``: the previous stage's per-block logits, each (B, heads, n, n)."""
+        r = self.mixed(prev_logits)  # (depth, B, heads, keys, queries)
+        r = self.resize(r)  # keys axis: (depth, B, heads, N, n)
+        return self.resize(r.transpose(-2, -1))  # queries axis: (depth, B, heads, N, N), contiguous
+
+    def mixed(self, prev_logits: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The mixed logits on the small grid, block by block: (depth, B, heads, keys, queries)."""
         # keys-major layout: the concatenation (a copy in any case) also transposes each block's logits,
         # so that the keys axis is resized first without a copy and the output comes out contiguous in
         # (queries, keys) order, the layout scaled_dot_product_attention reads its mask in without copying
@@ -209,6 +215,4 @@ class RelationReuse(nn.Module):
         r = self._mix(self.reduce, self.act(self._mix(self.expand, x.reshape(b, c, n * n))))
         # blocks first, on the small grid (a copy there is cheap): each block's logits then come out as one
         # contiguous (B, heads, N, N) tensor, the (B x heads) batch Attention's products read without a copy
-        r = r.reshape(b, self.depth, -1, n, n).transpose(0, 1)  # (depth, B, heads, keys, queries)
-        r = self.resize(r)  # keys axis: (depth, B, heads, N, n)
-        return self.resize(r.transpose(-2, -1))  # queries axis: (depth, B, heads, N, N), contiguous
+        return r.reshape(b, self.depth, -1, n, n).transpose(0, 1)  # (depth, B, heads, keys, queries)

@@ -16,7 +16,7 @@ import dvt_core
 from dvt_core.errors import InputError
 from dvt_core.export.writer import export_model
 
-from helpers import SMALL, dvt
+from helpers import SMALL, dvt, median_thresholds
 from strict_skips import in_ci
 
 if in_ci():  # a module-level skip escapes strict_skips' per-test check: in CI a missing runtime fails collection
@@ -38,13 +38,6 @@ sys.meta_path.insert(0, _Block())
 """
 
 
-def median_thresholds(logits) -> list:
-    """Each exit's median confidence: about half the images leave at every exit."""
-    from dvt_core.runtime import policy
-
-    return [float(np.median(policy.softmax(np.asarray(lg)).max(1))) for lg in logits[:-1]] + [-1e8]
-
-
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """A small DVT-DeiT (both reuse paths), its ONNX export, sample images, torch's logits and thresholds."""
@@ -53,7 +46,10 @@ def exported(tmp_path_factory):
     images = np.random.default_rng(1).standard_normal((9, 3, 32, 32)).astype(np.float32)
     with torch.no_grad():
         ref = [o.numpy() for o in model(torch.from_numpy(images))]
-    thresholds = median_thresholds(ref)
+    from dvt_core.runtime import policy
+
+    # about half the images leave at every exit, none near a threshold
+    thresholds = median_thresholds([policy.softmax(lg).max(1) for lg in ref], gap=2e-4) + [-1e8]
     model.checkpoint_meta = {"thresholds": thresholds, "classes": [f"c{i}" for i in range(10)]}
     out = export_model(model, "onnx", tmp_path_factory.mktemp("export") / "deit")
     return model, out, images, ref, thresholds

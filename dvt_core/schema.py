@@ -459,6 +459,8 @@ def _check_dataset(value, where: str, error) -> None:
     for key, high in (("images", 1 << 40), ("holdout", 1 << 40), ("seed", MAX_SEED)):
         if value.get(key) is not None:
             want_int(value[key], f"{where}.{key}", 0, high, error)
+    if value.get("images") is not None and value.get("holdout") is not None and value["holdout"] > value["images"]:
+        raise error(f"{where}: holdout {value['holdout']} is more than its {value['images']} images")
 
 
 META_RULES: dict[str, Callable] = {

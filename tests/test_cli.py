@@ -182,7 +182,7 @@ def test_calibrate_shipped_to_out(tmp_path):
 def test_calibrate_in_place_on_image_folder(files, tmp_path):
     ck = tmp_path / "mine.safetensors"
     shutil.copy(SHIPPED, ck)
-    proc = ok(dvt("calibrate", "--weights", ck, "--budget", "3e6", "--dataset", files["folder"]))
+    proc = ok(dvt("calibrate", "--weights", ck, "--budget", "3e6", "--dataset", files["folder"], "--force"))
     assert "thresholds" in proc.stdout and f"wrote {ck}" in proc.stdout
     meta = _meta(ck)
     assert meta["calibration"]["dataset"] == str(files["folder"]) and meta["calibration"]["holdout_macs"] <= 3e6
@@ -268,7 +268,7 @@ def test_train_image_folder_then_predict(files, tmp_path):
     img = next(iter(files["truth"]))
     ok(dvt("predict", img, "--weights", ck))
     # calibrate of the folder-trained model uses the same held-out part, never the trained-on images
-    ok(dvt("calibrate", "--weights", ck, "--dataset", files["folder"], "--budget", "1e9"))
+    ok(dvt("calibrate", "--weights", ck, "--dataset", files["folder"], "--budget", "1e9", "--force"))
     meta = _meta(ck)
     assert len(meta["budgets"]) == 59 and len(meta["thresholds"]) == 3 and meta["calibration"]["images"] == 4
     assert meta["calibration"]["split"] == "holdout"
@@ -305,7 +305,8 @@ def _error_cases(f, tmp):
         (["predict"], ["image files", "--files-from"]),  # no inputs at all
         (["calibrate", "--model", "dvt_fashion_mnist", "--weights", "default", "--budget", "4e6"],
          ["refusing", "--out"]),
-        (["calibrate", "--weights", tmp / "copy.safetensors", "--budget", "5e5"], ["cheapest", "1053056"]),
+        (["calibrate", "--weights", tmp / "copy.safetensors", "--budget", "5e5", "--force"], ["cheapest", "1053056"]),
+        (["calibrate", "--weights", tmp / "copy.safetensors", "--budget", "4e6"], ["in place", "--out", "--force"]),
         (["calibrate", "--weights", tmp / "copy.safetensors", "--budget", "4e6", "--out", tmp / "exists.pth"],
          ["exists", "--force"]),
         (["evaluate", "--model", "dvt_fashion_mnist", "--dataset", f["folder"], "--split", "test"], ["no test split"]),

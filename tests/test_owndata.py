@@ -171,7 +171,7 @@ def test_calibrate_refuses_a_training_folder_that_changed(trained, tmp_path):
     ckpt = read_checkpoint(trained["ckpt"])
     ck = tmp_path / "moved.safetensors"
     write_checkpoint(ck, ckpt.state, {**ckpt.meta, "dataset": str(moved)})
-    refused(run_dvt("calibrate", "--weights", ck, "--budget", "1e9"), "59 readable images", "not the 60")
+    refused(run_dvt("calibrate", "--weights", ck, "--budget", "1e9", "--force"), "59 readable images", "not the 60")
 
 
 # ---- the Python API's result --------------------------------------------------------------------------------

@@ -70,7 +70,7 @@ def test_folder_classes_holdout_calibration_and_force(folder, tmp_path):
 
     # calibrate of the folder-trained model: its held-out part only, its class count
     cal = ok(dvt("calibrate", "--weights", out / f"{folder.name}.safetensors", "--dataset", folder,
-                 "--budget", "1e6", "--json", "-"))
+                 "--budget", "1e6", "--json", "-", "--force"))
     result = json.loads(cal.stdout)
     assert result["split"] == "holdout" and result["images"] == round(0.25 * n)
 

@@ -53,31 +53,56 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _note(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning from any library, shown as the CLI shows every note: one escaped ``# note:`` line, no source line."""
+    from dvt_core.cli.commands._shared import escape_text
+
+    text = " ".join(str(message).split()) or category.__name__
+    sys.stderr.write(f"# note: {escape_text(text)}\n")
+
+
+def _quiet_broken_pipe() -> int:
+    """stdout was closed early (``dvt flops --list | head -1``): stop quietly, as other Unix tools do. stdout is
+    pointed at /dev/null so the interpreter's last flush at exit cannot fail again."""
+    import os
+
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.showwarning = _note
+        return _run(argv)
+
+
+def _run(argv: Optional[Sequence[str]]) -> int:
+    from dvt_core.cli.commands._shared import escape_text
     from dvt_core.errors import DVTError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(command_module(args.command).run(args) or 0)
+        status = int(command_module(args.command).run(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handlers, not at the interpreter's exit
+        return status
+    except BrokenPipeError:  # before OSError, which it is
+        return _quiet_broken_pipe()
     except (DVTError, FileExistsError, FileNotFoundError, IsADirectoryError,
             PermissionError) as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if isinstance(exc, (FileNotFoundError, IsADirectoryError, PermissionError)) and exc.filename:
             msg = f"{exc.strerror or 'cannot open'}: {exc.filename}"
-        sys.stderr.write(f"dvt {args.command}: error: {msg}\n")
+        sys.stderr.write(f"dvt {args.command}: error: {escape_text(msg)}\n")
         return EXIT_USER_ERROR
     except OSError as exc:  # the disk full, a read-only or foreign folder: the user's to fix, one line
         if exc.errno not in USER_ERRNOS:
             raise
         where = f": {exc.filename}" if exc.filename else ""
-        sys.stderr.write(f"dvt {args.command}: error: {exc.strerror or exc}{where}\n")
+        sys.stderr.write(f"dvt {args.command}: error: {escape_text(f'{exc.strerror or exc}{where}')}\n")
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130
-    except BrokenPipeError:  # stdout closed early (`dvt flops --list | head`): stop quietly
-        import os
-
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0

@@ -81,7 +81,8 @@ def accuracy_macs_plot(path, model: str, exit_macs: Sequence[float], anytime_acc
     ax.set_title(textwrap.fill(title or f"{model}: accuracy vs. computation", 80), fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.margins(x=0.08, y=0.08)  # markers and their labels stay inside the axes
-    ax.legend(fontsize=8, loc="lower right")
+    # below the axes: inside, wherever it goes, it can hide a marker (the last exit's, top right, or a baseline's)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
     fig.tight_layout()
     return _save(fig, path, force=force)
 

@@ -68,6 +68,16 @@ def _report_skipped(root, skipped: list, file=None) -> None:
         print(f"  {line}", file=file)
 
 
+def _held_out(n: int, size, seed: int, name) -> np.ndarray:
+    """The indices of the held-out part of ``n`` images, as the trainer drew it; InputError for a size (a
+    checkpoint's metadata says it) that does not fit the data set, not a traceback."""
+    fits = 0 <= size < 1 if isinstance(size, float) else 0 <= int(size) <= n
+    if not fits:
+        raise InputError(f"a held-out part of {size} images cannot be drawn from the {n} images of {name} "
+                         "(the checkpoint's metadata says holdout); pass --dataset DIR to use other images")
+    return dvt_data.split_holdout(n, size, seed)[1]
+
+
 def load_dataset(name, split: str, spec, holdout: Optional[Union[int, float]] = None, seed: Optional[int] = None,
                  unreadable: str = "skip"):
     """(uint8 images, int64 labels, class names) of ``fashion-mnist`` or an image folder.
@@ -85,7 +95,7 @@ def load_dataset(name, split: str, spec, holdout: Optional[Union[int, float]] = 
             x, y = dvt_data.load_fashion_mnist("train")
             default_size, default_seed = holdout_params(None)
             size = default_size if holdout is None else holdout
-            _, hold = dvt_data.split_holdout(len(x), size, default_seed if seed is None else int(seed))
+            hold = _held_out(len(x), size, default_seed if seed is None else int(seed), name)
             return x[hold], y[hold], list(dvt_data.FASHION_MNIST_CLASSES)
         x, y = dvt_data.load_fashion_mnist(split)
         return x, y, list(dvt_data.FASHION_MNIST_CLASSES)
@@ -102,7 +112,7 @@ def load_dataset(name, split: str, spec, holdout: Optional[Union[int, float]] = 
         from dvt_core.training.config import FOLDER_HOLDOUT
 
         size = FOLDER_HOLDOUT if holdout is None else holdout
-        _, hold = dvt_data.split_holdout(len(y), size, holdout_params(None)[1] if seed is None else int(seed))
+        hold = _held_out(len(y), size, holdout_params(None)[1] if seed is None else int(seed), name)
         return x[hold], y[hold], classes
     return x, y, classes
 
@@ -149,7 +159,7 @@ def calibration_set(meta: Optional[dict], spec, dataset=None, limit: Optional[in
             raise InputError(f"{dataset} now holds {len(y)} readable images, not the {origin['images']} the model "
                              "was trained on, so its held-out part cannot be drawn again; pass --dataset DIR "
                              "(images the model did not train on)")
-        _, hold = dvt_data.split_holdout(len(y), size, seed)
+        hold = _held_out(len(y), size, seed, dataset)
         x, y = x[hold], y[hold]
         desc = {"dataset": dataset_key(dataset), "split": "holdout", "holdout": size, "seed": seed}
     else:
@@ -183,6 +193,21 @@ def model_classes(meta: Optional[dict], num_classes: int) -> Optional[list]:
         if isinstance(classes, list) and len(classes) == num_classes:
             return [str(c) for c in classes]
     return None
+
+
+def model_name(meta: Optional[dict], arch: str) -> str:
+    """The name a model goes by: the one its weights were trained under (``meta["name"]``, written by ``dvt
+    train``), else its architecture's ``arch``; a model trained on one's own folder is not the shipped one."""
+    name = (meta or {}).get("name")
+    return name if isinstance(name, str) and name else arch
+
+
+def trained_on_fashion_mnist(meta: Optional[dict]) -> bool:
+    """Whether the weights' metadata says they were trained on Fashion-MNIST (the shipped weights write the data set's
+    name, ``dvt train`` a record with it)."""
+    dataset = (meta or {}).get("dataset")
+    name = dataset.get("name") if isinstance(dataset, dict) else dataset
+    return isinstance(name, str) and is_fashion_mnist(name)
 
 
 def folder_class_index(folder_classes: list, model_names: list) -> list:

@@ -62,10 +62,13 @@ class DVTPredictor:
         self.image_column, self.stage_batch, self.keep_images = image_column, stage_batch, keep_images
 
     def __call__(self, batch: dict) -> dict:
-        if self.image_column not in batch:
-            raise InputError(f"the batch has no {self.image_column!r} column (it has {', '.join(map(str, batch))})")
-        res = self.predict(np.asarray(batch[self.image_column]))
-        out = {k: v for k, v in batch.items() if self.keep_images or k != self.image_column}
+        column = self.image_column
+        if column not in batch and column == "image" and list(batch) == ["data"]:
+            column = "data"  # ray.data.from_numpy(images) names its one column "data"
+        if column not in batch:
+            raise InputError(f"the batch has no {column!r} column (it has {', '.join(map(str, batch))})")
+        res = self.predict(np.asarray(batch[column]))
+        out = {k: v for k, v in batch.items() if self.keep_images or k != column}
         pred = res.prediction
         out["label"] = np.asarray([self.classes[k] if self.classes else str(k) for k in pred.tolist()], dtype=object)
         out["class_index"] = pred.astype(np.int64)

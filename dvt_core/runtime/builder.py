@@ -26,6 +26,38 @@ def resolve_spec(name_or_spec: Union[str, CascadeSpec, None], ckpt: Optional[Che
     return get_spec(name_or_spec, **overrides)
 
 
+PROBE_BATCH = 2  # blank images each stage of an opened export runs once (not 1: a batch axis of 1 hides in shapes)
+
+
+def check_stage_outputs(runtime: GraphRuntime, model, where) -> None:
+    """Run every stage of an opened export once, on blank images, each on the carry of the stage before: a graph
+    whose outputs are not what its spec and the next stage expect (another class count, carried features of
+    another shape, with the manifest's hashes updated to match) is refused here, before the first image, as a
+    CheckpointError and not a traceback in the middle of a run."""
+    import numpy as np
+
+    spec = model.spec
+    images = runtime.to_tensor(model, np.zeros((PROBE_BATCH, spec.in_chans, spec.img_size, spec.img_size),
+                                               np.float32))
+    carry = None
+    for i in range(spec.num_exits):
+        stage = f"{where}: stage {i + 1} of {spec.num_exits}"
+        try:
+            logits, carry = runtime.run_stage(model, i, images, carry)
+            shape = tuple(runtime.to_numpy(logits).shape)
+        except Exception as exc:  # noqa: BLE001 - every runtime raises its own types for a graph fed wrong shapes
+            text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(f"{stage} cannot run on what the stage before gives it: {text}") from None
+        if shape != (PROBE_BATCH, spec.num_classes):
+            raise CheckpointError(f"{stage} gives logits of shape {list(shape)} for {PROBE_BATCH} images; its spec "
+                                  f"says ({PROBE_BATCH}, {spec.num_classes})")
+        axes = getattr(carry, "axes", {})
+        for name, value in (carry or {}).items():
+            if len(value.shape) <= axes.get(name, 0) or value.shape[axes.get(name, 0)] != PROBE_BATCH:
+                raise CheckpointError(f"{stage} carries {name} of shape {list(value.shape)}, without the batch of "
+                                      f"{PROBE_BATCH} on its axis {axes.get(name, 0)}")
+
+
 def build(name_or_spec: Union[str, CascadeSpec, None] = None, backend: str = "torch",
           weights: Union[str, Path, None] = None, allow_lossy_cast: bool = False, compile: bool = False,
           precision: str = "fp32", device: Optional[str] = None, threads: Optional[int] = None, **overrides):
@@ -56,7 +88,9 @@ def build(name_or_spec: Union[str, CascadeSpec, None] = None, backend: str = "to
         if overrides:
             raise InputError(f"an export's spec is fixed; the {backend} backend takes no overrides")
         wanted = None if weights is None else getattr(name_or_spec, "name", name_or_spec)
-        return runtime.open(directory, model=wanted, device=device or "cpu", precision=precision, threads=threads)
+        model = runtime.open(directory, model=wanted, device=device or "cpu", precision=precision, threads=threads)
+        check_stage_outputs(runtime, model, directory)
+        return model
     if threads is not None:
         raise InputError(f"threads= is for export runtimes; set the {backend} framework's own thread count")
     if device is not None:

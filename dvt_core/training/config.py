@@ -232,7 +232,7 @@ def run_epoch(step_fn, batches: Iterator, cfg: TrainConfig, epoch: int, step: in
     for _ in range(skip):
         next(batches)  # the same draws (augmentation included) as the uninterrupted run
     bar = tqdm(batches, total=steps_in_epoch, initial=skip, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
-               disable=not progress, leave=False)
+               disable=not progress, leave=True)  # each epoch's bar stays: a short epoch is seen too
     running, seen = partial if skip else (0.0, 0)
     for xb, yb in bar:
         lr = cosine_lr(step, total_steps, warmup_steps, cfg.lr, cfg.min_lr)

@@ -68,6 +68,27 @@ def epoch_line(spec, record: dict, epochs: int) -> str:
     return line
 
 
+FEW_HOLDOUT = 300  # an operating point chosen on fewer held-out images moves with every draw
+FEW_TRAIN = 10_000  # fewer images than this rarely train a cascade from scratch as well as a fine-tune does
+
+
+def small_data_notes(arch: str, train_images: int, holdout_images: int, from_scratch: bool) -> list[str]:
+    """``# note:`` lines for a run whose data is too small: a held-out part too small to calibrate on, and a
+    training set better served by a fine-tune than by training from scratch."""
+    from dvt_core.checkpoint.registry import has_shipped_weights
+
+    notes = []
+    if 0 < holdout_images < FEW_HOLDOUT:
+        notes.append(f"# note: the operating point will be calibrated on only {holdout_images} held-out images; below "
+                     f"about {FEW_HOLDOUT} it is noise: hold out more (--holdout) or calibrate later on more "
+                     "labelled images (dvt calibrate --dataset DIR)")
+    if from_scratch and train_images < FEW_TRAIN:
+        start = "its shipped weights (--init default)" if has_shipped_weights(arch) else "a trained model (--init FILE)"
+        notes.append(f"# note: {train_images} training images are few to train {arch} from scratch; a fine-tune of "
+                     f"{start} usually learns them faster and better")
+    return notes
+
+
 def summary_line(meta: dict) -> Optional[str]:
     """The calibrated default operating point's held-out accuracy and average MACs (None if not calibrated)."""
     op = meta.get("default_operating_point")
@@ -151,6 +172,8 @@ def fit(spec, images: np.ndarray, labels: np.ndarray, cfg: TrainConfig, out_dir,
     state_path, final = output_paths(trainer, out_dir, name or spec.name)
     train_idx, hold_idx = dvt_data.split_holdout(len(images), cfg.holdout, cfg.seed)
 
+    for line in small_data_notes(spec.name, len(train_idx), len(hold_idx), init is None and init_state is None):
+        say(line)
     init_report = _start(trainer, spec, init, init_state, say)
     trainer.prepare()
     spe = C.steps_per_epoch(len(train_idx), cfg)
@@ -221,5 +244,7 @@ def _train_epochs(trainer: Trainer, spec, x_train, y_train, images, labels, hold
             with atomic_path(state_path, force=True) as tmp:
                 trainer.save_state(tmp, json.loads(json.dumps(saved)))
         if done:
+            if epoch + 1 < cfg.epochs:  # say why the run is shorter than asked before its "final" weights
+                say(f"stopped by --max-steps {cfg.max_steps} at step {step}, in epoch {epoch + 1} of {cfg.epochs}")
             break
     return probs

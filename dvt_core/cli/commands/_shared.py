@@ -34,9 +34,9 @@ def add_common_options(p: argparse.ArgumentParser, model: bool = True, weights: 
     ``precision`` --precision."""
     from dvt_core.runtime.contract import runtime_names
 
-    p.add_argument("--backend", default="torch",
-                   help=f"{' or '.join(runtime_names('spec'))}, or {' / '.join(runtime_names('export'))} "
-                        "to run a `dvt export` folder given as --weights")
+    exports = f", or {' / '.join(runtime_names('export'))} to run a `dvt export` folder given as --weights"
+    p.add_argument("--backend", default="torch",  # without --weights there is no export folder to run
+                   help=f"{' or '.join(runtime_names('spec'))}{exports if weights else ''}")
     p.add_argument("--device", default=None,
                    help="torch device (cpu, cuda, cuda:1, mps) or MindSpore target (default: the backend's, cpu)")
     if precision:
@@ -222,12 +222,15 @@ def exit_names(spec) -> list[str]:
     return [f"exit {k + 1}/{n} ({st.grid}x{st.grid} tokens)" for k, st in enumerate(spec.stages)]
 
 
+def fmt_threshold(t, digits: int = 4) -> str:
+    """One threshold as a person reads it: the never / always sentinels spelled out, not 100000000.000."""
+    t = float(t)
+    return "1e8 (none leave)" if t >= 1e8 else "-1e8 (all leave)" if t <= -1e8 else f"{t:.{digits}f}"
+
+
 def _fmt_thresholds(thresholds) -> str:
     """All thresholds but the last (which takes every image left), sentinels spelled out."""
-    def one(t):
-        return "1e8 (none leave)" if t >= 1e8 else "-1e8 (all leave)" if t <= -1e8 else f"{t:.4f}"
-
-    return ", ".join(one(float(t)) for t in list(thresholds)[:-1]) or "-"
+    return ", ".join(fmt_threshold(t) for t in list(thresholds)[:-1]) or "-"
 
 
 def _mmacs(n: float) -> str:

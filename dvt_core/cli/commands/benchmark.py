@@ -41,7 +41,8 @@ def add_arguments(parser) -> None:
                         help="checkpoint (its stored operating point is used), or an export folder for onnx / "
                              "openvino (the static model's export beside it, else exported on the fly); "
                              "default: random weights, timing does not depend on them")
-    parser.add_argument("--batch-sizes", type=number("int", 1, MAX_BENCH_BATCH), nargs="+", default=[1, 64], metavar="B")
+    parser.add_argument("--batch-sizes", type=number("int", 1, MAX_BENCH_BATCH), nargs="+", default=[1, 64], metavar="B",
+                        help="batch sizes to time, one table each")
     g = parser.add_mutually_exclusive_group()
     g.add_argument("--split", type=number("float", 0, 1), nargs="+", default=None, metavar="SHARE",
                    help="share of the images leaving at each exit (default: the checkpoint's operating point, "
@@ -224,7 +225,8 @@ def run(args) -> int:
 
         machine.update(setup(args.device, args.threads))
     report = {"model": spec.name, "weights": args.weights, "machine": machine, "runs": []}
-    print(f"machine: {machine['processor']}, {machine['cpu_count']} cores, {args.threads or 'default'} threads, "
+    threads = "default threads" if args.threads is None else f"{args.threads} thread{'s' * (args.threads != 1)}"
+    print(f"machine: {machine['processor']}, {machine['cpu_count']} cores, {threads}, "
           f"device {machine.get('device', args.device)}", file=out)
     pairs, report["left_out"] = _offered(args.backend, args.precision)
     for note in report["left_out"]:
@@ -283,7 +285,7 @@ def _run_subject(args, runtime, precision, workdir, out) -> dict:
     images, source = bench.benchmark_images(model, max(counts.values()), args.seed)
     scale, u = unit
     print(f"\n== {subject.label}: {model.spec.name}, exit MACs "
-          f"{[_macs(c, scale) for c in model.exit_macs]} {u}, static {_macs(subject.static.exit_macs[-1], scale)} {u}"
+          f"{' / '.join(_macs(c, scale) for c in model.exit_macs)} {u}, static {_macs(subject.static.exit_macs[-1], scale)} {u}"
           f"{', ' + ', '.join(subject.references) if subject.references else ''}; {source}; operating point: {what}",
           file=out)
     run = {"runtime": runtime, "precision": precision, "label": subject.label, "exit_macs": list(model.exit_macs),

@@ -22,11 +22,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dataset", default=None,
                         help="fashion-mnist or a folder with one sub-folder per class (default: the held-out "
                              "part of the data set the checkpoint was trained on, else Fashion-MNIST's)")
-    parser.add_argument("--out", default=None, help="checkpoint to write (default: overwrite --weights; an "
-                                                     "export folder is always rewritten in place)")
+    parser.add_argument("--out", default=None, help="checkpoint to write (default: rewrite --weights in place, "
+                                                     "which needs --force; an export folder's dvt.json is always "
+                                                     "rewritten in place)")
     parser.add_argument("--limit", type=int, default=None, metavar="N",
                    help="calibrate on only the first N held-out images (quick runs; default: all)")
-    parser.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    parser.add_argument("--force", action="store_true",
+                        help="overwrite an existing --out, or without --out rewrite --weights in place (atomically)")
     parser.add_argument("--json", default=None, help="write the result as JSON here ('-' for stdout)")
 
 
@@ -69,6 +71,9 @@ def _target(args, src, shipped: bool, exported: bool):
     if args.out is None and shipped:
         raise UserError(f"refusing to modify the shipped weights {src} (their SHA-256 is registered); "
                         "write a calibrated copy with --out FILE")
+    if args.out is None and not args.force:  # it may be the user's only copy of a long training run
+        raise UserError(f"refusing to rewrite {src} in place: write the calibrated copy with --out FILE, or pass "
+                        "--force to replace it")
     dst = Path(args.out) if args.out is not None else src
     fmt = None
     if args.out is not None:

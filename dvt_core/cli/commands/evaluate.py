@@ -11,7 +11,7 @@ from dvt_core.model.zoo import get_spec
 from dvt_core.data.datasets import is_fashion_mnist as _is_fashion_mnist
 from dvt_core.cli.commands._shared import (add_force_option, check_outputs, check_picture, UserError, add_common_options, emit_json,
                       _progress, _check_limit, _has_shipped_weights, resolve_weights, build_from_args, _meta,
-                      exit_names, _mmacs, _table, exit_macs, _early_spec, _fmt_thresholds)
+                      exit_names, _mmacs, _table, exit_macs, _early_spec, _fmt_thresholds, fmt_threshold)
 
 HELP = "anytime accuracy and the budget curve on a data set"
 
@@ -187,6 +187,33 @@ def run(args) -> int:
     return 0
 
 
+OPTIMISTIC = ("note: the evaluated images are the held-out part the thresholds are found on: the budget curve is "
+              "optimistic; evaluate on images the model never saw for an honest one")
+
+
+def _stored_budget_curve(meta, spec, probs, labels):
+    """(the budget curve, what its thresholds were found on) from the budgets table the checkpoint stores (each
+    budget's thresholds, found on its held-out training images when it was trained), applied to the evaluated
+    images; None when it stores no full table or does not say where it was trained."""
+    from dvt_core.data.datasets import trained_on
+    from dvt_core.runtime import policy
+    from dvt_core.runtime.early_exit import normalize_thresholds
+
+    table, origin = meta.get("budgets"), trained_on(meta)
+    if (not isinstance(table, list) or len(table) != len(policy.PYTORCH_BUDGETS) or origin is None
+            or not isinstance(origin["holdout"], int)):
+        return None
+    costs, budgets = exit_macs(spec), []
+    for row in table:
+        t = normalize_thresholds(row["thresholds"], spec.num_exits)
+        acc, macs = policy.evaluate(probs, labels, t, costs)
+        budgets.append({"budget": int(row["budget"]), "macs": float(macs), "accuracy": float(acc),
+                        "thresholds": [float(v) for v in t]})
+    where = "fashion-mnist" if _is_fashion_mnist(origin["dataset"]) else origin["dataset"]
+    return budgets, {"data": f"held-out training images of {where} (the checkpoint's budgets table)",
+                     "images": origin["holdout"], "holdout": origin["holdout"], "seed": origin["seed"]}
+
+
 def _budget_curve(args, model, meta, probs, labels, split, fashion, cal_limit):
     """(the 59-budget curve, what its thresholds were found on): on the evaluated images (--calibration
     same) or on the checkpoint's held-out training images."""
@@ -194,15 +221,18 @@ def _budget_curve(args, model, meta, probs, labels, split, fashion, cal_limit):
     from dvt_core.runtime import evaluation, policy
 
     spec, costs = model.spec, exit_macs(model.spec)
+    stored = None if args.calibration == "same" or cal_limit else _stored_budget_curve(meta, spec, probs, labels)
+    if stored is not None:  # the held-out part's thresholds are in the checkpoint: no need to score it again
+        if split == "holdout":  # only the training data set has a held-out part to evaluate
+            print(OPTIMISTIC, file=sys.stderr)
+        return stored
     if args.calibration == "same":
         cal_probs, cal_labels = probs, labels
         calibration = {"data": "evaluated images", "images": int(len(labels))}
     else:
         hx, hy, desc = calibration_set(meta, spec, None, cal_limit)
         if split == "holdout" and desc["split"] == "holdout" and _is_fashion_mnist(desc["dataset"]) == fashion:
-            print("note: the evaluated images are the held-out part the thresholds are found on: the budget "
-                  "curve is optimistic; evaluate on images the model never saw for an honest one",
-                  file=sys.stderr)
+            print(OPTIMISTIC, file=sys.stderr)
         cal_probs = evaluation.exit_probs(model, hx, args.batch_size, progress=_progress(),
                                           desc=f"{spec.name} holdout")
         cal_labels = hy
@@ -232,7 +262,7 @@ def _print_evaluation(result: dict, spec, split_name: str, out) -> None:
               file=out)
         pick = sorted({0, len(budgets) - 1, *range(4, len(budgets), 10)})
         rows = [[str(budgets[i]["budget"]), _mmacs(budgets[i]["macs"]), f"{budgets[i]['accuracy']:.2f}%",
-                 ", ".join(f"{t:.3f}" for t in budgets[i]["thresholds"][:-1])] for i in pick]
+                 ", ".join(fmt_threshold(t, 3) for t in budgets[i]["thresholds"][:-1])] for i in pick]
         _table(["budget #", "avg MACs", "accuracy", "thresholds"], rows, out, right=[3])
     if result["static_baselines"]:
         print("\nstatic baselines:", file=out)

@@ -8,14 +8,15 @@ from pathlib import Path
 
 import numpy as np
 
+from dvt_core.data.datasets import model_name, trained_on_fashion_mnist
 from dvt_core.cli.commands._shared import (UserError, add_common_options, resolve_weights, build_from_args, _meta, _class_names,
                       exit_names, escape_text, _fmt_thresholds, _mmacs, parse_thresholds, choose_thresholds,
                       _early_spec, _check_budget, parse_budget)
 
 HELP = "classify image files with early exit"
 
-DOMAIN_NOTE = ("the shipped dvt_fashion_mnist expects 28x28 grey product silhouettes, white on a black background "
-               "(Fashion-MNIST); a confident early exit is no guard against inputs unlike its training images")
+DOMAIN_NOTE = ("{name} was trained on Fashion-MNIST: it expects 28x28 grey product silhouettes, white on a black "
+               "background; a confident early exit is no guard against inputs unlike its training images")
 
 
 def add_arguments(parser) -> None:
@@ -56,26 +57,31 @@ def _read_list(source) -> list[str]:
     return [line.rstrip("\r\n") for line in text.splitlines() if line.strip()]
 
 
-def input_paths(args) -> list[str]:
-    """The paths the positional inputs, '-' and --files-from name, in order."""
+def input_paths(args) -> list[tuple[str, bool]]:
+    """(path, whether a list named it) for the positional inputs, '-' and --files-from, in order."""
     items = []
     for item in args.inputs:
-        items.extend(_read_list("-") if item == "-" else [item])
+        items.extend([(p, True) for p in _read_list("-")] if item == "-" else [(item, False)])
     if args.files_from is not None:
-        items.extend(_read_list(args.files_from))
+        items.extend((p, True) for p in _read_list(args.files_from))
     if not items:
         raise UserError("name image files or folders, '-' to read paths from stdin, or --files-from FILE")
     return items
 
 
-def collect_images(inputs) -> list[str]:
-    """Image files named, and those found in folders named and their sub-folders (sorted; hidden
-    files and folders skipped); an error for a path that does not exist or a folder without images."""
+def collect_images(inputs) -> tuple[list[str], list[str]]:
+    """(image files named, and those found in folders named and their sub-folders (sorted; hidden files and folders
+    skipped); one 'path: reason' line per listed path that does not exist). A missing path typed on the command
+    line or a folder without images is an error; one missing path among a list's thousands is skipped like an
+    unreadable image."""
     from dvt_core.data.images import IMAGE_EXTENSIONS, find_images
 
-    files = []
-    for item in inputs:
+    files, missing = [], []
+    for item, listed in inputs:
         p = Path(item)
+        if not p.exists() and listed:
+            missing.append(f"{item}: no such file")
+            continue
         if not p.exists():
             raise UserError(f"no such file or folder: {item}")
         if p.is_dir():
@@ -86,7 +92,7 @@ def collect_images(inputs) -> list[str]:
             files.extend(found)
         else:
             files.append(str(p))
-    return files
+    return files, missing
 
 
 def _load_images(files, spec) -> tuple[list, np.ndarray, list]:
@@ -143,9 +149,9 @@ def _emit(args, spec, classes, names, files, res, width) -> None:
             continue
         line = f"{escape_text(f).ljust(width)}  {escape_text(label_of(pred)):<12}  {float(res.confidence[i]):6.1%}  " \
                f"{names[k]}  {_mmacs(int(res.macs[i]))} MACs"
-        if args.top_k > 1:
-            line += "  top: " + ", ".join(f"{escape_text(label_of(int(c)))} {float(p):.1%}"
-                                          for c, p in zip(order[i][1:], probs[i][1:]))
+        if args.top_k > 1:  # all k, the prediction first: "top 3:" names three classes
+            line += f"  top {args.top_k}: " + ", ".join(f"{escape_text(label_of(int(c)))} {float(p):.1%}"
+                                                       for c, p in zip(order[i], probs[i]))
         print(line, flush=False)
 
 
@@ -156,7 +162,9 @@ def run(args) -> int:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {args.top_k}")
-    files = collect_images(input_paths(args))
+    files, missing = collect_images(input_paths(args))
+    if not files:
+        raise UserError(f"none of the {len(missing)} listed path(s) exists (first: {escape_text(missing[0])})")
     early = _early_spec(args)
     if early is not None:  # the usual mistakes, before the model is built
         if args.thresholds is not None:
@@ -174,7 +182,7 @@ def run(args) -> int:
     # logits) is one error line and nothing else
     header = not args.json and not args.quiet
     width = max(len(escape_text(f)) for f in files)
-    t0, done, failed, reported = time.perf_counter(), 0, [], 0
+    t0, done, failed, reported = time.perf_counter(), 0, list(missing), 0
     counts, macs = np.zeros(spec.num_exits, np.int64), 0
     for start in range(0, len(files), args.batch_size):  # read, classify and print a chunk at a time
         read, images, bad = _load_images(files[start:start + args.batch_size], spec)
@@ -186,10 +194,10 @@ def run(args) -> int:
         reported = len(failed)
         res = evaluation.adaptive(model, images, thresholds, batch_size=args.batch_size)
         if header:
-            print(f"# {spec.name} ({args.backend}), thresholds {_fmt_thresholds(thresholds)} ({how})",
-                  file=sys.stderr)
-            if spec.name == "dvt_fashion_mnist":
-                print(f"# note: {DOMAIN_NOTE}", file=sys.stderr)
+            name = escape_text(model_name(meta, spec.name))  # the weights' name, not their architecture's
+            print(f"# {name} ({args.backend}), thresholds {_fmt_thresholds(thresholds)} ({how})", file=sys.stderr)
+            if trained_on_fashion_mnist(meta):
+                print(f"# note: {DOMAIN_NOTE.format(name=name)}", file=sys.stderr)
             header = False
         _emit(args, spec, classes, names, read, res, width)
         sys.stdout.flush()

@@ -5,7 +5,8 @@ import sys
 
 from dvt_core.cli.commands._shared import (UserError, add_common_options, build_from_args, resolve_weights, _meta,
                                            _class_names, _fmt_thresholds, parse_thresholds, choose_thresholds,
-                                           _early_spec, _check_budget, parse_budget)
+                                           _early_spec, _check_budget, parse_budget, escape_text)
+from dvt_core.data.datasets import model_name
 
 HELP = "serve a model over HTTP (POST /v1/predict) with early exit batched per stage"
 
@@ -15,7 +16,7 @@ def add_arguments(parser) -> None:
     g = parser.add_mutually_exclusive_group()
     g.add_argument("--budget", type=parse_budget, default=None,
                    help="target average MACs per image: the calibrated operating point that fits (as dvt predict)")
-    g.add_argument("--thresholds", default=None, help="comma-separated confidence thresholds, one per exit")
+    g.add_argument("--thresholds", default=None, help="comma-separated confidence thresholds, one per exit but the last (default: the checkpoint's)")
     parser.add_argument("--adapt-budget", action="store_true",
                         help="with --budget: move the thresholds at run time to hold that average MACs per image "
                              "(answers then follow the load's images, not dvt predict's fixed operating point)")
@@ -78,7 +79,7 @@ def run(args) -> int:
                              mac_budget=args.budget, adapt_budget=args.adapt_budget)
 
     def announce(url: str) -> None:
-        print(f"dvt serve: {spec.name} ({args.backend}) on {url}  thresholds {_fmt_thresholds(thresholds)} ({how}); "
+        print(f"dvt serve: {escape_text(model_name(meta, spec.name))} ({args.backend}) on {url}  thresholds {_fmt_thresholds(thresholds)} ({how}); "
               f"POST {url}/v1/predict", flush=True)
 
     run_server(service, args.host, args.port, max_connections=args.max_connections, announce=announce)

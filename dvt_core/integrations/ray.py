@@ -7,7 +7,7 @@
 
       ds = ray.data.from_items([{"image": img} for img in images])
       out = ds.map_batches(DVTPredictor, fn_constructor_kwargs={"model": "dvt_fashion_mnist"},
-                           batch_size=256, concurrency=2, num_cpus=1)
+                           batch_size=256, compute=ray.data.ActorPoolStrategy(size=2), num_cpus=1)
 
 * :func:`serve_deployment` binds a Ray Serve deployment that runs :class:`dvt_core.serve.app.PredictService`
   (the per-stage batching scheduler) in each replica, so many replicas serve one endpoint with the

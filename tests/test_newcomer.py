@@ -76,6 +76,9 @@ def test_predict_names_the_weights_and_their_note_not_the_architecture(tmp_path,
     assert " top 3: " + label in line and line.split(" top 3: ")[1].count("%") == 3, line
     shipped = dvt("predict", "--model", FM, *pictures[:1])
     assert shipped.stderr.startswith(f"# {FM} (torch)") and "silhouettes" in shipped.stderr, shipped.stderr
+    pytest.importorskip("onnx")
+    exported = dvt("export", "--weights", mine, "--format", "onnx", "--out", tmp_path / "mine_onnx")
+    assert exported.returncode == 0 and "(mydata, onnx:" in exported.stdout, exported.stdout + exported.stderr
 
 
 def test_calibrate_never_rewrites_the_only_checkpoint_without_force(tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dvt_core.model.zoo import get_spec
-from dvt_core.cli.commands._shared import UserError, parse_overrides
+from dvt_core.cli.commands._shared import UserError, escape_text, parse_overrides
 
 HELP = "export one graph per stage (ONNX or MindIR) and a dvt.json manifest, for serving without dvt's model code"
 
@@ -60,6 +60,11 @@ def run(args) -> int:
             raise UserError("exporting ONNX needs the onnx package; install it with: pip install 'dvt[onnx]'") from None
     out = export(args.model, weights=args.weights, fmt=args.format, out=args.out, force=args.force,
                  opset=args.opset, resize=args.resize, precision=args.precision, **parse_overrides(args.override))
-    print(f"wrote {out}/ ({args.format}: {MANIFEST} and one graph per stage); "
+    from dvt_core.data.datasets import model_name
+    from dvt_core.export.manifest import read_manifest
+
+    written = read_manifest(out, verify=False)
+    name = escape_text(model_name(written.get("checkpoint_meta"), written["model"]))  # the weights' name
+    print(f"wrote {out}/ ({name}, {args.format}: {MANIFEST} and one graph per stage); "
           f"run it with dvt_core.build({str(out)!r}, backend={args.format!r})")
     return 0

@@ -156,6 +156,9 @@ def test_training_says_max_steps_stopped_it_and_warns_of_a_tiny_held_out_part(tm
     assert "stopped by --max-steps 1 at step 1, in epoch 1 of 3" in text, text
     assert "calibrated on only 2 held-out images" in text, text
     assert "--init default" in text, text
+    calibrated = dvt("calibrate", "--weights", tmp_path / "run" / "data.safetensors", "--budget", "1e9", "--out",
+                     tmp_path / "cal.safetensors")
+    assert calibrated.returncode == 0 and "# note: calibrating on only 2 images" in calibrated.stderr, calibrated.stderr
 
 
 def test_training_progress_bars_stay(monkeypatch):

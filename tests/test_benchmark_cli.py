@@ -19,8 +19,10 @@ def test_benchmark_prints_every_variant_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     r = dvt("benchmark", "dvt_deit_tiny", *TINY, "--batch-sizes", "1", "4", "--images", "8", "--repeats", "1",
             "--warmup", "0", "--split", "0.5", "0.25", "0.25", "--json", out, "--no-timm",
-            "--modes", "adaptive", "stages", "streaming")
+            "--modes", "adaptive", "stages", "streaming", "--threads", "1")
     assert r.returncode == 0, r.stderr
+    assert "1 thread," in r.stdout and "1 threads" not in r.stdout  # text, not Python's list repr
+    assert "exit MACs " in r.stdout and "exit MACs [" not in r.stdout and " / " in r.stdout.split("exit MACs ")[1]
     for word in ("adaptive", "all exits", "static", "predicted", "realised", "torch fp32, batch 1:",
                  "torch fp32, batch 4:", "each stage alone", "GMAC/s", "streaming", "same exits as per-batch: yes"):
         assert word in r.stdout

@@ -293,3 +293,15 @@ def test_export_graphs_of_another_shape_are_refused_when_opened(exports, tmp_pat
     with pytest.raises(dvt_core.DVTError, match=needle.replace("[", r"\[")):
         dvt_core.build(d, backend=backend)
     dvt_core.build(exports["ten"], backend=backend)  # the untouched export opens
+
+
+def test_the_ray_data_predictor_reads_the_column_from_numpy_makes():
+    """``ray.data.from_numpy(images)`` names its one column "data": the predictor takes it as the images."""
+    from dvt_core.integrations.ray import DVTPredictor
+
+    pred = DVTPredictor(FM)
+    images = np.random.default_rng(0).integers(0, 256, (3, 28, 28), dtype=np.uint8)
+    out = pred({"data": images})
+    assert "data" not in out and out["class_index"].tolist() == pred.predict(images).prediction.tolist()
+    with pytest.raises(dvt_core.InputError, match="no 'image' column"):
+        pred({"data": images, "index": np.arange(3)})  # among other columns "data" is not taken for the images

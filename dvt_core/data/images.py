@@ -19,7 +19,6 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from dvt_core.data.sources import normalize
 from dvt_core.errors import DataError
 from dvt_core.errors import InputError
 
@@ -225,6 +224,35 @@ def _items(images) -> list:
     if isinstance(images, Sequence) or hasattr(images, "__iter__"):
         return list(images)
     raise InputError(f"preprocess takes paths, PIL images or uint8 arrays; got {type(images).__name__}")
+
+
+def normalize(
+    images: np.ndarray, mean: Union[float, Sequence[float]], std: Union[float, Sequence[float]]
+) -> np.ndarray:
+    """uint8 images ``(N, H, W)`` or ``(N, H, W, C)`` to float32 ``(N, C, H, W)``: ``(x/255 - mean) / std``.
+
+    ``mean`` and ``std`` are scalars or one value per channel. The channels-first float32 layout is
+    what both backends feed to the model.
+    """
+    images = np.asarray(images)
+    if images.dtype != np.uint8:
+        raise ValueError(f"normalize expects uint8 images (0..255), got {images.dtype}")
+    if images.ndim == 3:
+        images = images[..., None]
+    elif images.ndim != 4:
+        raise ValueError(f"normalize expects (N, H, W) or (N, H, W, C), got shape {images.shape}")
+    c = images.shape[-1]
+    mean_a = np.asarray(mean, dtype=np.float32).reshape(-1)
+    std_a = np.asarray(std, dtype=np.float32).reshape(-1)
+    for name, v in (("mean", mean_a), ("std", std_a)):
+        if v.size not in (1, c):
+            raise ValueError(f"{name} has {v.size} values for {c} channel(s)")
+    if np.any(std_a <= 0):
+        raise ValueError(f"std must be positive, got {std_a.tolist()}")
+    x = images.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255.0)
+    x -= mean_a.reshape(1, -1, 1, 1)
+    x /= std_a.reshape(1, -1, 1, 1)
+    return np.ascontiguousarray(x)
 
 
 def preprocess(images, spec) -> np.ndarray:

@@ -14,10 +14,11 @@ from __future__ import annotations
 import gzip
 import os
 import zlib
-from typing import Iterator, Optional, Sequence, Union
+from typing import Iterator, Optional, Union
 
 import numpy as np
 
+from dvt_core.data.images import ImageReadError, normalize, peek_is_gray, read_image  # noqa: F401  (normalize: also here)
 from dvt_core.errors import DataError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -222,25 +223,6 @@ def sample_subset(
 # ----------------------------------------------------------------------------------- image files
 
 
-def _open_image(path: str):
-    """Open and fully decode one image (dvt_core.data.images: allowed formats, pixel cap, EXIF orientation)."""
-    from dvt_core.data.images import open_image
-
-    return open_image(path)
-
-
-def _is_gray(img) -> bool:
-    from dvt_core.data.images import is_gray
-
-    return is_gray(img)
-
-
-def _convert(img, img_size: Optional[int], channels: int, path: str) -> np.ndarray:
-    from dvt_core.data.images import to_array
-
-    return to_array(img, img_size, channels, path)
-
-
 def load_image(
     path: Union[str, os.PathLike], img_size: Optional[int] = None, channels: Optional[int] = None
 ) -> np.ndarray:
@@ -253,8 +235,6 @@ def load_image(
     anything else into RGB. An unreadable, refused or missing file raises
     :class:`dvt_core.data.images.ImageReadError` (a :class:`DataError`) naming it.
     """
-    from dvt_core.data.images import read_image
-
     return read_image(os.fspath(path), img_size, channels)
 
 
@@ -322,8 +302,6 @@ class ImageFolderDataset:
 
     def __init__(self, root, img_size: Optional[int] = None, channels: Optional[int] = None,
                  unreadable: str = "raise"):
-        from dvt_core.data.images import ImageReadError, peek_is_gray
-
         if unreadable not in ("raise", "skip"):
             raise ValueError(f"unreadable must be 'raise' or 'skip', got {unreadable!r}")
         pairs, self.class_names = image_folder_files(root)
@@ -352,8 +330,6 @@ class ImageFolderDataset:
         return len(self.files)
 
     def _one(self, i: int) -> np.ndarray:
-        from dvt_core.data.images import read_image
-
         return read_image(self.files[i], self.img_size, self.channels)
 
     def __getitem__(self, index):
@@ -379,8 +355,6 @@ def load_image_folder(
     ``unreadable="raise"`` raises :class:`UnreadableImagesError` naming every one; ``"skip"`` leaves them
     out and appends ``"path: reason"`` for each to ``skipped`` (a list, when given).
     """
-    from dvt_core.data.images import ImageReadError
-
     if unreadable not in ("raise", "skip"):
         raise ValueError(f"unreadable must be 'raise' or 'skip', got {unreadable!r}")
     ds = ImageFolderDataset(root, img_size=img_size, channels=channels, unreadable="skip")  # all, then decide
@@ -409,35 +383,6 @@ def load_image_folder(
 
 
 # ------------------------------------------------------------------------------ arrays and batches
-
-
-def normalize(
-    images: np.ndarray, mean: Union[float, Sequence[float]], std: Union[float, Sequence[float]]
-) -> np.ndarray:
-    """uint8 images ``(N, H, W)`` or ``(N, H, W, C)`` to float32 ``(N, C, H, W)``: ``(x/255 - mean) / std``.
-
-    ``mean`` and ``std`` are scalars or one value per channel. The channels-first float32 layout is
-    what both backends feed to the model.
-    """
-    images = np.asarray(images)
-    if images.dtype != np.uint8:
-        raise ValueError(f"normalize expects uint8 images (0..255), got {images.dtype}")
-    if images.ndim == 3:
-        images = images[..., None]
-    elif images.ndim != 4:
-        raise ValueError(f"normalize expects (N, H, W) or (N, H, W, C), got shape {images.shape}")
-    c = images.shape[-1]
-    mean_a = np.asarray(mean, dtype=np.float32).reshape(-1)
-    std_a = np.asarray(std, dtype=np.float32).reshape(-1)
-    for name, v in (("mean", mean_a), ("std", std_a)):
-        if v.size not in (1, c):
-            raise ValueError(f"{name} has {v.size} values for {c} channel(s)")
-    if np.any(std_a <= 0):
-        raise ValueError(f"std must be positive, got {std_a.tolist()}")
-    x = images.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255.0)
-    x -= mean_a.reshape(1, -1, 1, 1)
-    x /= std_a.reshape(1, -1, 1, 1)
-    return np.ascontiguousarray(x)
 
 
 def split_holdout(n: int, holdout: Union[int, float], seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -9,6 +9,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from dvt_core.runtime.builder import build
+
 # find_thresholds puts each threshold exactly on one image's confidence. The runtimes' logits differ in
 # the last bits (about 1e-6), so that image could leave in one and go on in the other; a threshold up to
 # this much lower makes it leave in both, and both runtimes then take the same exits (checked, reported).
@@ -328,14 +330,13 @@ def build_subject(runtime: str, precision: str, name: str, weights, overrides: d
     """``runtime``'s DVT and static backbone at ``precision``. torch builds both (random weights unless
     ``weights``); an exported runtime loads ``weights`` when it is an export folder (the static model's
     export beside it) and otherwise exports both from torch into ``workdir``."""
-    import dvt_core
     from pathlib import Path
 
     from dvt_core.model.zoo import static_spec
 
     if runtime == "torch":
         model = _seeded_torch(name, weights, overrides, seed, precision)
-        static = dvt_core.build(static_spec(model.spec, model.spec.num_exits - 1), precision=precision)
+        static = build(static_spec(model.spec, model.spec.num_exits - 1), precision=precision)
         if device is not None:
             model, static = (_backend(m).to_device(m, device) for m in (model, static))
         if compile:
@@ -346,7 +347,7 @@ def build_subject(runtime: str, precision: str, name: str, weights, overrides: d
         return Subject(f"torch {precision}", model, static, {} if no_timm else references(model, static))
     fmt = EXPORT_FORMAT[runtime]
     if weights is not None and _is_dir(weights):
-        model = dvt_core.build(weights, backend=runtime, precision=precision, threads=threads)
+        model = build(weights, backend=runtime, precision=precision, threads=threads)
         static_name = static_spec(model.spec, model.spec.num_exits - 1).name
         static_dir = _sibling_export(weights, static_name)
     else:
@@ -358,11 +359,11 @@ def build_subject(runtime: str, precision: str, name: str, weights, overrides: d
         tag = Path(workdir) / f"{fmt}-{id(src)}"
         tag.mkdir()  # inside the benchmark's own temporary folder: exports never create folders themselves
         if model is None:
-            model = dvt_core.build(export_model(src, fmt, tag / "dvt"), backend=runtime, precision=precision,
+            model = build(export_model(src, fmt, tag / "dvt"), backend=runtime, precision=precision,
                                    threads=threads)
-        src_static = dvt_core.build(static_spec(src.spec, src.spec.num_exits - 1))
+        src_static = build(static_spec(src.spec, src.spec.num_exits - 1))
         static_dir = export_model(src_static, fmt, tag / "static")
-    static = dvt_core.build(static_dir, backend=runtime, precision=precision, threads=threads)
+    static = build(static_dir, backend=runtime, precision=precision, threads=threads)
     if device is not None:
         model, static = (_backend(m).to_device(m, device) for m in (model, static))
     return Subject(f"{runtime} {precision}", model, static)
@@ -370,12 +371,11 @@ def build_subject(runtime: str, precision: str, name: str, weights, overrides: d
 
 def _seeded_torch(name, weights, overrides, seed, precision):
     """The torch DVT (random weights seeded, unless ``weights`` is a checkpoint; an export folder is not)."""
-    import dvt_core
     from dvt_backends.torch.benchmark import seed_weights
 
     seed_weights(seed)
     checkpoint = None if weights is not None and _is_dir(weights) else weights
-    return dvt_core.build(name, weights=checkpoint, precision=precision, **overrides)
+    return build(name, weights=checkpoint, precision=precision, **overrides)
 
 
 def _is_dir(path) -> bool:

@@ -10,6 +10,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from dvt_core.runtime.builder import build
+from dvt_core.runtimes import import_runtime
 
 # find_thresholds puts each threshold exactly on one image's confidence. The runtimes' logits differ in
 # the last bits (about 1e-6), so that image could leave in one and go on in the other; a threshold up to
@@ -342,9 +343,8 @@ def build_subject(runtime: str, precision: str, name: str, weights, overrides: d
         if compile:
             model.compile()
             static.compile()
-        from dvt_backends.torch.benchmark import references
-
-        return Subject(f"torch {precision}", model, static, {} if no_timm else references(model, static))
+        refs = {} if no_timm else framework_side("torch").references(model, static)
+        return Subject(f"torch {precision}", model, static, refs)
     fmt = EXPORT_FORMAT[runtime]
     if weights is not None and _is_dir(weights):
         model = build(weights, backend=runtime, precision=precision, threads=threads)
@@ -369,11 +369,21 @@ def build_subject(runtime: str, precision: str, name: str, weights, overrides: d
     return Subject(f"{runtime} {precision}", model, static)
 
 
+def framework_side(name: str):
+    """Framework ``name``'s side of a benchmark (``setup`` of threads and device, ``seed_weights``,
+    ``references``: other libraries' static models), its ``benchmark`` module reached through the registry."""
+    return import_runtime(name, "benchmark")
+
+
+def setup_framework(name: str, device: str, threads) -> dict:
+    """``threads`` applied and ``device`` checked by framework ``name`` (InputError when it cannot use it);
+    what was set (versions, threads, device)."""
+    return framework_side(name).setup(device, threads)
+
+
 def _seeded_torch(name, weights, overrides, seed, precision):
     """The torch DVT (random weights seeded, unless ``weights`` is a checkpoint; an export folder is not)."""
-    from dvt_backends.torch.benchmark import seed_weights
-
-    seed_weights(seed)
+    framework_side("torch").seed_weights(seed)
     checkpoint = None if weights is not None and _is_dir(weights) else weights
     return build(name, weights=checkpoint, precision=precision, **overrides)
 

@@ -220,9 +220,7 @@ def run(args) -> int:
     machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                "cpu_count": os.cpu_count(), "threads": args.threads}
     if "torch" in args.backend or any(b in bench.EXPORT_FORMAT for b in args.backend):
-        from dvt_backends.torch.benchmark import setup
-
-        machine.update(setup(args.device, args.threads))
+        machine.update(bench.setup_framework("torch", args.device, args.threads))
     report = {"model": spec.name, "weights": args.weights, "machine": machine, "runs": []}
     print(f"machine: {machine['processor']}, {machine['cpu_count']} cores, {args.threads or 'default'} threads, "
           f"device {machine.get('device', args.device)}", file=out)

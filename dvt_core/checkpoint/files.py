@@ -36,7 +36,7 @@ from dvt_core import fileio, schema
 from dvt_core.checkpoint import ms_ckpt as ckpt_format
 from dvt_core.checkpoint.metadata import check_checkpoint_meta
 from dvt_core.checkpoint.dtypes import WidenedArray, bf16_to_float32, refuse_dtype, widened  # noqa: F401
-from dvt_core.errors import CheckpointError, InputError, UnsafeCheckpointError
+from dvt_core.errors import CheckpointError, CheckpointWarning, InputError, UnsafeCheckpointError
 from dvt_core.runtimes import import_runtime
 from dvt_core.checkpoint.naming import (canonical_to_mindspore, canonical_to_ms_official, is_ms_official_layout, is_ms_training_state,
                      is_official_layout, mindspore_to_canonical, ms_official_to_canonical, rename_official)
@@ -69,8 +69,6 @@ SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "
                       "I16": "<i2", "I8": "i1", "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?"}
 
 
-class CheckpointWarning(UserWarning):
-    """A lossless change made while loading (a dtype widened to float32), listed rather than hidden."""
 META_ENTRY = "dvt_meta"  # the entry of a torch or MindSpore file that holds the metadata as JSON
 
 

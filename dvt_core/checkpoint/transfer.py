@@ -24,7 +24,7 @@ from typing import Optional
 
 import numpy as np
 
-from dvt_core.errors import CheckpointError, list_problems
+from dvt_core.errors import ArgumentError, CheckpointError, list_problems
 
 HEAD = re.compile(r"^stages\.\d+\.head\.(weight|bias)$")
 POS_EMBED = re.compile(r"^stages\.(\d+)\.pos_embed$")
@@ -68,7 +68,7 @@ def bicubic_matrix(old: int, new: int) -> np.ndarray:
     """``(new, old)`` per-axis matrix of bicubic resizing (half-pixel centres, edge samples repeated):
     the map of ``torch.nn.functional.interpolate(mode="bicubic", align_corners=False)``."""
     if old < 1 or new < 1:
-        raise ValueError(f"sizes must be positive, got {old} -> {new}")
+        raise ArgumentError(f"sizes must be positive, got {old} -> {new}")
     m = np.zeros((new, old), dtype=np.float64)
     scale = old / new
     for i in range(new):
@@ -86,7 +86,7 @@ def resample_pos_embed(pos: np.ndarray, new_grid: int) -> np.ndarray:
     n = pos.shape[1] - 1
     old = int(round(math.sqrt(n)))
     if pos.ndim != 3 or pos.shape[0] != 1 or old * old != n:
-        raise ValueError(f"not a class token plus a square grid of positions: shape {pos.shape}")
+        raise ArgumentError(f"not a class token plus a square grid of positions: shape {pos.shape}")
     r = bicubic_matrix(old, new_grid)
     grid = pos[0, 1:].astype(np.float64).reshape(old, old, -1)
     grid = np.einsum("ia,jb,abd->ijd", r, r, grid).reshape(new_grid * new_grid, -1)
@@ -100,7 +100,7 @@ def resample_patch_kernel(weight: np.ndarray, new_size: int) -> np.ndarray:
     patch ``x`` when the kernel grows (exactly) and as nearly as possible when it shrinks."""
     d, c, k, k2 = weight.shape
     if k != k2:
-        raise ValueError(f"not a square kernel: shape {weight.shape}")
+        raise ArgumentError(f"not a square kernel: shape {weight.shape}")
     r = bicubic_matrix(k, new_size)
     b = np.kron(r, r)  # (new*new, k*k): resize of a row-major flattened patch
     pinv = np.linalg.pinv(b.T)  # (new*new, k*k)

@@ -19,7 +19,7 @@ from typing import Iterator, Optional, Union
 import numpy as np
 
 from dvt_core.data.images import ImageReadError, normalize, peek_is_gray, read_image  # noqa: F401  (normalize: also here)
-from dvt_core.errors import DataError
+from dvt_core.errors import ArgumentError, DataError, UnreadableImagesError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_ENV = "DVT_FASHION_MNIST"
@@ -156,7 +156,7 @@ def load_fashion_mnist(
     that parse but do not look like Fashion-MNIST (wrong shape, counts or labels) raise too.
     """
     if split not in _SPLIT_PREFIX:
-        raise ValueError(f"split must be one of {sorted(_SPLIT_PREFIX)}, got {split!r}")
+        raise ArgumentError(f"split must be one of {sorted(_SPLIT_PREFIX)}, got {split!r}")
     folder = fashion_mnist_root(root)
     if not os.path.isdir(folder):
         raise DataError(_missing_message(f"Fashion-MNIST folder {folder} does not exist"))
@@ -192,7 +192,7 @@ def subset_indices(labels: np.ndarray, n_per_class: int, seed: int,
     """
     labels = np.asarray(labels)
     if n_per_class < 1:
-        raise ValueError(f"n_per_class must be >= 1, got {n_per_class}")
+        raise ArgumentError(f"n_per_class must be >= 1, got {n_per_class}")
     if num_classes is None:
         num_classes = int(labels.max()) + 1 if labels.size else 0
     rng = np.random.default_rng(seed)
@@ -272,17 +272,6 @@ def image_folder_files(root: Union[str, os.PathLike]) -> tuple[list[tuple[str, i
     return files, class_names
 
 
-class UnreadableImagesError(DataError):
-    """Image files of a folder that cannot be read, every one of them named (found in one pass)."""
-
-    def __init__(self, root: str, problems: list[str]):
-        self.problems = list(problems)
-        shown = "; ".join(self.problems[:20]) + (f"; ... {len(self.problems) - 20} more" if len(self.problems) > 20
-                                                  else "")
-        super().__init__(f"image folder {root}: {len(self.problems)} unreadable image file(s) (fix or remove "
-                         f"them, or skip them): {shown}")
-
-
 def _reason(exc: Exception, path: str) -> str:
     """``path: reason`` from an image error (whose message usually starts with the path already)."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -303,7 +292,7 @@ class ImageFolderDataset:
     def __init__(self, root, img_size: Optional[int] = None, channels: Optional[int] = None,
                  unreadable: str = "raise"):
         if unreadable not in ("raise", "skip"):
-            raise ValueError(f"unreadable must be 'raise' or 'skip', got {unreadable!r}")
+            raise ArgumentError(f"unreadable must be 'raise' or 'skip', got {unreadable!r}")
         pairs, self.class_names = image_folder_files(root)
         # Every header is read once, here, so that all unreadable files are known in one pass.
         gray, self.skipped = [], []
@@ -356,7 +345,7 @@ def load_image_folder(
     out and appends ``"path: reason"`` for each to ``skipped`` (a list, when given).
     """
     if unreadable not in ("raise", "skip"):
-        raise ValueError(f"unreadable must be 'raise' or 'skip', got {unreadable!r}")
+        raise ArgumentError(f"unreadable must be 'raise' or 'skip', got {unreadable!r}")
     ds = ImageFolderDataset(root, img_size=img_size, channels=channels, unreadable="skip")  # all, then decide
     problems = list(ds.skipped)
     arrays, keep = [], []
@@ -392,15 +381,15 @@ def split_holdout(n: int, holdout: Union[int, float], seed: int) -> tuple[np.nda
     out of the training split; the same ``(n, holdout, seed)`` always gives the same split.
     """
     if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
+        raise ArgumentError(f"n must be >= 0, got {n}")
     if isinstance(holdout, (float, np.floating)):
         if not 0.0 <= holdout < 1.0:
-            raise ValueError(f"a fractional holdout must lie in [0, 1), got {holdout}")
+            raise ArgumentError(f"a fractional holdout must lie in [0, 1), got {holdout}")
         k = int(round(holdout * n))
     else:
         k = int(holdout)
         if not 0 <= k <= n:
-            raise ValueError(f"holdout must be between 0 and n={n}, got {k}")
+            raise ArgumentError(f"holdout must be between 0 and n={n}, got {k}")
     perm = np.random.default_rng(seed).permutation(n)
     return np.sort(perm[k:]).astype(np.int64), np.sort(perm[:k]).astype(np.int64)
 
@@ -415,9 +404,9 @@ def augment(batch: np.ndarray, rng: np.random.Generator, pad: int = 2, flip: boo
     """
     batch = np.asarray(batch)
     if batch.ndim not in (3, 4):
-        raise ValueError(f"augment expects (N, H, W) or (N, H, W, C), got shape {batch.shape}")
+        raise ArgumentError(f"augment expects (N, H, W) or (N, H, W, C), got shape {batch.shape}")
     if pad < 0:
-        raise ValueError(f"pad must be >= 0, got {pad}")
+        raise ArgumentError(f"pad must be >= 0, got {pad}")
     n, h, w = batch.shape[:3]
     out = batch.copy()
     if pad > 0:
@@ -448,12 +437,12 @@ def iterate_batches(
     """
     n = len(images)
     if len(labels) != n:
-        raise ValueError(f"{n} images but {len(labels)} labels")
+        raise ArgumentError(f"{n} images but {len(labels)} labels")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise ArgumentError(f"batch_size must be >= 1, got {batch_size}")
     if shuffle:
         if rng is None:
-            raise ValueError("shuffle=True needs a numpy.random.Generator (rng)")
+            raise ArgumentError("shuffle=True needs a numpy.random.Generator (rng)")
         order = rng.permutation(n)
     else:
         order = np.arange(n)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Union
 
-from dvt_core.errors import SpecError
+from dvt_core.errors import ArgumentError, SpecError
 from dvt_core.model.specs import CascadeSpec, StageSpec, T2TSpec, apply_overrides
 
 _REGISTRY: dict[str, Callable[[], CascadeSpec]] = {}
@@ -17,7 +17,7 @@ _REGISTRY: dict[str, Callable[[], CascadeSpec]] = {}
 def register(fn: Callable[[], CascadeSpec]) -> Callable[[], CascadeSpec]:
     name = fn.__name__
     if name in _REGISTRY:
-        raise ValueError(f"model {name!r} registered twice")
+        raise SpecError(f"model {name!r} registered twice")
     _REGISTRY[name] = fn
     return fn
 
@@ -38,7 +38,7 @@ def get_spec(name_or_spec: Union[str, CascadeSpec], **overrides) -> CascadeSpec:
     if isinstance(name_or_spec, CascadeSpec):
         return apply_overrides(name_or_spec, **overrides)
     if not isinstance(name_or_spec, str):
-        raise TypeError(f"expected a model name or a CascadeSpec, got {type(name_or_spec).__name__}")
+        raise ArgumentError(f"expected a model name or a CascadeSpec, got {type(name_or_spec).__name__}")
     if name_or_spec not in _REGISTRY:
         import difflib
 

@@ -24,14 +24,10 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from dvt_core.errors import DVTError, InputError
+from dvt_core.errors import DVTError, InputError, ServerStartError
 from dvt_core.runtime.builder import build
 
 URL_LINE = re.compile(r"http://(127\.0\.0\.1|localhost|\[::1\]):(\d+)")
-
-
-class ServerStartError(DVTError):
-    """The server did not print its URL in time (its stderr tail is in the message)."""
 
 
 def check_loopback(url: str) -> tuple[str, int]:

@@ -16,7 +16,7 @@ import numpy as np
 from dvt_core.checkpoint.metadata import add_meta_rule
 from dvt_core.data import sources as data
 from dvt_core.data.datasets import FOLDER_HOLDOUT, HOLDOUT, HOLDOUT_SEED, is_fashion_mnist  # noqa: F401
-from dvt_core.errors import ArgumentError, ConfigError, DVTError
+from dvt_core.errors import ArgumentError, ConfigError, DVTError, TrainingDiverged
 from dvt_core.schema import MAX_SEED, want_dict
 
 # upper bounds of TrainConfig.validate (far beyond any real run; they bound what a hostile record can ask for)
@@ -24,10 +24,6 @@ MAX_EPOCHS = 1_000_000
 MAX_BATCH = 1 << 20
 MAX_PAD = 1024
 MAX_COUNT = 1 << 40  # steps, held-out images
-
-
-class TrainingDiverged(DVTError):
-    """The training loss became NaN or infinite; the run stopped and wrote no weights for it."""
 
 
 @dataclass

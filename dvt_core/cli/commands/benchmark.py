@@ -19,8 +19,9 @@ import tempfile
 
 import numpy as np
 
-from dvt_core.cli.commands._shared import (UserError, add_force_option, check_outputs, emit_json, parse_budget,
+from dvt_core.cli.commands._shared import (add_force_option, check_outputs, emit_json, parse_budget,
                                            parse_overrides)
+from dvt_core.errors import ArgumentError
 from dvt_core.runtime.benchmarking import MODES, RUNTIMES
 from dvt_core.schema import MAX_BENCH_BATCH, MAX_SEED, number
 
@@ -76,18 +77,18 @@ def _check_args(args) -> None:
     if bad:
         other = {"mindspore": "time MindSpore with benchmarks/bench_mindspore.py",
                  "mindir": "time MindIR graphs with `dvt evaluate --backend mindir`"}.get(bad[0], "")
-        raise UserError(f"dvt benchmark times {', '.join(RUNTIMES)}, not {bad[0]!r}" + (f" ({other})" if other else ""))
+        raise ArgumentError(f"dvt benchmark times {', '.join(RUNTIMES)}, not {bad[0]!r}" + (f" ({other})" if other else ""))
     if args.compile and args.backend != ["torch"]:
-        raise UserError("--compile is for the torch runtime alone (--backend torch)")
+        raise ArgumentError("--compile is for the torch runtime alone (--backend torch)")
     for name in ("images", "repeats"):
         if getattr(args, name) < 1:
-            raise UserError(f"--{name} must be 1 or more, got {getattr(args, name)}")
+            raise ArgumentError(f"--{name} must be 1 or more, got {getattr(args, name)}")
     if args.warmup < 0:
-        raise UserError(f"--warmup must be 0 or more, got {args.warmup}")
+        raise ArgumentError(f"--warmup must be 0 or more, got {args.warmup}")
     if any(b < 1 for b in args.batch_sizes):
-        raise UserError(f"--batch-sizes must be 1 or more, got {args.batch_sizes}")
+        raise ArgumentError(f"--batch-sizes must be 1 or more, got {args.batch_sizes}")
     if args.threads is not None and args.threads < 1:
-        raise UserError(f"--threads must be 1 or more, got {args.threads}")
+        raise ArgumentError(f"--threads must be 1 or more, got {args.threads}")
 
 
 def _shares(args, spec, costs) -> np.ndarray:
@@ -97,7 +98,7 @@ def _shares(args, spec, costs) -> np.ndarray:
     n = spec.num_exits
     if args.budget is not None:
         if not costs[0] <= args.budget <= costs[-1]:
-            raise UserError(f"--budget {args.budget:g} MACs is outside what {spec.name} can spend "
+            raise ArgumentError(f"--budget {args.budget:g} MACs is outside what {spec.name} can spend "
                             f"({costs[0]} to {costs[-1]} MACs per image)")
         lo, hi = 1e-4, 1e4  # budget_fractions(p): higher p, later exits, more MACs
         for _ in range(100):
@@ -109,7 +110,7 @@ def _shares(args, spec, costs) -> np.ndarray:
         return policy.budget_fractions(lo, n).astype(np.float64)
     split = args.split if args.split is not None else ([0.6, 0.25, 0.15] if n == 3 else [1.0 / n] * n)
     if len(split) != n or min(split) < 0 or abs(sum(split) - 1.0) > 1e-6:
-        raise UserError(f"--split needs {n} non-negative shares summing to 1 for {spec.name}, got {split}")
+        raise ArgumentError(f"--split needs {n} non-negative shares summing to 1 for {spec.name}, got {split}")
     return np.asarray(split, np.float64)
 
 
@@ -188,10 +189,10 @@ def _run_serve(args) -> int:
     from dvt_core.serve.loadtest import benchmark, format_report
 
     if args.model != "dvt_fashion_mnist":
-        raise UserError("--serve compares the shipped dvt_fashion_mnist with static_fashion_mnist_7x7: "
+        raise ArgumentError("--serve compares the shipped dvt_fashion_mnist with static_fashion_mnist_7x7: "
                         "run `dvt benchmark dvt_fashion_mnist --serve`")
     if min(args.concurrency) < 1 or args.requests < 1 or args.repeats < 1:
-        raise UserError("--concurrency, --requests and --repeats must be 1 or more")
+        raise ArgumentError("--concurrency, --requests and --repeats must be 1 or more")
     check_outputs(args, args.json)
     out = sys.stdout if args.json != "-" else sys.stderr
     report = benchmark(concurrencies=args.concurrency, requests=args.requests, rounds=args.repeats,
@@ -215,7 +216,7 @@ def run(args) -> int:
     if args.split is not None or args.budget is not None:
         _shares(args, spec, bench_costs(spec))  # a bad --split / --budget before anything is built
     if args.weights not in (None, "default") and not os.path.exists(args.weights):
-        raise UserError(f"weights file or folder not found: {args.weights}")
+        raise ArgumentError(f"weights file or folder not found: {args.weights}")
     out = sys.stdout if args.json != "-" else sys.stderr
     machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                "cpu_count": os.cpu_count(), "threads": args.threads}
@@ -256,7 +257,7 @@ def _offered(runtimes, precisions) -> tuple[list, list]:
                 notes.append(f"the {runtime} runtime runs {', '.join(offered)}, not {p}{f' ({why})' if why else ''}: "
                              "left out")
     if not pairs:
-        raise UserError("; ".join(notes))
+        raise ArgumentError("; ".join(notes))
     return pairs, notes
 
 

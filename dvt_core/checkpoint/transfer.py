@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Optional
 
 import numpy as np
 
@@ -207,8 +206,3 @@ def param_groups(named_shapes, weight_decay: float) -> list[dict]:
     for name, ndim in named_shapes:
         (no_decay if no_weight_decay(name, ndim) else decay).append(name)
     return [{"names": decay, "weight_decay": float(weight_decay)}, {"names": no_decay, "weight_decay": 0.0}]
-
-
-def stage_of(name: str) -> Optional[int]:
-    m = re.match(r"^stages\.(\d+)\.", name)
-    return int(m.group(1)) if m else None

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -24,3 +25,42 @@ def test_the_import_contracts_are_kept():
                          timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "0 broken" in run.stdout, run.stdout
+
+
+def _contract_layers() -> list[set[str]]:
+    """The layers of the ``layers`` contract in ``.importlinter``, top first, each a set of module names."""
+    import configparser
+
+    config = configparser.ConfigParser()
+    config.read(ROOT / ".importlinter", encoding="utf-8")
+    lines = [ln.strip() for ln in config["importlinter:contract:layers"]["layers"].splitlines() if ln.strip()]
+    return [{name.strip() for name in re.split(r"[|:]", ln)} for ln in lines]
+
+
+def _layout_rows() -> list[tuple[list[str], set[str]]]:
+    """``(modules, dvt_core layers named as importable)`` of each ``dvt_core`` row of the README's layout table."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
+    rows = []
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 3 or not cells[0].startswith("`dvt_core/"):
+            continue
+        modules = [re.sub(r"^dvt_core/", "", m).strip("/").removesuffix(".py") for m in re.findall(r"`([^`]+)`", cells[0])]
+        named = {tok.split(".")[0] for tok in re.findall(r"`([^`]+)`", cells[2])}
+        rows.append((modules, named))
+    return rows
+
+
+def test_the_readme_layout_table_says_what_the_contracts_allow():
+    layers = _contract_layers()
+    known = set().union(*layers)
+    covered = set()
+    for modules, named in _layout_rows():
+        depth = {next(i for i, layer in enumerate(layers) if m in layer) for m in modules}
+        assert len(depth) == 1, f"README layout row {modules} mixes layers of .importlinter"
+        below = set().union(*layers[depth.pop() + 1:])
+        assert named & known == below, (f"README layout row {modules}: its last column names "
+                                        f"{sorted(named & known)}; .importlinter lets it import {sorted(below)}")
+        covered.update(modules)
+    assert covered == known - {"__main__"}, f"layers without a README layout row: {sorted(known - covered - {'__main__'})}"

@@ -8,7 +8,7 @@ that a change in machine load hits them alike: read the ratios, measured within 
 checkpoint's stored operating point when ``--weights`` has one, else ``--split`` (the share of the images
 leaving at each exit, found on the very images timed; 60 / 25 / 15 % for three exits) or ``--budget``.
 The last line says whether early exit pays. One function per mode (``MODE_PRINTERS``); the timing is
-written over the runtime contract in ``dvt_core.runtime.benchmarking``.
+written over the runtime contract in ``dvt_core.bench.benchmarking``.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import numpy as np
 from dvt_core.cli.commands._shared import (add_force_option, check_outputs, emit_json, parse_budget,
                                            parse_overrides)
 from dvt_core.errors import ArgumentError
-from dvt_core.runtime.benchmarking import MODES, RUNTIMES
+from dvt_core.bench.benchmarking import MODES, RUNTIMES
 from dvt_core.schema import MAX_BENCH_BATCH, MAX_SEED, number
 
 HELP = ("does early exit pay? adaptive inference against the same runtime's static backbone, per runtime and "
@@ -63,7 +63,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=number("int", 0, MAX_SEED), default=0)
     parser.add_argument("--json", default=None, metavar="F", help="write the figures as JSON ('-' for stdout)")
     add_force_option(parser)
-    # --serve: the HTTP service under load (dvt_core.serve.loadtest), its own mode
+    # --serve: the HTTP service under load (dvt_core.bench.loadtest), its own mode
     parser.add_argument("--serve", action="store_true",
                         help="load-test `dvt serve` on 127.0.0.1: adaptive against every stage and the static "
                              "model (dvt_fashion_mnist; --threads per server, --repeats rounds)")
@@ -186,7 +186,7 @@ MODE_PRINTERS = {"adaptive": print_adaptive, "stages": print_stages, "streaming"
 
 def _run_serve(args) -> int:
     """``--serve``: the loopback load test of the service (the library runs it; this prints it)."""
-    from dvt_core.serve.loadtest import benchmark, format_report
+    from dvt_core.bench.loadtest import benchmark, format_report
 
     if args.model != "dvt_fashion_mnist":
         raise ArgumentError("--serve compares the shipped dvt_fashion_mnist with static_fashion_mnist_7x7: "
@@ -208,7 +208,7 @@ def run(args) -> int:
         return _run_serve(args)
 
     from dvt_core.model.zoo import get_spec
-    from dvt_core.runtime import benchmarking as bench
+    from dvt_core.bench import benchmarking as bench
 
     _check_args(args)
     check_outputs(args, args.json)
@@ -269,7 +269,7 @@ def bench_costs(spec):
 
 def _run_subject(args, runtime, precision, workdir, out) -> dict:
     """Every mode at every batch size for one runtime at one precision, and a verdict per batch size."""
-    from dvt_core.runtime import benchmarking as bench
+    from dvt_core.bench import benchmarking as bench
     from dvt_core.runtime import policy
 
     subject = bench.build_subject(runtime, precision, args.model, args.weights, parse_overrides(args.override),

@@ -64,3 +64,15 @@ def test_the_readme_layout_table_says_what_the_contracts_allow():
                                         f"{sorted(named & known)}; .importlinter lets it import {sorted(below)}")
         covered.update(modules)
     assert covered == known - {"__main__"}, f"layers without a README layout row: {sorted(known - covered - {'__main__'})}"
+
+
+def test_no_library_function_is_longer_than_60_lines():
+    import ast
+
+    long = []
+    for path in sorted([*(ROOT / "dvt_core").rglob("*.py"), *(ROOT / "dvt_backends").rglob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} "
+                            f"({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, "functions over 60 lines: " + "; ".join(long)

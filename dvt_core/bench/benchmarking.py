@@ -230,12 +230,7 @@ def time_stages(subject: Subject, chunks: Sequence[np.ndarray], warmup: int, rep
     b, sb = _backend(model), _backend(static)
     n = sum(len(c) for c in chunks)
     xs, xs_static = _inputs(model, chunks), _inputs(static, chunks)
-    carries = []  # per stage, per chunk: what the stage reads
-    with b.inference(model):
-        per_chunk = [None] * len(xs)
-        for i in range(model.spec.num_exits):
-            carries.append(list(per_chunk))
-            per_chunk = [b.run_stage(model, i, x, c)[1] for x, c in zip(xs, per_chunk)]
+    carries = _stage_inputs(model, xs)
 
     def stage(i):
         def go():
@@ -274,18 +269,36 @@ def time_stages(subject: Subject, chunks: Sequence[np.ndarray], warmup: int, rep
     del times["cascade"], in_cascade[:warmup]
     macs = {f"stage {i + 1}": stage_macs(model.spec, i) for i in range(num_exits)}
     macs["static"] = static.exit_macs[-1]
+    return {"mode": "stages", "images": n, "batch": len(chunks[0]), "variants": _stage_rows(times, macs, in_cascade, n)}
+
+
+def _stage_inputs(model, xs: list) -> list:
+    """Per stage, per chunk of ``xs``: the carry that stage reads (the previous stage's output; None first)."""
+    b = _backend(model)
+    carries = []
+    with b.inference(model):
+        per_chunk = [None] * len(xs)
+        for i in range(model.spec.num_exits):
+            carries.append(list(per_chunk))
+            per_chunk = [b.run_stage(model, i, x, c)[1] for x, c in zip(xs, per_chunk)]
+    return carries
+
+
+def _stage_rows(times: dict, macs: dict, in_cascade: list, n: int) -> dict:
+    """Each stage's and the static model's figures, MACs per second against the static model's, and each
+    stage's best time inside the cascade against its time alone."""
     static_rate = macs["static"] * n / min(times["static"])
     rows = {}
     for k, ts in times.items():
         rate = macs[k] * n / min(ts)
         rows[k] = {**figures(ts, n), "macs_per_image": macs[k], "macs_per_s": rate,
                    "of_static": rate / static_rate}
-    for i in range(num_exits):
+    for i in range(len(macs) - 1):
         best = min(per[i] for per in in_cascade)
         row = rows[f"stage {i + 1}"]
         row["ms_per_image_in_cascade"] = best / n * 1e3
         row["in_cascade_of_alone"] = best / min(times[f"stage {i + 1}"])
-    return {"mode": "stages", "images": n, "batch": len(chunks[0]), "variants": rows}
+    return rows
 
 
 def verdict(label: str, row: dict, base: str = "static") -> str:

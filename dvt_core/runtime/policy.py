@@ -79,13 +79,19 @@ __all__ = [
 # validation helpers
 
 
+def _check_shape(values, name: str, axes: str, needs: str, error=ArgumentError) -> np.ndarray:
+    """``values`` as an array with the axes ``axes`` names (``"(exits, samples)"``), none of them empty."""
+    arr = np.asarray(values)
+    if arr.ndim != axes.count(",") + 1:
+        raise error(f"{name} must be shaped {axes}; got {arr.ndim} dimension(s) {arr.shape}")
+    if 0 in arr.shape:
+        raise error(f"{name} needs at least {needs}; got shape {arr.shape}")
+    return arr
+
+
 def _check_probs(probs, name: str = "probs") -> np.ndarray:
     """``probs`` as a floating array shaped (exits, samples, classes), with at least one of each."""
-    arr = np.asarray(probs)
-    if arr.ndim != 3:
-        raise ArgumentError(f"{name} must be shaped (exits, samples, classes); got {arr.ndim} dimension(s) {arr.shape}")
-    if 0 in arr.shape:
-        raise ArgumentError(f"{name} needs at least one exit, sample and class; got shape {arr.shape}")
+    arr = _check_shape(probs, name, "(exits, samples, classes)", "one exit, sample and class")
     if not np.issubdtype(arr.dtype, np.floating):
         raise ArgumentError(f"{name} must hold floating-point values; got dtype {arr.dtype}")
     return arr
@@ -93,11 +99,7 @@ def _check_probs(probs, name: str = "probs") -> np.ndarray:
 
 def _check_conf(conf, name: str = "confidences") -> np.ndarray:
     """Confidences as a finite float32 array shaped (exits, samples)."""
-    arr = np.asarray(conf)
-    if arr.ndim != 2:
-        raise InputError(f"{name} must be shaped (exits, samples); got {arr.ndim} dimension(s) {arr.shape}")
-    if 0 in arr.shape:
-        raise InputError(f"{name} needs at least one exit and one sample; got shape {arr.shape}")
+    arr = _check_shape(conf, name, "(exits, samples)", "one exit and one sample", InputError)
     arr = arr.astype(np.float32, copy=False)
     if not np.isfinite(arr).all():
         raise InputError(f"{name} contain NaN or infinite values (NaN or infinite logits: the weights or the "

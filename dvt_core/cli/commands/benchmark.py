@@ -143,30 +143,40 @@ def _unit(spec_macs) -> tuple[float, str]:
     return (1e9, "G") if max(spec_macs) >= 1e9 else (1e6, "M")
 
 
+def _print_block(title: str, header: str, lines, out) -> None:
+    """One mode's results: a blank line and its title, the column header, a line per variant."""
+    print(f"\n{title}", file=out)
+    print(header, file=out)
+    for line in lines:
+        print(line, file=out)
+
+
 def print_adaptive(row, label, unit, out) -> None:
     scale, u = unit
-    print(f"\n{label}, batch {row['batch']}: {row['images']} images, exit shares "
-          f"{np.round(row['exit_shares'], 3).tolist()}, mean {_macs(row['mean_macs'], scale)} {u}MACs/image", file=out)
     width = max(len(k) for k in row["variants"])
-    print(f"  {'':{width}}  ms/img best  median    img/s  {u}MACs  adaptive speed-up: predicted  realised  ratio",
-          file=out)
-    for k, v in row["variants"].items():
+
+    def line(k, v) -> str:
         tail = ("" if "predicted_speedup" not in v else
                 f"  {v['predicted_speedup']:25.2f}x {v['realised_speedup']:8.2f}x {v['ratio']:6.2f}")
-        print(f"  {k:{width}}  {v['ms_per_image_best']:11.3f} {v['ms_per_image_median']:7.3f} "
-              f"{v['images_per_s_best']:8.1f} {_macs(v['macs_per_image'], scale):>6}{tail}", file=out)
+        return (f"  {k:{width}}  {v['ms_per_image_best']:11.3f} {v['ms_per_image_median']:7.3f} "
+                f"{v['images_per_s_best']:8.1f} {_macs(v['macs_per_image'], scale):>6}{tail}")
+    _print_block(f"{label}, batch {row['batch']}: {row['images']} images, exit shares "
+                 f"{np.round(row['exit_shares'], 3).tolist()}, mean {_macs(row['mean_macs'], scale)} {u}MACs/image",
+                 f"  {'':{width}}  ms/img best  median    img/s  {u}MACs  adaptive speed-up: predicted  realised  ratio",
+                 (line(k, v) for k, v in row["variants"].items()), out)
 
 
 def print_stages(row, label, unit, out) -> None:
     scale, u = unit
-    print(f"\n{label}, batch {row['batch']}: each stage alone (every image going on) against the static model",
-          file=out)
-    print(f"  {'':8}  ms/img best  {u}MACs  GMAC/s  of static  in the cascade: ms/img  x alone", file=out)
-    for k, v in row["variants"].items():
+
+    def line(k, v) -> str:
         tail = ("" if "ms_per_image_in_cascade" not in v else
                 f"  {v['ms_per_image_in_cascade']:21.3f} {v['in_cascade_of_alone']:7.2f}x")
-        print(f"  {k:8}  {v['ms_per_image_best']:11.3f} {_macs(v['macs_per_image'], scale):>6} "
-              f"{v['macs_per_s'] / 1e9:7.2f} {v['of_static']:9.2f}{tail}", file=out)
+        return (f"  {k:8}  {v['ms_per_image_best']:11.3f} {_macs(v['macs_per_image'], scale):>6} "
+                f"{v['macs_per_s'] / 1e9:7.2f} {v['of_static']:9.2f}{tail}")
+    _print_block(f"{label}, batch {row['batch']}: each stage alone (every image going on) against the static model",
+                 f"  {'':8}  ms/img best  {u}MACs  GMAC/s  of static  in the cascade: ms/img  x alone",
+                 (line(k, v) for k, v in row["variants"].items()), out)
 
 
 def print_streaming(row, label, unit, out) -> None:

@@ -150,13 +150,16 @@ def _emit(args, spec, classes, names, files, res, width) -> None:
         print(line, flush=False)
 
 
+def _check_counts(args) -> None:
+    for option, value in (("--batch-size", args.batch_size), ("--top-k", args.top_k)):
+        if value < 1:
+            raise ArgumentError(f"{option} must be at least 1, got {value}")
+
+
 def run(args) -> int:
     from dvt_core.runtime import evaluation
 
-    if args.batch_size < 1:
-        raise ArgumentError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.top_k < 1:
-        raise ArgumentError(f"--top-k must be at least 1, got {args.top_k}")
+    _check_counts(args)
     files = collect_images(input_paths(args))
     early = early_spec(args)
     if early is not None:  # the usual mistakes, before the model is built

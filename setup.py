@@ -42,8 +42,9 @@ setup(
         "openvino": OPENVINO,
         "serve": SERVE,
         "ray": RAY + SERVE,
-        # setuptools with its own bdist_wheel: the wheel check builds offline (pip wheel --no-build-isolation)
-        "dev": ["pytest>=7", "setuptools>=70.1", "wheel"],
+        # setuptools with its own bdist_wheel: the wheel check builds offline (pip wheel --no-build-isolation);
+        # import-linter checks the layers (.importlinter, tests/test_architecture.py)
+        "dev": ["pytest>=7", "setuptools>=70.1", "wheel", "import-linter==2.17"],
     },
     entry_points={"console_scripts": ["dvt=dvt_core.cli.main:main"]},
 )

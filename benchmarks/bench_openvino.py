@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 import dvt_core  # noqa: E402
 from dvt_core.export.writer import export, export_model  # noqa: E402
-from dvt_core.runtime.benchmarking import time_interleaved  # noqa: E402
+from dvt_core.bench.benchmarking import time_interleaved  # noqa: E402
 
 RUNTIMES = (("openvino", "fp32"), ("openvino", "bf16"), ("onnx", "fp32"))
 

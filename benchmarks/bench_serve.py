@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from dvt_core.serve.loadtest import benchmark, format_report
+from dvt_core.bench.loadtest import benchmark, format_report
 
 
 def main() -> None:

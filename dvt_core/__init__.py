@@ -17,7 +17,10 @@ from dvt_core.errors import CheckpointError, DataError, DVTError, InputError, Sp
 from dvt_core.model.specs import CascadeSpec, StageSpec, T2TSpec
 from dvt_core.model.zoo import get_spec, list_models, static_spec
 
-__version__ = "0.1.0"
+from dvt_core.version import __version__  # noqa: F401
+# A checkpoint's training record is checked by the training configuration's own rules, which that layer
+# adds to the checkpoint metadata rules: imported here, before anything can read a checkpoint.
+from dvt_core.training import config as _training_config  # noqa: E402,F401
 
 # The public modules a user reaches as ``dvt_core.<name>`` (loaded on first use: some import heavier code).
 _PUBLIC_MODULES = {"policy": "dvt_core.runtime.policy", "operating_point": "dvt_core.runtime.operating_point",

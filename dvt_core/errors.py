@@ -2,6 +2,8 @@
 message as one line, exit 2."""
 from __future__ import annotations
 
+from typing import Optional
+
 
 class DVTError(ValueError):
     """The root of every error a user can cause: the CLI maps it, and only it, to one line and status 2.
@@ -83,3 +85,38 @@ class ArgumentError(InputError):
 class OutputError(DVTError):
     """An output that could not be written (the disk full, a quota, a write the file system refused); nothing
     half-written is left."""
+
+
+class ImageReadError(DataError, InputError):
+    """An image file that is missing, unreadable, of a refused format or too large."""
+
+
+class UnreadableImagesError(DataError):
+    """Image files of a folder that cannot be read, every one of them named (found in one pass)."""
+
+    def __init__(self, root: str, problems: list[str]):
+        self.problems = list(problems)
+        shown = "; ".join(self.problems[:20]) + (f"; ... {len(self.problems) - 20} more" if len(self.problems) > 20
+                                                  else "")
+        super().__init__(f"image folder {root}: {len(self.problems)} unreadable image file(s) (fix or remove "
+                         f"them, or skip them): {shown}")
+
+
+class CheckpointWarning(UserWarning):
+    """A lossless change made while loading (a dtype widened to float32), listed rather than hidden."""
+
+
+class TrainingDiverged(DVTError):
+    """The training loss became NaN or infinite; the run stopped and wrote no weights for it."""
+
+
+class RequestError(DVTError):
+    """A request the service refuses: an HTTP status and a message that names the problem."""
+
+    def __init__(self, status: int, message: str, headers: Optional[dict] = None):
+        super().__init__(message)
+        self.status, self.headers = status, dict(headers or {})
+
+
+class ServerStartError(DVTError):
+    """The server did not print its URL in time (its stderr tail is in the message)."""

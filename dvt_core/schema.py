@@ -1,8 +1,10 @@
-"""Where untrusted input becomes trusted: every value read from outside is checked here before any work.
+"""Where untrusted input becomes trusted: the generic checkers every reader of outside values calls.
 
 Checkpoint metadata, an export's ``dvt.json``, spec dictionaries, ``-O KEY=VALUE`` overrides and
-command-line numbers come from files and people the project does not control. Each reader calls one of
-the checkers below, which:
+command-line numbers come from files and people the project does not control. The rules of each live
+beside what they check (a spec's in ``dvt_core.model``, a checkpoint's metadata in
+``dvt_core.checkpoint.metadata``, the training record in ``dvt_core.training.config``, the manifest's in
+``dvt_core.export.manifest``); they are written with the checkers below, which:
 
 * cap the size before parsing (bytes of a file, characters of a value, nesting depth of JSON);
 * refuse special files (FIFO, device, socket) from ``stat`` alone, never opening them for reading;
@@ -10,7 +12,7 @@ the checkers below, which:
   subclass whose message names the field (``dvt.json: stages[1].sha256 is not ...``);
 * resolve every path a file names inside its folder (no absolute path, no ``..``, no symbolic link out).
 
-Nothing here imports a framework.
+Nothing here imports a framework or another part of dvt_core but its errors.
 """
 from __future__ import annotations
 
@@ -21,9 +23,9 @@ import os
 import re
 import stat
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
-from dvt_core.errors import ArgumentError, CheckpointError, DVTError, InputError, ManifestError, SpecError
+from dvt_core.errors import ArgumentError, InputError, ManifestError, SpecError
 
 # ---- limits -------------------------------------------------------------------------------------------
 MAX_JSON_BYTES = 8 << 20          # a manifest or a metadata string: it describes a model, it never holds one
@@ -31,15 +33,8 @@ MAX_JSON_DEPTH = 32
 MAX_OVERRIDE_CHARS = 4096
 MAX_LIST = 65536                  # items of any one list in metadata (classes, budgets, ...)
 MAX_CLASS_NAME = 512
-MAX_EXITS = 16
 MAX_CLASSES = 1_000_000
-MAX_IMG_SIZE = 4096
-MAX_CHANNELS = 16
-MAX_WIDTH = 16384                 # embed_dim, token_dim
-MAX_DEPTH = 256
-MAX_HEADS = 1024
-MAX_TOKENS = 16384                # tokens of one stage (a 128x128 grid): attention is N^2 per head
-MAX_PARAMS = 2_000_000_000        # parameters of a whole cascade (8 GB of float32)
+MAX_TUPLE = 16                    # items of a tuple field of a dataclass (grids, channels' mean / std)
 MAX_SEED = 2 ** 32 - 1
 MAX_BENCH_BATCH = 4096            # images of one timed batch (4096 RGB 224x224 images are 2.4 GB)
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
@@ -47,7 +42,7 @@ HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
 _KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 
 
-def _show(value, limit: int = 60) -> str:
+def show_value(value, limit: int = 60) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[:limit] + "..."
 
@@ -58,7 +53,7 @@ def want_int(value, where: str, low: Optional[int] = None, high: Optional[int] =
     """``value`` as an int (a whole float such as 3.0 accepted, a bool refused) within [low, high]."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (
             isinstance(value, float) and not (math.isfinite(value) and value.is_integer())):
-        raise error(f"{where} must be a whole number, got {_show(value)}")
+        raise error(f"{where} must be a whole number, got {show_value(value)}")
     value = int(value)
     if (low is not None and value < low) or (high is not None and value > high):
         raise error(f"{where} must lie in [{low if low is not None else '-inf'}, "
@@ -70,7 +65,7 @@ def want_float(value, where: str, low: Optional[float] = None, high: Optional[fl
                low_open: bool = False, high_open: bool = False, error=InputError) -> float:
     """``value`` as a finite float within its bounds (``*_open``: the bound itself excluded)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise error(f"{where} must be a number, got {_show(value)}")
+        raise error(f"{where} must be a number, got {show_value(value)}")
     value = float(value)
     if not math.isfinite(value):
         raise error(f"{where} must be a finite number, got {value}")
@@ -87,7 +82,7 @@ def want_str(value, where: str, max_len: int = 4096, pattern: Optional[re.Patter
     if len(value) > max_len:
         raise error(f"{where} is {len(value)} characters long (at most {max_len})")
     if pattern is not None and not pattern.match(value):
-        raise error(f"{where} {_show(value)} is not a plain name (letters, digits, '.', '_', '+', '-'; "
+        raise error(f"{where} {show_value(value)} is not a plain name (letters, digits, '.', '_', '+', '-'; "
                     "no path separators)")
     return value
 
@@ -110,7 +105,7 @@ def want_dict(value, where: str, error=InputError) -> dict:
 
 def want_bool(value, where: str, error=InputError) -> bool:
     if not isinstance(value, bool):
-        raise error(f"{where} must be true or false, got {_show(value)}")
+        raise error(f"{where} must be true or false, got {show_value(value)}")
     return value
 
 
@@ -139,7 +134,7 @@ def _scalar(text: str, where: str):
     if len(t) >= 2 and t[0] == t[-1] and t[0] in "'\"":
         return t[1:-1]
     if any(c in t for c in "[](){}"):
-        raise ArgumentError(f"{where}: unbalanced or nested brackets in {_show(text)} (a list is [a, b, c])")
+        raise ArgumentError(f"{where}: unbalanced or nested brackets in {show_value(text)} (a list is [a, b, c])")
     return t
 
 
@@ -154,7 +149,7 @@ def parse_value(text: str, where: str = "value"):
     if t[:1] in "[(" or t[-1:] in "])":
         closing = {"[": "]", "(": ")"}.get(t[:1])
         if closing is None or not t.endswith(closing):
-            raise ArgumentError(f"{where}: unbalanced brackets in {_show(text)} (a list is [a, b, c])")
+            raise ArgumentError(f"{where}: unbalanced brackets in {show_value(text)} (a list is [a, b, c])")
         inner = t[1:-1].strip()
         return [] if not inner else [_scalar(part, where) for part in inner.split(",")]
     return _scalar(t, where)
@@ -169,11 +164,11 @@ def parse_overrides(items) -> dict:
     out = {}
     for item in items or ():
         if not isinstance(item, str) or "=" not in item:
-            raise ArgumentError(f"override {_show(item)} is not KEY=VALUE")
+            raise ArgumentError(f"override {show_value(item)} is not KEY=VALUE")
         key, value = item.split("=", 1)
         key = key.strip()
         if not _KEY_RE.match(key):
-            raise ArgumentError(f"override key {_show(key)} is not a field name")
+            raise ArgumentError(f"override key {show_value(key)} is not a field name")
         out[key] = parse_value(value, f"override {key}")
     return out
 
@@ -239,14 +234,14 @@ def resolve_inside(folder, name, where: str, error=ManifestError) -> Path:
     """``folder / name`` for a relative ``name`` that stays inside ``folder`` once every symbolic link is
     resolved; ``error`` naming ``where`` for an absolute path, ``..``, a link leading out, or a non-string."""
     if not isinstance(name, str) or not name or "\x00" in name or len(name) > 1024:
-        raise error(f"{where} must be a file name inside the folder, got {_show(name)}")
+        raise error(f"{where} must be a file name inside the folder, got {show_value(name)}")
     rel = Path(name)
     if rel.is_absolute() or name.startswith(("/", "\\")) or ".." in rel.parts or ".." in name.split("\\"):
-        raise error(f"{where} {_show(name)} leads outside its folder (absolute or '..'); refused")
+        raise error(f"{where} {show_value(name)} leads outside its folder (absolute or '..'); refused")
     root = Path(folder).resolve()
     target = (root / rel).resolve()
     if target != root and root not in target.parents:
-        raise error(f"{where} {_show(name)} resolves to {target}, outside {root}; refused")
+        raise error(f"{where} {show_value(name)} resolves to {target}, outside {root}; refused")
     return target
 
 
@@ -297,10 +292,10 @@ def read_json_file(path, what: str = "JSON file", error=InputError, max_bytes: i
     return loads_json(read_bytes(path, what, error, max_bytes), f"{path}", error, max_bytes)
 
 
-# ---- specs -----------------------------------------------------------------------------------------------
+# ---- typed fields of a dataclass --------------------------------------------------------------------------
 
 def _field_rule(annotation: str, name: str):
-    """A checker for a spec dataclass field from its annotation (they are strings: postponed annotations)."""
+    """A checker for a dataclass field from its annotation (they are strings: postponed annotations)."""
     a = annotation.replace(" ", "")
     if a == "bool":
         return lambda v, w, e: want_bool(v, w, e)
@@ -312,14 +307,16 @@ def _field_rule(annotation: str, name: str):
         return lambda v, w, e: want_str(v, w, 128, NAME_RE if name == "name" else None, e)
     if a.startswith("tuple[int"):
         return lambda v, w, e: [want_int(x, f"{w}[{i}]", -(1 << 20), 1 << 20, e)
-                                for i, x in enumerate(want_list(v, w, max_len=16, error=e))]
+                                for i, x in enumerate(want_list(v, w, max_len=MAX_TUPLE, error=e))]
     if a.startswith("tuple[float"):
         return lambda v, w, e: [want_float(x, f"{w}[{i}]", error=e)
-                                for i, x in enumerate(want_list(v, w, max_len=MAX_CHANNELS, error=e))]
+                                for i, x in enumerate(want_list(v, w, max_len=MAX_TUPLE, error=e))]
     return None
 
 
-def _check_fields(cls, d, where: str, error, nested: dict) -> None:
+def check_fields(cls, d, where: str, error, nested: dict) -> None:
+    """``d`` (an untrusted dict) against dataclass ``cls``: no unknown field, every required one present,
+    each value of its annotated type (bool, int, float, str, tuples of them) or checked by ``nested[name]``."""
     want_dict(d, where, error)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(map(str, d)) - set(fields))
@@ -340,181 +337,7 @@ def _check_fields(cls, d, where: str, error, nested: dict) -> None:
             rule(value, here, error)
 
 
-def check_spec_dict(d, where: str = "spec", error=CheckpointError):
-    """A :class:`~dvt_core.model.specs.CascadeSpec` from an untrusted dict: every field's type checked and
-    named, then the spec's own validation and size limits (:func:`check_spec_limits`)."""
-    from dvt_core.model.specs import CascadeSpec, StageSpec, T2TSpec
-
-    def stage(s, w):
-        _check_fields(StageSpec, s, w, error, {"t2t": lambda t, tw: None if t is None else
-                                               _check_fields(T2TSpec, t, tw, error, {})})
-
-    def stages(v, w):
-        for i, s in enumerate(want_list(v, w, max_len=MAX_EXITS, error=error)):
-            stage(s, f"{w}[{i}]")
-
-    _check_fields(CascadeSpec, d, where, error, {"stages": stages})
-    try:
-        return CascadeSpec.from_dict(d)
-    except DVTError as exc:
-        raise error(f"{where}: {exc}") from None
-    except (TypeError, ValueError, KeyError, AttributeError, ZeroDivisionError, OverflowError) as exc:
-        raise error(f"{where} does not describe a model ({type(exc).__name__}: {str(exc)[:120]})") from None
-
-
-def _stage_params(st, reuse_in: int) -> int:
-    """Parameters of one stage, roughly (weights of its blocks and tokenizer), for the size limit only."""
-    c, hidden = st.embed_dim, int(st.embed_dim * st.mlp_ratio)
-    block = 4 * c * c + 2 * c * hidden + reuse_in
-    tokens = (st.grid * st.grid + 1) * c
-    return st.depth * block + tokens
-
-
-def check_spec_limits(spec) -> None:
-    """SpecError when a spec describes a model too large to build here (widths, depth, tokens, parameters):
-    refused before anything is allocated or computed."""
-    where = spec.name
-    if len(spec.stages) > MAX_EXITS:
-        raise SpecError(f"{where}: {len(spec.stages)} exits (at most {MAX_EXITS})")
-    check_name(spec.name, "spec name")
-    for key, value, high in (("num_classes", spec.num_classes, MAX_CLASSES), ("img_size", spec.img_size, MAX_IMG_SIZE),
-                             ("in_chans", spec.in_chans, MAX_CHANNELS)):
-        want_int(value, f"{where}: {key}", 1, high, SpecError)
-    for key in ("mean", "std"):
-        for v in getattr(spec, key):
-            want_float(v, f"{where}: {key}", error=SpecError)
-    for v in spec.std:
-        want_float(v, f"{where}: std", 0.0, low_open=True, error=SpecError)
-    for key in ("feature_reuse_dim", "feature_reuse_hidden", "relation_reuse_expand"):
-        want_int(getattr(spec, key), f"{where}: {key}", 1, MAX_WIDTH, SpecError)
-    want_float(spec.drop_path_rate, f"{where}: drop_path_rate", 0.0, 1.0, high_open=True, error=SpecError)
-    total = 0
-    for i, st in enumerate(spec.stages):
-        here = f"{where} stage {i}"
-        want_int(st.embed_dim, f"{here}: embed_dim", 1, MAX_WIDTH, SpecError)
-        want_int(st.depth, f"{here}: depth", 1, MAX_DEPTH, SpecError)
-        want_int(st.num_heads, f"{here}: num_heads", 1, MAX_HEADS, SpecError)
-        want_int(st.grid, f"{here}: grid", 1, int(math.isqrt(MAX_TOKENS)), SpecError)
-        want_float(st.mlp_ratio, f"{here}: mlp_ratio", 0.0, 64.0, low_open=True, error=SpecError)
-        want_float(st.ln_eps, f"{here}: ln_eps", 0.0, 1.0, low_open=True, error=SpecError)
-        if st.t2t is not None:
-            want_int(st.t2t.token_dim, f"{here}: token_dim", 1, MAX_WIDTH, SpecError)
-            want_float(st.t2t.kernel_ratio, f"{here}: kernel_ratio", 0.0, 16.0, low_open=True, error=SpecError)
-            for key in ("kernels", "strides"):
-                for v in getattr(st.t2t, key):
-                    want_int(v, f"{here}: t2t {key}", 1, MAX_IMG_SIZE, SpecError)
-            for v in st.t2t.paddings:
-                want_int(v, f"{here}: t2t paddings", 0, MAX_IMG_SIZE, SpecError)
-        elif st.family == "vit":
-            want_int(st.patch_kernel, f"{here}: patch_kernel", 1, MAX_IMG_SIZE, SpecError)
-            want_int(st.patch_stride, f"{here}: patch_stride", 1, MAX_IMG_SIZE, SpecError)
-            want_int(st.patch_padding, f"{here}: patch_padding", 0, MAX_IMG_SIZE, SpecError)
-        total += _stage_params(st, spec.feature_reuse_hidden * spec.feature_reuse_dim)
-    if total > MAX_PARAMS:
-        raise SpecError(f"{where}: about {total:,} parameters; refused above {MAX_PARAMS:,} (a smaller embed_dim, "
-                        "depth or grid)")
-
-
-# ---- checkpoint metadata ------------------------------------------------------------------------------
-
-def _numbers(value, where: str, error, length=None, low=None, high=None) -> list:
-    return [want_float(v, f"{where}[{i}]", low, high, error=error)
-            for i, v in enumerate(want_list(value, where, length, error=error))]
-
-
-def _check_thresholds(value, where: str, error, exits: Optional[int]) -> None:
-    # sentinels 1e8 / -1e8 (no image / every image leaves) are part of the format
-    _numbers(value, where, error, exits, -1e9, 1e9)
-
-
-def _check_budgets(value, where: str, error, exits: Optional[int]) -> None:
-    for i, row in enumerate(want_list(value, where, error=error)):
-        here = f"{where}[{i}]"
-        want_dict(row, here, error)
-        if "thresholds" in row:
-            _check_thresholds(row["thresholds"], f"{here}.thresholds", error, exits)
-        for key, v in row.items():
-            if key != "thresholds" and v is not None and not isinstance(v, (str, dict, list)):
-                want_float(v, f"{here}.{key}", error=error)
-
-
-def _check_train(value, where: str, error) -> None:
-    from dvt_core.training.config import TrainConfig
-
-    want_dict(value, where, error)
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    check_train_config(TrainConfig.from_dict({k: v for k, v in value.items() if k in known}), where, error)
-
-
-def _check_dataset(value, where: str, error) -> None:
-    """A data set's name or folder path, or the trainer's record of it
-    (:func:`dvt_core.training.config.dataset_record`: name, path, split, images, holdout, seed)."""
-    if isinstance(value, str):
-        want_str(value, where, 4096, error=error)
-        return
-    want_dict(value, where, error)
-    for key in ("name", "path", "split"):
-        if value.get(key) is not None:
-            want_str(value[key], f"{where}.{key}", 4096, error=error)
-    for key, high in (("images", 1 << 40), ("holdout", 1 << 40), ("seed", MAX_SEED)):
-        if value.get(key) is not None:
-            want_int(value[key], f"{where}.{key}", 0, high, error)
-    if value.get("images") is not None and value.get("holdout") is not None and value["holdout"] > value["images"]:
-        raise error(f"{where}: holdout {value['holdout']} is more than its {value['images']} images")
-
-
-META_RULES: dict[str, Callable] = {
-    "arch": lambda v, w, e, n: check_name(v, w, e),
-    "thresholds": lambda v, w, e, n: _check_thresholds(v, w, e, n),
-    "budgets": lambda v, w, e, n: _check_budgets(v, w, e, n),
-    "default_budget": lambda v, w, e, n: want_int(v, w, 0, MAX_LIST, e),
-    "exit_macs": lambda v, w, e, n: [want_int(x, f"{w}[{i}]", 0, 1 << 62, e)
-                                     for i, x in enumerate(want_list(v, w, n, error=e))],
-    "classes": lambda v, w, e, n: [want_str(c, f"{w}[{i}]", MAX_CLASS_NAME, error=e)
-                                   for i, c in enumerate(want_list(v, w, max_len=MAX_CLASSES, error=e))],
-    "class_names": lambda v, w, e, n: META_RULES["classes"](v, w, e, n),
-    "dataset": lambda v, w, e, n: _check_dataset(v, w, e),
-    "holdout": lambda v, w, e, n: want_int(v, w, 0, 1 << 40, e),
-    "holdout_indices_seed": lambda v, w, e, n: want_int(v, w, 0, MAX_SEED, e),
-    "seed": lambda v, w, e, n: want_int(v, w, 0, MAX_SEED, e),
-    "mean": lambda v, w, e, n: _numbers(v, w, e, None),
-    "std": lambda v, w, e, n: [want_float(x, f"{w}[{i}]", 0.0, low_open=True, error=e)
-                               for i, x in enumerate(want_list(v, w, error=e))],
-    "holdout_anytime_accuracy": lambda v, w, e, n: _numbers(v, w, e, n, 0.0, 100.0),  # percent
-    "train": lambda v, w, e, n: _check_train(v, w, e),
-}
-
-
-def check_checkpoint_meta(meta, where: str, error=CheckpointError) -> dict:
-    """``meta`` (a checkpoint's or an export's metadata) with every field the project uses checked for
-    type, range and length (its spec, thresholds, budgets, classes, holdout, seed, mean / std, ...).
-    Fields nothing reads are kept as they are. A ``null`` field counts as absent."""
-    want_dict(meta, where, error)
-    exits = None
-    if meta.get("spec") is not None:
-        spec = check_spec_dict(meta["spec"], f"{where}: spec", error)
-        exits = spec.num_exits
-        if meta.get("classes") is not None and isinstance(meta["classes"], list) \
-                and len(meta["classes"]) not in (0, spec.num_classes):
-            raise error(f"{where}: classes names {len(meta['classes'])} classes, the spec has {spec.num_classes}")
-    for key, rule in META_RULES.items():
-        if meta.get(key) is not None:
-            rule(meta[key], f"{where}: {key}", error, exits)
-    return meta
-
-
-# ---- training and command-line numbers ----------------------------------------------------------------------
-
-def check_train_config(cfg, where: str = "training", error=ArgumentError):
-    """``cfg`` (a :class:`~dvt_core.training.config.TrainConfig`) if its own rules
-    (:meth:`~dvt_core.training.config.TrainConfig.validate`, the one set) pass; else ``error`` saying
-    ``where`` and the rule broken. Returns ``cfg``."""
-    from dvt_core.errors import ConfigError
-
-    try:
-        return cfg.validate()
-    except ConfigError as exc:
-        raise error(f"{where}: {exc}") from None
+# ---- command-line numbers ------------------------------------------------------------------------------------
 
 
 def number(kind: str = "float", low=None, high=None, low_open: bool = False, high_open: bool = False):
@@ -542,105 +365,4 @@ def number(kind: str = "float", low=None, high=None, low_open: bool = False, hig
     parse.__name__ = kind  # argparse names the type in its message
     return parse
 
-
-# ---- export manifests -----------------------------------------------------------------------------------
-
-def _check_stage_entry(st, i: int, directory: Path, where: str, expect_inputs: list, n_outputs: int) -> None:
-    here = f"{where}: stages[{i}]"
-    want_dict(st, here, ManifestError)
-    if st.get("index", i) != i:
-        raise ManifestError(f"{here}.index is {_show(st.get('index'))}, not {i}")
-    resolve_inside(directory, st.get("file"), f"{here}.file")
-    sha = st.get("sha256")
-    if not isinstance(sha, str) or not HEX64_RE.match(sha):
-        raise ManifestError(f"{here}.sha256 is not a SHA-256 (64 lowercase hex digits): {_show(sha)}")
-    inputs = [want_str(x, f"{here}.inputs", 64, error=ManifestError)
-              for x in want_list(st.get("inputs"), f"{here}.inputs", max_len=8, error=ManifestError)]
-    outputs = [want_str(x, f"{here}.outputs", 64, error=ManifestError)
-               for x in want_list(st.get("outputs"), f"{here}.outputs", max_len=8, error=ManifestError)]
-    if inputs != expect_inputs:
-        raise ManifestError(f"{here}.inputs is {inputs}; the spec needs {expect_inputs}")
-    if len(outputs) != n_outputs:
-        raise ManifestError(f"{here}.outputs names {len(outputs)} outputs; the spec needs {n_outputs}")
-
-
-def check_manifest(m, directory, where: str, formats, kind: str, version: int) -> dict:
-    """An export manifest (parsed ``dvt.json``) checked field by field against its own spec: the format,
-    every stage's file (inside ``directory``), SHA-256, inputs and outputs, the exit MACs, thresholds,
-    batch axes, class names and metadata. Returns ``m`` with ``m["_spec"]`` the validated spec."""
-    from dvt_core.export.manifest import FEATURES, PREV, RELATIONS, carry_names
-    from dvt_core.model.macs import exit_macs
-
-    directory = Path(directory)
-    if not isinstance(m, dict) or m.get("format") != kind:
-        raise InputError(f"{where} is not a dvt export manifest")
-    if m.get("format_version") != version:
-        raise ManifestError(f"{where}: manifest version {_show(m.get('format_version'))} is not supported "
-                            f"(this dvt reads {version})")
-    if m.get("graph_format") not in formats:
-        raise ManifestError(f"{where}: graph_format {_show(m.get('graph_format'))} is not one of {', '.join(formats)}")
-    check_name(m.get("model"), f"{where}: model", ManifestError)
-    spec = check_spec_dict(m.get("spec"), f"{where}: spec", ManifestError)
-    if spec.name != m["model"]:
-        raise ManifestError(f"{where}: its spec is of {spec.name}, its model field says {m['model']}")
-    n = spec.num_exits
-    stages = want_list(m.get("stages"), f"{where}: stages", n, error=ManifestError)
-    carried = []
-    for i, st in enumerate(stages):
-        expect = ["images"] + [PREV + c for c in carried]
-        carried = carry_names(spec, i)
-        _check_stage_entry(st, i, directory, where, expect, 1 + len(carried))
-    for j, extra in enumerate(want_list(m.get("data_files") or [], f"{where}: data_files", max_len=1024,
-                                        error=ManifestError)):
-        want_dict(extra, f"{where}: data_files[{j}]", ManifestError)
-        resolve_inside(directory, extra.get("file"), f"{where}: data_files[{j}].file")
-        if not isinstance(extra.get("sha256"), str) or not HEX64_RE.match(extra["sha256"]):
-            raise ManifestError(f"{where}: data_files[{j}].sha256 is not a SHA-256 (64 lowercase hex digits)")
-    macs = [want_int(x, f"{where}: exit_macs[{i}]", 0, 1 << 62, ManifestError)
-            for i, x in enumerate(want_list(m.get("exit_macs"), f"{where}: exit_macs", n, error=ManifestError))]
-    if macs != [int(x) for x in exit_macs(spec)]:
-        raise ManifestError(f"{where}: exit_macs {macs} are not the spec's {[int(x) for x in exit_macs(spec)]}")
-    for key, want in (("img_size", spec.img_size), ("in_chans", spec.in_chans), ("num_classes", spec.num_classes),
-                      ("mean", list(spec.mean)), ("std", list(spec.std))):
-        if key in m and m[key] != want:
-            raise ManifestError(f"{where}: {key} is {_show(m[key])}, the spec says {want}")
-    axes = want_dict(m.get("batch_axes") or {}, f"{where}: batch_axes", ManifestError)
-    for key, axis in axes.items():
-        if key not in (FEATURES, RELATIONS):
-            raise ManifestError(f"{where}: batch_axes names {_show(key)}, not {FEATURES} or {RELATIONS}")
-        want_int(axis, f"{where}: batch_axes.{key}", 0, 1, ManifestError)
-    meta = m.get("checkpoint_meta") or {}
-    check_checkpoint_meta(meta, f"{where}: checkpoint_meta", ManifestError)
-    top = {k: m.get(k) for k in META_RULES if m.get(k) is not None}
-    check_checkpoint_meta({"spec": m["spec"], **top}, where, ManifestError)
-    if m.get("classes") is not None and len(m["classes"]) != spec.num_classes:
-        raise ManifestError(f"{where}: classes names {len(m['classes'])} classes, the spec has {spec.num_classes}")
-    m["_spec"] = spec
-    return m
-
-
-def manifest_files(m: dict, directory) -> list[tuple[Path, str, str]]:
-    """``(path, sha256, where)`` of every file an export reads (its graphs and their external data), each
-    resolved inside ``directory`` (call after :func:`check_manifest`)."""
-    out = [(resolve_inside(directory, st["file"], f"stages[{i}].file"), st["sha256"], f"stages[{i}]")
-           for i, st in enumerate(m["stages"])]
-    out += [(resolve_inside(directory, extra["file"], f"data_files[{j}].file"), extra["sha256"], f"data_files[{j}]")
-            for j, extra in enumerate(m.get("data_files") or [])]
-    return out
-
-
-def check_no_unlisted_files(directory, listed, manifest_name: str) -> None:
-    """ManifestError for a file in the export folder that the manifest does not cover with a hash (a graph's
-    external data put beside it, a symbolic link): a runtime may read what sits beside a graph."""
-    directory = Path(directory)
-    covered = {Path(p).resolve() for p in listed} | {(directory / manifest_name).resolve()}
-    for root, dirs, files in os.walk(directory):
-        for name in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
-            p = Path(root) / name
-            if p.is_symlink() and p.resolve() not in covered:
-                raise ManifestError(f"{directory}: {p.relative_to(directory)} is a symbolic link the manifest does "
-                                    "not cover; refused")
-            if p.resolve() not in covered:
-                raise ManifestError(f"{directory}: {p.relative_to(directory)} is not covered by {manifest_name}'s "
-                                    "SHA-256 list (a runtime could read it); refused")
 

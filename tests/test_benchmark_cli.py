@@ -136,7 +136,7 @@ def test_tie_safe_thresholds_keep_the_exits_and_leave_room():
     import numpy as np
 
     from dvt_core.runtime import policy
-    from dvt_core.runtime.benchmarking import EXIT_TIE_MARGIN, tie_safe_thresholds
+    from dvt_core.bench.benchmarking import EXIT_TIE_MARGIN, tie_safe_thresholds
 
     # exit 1: confidences 0.9, 0.5, 0.4999990 (a gap of 1e-6 under the threshold), 0.2; exit 2 takes one more
     conf = np.array([[0.9, 0.5, 0.499999, 0.2], [0.3, 0.3, 0.8, 0.6], [0.5, 0.5, 0.5, 0.5]])

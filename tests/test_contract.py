@@ -214,17 +214,17 @@ def test_token_module_eps_must_be_positive():
 
 def test_an_import_error_of_dvt_itself_is_not_reported_as_a_missing_framework():
     """Only a missing or broken framework becomes "install the package"; dvt's own ImportError is a bug."""
-    from dvt_core.runtime.contract import _raised_by_dvt
+    from dvt_core.runtimes import raised_by_dvt
 
     inside = str(Path(dvt_core.__file__).resolve().parent / "runtime" / "contract.py")
     try:
         exec(compile("raise ImportError('cannot import name helper')", inside, "exec"))
     except ImportError as exc:
-        assert _raised_by_dvt(exc)
+        assert raised_by_dvt(exc)
     try:
         exec(compile("raise ImportError('libonnxruntime.so: cannot open shared object file')",
                      "/elsewhere/onnxruntime/__init__.py", "exec"))
     except ImportError as exc:
-        assert not _raised_by_dvt(exc)
-    assert _raised_by_dvt(ModuleNotFoundError("No module named 'dvt_core.gone'", name="dvt_core.gone"))
-    assert not _raised_by_dvt(ModuleNotFoundError("No module named 'torch'", name="torch"))
+        assert not raised_by_dvt(exc)
+    assert raised_by_dvt(ModuleNotFoundError("No module named 'dvt_core.gone'", name="dvt_core.gone"))
+    assert not raised_by_dvt(ModuleNotFoundError("No module named 'torch'", name="torch"))

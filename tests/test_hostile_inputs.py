@@ -114,15 +114,15 @@ def test_benchmark_arguments_are_checked_first(tmp_path, args, needle):
 
 
 def test_train_config_validates_in_the_library():
-    from dvt_core.training.config import TrainConfig
+    from dvt_core.training.config import TrainConfig, check_train_config
 
     for field, bad in (("lr", float("inf")), ("weight_decay", float("nan")), ("seed", -1), ("batch_size", 0),
                        ("holdout", 1.5), ("label_smoothing", 1.0)):
         cfg = TrainConfig()
         setattr(cfg, field, bad)
         with pytest.raises(ArgumentError, match=field):
-            schema.check_train_config(cfg)
-    assert schema.check_train_config(TrainConfig()) is not None
+            check_train_config(cfg)
+    assert check_train_config(TrainConfig()) is not None
 
 
 # ---- checkpoints people really have --------------------------------------------------------------------

@@ -106,7 +106,7 @@ def test_ray_serve_replicas_answer_like_dvt_serve(local_ray, model):
     from dvt_core.runtime.contract import backend_of
     from dvt_core.data.sources import normalize
     from dvt_core.runtime.operating_point import model_thresholds
-    from dvt_core.serve import loadtest
+    from dvt_core.bench import loadtest
 
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import dvt_core
-from dvt_core.serve import loadtest
+from dvt_core.bench import loadtest
 from dvt_core.serve.scheduler import QueueFullError, StageScheduler
 
 REPO = Path(__file__).resolve().parents[1]

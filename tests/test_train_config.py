@@ -34,8 +34,8 @@ def test_validate_names_the_field_out_of_range(field, value):
                                                ("warmup_epochs", 1e7, "warmup_epochs must be a finite number at least 0 and at most 1e+06")])
 def test_one_rule_set_for_the_library_and_for_checkpoint_records(field, value, rule):
     # TrainConfig.validate is the only place the rules live: a checkpoint's training record is refused by
-    # dvt_core.schema with the same words, as a CheckpointError saying where
-    from dvt_core import schema
+    # the checkpoint metadata rules with the same words, as a CheckpointError saying where
+    from dvt_core.training.config import check_train_config
     from dvt_core.errors import CheckpointError
 
     cfg = TrainConfig()
@@ -43,7 +43,7 @@ def test_one_rule_set_for_the_library_and_for_checkpoint_records(field, value, r
     with pytest.raises(ConfigError, match="^" + re.escape(rule)):
         cfg.validate()
     with pytest.raises(CheckpointError, match="^checkpoint_meta.train: " + re.escape(rule)):
-        schema.check_train_config(cfg, "checkpoint_meta.train", CheckpointError)
+        check_train_config(cfg, "checkpoint_meta.train", CheckpointError)
 
 
 def test_validate_accepts_the_defaults_and_edges():

@@ -1,5 +1,5 @@
 """The torch side of ``dvt benchmark``: threads and device, and timm's static model as a reference beside our
-own static backbone. The timing itself is written once over the runtime contract (``dvt_core.runtime.benchmarking``).
+own static backbone. The timing itself is written once over the runtime contract (``dvt_core.bench.benchmarking``).
 """
 from __future__ import annotations
 

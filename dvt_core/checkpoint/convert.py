@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Optional
 
 from dvt_core import fileio
-from dvt_core.checkpoint.files import check_values, format_for_suffix, read_checkpoint, write_checkpoint
+from dvt_core.checkpoint.files import check_values, format_for_suffix, read_checkpoint, resolve_spec, write_checkpoint
 from dvt_core.errors import CheckpointError
 from dvt_core.model.shapes import check_spec_state
 
@@ -51,7 +51,6 @@ def ms_official_problems(spec) -> list[str]:
 def convert(src, dst, arch: Optional[str] = None, to: Optional[str] = None, force: bool = False,
             overrides: Optional[dict] = None, allow_lossy_cast: bool = False) -> dict:
     """Convert ``src`` to ``dst``; returns a summary (path, format, arch, tensor count)."""
-    from dvt_core.runtime.builder import resolve_spec
     from dvt_core.model.macs import exit_macs
 
     dst = fileio.check_writable(dst, force=force, parents=True)

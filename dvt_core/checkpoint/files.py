@@ -28,17 +28,21 @@ import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import numpy as np
 
 from dvt_core import fileio, schema
-
 from dvt_core.checkpoint import ms_ckpt as ckpt_format
-from dvt_core.errors import CheckpointError, InputError, UnsafeCheckpointError
+from dvt_core.checkpoint.metadata import check_checkpoint_meta
+from dvt_core.checkpoint.dtypes import WidenedArray, bf16_to_float32, refuse_dtype, widened  # noqa: F401
+from dvt_core.errors import CheckpointError, CheckpointWarning, InputError, UnsafeCheckpointError
+from dvt_core.runtimes import import_runtime
 from dvt_core.checkpoint.naming import (canonical_to_mindspore, canonical_to_ms_official, is_ms_official_layout, is_ms_training_state,
                      is_official_layout, mindspore_to_canonical, ms_official_to_canonical, rename_official)
 from dvt_core.model.shapes import check_spec_state
+from dvt_core.model.specs import CascadeSpec
+from dvt_core.model.zoo import get_spec
 
 OFFICIAL_META_KEYS = ("flops", "anytime_classification", "dynamic_threshold", "budgeted_batch_classification")
 FORMATS = ("official", "torch", "safetensors", "mindspore")
@@ -65,31 +69,6 @@ SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "
                       "I16": "<i2", "I8": "i1", "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?"}
 
 
-class WidenedArray(np.ndarray):
-    """A float32 array read from a narrower float dtype numpy lacks (bfloat16): ``source_dtype`` names it,
-    so the load lists the cast like the others."""
-
-    source_dtype = "float32"
-
-
-def widened(a: np.ndarray, source_dtype: str) -> np.ndarray:
-    out = np.asarray(a, dtype=np.float32).view(WidenedArray)
-    out.source_dtype = source_dtype
-    return out
-
-
-def bf16_to_float32(raw: np.ndarray) -> np.ndarray:
-    """bfloat16 bits (uint16) as float32, exactly (bfloat16 is float32's upper half)."""
-    return widened((raw.astype(np.uint32) << 16).view(np.float32), "bfloat16")
-
-
-def refuse_dtype(where: str, what: str):
-    raise CheckpointError(f"{where} is {what}; DVT weights are real dense tensors (float32, float16, bfloat16, "
-                          "float64): convert it to one first")
-
-
-class CheckpointWarning(UserWarning):
-    """A lossless change made while loading (a dtype widened to float32), listed rather than hidden."""
 META_ENTRY = "dvt_meta"  # the entry of a torch or MindSpore file that holds the metadata as JSON
 
 
@@ -133,10 +112,8 @@ class Checkpoint:
 def _framework_files(name: str, path, action: str = "reading"):
     """The framework ``name`` (its runtime), whose ``read_file`` / ``write_file`` handle its own files;
     imported only now."""
-    from dvt_core.runtime.contract import get_backend
-
     try:
-        return get_backend(name)
+        return import_runtime(name).RUNTIME
     except InputError:
         raise CheckpointError(f"{path} is a {name} checkpoint; {action} it needs {name} "
                               f"(pip install 'dvt[{name}]')") from None
@@ -170,6 +147,21 @@ def sniff_format(path) -> str:
                           f"MindSpore .ckpt); its first bytes are {head[:8]!r}")
 
 
+def resolve_spec(name_or_spec: Union[str, CascadeSpec, None], ckpt: Optional[Checkpoint], **overrides) -> CascadeSpec:
+    """The spec to build: the checkpoint's own when it carries one, else the zoo entry; plus overrides."""
+    meta_spec = (ckpt.meta or {}).get("spec") if ckpt is not None else None
+    if meta_spec is not None:
+        saved = CascadeSpec.from_dict(meta_spec)
+        wanted = name_or_spec.name if isinstance(name_or_spec, CascadeSpec) else name_or_spec
+        arch = ckpt.meta.get("arch", saved.name)
+        if wanted is not None and wanted not in (arch, saved.name):
+            raise CheckpointError(f"{ckpt.path} holds weights of {arch}, not {wanted}")
+        return get_spec(saved, **overrides)
+    if name_or_spec is None:
+        raise InputError("name a model (its checkpoint carries no architecture)")
+    return get_spec(name_or_spec, **overrides)
+
+
 def read_checkpoint(path) -> Checkpoint:
     """Read any supported checkpoint file into a :class:`Checkpoint`."""
     fmt = sniff_format(path)
@@ -178,7 +170,7 @@ def read_checkpoint(path) -> Checkpoint:
     ckpt.path = str(path)
     if len(ckpt.state) > MAX_TENSORS:
         raise CheckpointError(f"{path} holds {len(ckpt.state)} tensors (at most {MAX_TENSORS})")
-    schema.check_checkpoint_meta(ckpt.meta, f"{path}: metadata", CheckpointError)
+    check_checkpoint_meta(ckpt.meta, f"{path}: metadata", CheckpointError)
     return ckpt
 
 

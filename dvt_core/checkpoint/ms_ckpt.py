@@ -25,7 +25,9 @@ from typing import Union
 
 import numpy as np
 
+from dvt_core.checkpoint.dtypes import bf16_to_float32
 from dvt_core.errors import CheckpointError
+from dvt_core.schema import read_bytes
 
 # MindSpore's type names (str(mindspore.dtype)) <-> numpy dtypes (little-endian, as MindSpore writes).
 MS_DTYPES = {
@@ -190,7 +192,6 @@ def read_ckpt(path: Union[str, os.PathLike]) -> tuple[dict[str, np.ndarray], dic
     Raises :class:`CheckpointError` for a truncated or malformed file, an entry whose content length
     differs from ``prod(dims) * itemsize``, an unknown dtype, a repeated name or a failed CRC.
     """
-    from dvt_core.schema import read_bytes
 
     where = os.fspath(path)
     # read(), not mmap: a file truncated while it is read gives fewer bytes (an error below), never SIGBUS
@@ -245,8 +246,6 @@ def _decode(buf, size: int, where: str):
             off += e - s
         arr = arr.astype(np_dtype.newbyteorder("="), copy=False).reshape(shape)
         if dtype == BFLOAT16:
-            from dvt_core.checkpoint.files import bf16_to_float32
-
             arr = bf16_to_float32(arr)
         tensors[tag] = arr
 

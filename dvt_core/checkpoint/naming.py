@@ -15,6 +15,7 @@ the loader.
 from __future__ import annotations
 
 import re
+from dvt_core.errors import CheckpointError
 
 # Stage prefixes of the official release, by number of exits.
 OFFICIAL_STAGE_PREFIXES = {
@@ -59,7 +60,7 @@ def rename_official(state: dict, num_exits: int) -> dict:
     """Official release state dict -> canonical names (``stages.<i>.``) for a cascade of ``num_exits``."""
     prefixes = OFFICIAL_STAGE_PREFIXES.get(num_exits)
     if prefixes is None:
-        raise ValueError(f"the official release has 2- and 3-exit models; this spec has {num_exits} exits")
+        raise CheckpointError(f"the official release has 2- and 3-exit models; this spec has {num_exits} exits")
     index = {p: i for i, p in enumerate(prefixes)}
     out = {}
     for key, value in state.items():
@@ -223,7 +224,7 @@ def canonical_to_ms_official(state: dict) -> dict:
     for k in state:
         m = re.match(r"^stages\.(\d+)\.(.+)$", k)
         if m is None or int(m.group(1)) >= len(MS_OFFICIAL_STAGE_PREFIXES):
-            raise ValueError(f"{k} has no place in the authors' MindSpore layout (two stages)")
+            raise CheckpointError(f"{k} has no place in the authors' MindSpore layout (two stages)")
         stage_keys.setdefault(int(m.group(1)), set()).add(m.group(2))
     for s, head in enumerate(MS_OFFICIAL_STAGE_PREFIXES):
         keys = stage_keys.get(s, set())
@@ -247,6 +248,6 @@ def canonical_to_ms_official(state: dict) -> dict:
             used.add(f"stages.{s}.{canonical}")
     left = sorted(set(state) - used)
     if left:
-        raise ValueError(f"no place in the authors' MindSpore layout for: {', '.join(left[:5])}"
+        raise CheckpointError(f"no place in the authors' MindSpore layout for: {', '.join(left[:5])}"
                          + (f" (+{len(left) - 5} more)" if len(left) > 5 else ""))
     return out

@@ -131,11 +131,6 @@ def default_weights_path(name, verify: bool = True) -> Path:
     return path
 
 
-def official_release() -> list[dict]:
-    """The authors' released checkpoints this project imports (file name, architecture, notes)."""
-    return list(registry().get("official") or [])
-
-
 def has_shipped_weights(name) -> bool:
     """True when the project ships weights for model ``name`` (False when the registry is unreadable)."""
     from dvt_core.errors import DVTError

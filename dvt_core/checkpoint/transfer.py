@@ -20,11 +20,10 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Optional
 
 import numpy as np
 
-from dvt_core.errors import CheckpointError, list_problems
+from dvt_core.errors import ArgumentError, CheckpointError, list_problems
 
 HEAD = re.compile(r"^stages\.\d+\.head\.(weight|bias)$")
 POS_EMBED = re.compile(r"^stages\.(\d+)\.pos_embed$")
@@ -68,7 +67,7 @@ def bicubic_matrix(old: int, new: int) -> np.ndarray:
     """``(new, old)`` per-axis matrix of bicubic resizing (half-pixel centres, edge samples repeated):
     the map of ``torch.nn.functional.interpolate(mode="bicubic", align_corners=False)``."""
     if old < 1 or new < 1:
-        raise ValueError(f"sizes must be positive, got {old} -> {new}")
+        raise ArgumentError(f"sizes must be positive, got {old} -> {new}")
     m = np.zeros((new, old), dtype=np.float64)
     scale = old / new
     for i in range(new):
@@ -86,7 +85,7 @@ def resample_pos_embed(pos: np.ndarray, new_grid: int) -> np.ndarray:
     n = pos.shape[1] - 1
     old = int(round(math.sqrt(n)))
     if pos.ndim != 3 or pos.shape[0] != 1 or old * old != n:
-        raise ValueError(f"not a class token plus a square grid of positions: shape {pos.shape}")
+        raise ArgumentError(f"not a class token plus a square grid of positions: shape {pos.shape}")
     r = bicubic_matrix(old, new_grid)
     grid = pos[0, 1:].astype(np.float64).reshape(old, old, -1)
     grid = np.einsum("ia,jb,abd->ijd", r, r, grid).reshape(new_grid * new_grid, -1)
@@ -100,7 +99,7 @@ def resample_patch_kernel(weight: np.ndarray, new_size: int) -> np.ndarray:
     patch ``x`` when the kernel grows (exactly) and as nearly as possible when it shrinks."""
     d, c, k, k2 = weight.shape
     if k != k2:
-        raise ValueError(f"not a square kernel: shape {weight.shape}")
+        raise ArgumentError(f"not a square kernel: shape {weight.shape}")
     r = bicubic_matrix(k, new_size)
     b = np.kron(r, r)  # (new*new, k*k): resize of a row-major flattened patch
     pinv = np.linalg.pinv(b.T)  # (new*new, k*k)
@@ -207,8 +206,3 @@ def param_groups(named_shapes, weight_decay: float) -> list[dict]:
     for name, ndim in named_shapes:
         (no_decay if no_weight_decay(name, ndim) else decay).append(name)
     return [{"names": decay, "weight_decay": float(weight_decay)}, {"names": no_decay, "weight_decay": 0.0}]
-
-
-def stage_of(name: str) -> Optional[int]:
-    m = re.match(r"^stages\.(\d+)\.", name)
-    return int(m.group(1)) if m else None

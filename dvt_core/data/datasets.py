@@ -11,6 +11,12 @@ import numpy as np
 from dvt_core.data import sources as dvt_data
 from dvt_core.errors import InputError
 
+# The held-out part training keeps for calibration, by default (dvt_core.training.config.TrainConfig's
+# defaults are these): images of Fashion-MNIST, a fraction of an image folder, and the seed that picks them.
+HOLDOUT = 5000
+FOLDER_HOLDOUT = 0.1
+HOLDOUT_SEED = 0
+
 
 def is_fashion_mnist(name) -> bool:
     return str(name).lower().replace("_", "-") == "fashion-mnist"
@@ -19,12 +25,10 @@ def is_fashion_mnist(name) -> bool:
 def holdout_params(meta: Optional[dict]) -> tuple[Union[int, float], int]:
     """(size, seed) of the held-out part a checkpoint's training kept out (the trainer's defaults if
     unknown). The size is a count (int) or a fraction of the training set (float)."""
-    from dvt_core.training.config import TrainConfig
-
     meta = meta or {}
     train = meta.get("train") or {}
-    size = train.get("holdout", meta.get("holdout", TrainConfig().holdout))
-    seed = train.get("seed", meta.get("holdout_indices_seed", TrainConfig().seed))
+    size = train.get("holdout", meta.get("holdout", HOLDOUT))
+    seed = train.get("seed", meta.get("holdout_indices_seed", HOLDOUT_SEED))
     size = float(size) if isinstance(size, float) and not float(size).is_integer() else int(size)
     return size, int(seed)
 
@@ -109,8 +113,6 @@ def load_dataset(name, split: str, spec, holdout: Optional[Union[int, float]] = 
                                                unreadable=unreadable, skipped=skipped)
     _report_skipped(root, skipped)
     if split == "holdout":
-        from dvt_core.training.config import FOLDER_HOLDOUT
-
         size = FOLDER_HOLDOUT if holdout is None else holdout
         hold = _held_out(len(y), size, holdout_params(None)[1] if seed is None else int(seed), name)
         return x[hold], y[hold], classes

@@ -19,19 +19,13 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from dvt_core.data.sources import normalize
-from dvt_core.errors import DataError
-from dvt_core.errors import InputError
+from dvt_core.errors import ArgumentError, ImageReadError, InputError
 
 ALLOWED_FORMATS = ("PNG", "JPEG", "BMP", "WEBP", "GIF", "TIFF")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 MAX_PIXELS = 40_000_000  # Pillow warns at 89 Mpx and refuses at twice that; a classifier input needs far less
 _WIDE_GRAY = ("I", "I;16", "I;16B", "I;16L", "F")
 _REDUCIBLE = ("L", "LA", "La", "RGB", "RGBA", "RGBa", "RGBX", "I", "F", "CMYK", "YCbCr", "LAB", "HSV", "PA")
-
-
-class ImageReadError(DataError, InputError):
-    """An image file that is missing, unreadable, of a refused format or too large."""
 
 
 def _pil():
@@ -133,9 +127,9 @@ def to_array(img, img_size: Optional[int], channels: int, name: str = "image") -
     """uint8 ``(H, W)`` for 1 channel or ``(H, W, 3)`` for 3, resized bilinearly to ``img_size``."""
     Image, _ = _pil()
     if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
+        raise ArgumentError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
     if img_size is not None and img_size < 1:
-        raise ValueError(f"img_size must be >= 1, got {img_size}")
+        raise ArgumentError(f"img_size must be >= 1, got {img_size}")
     try:
         with _quiet():
             return _converted(img, Image, img_size, channels)
@@ -225,6 +219,35 @@ def _items(images) -> list:
     if isinstance(images, Sequence) or hasattr(images, "__iter__"):
         return list(images)
     raise InputError(f"preprocess takes paths, PIL images or uint8 arrays; got {type(images).__name__}")
+
+
+def normalize(
+    images: np.ndarray, mean: Union[float, Sequence[float]], std: Union[float, Sequence[float]]
+) -> np.ndarray:
+    """uint8 images ``(N, H, W)`` or ``(N, H, W, C)`` to float32 ``(N, C, H, W)``: ``(x/255 - mean) / std``.
+
+    ``mean`` and ``std`` are scalars or one value per channel. The channels-first float32 layout is
+    what both backends feed to the model.
+    """
+    images = np.asarray(images)
+    if images.dtype != np.uint8:
+        raise ArgumentError(f"normalize expects uint8 images (0..255), got {images.dtype}")
+    if images.ndim == 3:
+        images = images[..., None]
+    elif images.ndim != 4:
+        raise ArgumentError(f"normalize expects (N, H, W) or (N, H, W, C), got shape {images.shape}")
+    c = images.shape[-1]
+    mean_a = np.asarray(mean, dtype=np.float32).reshape(-1)
+    std_a = np.asarray(std, dtype=np.float32).reshape(-1)
+    for name, v in (("mean", mean_a), ("std", std_a)):
+        if v.size not in (1, c):
+            raise ArgumentError(f"{name} has {v.size} values for {c} channel(s)")
+    if np.any(std_a <= 0):
+        raise ArgumentError(f"std must be positive, got {std_a.tolist()}")
+    x = images.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255.0)
+    x -= mean_a.reshape(1, -1, 1, 1)
+    x /= std_a.reshape(1, -1, 1, 1)
+    return np.ascontiguousarray(x)
 
 
 def preprocess(images, spec) -> np.ndarray:

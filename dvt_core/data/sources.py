@@ -14,11 +14,12 @@ from __future__ import annotations
 import gzip
 import os
 import zlib
-from typing import Iterator, Optional, Sequence, Union
+from typing import Iterator, Optional, Union
 
 import numpy as np
 
-from dvt_core.errors import DataError
+from dvt_core.data.images import ImageReadError, normalize, peek_is_gray, read_image  # noqa: F401  (normalize: also here)
+from dvt_core.errors import ArgumentError, DataError, UnreadableImagesError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_ENV = "DVT_FASHION_MNIST"
@@ -155,7 +156,7 @@ def load_fashion_mnist(
     that parse but do not look like Fashion-MNIST (wrong shape, counts or labels) raise too.
     """
     if split not in _SPLIT_PREFIX:
-        raise ValueError(f"split must be one of {sorted(_SPLIT_PREFIX)}, got {split!r}")
+        raise ArgumentError(f"split must be one of {sorted(_SPLIT_PREFIX)}, got {split!r}")
     folder = fashion_mnist_root(root)
     if not os.path.isdir(folder):
         raise DataError(_missing_message(f"Fashion-MNIST folder {folder} does not exist"))
@@ -191,7 +192,7 @@ def subset_indices(labels: np.ndarray, n_per_class: int, seed: int,
     """
     labels = np.asarray(labels)
     if n_per_class < 1:
-        raise ValueError(f"n_per_class must be >= 1, got {n_per_class}")
+        raise ArgumentError(f"n_per_class must be >= 1, got {n_per_class}")
     if num_classes is None:
         num_classes = int(labels.max()) + 1 if labels.size else 0
     rng = np.random.default_rng(seed)
@@ -222,25 +223,6 @@ def sample_subset(
 # ----------------------------------------------------------------------------------- image files
 
 
-def _open_image(path: str):
-    """Open and fully decode one image (dvt_core.data.images: allowed formats, pixel cap, EXIF orientation)."""
-    from dvt_core.data.images import open_image
-
-    return open_image(path)
-
-
-def _is_gray(img) -> bool:
-    from dvt_core.data.images import is_gray
-
-    return is_gray(img)
-
-
-def _convert(img, img_size: Optional[int], channels: int, path: str) -> np.ndarray:
-    from dvt_core.data.images import to_array
-
-    return to_array(img, img_size, channels, path)
-
-
 def load_image(
     path: Union[str, os.PathLike], img_size: Optional[int] = None, channels: Optional[int] = None
 ) -> np.ndarray:
@@ -253,8 +235,6 @@ def load_image(
     anything else into RGB. An unreadable, refused or missing file raises
     :class:`dvt_core.data.images.ImageReadError` (a :class:`DataError`) naming it.
     """
-    from dvt_core.data.images import read_image
-
     return read_image(os.fspath(path), img_size, channels)
 
 
@@ -292,17 +272,6 @@ def image_folder_files(root: Union[str, os.PathLike]) -> tuple[list[tuple[str, i
     return files, class_names
 
 
-class UnreadableImagesError(DataError):
-    """Image files of a folder that cannot be read, every one of them named (found in one pass)."""
-
-    def __init__(self, root: str, problems: list[str]):
-        self.problems = list(problems)
-        shown = "; ".join(self.problems[:20]) + (f"; ... {len(self.problems) - 20} more" if len(self.problems) > 20
-                                                  else "")
-        super().__init__(f"image folder {root}: {len(self.problems)} unreadable image file(s) (fix or remove "
-                         f"them, or skip them): {shown}")
-
-
 def _reason(exc: Exception, path: str) -> str:
     """``path: reason`` from an image error (whose message usually starts with the path already)."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -322,10 +291,8 @@ class ImageFolderDataset:
 
     def __init__(self, root, img_size: Optional[int] = None, channels: Optional[int] = None,
                  unreadable: str = "raise"):
-        from dvt_core.data.images import ImageReadError, peek_is_gray
-
         if unreadable not in ("raise", "skip"):
-            raise ValueError(f"unreadable must be 'raise' or 'skip', got {unreadable!r}")
+            raise ArgumentError(f"unreadable must be 'raise' or 'skip', got {unreadable!r}")
         pairs, self.class_names = image_folder_files(root)
         # Every header is read once, here, so that all unreadable files are known in one pass.
         gray, self.skipped = [], []
@@ -352,8 +319,6 @@ class ImageFolderDataset:
         return len(self.files)
 
     def _one(self, i: int) -> np.ndarray:
-        from dvt_core.data.images import read_image
-
         return read_image(self.files[i], self.img_size, self.channels)
 
     def __getitem__(self, index):
@@ -379,10 +344,8 @@ def load_image_folder(
     ``unreadable="raise"`` raises :class:`UnreadableImagesError` naming every one; ``"skip"`` leaves them
     out and appends ``"path: reason"`` for each to ``skipped`` (a list, when given).
     """
-    from dvt_core.data.images import ImageReadError
-
     if unreadable not in ("raise", "skip"):
-        raise ValueError(f"unreadable must be 'raise' or 'skip', got {unreadable!r}")
+        raise ArgumentError(f"unreadable must be 'raise' or 'skip', got {unreadable!r}")
     ds = ImageFolderDataset(root, img_size=img_size, channels=channels, unreadable="skip")  # all, then decide
     problems = list(ds.skipped)
     arrays, keep = [], []
@@ -411,35 +374,6 @@ def load_image_folder(
 # ------------------------------------------------------------------------------ arrays and batches
 
 
-def normalize(
-    images: np.ndarray, mean: Union[float, Sequence[float]], std: Union[float, Sequence[float]]
-) -> np.ndarray:
-    """uint8 images ``(N, H, W)`` or ``(N, H, W, C)`` to float32 ``(N, C, H, W)``: ``(x/255 - mean) / std``.
-
-    ``mean`` and ``std`` are scalars or one value per channel. The channels-first float32 layout is
-    what both backends feed to the model.
-    """
-    images = np.asarray(images)
-    if images.dtype != np.uint8:
-        raise ValueError(f"normalize expects uint8 images (0..255), got {images.dtype}")
-    if images.ndim == 3:
-        images = images[..., None]
-    elif images.ndim != 4:
-        raise ValueError(f"normalize expects (N, H, W) or (N, H, W, C), got shape {images.shape}")
-    c = images.shape[-1]
-    mean_a = np.asarray(mean, dtype=np.float32).reshape(-1)
-    std_a = np.asarray(std, dtype=np.float32).reshape(-1)
-    for name, v in (("mean", mean_a), ("std", std_a)):
-        if v.size not in (1, c):
-            raise ValueError(f"{name} has {v.size} values for {c} channel(s)")
-    if np.any(std_a <= 0):
-        raise ValueError(f"std must be positive, got {std_a.tolist()}")
-    x = images.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255.0)
-    x -= mean_a.reshape(1, -1, 1, 1)
-    x /= std_a.reshape(1, -1, 1, 1)
-    return np.ascontiguousarray(x)
-
-
 def split_holdout(n: int, holdout: Union[int, float], seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Split ``range(n)`` into ``(train_idx, holdout_idx)``, both sorted int64, from ``seed``.
 
@@ -447,15 +381,15 @@ def split_holdout(n: int, holdout: Union[int, float], seed: int) -> tuple[np.nda
     out of the training split; the same ``(n, holdout, seed)`` always gives the same split.
     """
     if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
+        raise ArgumentError(f"n must be >= 0, got {n}")
     if isinstance(holdout, (float, np.floating)):
         if not 0.0 <= holdout < 1.0:
-            raise ValueError(f"a fractional holdout must lie in [0, 1), got {holdout}")
+            raise ArgumentError(f"a fractional holdout must lie in [0, 1), got {holdout}")
         k = int(round(holdout * n))
     else:
         k = int(holdout)
         if not 0 <= k <= n:
-            raise ValueError(f"holdout must be between 0 and n={n}, got {k}")
+            raise ArgumentError(f"holdout must be between 0 and n={n}, got {k}")
     perm = np.random.default_rng(seed).permutation(n)
     return np.sort(perm[k:]).astype(np.int64), np.sort(perm[:k]).astype(np.int64)
 
@@ -470,9 +404,9 @@ def augment(batch: np.ndarray, rng: np.random.Generator, pad: int = 2, flip: boo
     """
     batch = np.asarray(batch)
     if batch.ndim not in (3, 4):
-        raise ValueError(f"augment expects (N, H, W) or (N, H, W, C), got shape {batch.shape}")
+        raise ArgumentError(f"augment expects (N, H, W) or (N, H, W, C), got shape {batch.shape}")
     if pad < 0:
-        raise ValueError(f"pad must be >= 0, got {pad}")
+        raise ArgumentError(f"pad must be >= 0, got {pad}")
     n, h, w = batch.shape[:3]
     out = batch.copy()
     if pad > 0:
@@ -503,12 +437,12 @@ def iterate_batches(
     """
     n = len(images)
     if len(labels) != n:
-        raise ValueError(f"{n} images but {len(labels)} labels")
+        raise ArgumentError(f"{n} images but {len(labels)} labels")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise ArgumentError(f"batch_size must be >= 1, got {batch_size}")
     if shuffle:
         if rng is None:
-            raise ValueError("shuffle=True needs a numpy.random.Generator (rng)")
+            raise ArgumentError("shuffle=True needs a numpy.random.Generator (rng)")
         order = rng.permutation(n)
     else:
         order = np.arange(n)

@@ -10,6 +10,9 @@ from typing import Union
 
 from dvt_core import fileio
 from dvt_core.errors import InputError
+from dvt_core.runtime.contract import get_backend
+from dvt_core.runtimes import import_runtime
+from dvt_core.version import __version__
 from dvt_core.export.manifest import (DEFAULT_OPSET, FORMATS, MANIFEST, SOURCE_BACKEND, SUPPORTED_OPSETS,  # noqa: F401
                                       graph_form, make_manifest, sha256_of)
 
@@ -69,7 +72,7 @@ def export_model(model, fmt: str, out: Union[str, Path], force: bool = False, op
         stages, versions, batch_axes = writer.export_stages(model, tmp, **kwargs)
         for st in stages:
             st["sha256"] = sha256_of(tmp / st["file"])
-        versions = {"dvt": _dvt_version(), **versions}
+        versions = {"dvt": __version__, **versions}
         manifest = make_manifest(model.spec, fmt, stages, getattr(model, "checkpoint_meta", {}), versions,
                                  batch_axes, form)
         manifest["data_files"] = _data_files(tmp, stages)
@@ -86,18 +89,9 @@ def _data_files(folder: Path, stages: list) -> list[dict]:
 
 
 def importlib_export(backend: str):
-    import importlib
-
-    from dvt_core.runtime.builder import get_backend
-
+    """The ``export`` module of framework ``backend``, reached through the runtime registry."""
     get_backend(backend)
-    return importlib.import_module(f"dvt_backends.{backend}.export")
-
-
-def _dvt_version() -> str:
-    from dvt_core import __version__
-
-    return __version__
+    return import_runtime(backend, "export")
 
 
 def is_export(path) -> bool:

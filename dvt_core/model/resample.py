@@ -15,6 +15,7 @@ from functools import lru_cache
 from typing import NamedTuple
 
 import numpy as np
+from dvt_core.errors import ArgumentError
 
 
 def intermediate_size(old: int, new: int) -> int:
@@ -56,7 +57,7 @@ def _resize_matrix(old: int, new: int) -> np.ndarray:
 def resize_matrix(old: int, new: int, dtype=np.float32) -> np.ndarray:
     """``(new, old)`` per-axis matrix of the reuse resize from an ``old`` to a ``new`` token grid."""
     if old < 1 or new < 1:
-        raise ValueError(f"grids must be positive, got {old} -> {new}")
+        raise ArgumentError(f"grids must be positive, got {old} -> {new}")
     return _resize_matrix(int(old), int(new)).astype(dtype)
 
 
@@ -81,9 +82,9 @@ def token_resize_matrix(old: int, new: int, class_token: str = "keep", dtype=np.
     entries (:func:`token_resize_taps`), not the dense matrix.
     """
     if class_token not in ("keep", "zero"):
-        raise ValueError(f"class_token must be 'keep' or 'zero', got {class_token!r}")
+        raise ArgumentError(f"class_token must be 'keep' or 'zero', got {class_token!r}")
     if old < 1 or new < 1:
-        raise ValueError(f"grids must be positive, got {old} -> {new}")
+        raise ArgumentError(f"grids must be positive, got {old} -> {new}")
     return _token_matrix(int(old), int(new), class_token).astype(dtype)
 
 
@@ -123,8 +124,8 @@ def token_resize_taps(old: int, new: int, class_token: str = "keep", dtype=np.fl
     the resize costs well under 1 % of an exit's multiply-accumulates (see dvt_core.model.macs).
     """
     if class_token not in ("keep", "zero"):
-        raise ValueError(f"class_token must be 'keep' or 'zero', got {class_token!r}")
+        raise ArgumentError(f"class_token must be 'keep' or 'zero', got {class_token!r}")
     if old < 1 or new < 1:
-        raise ValueError(f"grids must be positive, got {old} -> {new}")
+        raise ArgumentError(f"grids must be positive, got {old} -> {new}")
     indptr, indices, weights, n_old, n_new = _token_taps(int(old), int(new), class_token)
     return ResizeTaps(indptr.copy(), indices.copy(), weights.astype(dtype), n_old, n_new)

@@ -11,7 +11,9 @@ import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from dvt_core.errors import SpecError
+from dvt_core.errors import CheckpointError, DVTError, SpecError
+from dvt_core.model.limits import MAX_EXITS, check_spec_limits
+from dvt_core.schema import check_fields, want_list
 
 FAMILIES = ("t2t", "vit")
 T2T_TOKEN_TYPES = ("performer", "transformer")
@@ -199,8 +201,6 @@ class CascadeSpec:
         return ReusePlan(feature, relation)
 
     def validate(self) -> "CascadeSpec":
-        from dvt_core.schema import check_spec_limits
-
         check_spec_limits(self)  # names, ranges and sizes first: before any derived number is computed
         if not self.stages:
             raise SpecError(f"{self.name}: a cascade needs at least one stage")
@@ -510,3 +510,23 @@ def sinusoid_position_table(n_position: int, dim: int):
     angle = pos / np.power(10000.0, 2 * (j // 2) / dim)
     table = np.where(j % 2 == 0, np.sin(angle), np.cos(angle))
     return table[None].astype(np.float32)
+
+
+def check_spec_dict(d, where: str = "spec", error=CheckpointError):
+    """A :class:`~dvt_core.model.specs.CascadeSpec` from an untrusted dict: every field's type checked and
+    named, then the spec's own validation and size limits (:func:`~dvt_core.model.limits.check_spec_limits`)."""
+    def stage(s, w):
+        check_fields(StageSpec, s, w, error, {"t2t": lambda t, tw: None if t is None else
+                                               check_fields(T2TSpec, t, tw, error, {})})
+
+    def stages(v, w):
+        for i, s in enumerate(want_list(v, w, max_len=MAX_EXITS, error=error)):
+            stage(s, f"{w}[{i}]")
+
+    check_fields(CascadeSpec, d, where, error, {"stages": stages})
+    try:
+        return CascadeSpec.from_dict(d)
+    except DVTError as exc:
+        raise error(f"{where}: {exc}") from None
+    except (TypeError, ValueError, KeyError, AttributeError, ZeroDivisionError, OverflowError) as exc:
+        raise error(f"{where} does not describe a model ({type(exc).__name__}: {str(exc)[:120]})") from None

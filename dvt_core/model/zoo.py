@@ -6,18 +6,20 @@ Everything a user changes goes through :func:`get_spec`'s overrides, which re-va
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Union
+import functools
+from typing import Callable, Optional, Union
 
-from dvt_core.errors import SpecError
+from dvt_core.errors import ArgumentError, SpecError
 from dvt_core.model.specs import CascadeSpec, StageSpec, T2TSpec, apply_overrides
 
 _REGISTRY: dict[str, Callable[[], CascadeSpec]] = {}
 
 
-def register(fn: Callable[[], CascadeSpec]) -> Callable[[], CascadeSpec]:
-    name = fn.__name__
+def register(fn: Callable[[], CascadeSpec], name: Optional[str] = None) -> Callable[[], CascadeSpec]:
+    """Add the model that ``fn()`` describes to the zoo as ``name`` (``fn``'s own name by default)."""
+    name = name or fn.__name__
     if name in _REGISTRY:
-        raise ValueError(f"model {name!r} registered twice")
+        raise SpecError(f"model {name!r} registered twice")
     _REGISTRY[name] = fn
     return fn
 
@@ -38,7 +40,7 @@ def get_spec(name_or_spec: Union[str, CascadeSpec], **overrides) -> CascadeSpec:
     if isinstance(name_or_spec, CascadeSpec):
         return apply_overrides(name_or_spec, **overrides)
     if not isinstance(name_or_spec, str):
-        raise TypeError(f"expected a model name or a CascadeSpec, got {type(name_or_spec).__name__}")
+        raise ArgumentError(f"expected a model name or a CascadeSpec, got {type(name_or_spec).__name__}")
     if name_or_spec not in _REGISTRY:
         import difflib
 
@@ -65,34 +67,11 @@ def _dvt_t2t(name: str, embed_dim: int, depth: int, num_heads: int, mlp_ratio: f
     return CascadeSpec(name=name, stages=stages)
 
 
-@register
-def dvt_t2t_vit_7():
-    return _dvt_t2t("dvt_t2t_vit_7", 256, 7, 4, 2.0)
-
-
-@register
-def dvt_t2t_vit_10():
-    return _dvt_t2t("dvt_t2t_vit_10", 256, 10, 4, 2.0)
-
-
-@register
-def dvt_t2t_vit_12():
-    return _dvt_t2t("dvt_t2t_vit_12", 256, 12, 4, 2.0)
-
-
-@register
-def dvt_t2t_vit_14():
-    return _dvt_t2t("dvt_t2t_vit_14", 384, 14, 6, 3.0)
-
-
-@register
-def dvt_t2t_vit_19():
-    return _dvt_t2t("dvt_t2t_vit_19", 448, 19, 7, 3.0)
-
-
-@register
-def dvt_t2t_vit_24():
-    return _dvt_t2t("dvt_t2t_vit_24", 512, 24, 8, 3.0)
+# The official release's T2T-ViT widths by depth: embed_dim, depth, num_heads, mlp_ratio.
+T2T_SIZES = {7: (256, 7, 4, 2.0), 10: (256, 10, 4, 2.0), 12: (256, 12, 4, 2.0), 14: (384, 14, 6, 3.0),
+             19: (448, 19, 7, 3.0), 24: (512, 24, 8, 3.0)}
+for _depth, _size in T2T_SIZES.items():
+    register(functools.partial(_dvt_t2t, f"dvt_t2t_vit_{_depth}", *_size), f"dvt_t2t_vit_{_depth}")
 
 
 # ---- ViT / DeiT ---------------------------------------------------------------------------------
@@ -111,19 +90,10 @@ def _dvt_vit(name: str, embed_dim: int, depth: int, num_heads: int, grids=(7, 10
     return CascadeSpec(name=name, stages=tuple(_vit_stage(g, embed_dim, depth, num_heads) for g in grids))
 
 
-@register
-def dvt_deit_tiny():
-    return _dvt_vit("dvt_deit_tiny", 192, 12, 3)
-
-
-@register
-def dvt_deit_small():
-    return _dvt_vit("dvt_deit_small", 384, 12, 6)
-
-
-@register
-def dvt_deit_base():
-    return _dvt_vit("dvt_deit_base", 768, 12, 12)
+# DeiT widths: embed_dim, depth, num_heads.
+DEIT_SIZES = {"dvt_deit_tiny": (192, 12, 3), "dvt_deit_small": (384, 12, 6), "dvt_deit_base": (768, 12, 12)}
+for _name, _size in DEIT_SIZES.items():
+    register(functools.partial(_dvt_vit, _name, *_size), _name)
 
 
 @register
@@ -186,19 +156,6 @@ def _static_fashion(grid: int) -> CascadeSpec:
     return static_spec(dvt_fashion_mnist(), FASHION_MNIST_GRIDS.index(grid), name=f"static_fashion_mnist_{grid}x{grid}")
 
 
-@register
-def static_fashion_mnist_2x2():
-    """Static single-exit baseline: the Fashion-MNIST backbone at 2x2 tokens."""
-    return _static_fashion(2)
-
-
-@register
-def static_fashion_mnist_4x4():
-    """Static single-exit baseline: the Fashion-MNIST backbone at 4x4 tokens."""
-    return _static_fashion(4)
-
-
-@register
-def static_fashion_mnist_7x7():
-    """Static single-exit baseline: the Fashion-MNIST backbone at 7x7 tokens (the full grid)."""
-    return _static_fashion(7)
+# The static single-exit baselines: the Fashion-MNIST backbone at each grid of its exits.
+for _grid in FASHION_MNIST_GRIDS:
+    register(functools.partial(_static_fashion, _grid), f"static_fashion_mnist_{_grid}x{_grid}")

@@ -5,25 +5,9 @@ from pathlib import Path
 from typing import Optional, Union
 
 from dvt_core.runtime.contract import GraphRuntime, get_backend
-from dvt_core.checkpoint.files import Checkpoint, checked_state, read_checkpoint
+from dvt_core.checkpoint.files import checked_state, read_checkpoint, resolve_spec  # noqa: F401  (resolve_spec: also here)
 from dvt_core.errors import CheckpointError, InputError
 from dvt_core.model.specs import CascadeSpec
-from dvt_core.model.zoo import get_spec
-
-
-def resolve_spec(name_or_spec: Union[str, CascadeSpec, None], ckpt: Optional[Checkpoint], **overrides) -> CascadeSpec:
-    """The spec to build: the checkpoint's own when it carries one, else the zoo entry; plus overrides."""
-    meta_spec = (ckpt.meta or {}).get("spec") if ckpt is not None else None
-    if meta_spec is not None:
-        saved = CascadeSpec.from_dict(meta_spec)
-        wanted = name_or_spec.name if isinstance(name_or_spec, CascadeSpec) else name_or_spec
-        arch = ckpt.meta.get("arch", saved.name)
-        if wanted is not None and wanted not in (arch, saved.name):
-            raise CheckpointError(f"{ckpt.path} holds weights of {arch}, not {wanted}")
-        return get_spec(saved, **overrides)
-    if name_or_spec is None:
-        raise InputError("name a model (its checkpoint carries no architecture)")
-    return get_spec(name_or_spec, **overrides)
 
 
 PROBE_BATCH = 2  # blank images each stage of an opened export runs once (not 1: a batch axis of 1 hides in shapes)

@@ -11,7 +11,7 @@
   export folder. Its primitives are shared by every graph runtime (``dvt_core.export.graph``).
 
 A runtime lives in its own package ``dvt_backends.<name>`` whose ``RUNTIME`` is an instance of one of these
-classes; :data:`RUNTIMES` is the registry (adding a runtime: its folder plus one line there).
+classes; :data:`dvt_core.runtimes.RUNTIMES` is the registry (adding a runtime: its folder plus one line there).
 
 Terms: *model*: what ``build_model`` or ``open`` returns; it carries ``model.spec`` (the
 :class:`~dvt_core.model.specs.CascadeSpec`), ``model.backend_name`` (how :func:`backend_of` finds its
@@ -23,25 +23,15 @@ from __future__ import annotations
 
 import abc
 import importlib
-import sys
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
 
 from dvt_core.errors import InputError, check_images_shape
+from dvt_core.runtimes import RUNTIMES, import_runtime, runtime_names  # noqa: F401  (the registry, re-exported)
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
-# The registry: runtime name -> (its package, the third-party package it cannot run without, what it runs:
-# "spec" for a framework that builds models from specs, "export" for a runtime of `dvt export` folders).
-RUNTIMES = {
-    "torch": ("dvt_backends.torch", "torch", "spec"),
-    "mindspore": ("dvt_backends.mindspore", "mindspore", "spec"),
-    "onnx": ("dvt_backends.onnx", "onnxruntime", "export"),
-    "mindir": ("dvt_backends.mindir", "mindspore", "export"),
-    "openvino": ("dvt_backends.openvino", "openvino", "export"),
-}
 
 
 class Runtime(abc.ABC):
@@ -213,49 +203,13 @@ class GraphRuntime(Runtime):
 # ---- finding a runtime ------------------------------------------------------------------------------------
 
 
-def _raised_by_dvt(exc: ImportError) -> bool:
-    """True when ``exc`` names a dvt module, or was raised by a line of dvt itself (not of a framework)."""
-    if (exc.name or "").split(".")[0] in ("dvt_core", "dvt_backends"):
-        return True
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    if tb is None or exc.name:
-        return False
-    ours = [Path(__file__).resolve().parents[1]]  # dvt_core, and wherever dvt_backends lives
-    backends = sys.modules.get("dvt_backends")
-    ours += [Path(p).resolve() for p in getattr(backends, "__path__", ())]
-    try:
-        where = Path(tb.tb_frame.f_code.co_filename).resolve()
-    except (OSError, ValueError):
-        return False
-    return any(where.is_relative_to(d) for d in ours)
-
-
 def get_backend(name: str) -> Runtime:
     """The runtime registered as ``name``, its package imported on first use; InputError naming what is wrong."""
-    if name not in RUNTIMES:
-        raise InputError(f"unknown backend {name!r}; choose one of {', '.join(RUNTIMES)}")
-    package, needs, _ = RUNTIMES[name]
-    try:
-        module = importlib.import_module(package)
-    except ImportError as exc:
-        # A framework that is missing or broken is the user's to install; an ImportError raised by dvt's
-        # own code is a bug and keeps its traceback.
-        if _raised_by_dvt(exc):
-            raise
-        raise InputError(f"the {name} backend needs the {needs} package ({exc}); "
-                         f"install it with: pip install 'dvt[{name}]'") from None
+    module = import_runtime(name)
     runtime = getattr(module, "RUNTIME", None)
     if not isinstance(runtime, Runtime):
-        raise InputError(f"{package} does not fulfil the runtime contract: its RUNTIME is not a Runtime")
+        raise InputError(f"{module.__name__} does not fulfil the runtime contract: its RUNTIME is not a Runtime")
     return runtime
-
-
-def runtime_names(runs: Optional[str] = None) -> tuple[str, ...]:
-    """The registered runtimes (``runs="spec"``: the frameworks; ``"export"``: the export-folder runtimes),
-    without importing any of them."""
-    return tuple(n for n, (_, _, kind) in RUNTIMES.items() if runs is None or kind == runs)
 
 
 def backend_of(model) -> Runtime:

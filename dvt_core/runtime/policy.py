@@ -42,7 +42,7 @@ from typing import Iterable, Optional
 
 import numpy as np
 
-from dvt_core.errors import InputError
+from dvt_core.errors import ArgumentError, InputError
 
 CONFIDENCE_KINDS = ("max_softmax", "entropy")
 #: Threshold of an exit that takes no sample on its own (nothing reaches it).
@@ -79,25 +79,27 @@ __all__ = [
 # validation helpers
 
 
+def _check_shape(values, name: str, axes: str, needs: str, error=ArgumentError) -> np.ndarray:
+    """``values`` as an array with the axes ``axes`` names (``"(exits, samples)"``), none of them empty."""
+    arr = np.asarray(values)
+    if arr.ndim != axes.count(",") + 1:
+        raise error(f"{name} must be shaped {axes}; got {arr.ndim} dimension(s) {arr.shape}")
+    if 0 in arr.shape:
+        raise error(f"{name} needs at least {needs}; got shape {arr.shape}")
+    return arr
+
+
 def _check_probs(probs, name: str = "probs") -> np.ndarray:
     """``probs`` as a floating array shaped (exits, samples, classes), with at least one of each."""
-    arr = np.asarray(probs)
-    if arr.ndim != 3:
-        raise ValueError(f"{name} must be shaped (exits, samples, classes); got {arr.ndim} dimension(s) {arr.shape}")
-    if 0 in arr.shape:
-        raise ValueError(f"{name} needs at least one exit, sample and class; got shape {arr.shape}")
+    arr = _check_shape(probs, name, "(exits, samples, classes)", "one exit, sample and class")
     if not np.issubdtype(arr.dtype, np.floating):
-        raise ValueError(f"{name} must hold floating-point values; got dtype {arr.dtype}")
+        raise ArgumentError(f"{name} must hold floating-point values; got dtype {arr.dtype}")
     return arr
 
 
 def _check_conf(conf, name: str = "confidences") -> np.ndarray:
     """Confidences as a finite float32 array shaped (exits, samples)."""
-    arr = np.asarray(conf)
-    if arr.ndim != 2:
-        raise InputError(f"{name} must be shaped (exits, samples); got {arr.ndim} dimension(s) {arr.shape}")
-    if 0 in arr.shape:
-        raise InputError(f"{name} needs at least one exit and one sample; got shape {arr.shape}")
+    arr = _check_shape(conf, name, "(exits, samples)", "one exit and one sample", InputError)
     arr = arr.astype(np.float32, copy=False)
     if not np.isfinite(arr).all():
         raise InputError(f"{name} contain NaN or infinite values (NaN or infinite logits: the weights or the "
@@ -109,13 +111,13 @@ def _check_targets(targets, n_samples: int, n_classes: int, name: str = "targets
     """Integer class labels shaped (samples,), each in ``[0, n_classes)``."""
     arr = np.asarray(targets)
     if arr.ndim != 1:
-        raise ValueError(f"{name} must be shaped (samples,); got {arr.ndim} dimension(s) {arr.shape}")
+        raise ArgumentError(f"{name} must be shaped (samples,); got {arr.ndim} dimension(s) {arr.shape}")
     if arr.shape[0] != n_samples:
-        raise ValueError(f"{name} has {arr.shape[0]} samples but the probabilities have {n_samples}")
+        raise ArgumentError(f"{name} has {arr.shape[0]} samples but the probabilities have {n_samples}")
     if not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"{name} must be integer class indices; got dtype {arr.dtype}")
+        raise ArgumentError(f"{name} must be integer class indices; got dtype {arr.dtype}")
     if arr.size and (arr.min() < 0 or arr.max() >= n_classes):
-        raise ValueError(f"{name} must lie in [0, {n_classes}); got range [{arr.min()}, {arr.max()}]")
+        raise ArgumentError(f"{name} must lie in [0, {n_classes}); got range [{arr.min()}, {arr.max()}]")
     return arr
 
 
@@ -123,11 +125,11 @@ def _check_vector(values, n_exits: int, name: str) -> np.ndarray:
     """A finite 1-D array with one entry per exit."""
     arr = np.asarray(values)
     if arr.ndim != 1:
-        raise ValueError(f"{name} must be 1-D (one value per exit); got shape {arr.shape}")
+        raise ArgumentError(f"{name} must be 1-D (one value per exit); got shape {arr.shape}")
     if arr.shape[0] != n_exits:
-        raise ValueError(f"{name} has {arr.shape[0]} values but there are {n_exits} exits")
+        raise ArgumentError(f"{name} has {arr.shape[0]} values but there are {n_exits} exits")
     if not np.issubdtype(arr.dtype, np.number) or not np.isfinite(arr).all():
-        raise ValueError(f"{name} must be finite numbers; got {arr!r}")
+        raise ArgumentError(f"{name} must be finite numbers; got {arr!r}")
     return arr
 
 
@@ -137,7 +139,7 @@ def _check_fractions(fractions, n_exits: int) -> np.ndarray:
     if not np.issubdtype(arr.dtype, np.floating):
         arr = arr.astype(np.float64)
     if (arr < 0).any():
-        raise ValueError(f"fractions must be non-negative; got {arr!r}")
+        raise ArgumentError(f"fractions must be non-negative; got {arr!r}")
     return arr
 
 
@@ -183,13 +185,13 @@ def confidence(probs, kind: str = "max_softmax") -> np.ndarray:
     elif kind == "entropy":
         n_classes = p.shape[2]
         if n_classes < 2:
-            raise ValueError("entropy confidence needs at least two classes")
+            raise ArgumentError("entropy confidence needs at least two classes")
         p64 = p.astype(np.float64)
         with np.errstate(divide="ignore", invalid="ignore"):
             plogp = np.where(p64 > 0, p64 * np.log(p64), 0.0)
         conf = plogp.sum(axis=2) / np.log(n_classes)
     else:
-        raise ValueError(f"unknown confidence kind {kind!r}; expected one of {CONFIDENCE_KINDS}")
+        raise ArgumentError(f"unknown confidence kind {kind!r}; expected one of {CONFIDENCE_KINDS}")
     return _check_conf(conf)
 
 
@@ -200,7 +202,7 @@ def _confidences(probs_or_conf, kind: str) -> np.ndarray:
         return confidence(arr, kind)
     if arr.ndim == 2:
         return _check_conf(arr)
-    raise ValueError(
+    raise ArgumentError(
         "expected probabilities shaped (exits, samples, classes) or confidences shaped (exits, samples); "
         f"got {arr.ndim} dimension(s) {arr.shape}"
     )
@@ -212,7 +214,7 @@ def _confidences(probs_or_conf, kind: str) -> np.ndarray:
 
 def _check_rule(rule: str) -> str:
     if rule not in RULES:
-        raise ValueError(f"unknown rule {rule!r}; expected one of {RULES}")
+        raise ArgumentError(f"unknown rule {rule!r}; expected one of {RULES}")
     return rule
 
 
@@ -233,9 +235,9 @@ def _fractions_table(budgets: np.ndarray, num_exits: int, rule: str = "pytorch")
     Element-wise float32 arithmetic, so each row is bit-identical to a one-budget call.
     """
     if not np.isfinite(budgets).all() or (budgets <= 0).any():
-        raise ValueError(f"budget indices must be positive numbers; got {budgets.tolist()!r}")
+        raise ArgumentError(f"budget indices must be positive numbers; got {budgets.tolist()!r}")
     if int(num_exits) != num_exits or num_exits < 1:
-        raise ValueError(f"num_exits must be a positive integer; got {num_exits!r}")
+        raise ArgumentError(f"num_exits must be a positive integer; got {num_exits!r}")
     if _check_rule(rule) == "mindspore":
         base = (budgets / 20)[:, None]
         powers = np.exp(np.log(base) * np.arange(1, int(num_exits) + 1, dtype=np.float64))
@@ -269,7 +271,7 @@ class _Presorted:
 def _presort(probs: np.ndarray, kind: str) -> _Presorted:
     """Sort each exit's confidences once (all exits but the last)."""
     if kind not in CONFIDENCE_KINDS:
-        raise ValueError(f"unknown confidence kind {kind!r}; expected one of {CONFIDENCE_KINDS}")
+        raise ArgumentError(f"unknown confidence kind {kind!r}; expected one of {CONFIDENCE_KINDS}")
     n_exits, n_samples = probs.shape[:2]
     if n_exits == 1:
         return _Presorted(n_exits, n_samples, np.empty((0, n_samples), dtype=np.float32), ())
@@ -452,13 +454,13 @@ def budget_sweep(train_probs, train_targets, test_probs, test_targets, costs,
     te = _check_probs(test_probs, "test_probs")
     n_exits = tr.shape[0]
     if te.shape[0] != n_exits:
-        raise ValueError(f"train_probs has {n_exits} exits but test_probs has {te.shape[0]}")
+        raise ArgumentError(f"train_probs has {n_exits} exits but test_probs has {te.shape[0]}")
     _check_targets(train_targets, tr.shape[1], tr.shape[2], "train_targets")
     y_test = _check_targets(test_targets, te.shape[1], te.shape[2], "test_targets")
     c = _check_costs(costs, n_exits)
     budget_values = np.asarray(list(budgets), dtype=np.float64)
     if budget_values.ndim != 1 or budget_values.size == 0:
-        raise ValueError("budgets must be a non-empty sequence of budget indices")
+        raise ArgumentError("budgets must be a non-empty sequence of budget indices")
 
     presorted = _presort(tr, confidence_kind)
     test_conf, test_preds = _conf_and_preds(te, confidence_kind)
@@ -483,13 +485,13 @@ def thresholds_for_cost(sweep: BudgetSweep, max_cost: float) -> np.ndarray:
     the cheapest achievable cost when no budget fits.
     """
     if not np.isfinite(max_cost):
-        raise ValueError(f"max_cost must be a finite number; got {max_cost!r}")
+        raise ArgumentError(f"max_cost must be a finite number; got {max_cost!r}")
     if len(sweep) == 0:
-        raise ValueError("the sweep holds no budgets")
+        raise ArgumentError("the sweep holds no budgets")
     fits = np.flatnonzero(sweep.cost <= max_cost)
     if fits.size == 0:
         cheapest = int(sweep.cost.argmin())
-        raise ValueError(
+        raise ArgumentError(
             f"no budget has expected cost <= {max_cost:g}; the cheapest achievable is "
             f"{sweep.cost[cheapest]:.6g} (budget index {sweep.budgets[cheapest]:g})"
         )

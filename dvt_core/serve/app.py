@@ -22,7 +22,7 @@ from typing import Optional
 
 import numpy as np
 
-from dvt_core.errors import DVTError, InputError
+from dvt_core.errors import InputError, RequestError
 
 
 @dataclass
@@ -50,14 +50,6 @@ class ServeLimits:
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * 1024 * 1024)
-
-
-class RequestError(DVTError):
-    """A request the service refuses: an HTTP status and a message that names the problem."""
-
-    def __init__(self, status: int, message: str, headers: Optional[dict] = None):
-        super().__init__(message)
-        self.status, self.headers = status, dict(headers or {})
 
 
 _UNSAFE = re.compile(r"[^ -~]")

@@ -13,20 +13,17 @@ from typing import Iterator, Optional, Union
 
 import numpy as np
 
+from dvt_core.checkpoint.metadata import add_meta_rule
 from dvt_core.data import sources as data
-from dvt_core.errors import ConfigError, DVTError
-from dvt_core.schema import MAX_SEED
+from dvt_core.data.datasets import FOLDER_HOLDOUT, HOLDOUT, HOLDOUT_SEED, is_fashion_mnist  # noqa: F401
+from dvt_core.errors import ArgumentError, ConfigError, DVTError, TrainingDiverged
+from dvt_core.schema import MAX_SEED, want_dict
 
-FOLDER_HOLDOUT = 0.1  # default held-out fraction of an image folder (Fashion-MNIST keeps TrainConfig.holdout)
 # upper bounds of TrainConfig.validate (far beyond any real run; they bound what a hostile record can ask for)
 MAX_EPOCHS = 1_000_000
 MAX_BATCH = 1 << 20
 MAX_PAD = 1024
 MAX_COUNT = 1 << 40  # steps, held-out images
-
-
-class TrainingDiverged(DVTError):
-    """The training loss became NaN or infinite; the run stopped and wrote no weights for it."""
 
 
 @dataclass
@@ -38,10 +35,10 @@ class TrainConfig:
     weight_decay: float = 0.05
     warmup_epochs: float = 2.0
     label_smoothing: float = 0.0
-    holdout: Union[int, float] = 5000  # training images (a count, or a fraction < 1) held out to calibrate
+    holdout: Union[int, float] = HOLDOUT  # training images (a count, or a fraction < 1) held out to calibrate
     augment: bool = True
     pad: int = 2  # random-crop padding in pixels
-    seed: int = 0
+    seed: int = HOLDOUT_SEED  # also picks the held-out part
     checkpoint_every: int = 1  # epochs between checkpoints (always at the end)
     max_steps: Optional[int] = None  # stop early after this many steps (smoke tests)
     grad_clip: Optional[float] = None
@@ -49,7 +46,7 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         """``self`` when every field lies in its range; else :class:`~dvt_core.errors.ConfigError` naming
         the field, the rule and the value. The one set of rules: ``dvt train``'s options, the Python API and
-        the training record inside an untrusted checkpoint (``dvt_core.schema``) are all checked by it. The
+        the training record inside an untrusted checkpoint (:func:`check_train_config`) are all checked by it. The
         upper bounds keep a hostile record from asking for absurd work, not any real run."""
         _check_int(self, "epochs", low=1, high=MAX_EPOCHS)
         _check_int(self, "batch_size", low=1, high=MAX_BATCH)
@@ -81,6 +78,25 @@ class TrainConfig:
     def from_dict(cls, d: dict) -> "TrainConfig":
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def check_train_config(cfg, where: str = "training", error=ArgumentError):
+    """``cfg`` (a :class:`TrainConfig`) if its own rules (:meth:`TrainConfig.validate`, the one set) pass;
+    else ``error`` saying ``where`` and the rule broken. Returns ``cfg``."""
+    try:
+        return cfg.validate()
+    except ConfigError as exc:
+        raise error(f"{where}: {exc}") from None
+
+
+def check_train_record(value, where: str, error, exits=None) -> None:
+    """A checkpoint's ``train`` metadata (:meth:`TrainConfig.to_dict`), checked by the same rules."""
+    want_dict(value, where, error)
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    check_train_config(TrainConfig.from_dict({k: v for k, v in value.items() if k in known}), where, error)
+
+
+add_meta_rule("train", check_train_record)
 
 
 def _check_int(cfg, field: str, low: int, high: int) -> None:
@@ -184,8 +200,6 @@ def dataset_record(source, images: int, holdout: int, seed: int) -> dict:
     ``path`` the folder's absolute path (None for Fashion-MNIST), ``images`` the training split's size,
     ``holdout`` the held-out count drawn with ``seed`` by :func:`dvt_core.data.sources.split_holdout`."""
     from pathlib import Path
-
-    from dvt_core.data.datasets import is_fashion_mnist
 
     if source is None:
         name, path = None, None

@@ -12,13 +12,10 @@ from typing import Optional, Sequence
 import numpy as np
 
 from dvt_core.data.datasets import model_classes
-from dvt_core.errors import DVTError
+from dvt_core.checkpoint.registry import has_shipped_weights, is_shipped_file  # noqa: F401  (for the commands)
+from dvt_core.errors import ArgumentError, DVTError
 from dvt_core.runtime.operating_point import check_budget, choose_thresholds as _choose_thresholds, exit_costs, parse_macs
 from dvt_core.model.zoo import get_spec
-
-
-class UserError(DVTError):
-    """A problem with what the user asked for; printed as one line."""
 
 
 def parse_overrides(items: Optional[Sequence[str]]) -> dict:
@@ -99,21 +96,15 @@ def emit_json(obj, dest: Optional[str], force: bool = False) -> None:
         tmp.write_text(text + "\n")
 
 
-def _progress() -> bool:
+def show_progress() -> bool:
     """Progress bars only for a person watching (stderr is a terminal)."""
     return sys.stderr.isatty()
 
 
-def _check_limit(value: Optional[int], option: str) -> Optional[int]:
+def check_limit(value: Optional[int], option: str) -> Optional[int]:
     if value is not None and value < 1:
-        raise UserError(f"{option} must be at least 1, got {value}")
+        raise ArgumentError(f"{option} must be at least 1, got {value}")
     return value
-
-
-def _has_shipped_weights(name: Optional[str]) -> bool:
-    from dvt_core.checkpoint.registry import has_shipped_weights
-
-    return has_shipped_weights(name)
 
 
 def plots_available() -> bool:
@@ -132,16 +123,10 @@ def check_picture(path) -> None:
     from dvt_core.cli.plots import PLOT_FORMATS
 
     if path and Path(path).suffix.lower() not in PLOT_FORMATS:
-        raise UserError(f"cannot write a picture to {path}: name it {', '.join(PLOT_FORMATS)}")
+        raise ArgumentError(f"cannot write a picture to {path}: name it {', '.join(PLOT_FORMATS)}")
     if path and not plots_available():
-        raise UserError(f"writing the picture {path} needs matplotlib, which is not installed: "
+        raise ArgumentError(f"writing the picture {path} needs matplotlib, which is not installed: "
                         "pip install 'dvt[plots]'")
-
-
-def _is_shipped_file(path) -> bool:
-    from dvt_core.checkpoint.registry import is_shipped_file
-
-    return is_shipped_file(path)
 
 
 def resolve_weights(args) -> str:
@@ -150,11 +135,11 @@ def resolve_weights(args) -> str:
     if args.weights is not None:
         return args.weights
     if args.model is None:
-        raise UserError("name a model with --model (see `dvt flops --list`) or a checkpoint with --weights FILE")
+        raise ArgumentError("name a model with --model (see `dvt flops --list`) or a checkpoint with --weights FILE")
     get_spec(args.model)  # unknown model: say so first
-    if _has_shipped_weights(args.model):
+    if has_shipped_weights(args.model):
         return "default"
-    raise UserError(f"no weights ship for {args.model}; pass --weights FILE (a trained checkpoint)")
+    raise ArgumentError(f"no weights ship for {args.model}; pass --weights FILE (a trained checkpoint)")
 
 
 def build_from_args(args, weights=None):
@@ -165,7 +150,7 @@ def build_from_args(args, weights=None):
     overrides = parse_overrides(getattr(args, "override", None))
     weights = weights if weights is not None else getattr(args, "weights", None)
     if args.model is None and weights in (None, "default"):
-        raise UserError("name a model with --model (see `dvt flops --list`)")
+        raise ArgumentError("name a model with --model (see `dvt flops --list`)")
     # Cheap checks first, so a mistake is reported before a framework is imported.
     if args.model is not None:
         get_spec(args.model)  # an unknown name is reported as such, before any weights are looked up
@@ -185,7 +170,7 @@ def build_from_args(args, weights=None):
         counts = ", ".join(f"{len(v)} {k}" for k, v in (("missing", exc.missing), ("unexpected", exc.unexpected),
                                                             ("mismatched", exc.mismatched)) if v)
         want = args.model or "the model it names"
-        raise UserError(f"{weights} does not fit {want} ({counts} tensors, e.g. {problems[0]}); "
+        raise ArgumentError(f"{weights} does not fit {want} ({counts} tensors, e.g. {problems[0]}); "
                         "is it the checkpoint of another model, or does it need -O overrides?") from None
     return to_device(model, args.backend, args.device)
 
@@ -208,11 +193,11 @@ def check_device(backend: str, device) -> None:
     get_backend(backend).device_for(device)
 
 
-def _meta(model) -> dict:
+def model_meta(model) -> dict:
     return dict(getattr(model, "checkpoint_meta", None) or {})
 
 
-def _class_names(meta: dict, num_classes: int) -> Optional[list]:
+def model_class_names(meta: dict, num_classes: int) -> Optional[list]:
     return model_classes(meta, num_classes)
 
 
@@ -228,16 +213,16 @@ def fmt_threshold(t, digits: int = 4) -> str:
     return "1e8 (none leave)" if t >= 1e8 else "-1e8 (all leave)" if t <= -1e8 else f"{t:.{digits}f}"
 
 
-def _fmt_thresholds(thresholds) -> str:
+def format_thresholds(thresholds) -> str:
     """All thresholds but the last (which takes every image left), sentinels spelled out."""
     return ", ".join(fmt_threshold(t) for t in list(thresholds)[:-1]) or "-"
 
 
-def _mmacs(n: float) -> str:
+def format_mmacs(n: float) -> str:
     return f"{n / 1e6:.2f}M"
 
 
-def _table(header: list[str], rows: list[list[str]], file=None, right=None) -> None:
+def print_table(header: list[str], rows: list[list[str]], file=None, right=None) -> None:
     """Print an aligned text table (columns right-aligned except those named in ``right=False``)."""
     file = file or sys.stdout
     header = [escape_text(h) for h in header]
@@ -263,25 +248,25 @@ def parse_thresholds(text: str, num_exits: int) -> np.ndarray:
     want = num_exits - 1
     example = ",".join(["0.9"] * max(want, 1))
     if not str(text).strip():
-        raise UserError(f"--thresholds is empty; give {want} comma-separated confidences "
+        raise ArgumentError(f"--thresholds is empty; give {want} comma-separated confidences "
                         f"(one per exit but the last), e.g. --thresholds {example}")
     items = [v for v in text.replace(" ", "").split(",")]
     try:
         values = [float(v) for v in items]
     except ValueError:
-        raise UserError(f"--thresholds must be comma-separated numbers, got {text!r}") from None
+        raise ArgumentError(f"--thresholds must be comma-separated numbers, got {text!r}") from None
     bad = [item for item, v in zip(items, values) if v != v]
     if bad:
-        raise UserError(f"--thresholds {text!r}: {bad[0]!r} is not a confidence (use numbers; inf: no image "
+        raise ArgumentError(f"--thresholds {text!r}: {bad[0]!r} is not a confidence (use numbers; inf: no image "
                         "leaves at that exit)")
     if len(values) != want:
-        raise UserError(f"--thresholds {text!r} gives {len(values)} value(s); this model has {num_exits} exits and "
+        raise ArgumentError(f"--thresholds {text!r} gives {len(values)} value(s); this model has {num_exits} exits and "
                         f"takes {want} (one per exit but the last, which takes every image left), e.g. "
                         f"--thresholds {example}")
     try:
         return normalize_thresholds(values, num_exits)
     except DVTError as exc:
-        raise UserError(f"--thresholds: {exc}") from None
+        raise ArgumentError(f"--thresholds: {exc}") from None
 
 
 def parse_budget(text: str) -> float:
@@ -303,12 +288,12 @@ def exit_macs(spec) -> list[int]:
     return exit_costs(spec)
 
 
-def _early_spec(args):
+def early_spec(args):
     """The spec --model and -O name, known before anything is built (None without --model)."""
     if getattr(args, "model", None) is None:
         return None
     return get_spec(args.model, **parse_overrides(getattr(args, "override", None)))
 
 
-def _check_budget(budget: Optional[float], spec) -> None:
+def check_budget_option(budget: Optional[float], spec) -> None:
     check_budget(budget, spec)

@@ -8,7 +8,7 @@ that a change in machine load hits them alike: read the ratios, measured within 
 checkpoint's stored operating point when ``--weights`` has one, else ``--split`` (the share of the images
 leaving at each exit, found on the very images timed; 60 / 25 / 15 % for three exits) or ``--budget``.
 The last line says whether early exit pays. One function per mode (``MODE_PRINTERS``); the timing is
-written over the runtime contract in ``dvt_core.runtime.benchmarking``.
+written over the runtime contract in ``dvt_core.bench.benchmarking``.
 """
 from __future__ import annotations
 
@@ -19,9 +19,10 @@ import tempfile
 
 import numpy as np
 
-from dvt_core.cli.commands._shared import (UserError, add_force_option, check_outputs, emit_json, parse_budget,
+from dvt_core.cli.commands._shared import (add_force_option, check_outputs, emit_json, parse_budget,
                                            parse_overrides)
-from dvt_core.runtime.benchmarking import MODES, RUNTIMES
+from dvt_core.errors import ArgumentError
+from dvt_core.bench.benchmarking import MODES, RUNTIMES
 from dvt_core.schema import MAX_BENCH_BATCH, MAX_SEED, number
 
 HELP = ("does early exit pay? adaptive inference against the same runtime's static backbone, per runtime and "
@@ -63,7 +64,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=number("int", 0, MAX_SEED), default=0)
     parser.add_argument("--json", default=None, metavar="F", help="write the figures as JSON ('-' for stdout)")
     add_force_option(parser)
-    # --serve: the HTTP service under load (dvt_core.serve.loadtest), its own mode
+    # --serve: the HTTP service under load (dvt_core.bench.loadtest), its own mode
     parser.add_argument("--serve", action="store_true",
                         help="load-test `dvt serve` on 127.0.0.1: adaptive against every stage and the static "
                              "model (dvt_fashion_mnist; --threads per server, --repeats rounds)")
@@ -77,18 +78,18 @@ def _check_args(args) -> None:
     if bad:
         other = {"mindspore": "time MindSpore with benchmarks/bench_mindspore.py",
                  "mindir": "time MindIR graphs with `dvt evaluate --backend mindir`"}.get(bad[0], "")
-        raise UserError(f"dvt benchmark times {', '.join(RUNTIMES)}, not {bad[0]!r}" + (f" ({other})" if other else ""))
+        raise ArgumentError(f"dvt benchmark times {', '.join(RUNTIMES)}, not {bad[0]!r}" + (f" ({other})" if other else ""))
     if args.compile and args.backend != ["torch"]:
-        raise UserError("--compile is for the torch runtime alone (--backend torch)")
+        raise ArgumentError("--compile is for the torch runtime alone (--backend torch)")
     for name in ("images", "repeats"):
         if getattr(args, name) < 1:
-            raise UserError(f"--{name} must be 1 or more, got {getattr(args, name)}")
+            raise ArgumentError(f"--{name} must be 1 or more, got {getattr(args, name)}")
     if args.warmup < 0:
-        raise UserError(f"--warmup must be 0 or more, got {args.warmup}")
+        raise ArgumentError(f"--warmup must be 0 or more, got {args.warmup}")
     if any(b < 1 for b in args.batch_sizes):
-        raise UserError(f"--batch-sizes must be 1 or more, got {args.batch_sizes}")
+        raise ArgumentError(f"--batch-sizes must be 1 or more, got {args.batch_sizes}")
     if args.threads is not None and args.threads < 1:
-        raise UserError(f"--threads must be 1 or more, got {args.threads}")
+        raise ArgumentError(f"--threads must be 1 or more, got {args.threads}")
 
 
 def _shares(args, spec, costs) -> np.ndarray:
@@ -98,7 +99,7 @@ def _shares(args, spec, costs) -> np.ndarray:
     n = spec.num_exits
     if args.budget is not None:
         if not costs[0] <= args.budget <= costs[-1]:
-            raise UserError(f"--budget {args.budget:g} MACs is outside what {spec.name} can spend "
+            raise ArgumentError(f"--budget {args.budget:g} MACs is outside what {spec.name} can spend "
                             f"({costs[0]} to {costs[-1]} MACs per image)")
         lo, hi = 1e-4, 1e4  # budget_fractions(p): higher p, later exits, more MACs
         for _ in range(100):
@@ -110,7 +111,7 @@ def _shares(args, spec, costs) -> np.ndarray:
         return policy.budget_fractions(lo, n).astype(np.float64)
     split = args.split if args.split is not None else ([0.6, 0.25, 0.15] if n == 3 else [1.0 / n] * n)
     if len(split) != n or min(split) < 0 or abs(sum(split) - 1.0) > 1e-6:
-        raise UserError(f"--split needs {n} non-negative shares summing to 1 for {spec.name}, got {split}")
+        raise ArgumentError(f"--split needs {n} non-negative shares summing to 1 for {spec.name}, got {split}")
     return np.asarray(split, np.float64)
 
 
@@ -143,30 +144,40 @@ def _unit(spec_macs) -> tuple[float, str]:
     return (1e9, "G") if max(spec_macs) >= 1e9 else (1e6, "M")
 
 
+def _print_block(title: str, header: str, lines, out) -> None:
+    """One mode's results: a blank line and its title, the column header, a line per variant."""
+    print(f"\n{title}", file=out)
+    print(header, file=out)
+    for line in lines:
+        print(line, file=out)
+
+
 def print_adaptive(row, label, unit, out) -> None:
     scale, u = unit
-    print(f"\n{label}, batch {row['batch']}: {row['images']} images, exit shares "
-          f"{np.round(row['exit_shares'], 3).tolist()}, mean {_macs(row['mean_macs'], scale)} {u}MACs/image", file=out)
     width = max(len(k) for k in row["variants"])
-    print(f"  {'':{width}}  ms/img best  median    img/s  {u}MACs  adaptive speed-up: predicted  realised  ratio",
-          file=out)
-    for k, v in row["variants"].items():
+
+    def line(k, v) -> str:
         tail = ("" if "predicted_speedup" not in v else
                 f"  {v['predicted_speedup']:25.2f}x {v['realised_speedup']:8.2f}x {v['ratio']:6.2f}")
-        print(f"  {k:{width}}  {v['ms_per_image_best']:11.3f} {v['ms_per_image_median']:7.3f} "
-              f"{v['images_per_s_best']:8.1f} {_macs(v['macs_per_image'], scale):>6}{tail}", file=out)
+        return (f"  {k:{width}}  {v['ms_per_image_best']:11.3f} {v['ms_per_image_median']:7.3f} "
+                f"{v['images_per_s_best']:8.1f} {_macs(v['macs_per_image'], scale):>6}{tail}")
+    _print_block(f"{label}, batch {row['batch']}: {row['images']} images, exit shares "
+                 f"{np.round(row['exit_shares'], 3).tolist()}, mean {_macs(row['mean_macs'], scale)} {u}MACs/image",
+                 f"  {'':{width}}  ms/img best  median    img/s  {u}MACs  adaptive speed-up: predicted  realised  ratio",
+                 (line(k, v) for k, v in row["variants"].items()), out)
 
 
 def print_stages(row, label, unit, out) -> None:
     scale, u = unit
-    print(f"\n{label}, batch {row['batch']}: each stage alone (every image going on) against the static model",
-          file=out)
-    print(f"  {'':8}  ms/img best  {u}MACs  GMAC/s  of static  in the cascade: ms/img  x alone", file=out)
-    for k, v in row["variants"].items():
+
+    def line(k, v) -> str:
         tail = ("" if "ms_per_image_in_cascade" not in v else
                 f"  {v['ms_per_image_in_cascade']:21.3f} {v['in_cascade_of_alone']:7.2f}x")
-        print(f"  {k:8}  {v['ms_per_image_best']:11.3f} {_macs(v['macs_per_image'], scale):>6} "
-              f"{v['macs_per_s'] / 1e9:7.2f} {v['of_static']:9.2f}{tail}", file=out)
+        return (f"  {k:8}  {v['ms_per_image_best']:11.3f} {_macs(v['macs_per_image'], scale):>6} "
+                f"{v['macs_per_s'] / 1e9:7.2f} {v['of_static']:9.2f}{tail}")
+    _print_block(f"{label}, batch {row['batch']}: each stage alone (every image going on) against the static model",
+                 f"  {'':8}  ms/img best  {u}MACs  GMAC/s  of static  in the cascade: ms/img  x alone",
+                 (line(k, v) for k, v in row["variants"].items()), out)
 
 
 def print_streaming(row, label, unit, out) -> None:
@@ -186,13 +197,13 @@ MODE_PRINTERS = {"adaptive": print_adaptive, "stages": print_stages, "streaming"
 
 def _run_serve(args) -> int:
     """``--serve``: the loopback load test of the service (the library runs it; this prints it)."""
-    from dvt_core.serve.loadtest import benchmark, format_report
+    from dvt_core.bench.loadtest import benchmark, format_report
 
     if args.model != "dvt_fashion_mnist":
-        raise UserError("--serve compares the shipped dvt_fashion_mnist with static_fashion_mnist_7x7: "
+        raise ArgumentError("--serve compares the shipped dvt_fashion_mnist with static_fashion_mnist_7x7: "
                         "run `dvt benchmark dvt_fashion_mnist --serve`")
     if min(args.concurrency) < 1 or args.requests < 1 or args.repeats < 1:
-        raise UserError("--concurrency, --requests and --repeats must be 1 or more")
+        raise ArgumentError("--concurrency, --requests and --repeats must be 1 or more")
     check_outputs(args, args.json)
     out = sys.stdout if args.json != "-" else sys.stderr
     report = benchmark(concurrencies=args.concurrency, requests=args.requests, rounds=args.repeats,
@@ -208,7 +219,7 @@ def run(args) -> int:
         return _run_serve(args)
 
     from dvt_core.model.zoo import get_spec
-    from dvt_core.runtime import benchmarking as bench
+    from dvt_core.bench import benchmarking as bench
 
     _check_args(args)
     check_outputs(args, args.json)
@@ -216,14 +227,12 @@ def run(args) -> int:
     if args.split is not None or args.budget is not None:
         _shares(args, spec, bench_costs(spec))  # a bad --split / --budget before anything is built
     if args.weights not in (None, "default") and not os.path.exists(args.weights):
-        raise UserError(f"weights file or folder not found: {args.weights}")
+        raise ArgumentError(f"weights file or folder not found: {args.weights}")
     out = sys.stdout if args.json != "-" else sys.stderr
     machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                "cpu_count": os.cpu_count(), "threads": args.threads}
     if "torch" in args.backend or any(b in bench.EXPORT_FORMAT for b in args.backend):
-        from dvt_backends.torch.benchmark import setup
-
-        machine.update(setup(args.device, args.threads))
+        machine.update(bench.setup_framework("torch", args.device, args.threads))
     report = {"model": spec.name, "weights": args.weights, "machine": machine, "runs": []}
     threads = "default threads" if args.threads is None else f"{args.threads} thread{'s' * (args.threads != 1)}"
     print(f"machine: {machine['processor']}, {machine['cpu_count']} cores, {threads}, "
@@ -260,7 +269,7 @@ def _offered(runtimes, precisions) -> tuple[list, list]:
                 notes.append(f"the {runtime} runtime runs {', '.join(offered)}, not {p}{f' ({why})' if why else ''}: "
                              "left out")
     if not pairs:
-        raise UserError("; ".join(notes))
+        raise ArgumentError("; ".join(notes))
     return pairs, notes
 
 
@@ -272,7 +281,7 @@ def bench_costs(spec):
 
 def _run_subject(args, runtime, precision, workdir, out) -> dict:
     """Every mode at every batch size for one runtime at one precision, and a verdict per batch size."""
-    from dvt_core.runtime import benchmarking as bench
+    from dvt_core.bench import benchmarking as bench
     from dvt_core.runtime import policy
 
     subject = bench.build_subject(runtime, precision, args.model, args.weights, parse_overrides(args.override),

@@ -7,9 +7,10 @@ from pathlib import Path
 import numpy as np
 
 from dvt_core.model.zoo import get_spec
-from dvt_core.cli.commands._shared import (UserError, parse_overrides, add_common_options, emit_json, _progress, _check_limit,
-                      _is_shipped_file, build_from_args, _fmt_thresholds, _mmacs, _check_budget,
+from dvt_core.cli.commands._shared import (parse_overrides, add_common_options, emit_json, show_progress, check_limit,
+                      is_shipped_file, build_from_args, format_thresholds, format_mmacs, check_budget_option,
                       parse_budget, check_outputs)
+from dvt_core.errors import ArgumentError
 
 HELP = "store the thresholds for a target average cost in a checkpoint or a `dvt export` folder"
 
@@ -37,23 +38,23 @@ def _source(args):
     from dvt_core.export.writer import is_export
 
     if args.weights is None:
-        raise UserError("name the checkpoint to calibrate with --weights FILE (or an export folder, --weights DIR; "
+        raise ArgumentError("name the checkpoint to calibrate with --weights FILE (or an export folder, --weights DIR; "
                         "or --weights default --model NAME --out FILE)")
     if args.weights == "default":
         if args.model is None:
-            raise UserError("--weights default needs --model NAME")
+            raise ArgumentError("--weights default needs --model NAME")
         from dvt_core.checkpoint.registry import default_weights_path
 
         get_spec(args.model)
         return default_weights_path(args.model), True, False
     src = Path(args.weights)
     if not src.exists():
-        raise UserError(f"weights file not found: {src}")
+        raise ArgumentError(f"weights file not found: {src}")
     if is_export(src):
         return src, False, True
     if src.is_dir():
-        raise UserError(f"{src} is a folder but not a dvt export (no dvt.json)")
-    return src, _is_shipped_file(src), False
+        raise ArgumentError(f"{src} is a folder but not a dvt export (no dvt.json)")
+    return src, is_shipped_file(src), False
 
 
 def _target(args, src, shipped: bool, exported: bool):
@@ -64,27 +65,27 @@ def _target(args, src, shipped: bool, exported: bool):
 
     if exported:
         if args.out is not None:
-            raise UserError("an export folder is recalibrated in place (its dvt.json); drop --out, or copy the "
+            raise ArgumentError("an export folder is recalibrated in place (its dvt.json); drop --out, or copy the "
                             "folder first")
         fileio.check_writable(src / "dvt.json", force=True)
         return src, None
     if args.out is None and shipped:
-        raise UserError(f"refusing to modify the shipped weights {src} (their SHA-256 is registered); "
+        raise ArgumentError(f"refusing to modify the shipped weights {src} (their SHA-256 is registered); "
                         "write a calibrated copy with --out FILE")
     if args.out is None and not args.force:  # it may be the user's only copy of a long training run
-        raise UserError(f"refusing to rewrite {src} in place: write the calibrated copy with --out FILE, or pass "
+        raise ArgumentError(f"refusing to rewrite {src} in place: write the calibrated copy with --out FILE, or pass "
                         "--force to replace it")
     dst = Path(args.out) if args.out is not None else src
     fmt = None
     if args.out is not None:
         if dst.exists() and dst.resolve() != src.resolve() and not args.force:
             raise FileExistsError(f"{dst} exists; pass --force to overwrite it")
-        if _is_shipped_file(dst):
-            raise UserError(f"refusing to overwrite the shipped weights {dst}; choose another --out")
+        if is_shipped_file(dst):
+            raise ArgumentError(f"refusing to overwrite the shipped weights {dst}; choose another --out")
         try:
             fmt = format_for_suffix(dst)
         except CheckpointError:
-            raise UserError(f"cannot tell the format of {dst} from its suffix; use .safetensors, .pth or .ckpt") \
+            raise ArgumentError(f"cannot tell the format of {dst} from its suffix; use .safetensors, .pth or .ckpt") \
                 from None
     fileio.check_writable(dst, force=True)  # in place or a new --out: its folder must exist and be writable
     return dst, fmt
@@ -117,14 +118,14 @@ def run(args) -> int:
     src, shipped, exported = _source(args)
     dst, fmt = _target(args, src, shipped, exported)
     check_outputs(args, args.json)
-    limit = _check_limit(args.limit, "--limit")
+    limit = check_limit(args.limit, "--limit")
     if not np.isfinite(args.budget) or args.budget <= 0:
-        raise UserError(f"--budget must be a positive number of MACs, got {args.budget:g}")
+        raise ArgumentError(f"--budget must be a positive number of MACs, got {args.budget:g}")
 
     early, meta, ckpt, fmt = _read_source(args, src, exported, fmt)
     if early.num_exits < 2:
-        raise UserError(f"{early.name} has a single exit: there are no thresholds to calibrate")
-    _check_budget(args.budget, early)
+        raise ArgumentError(f"{early.name} has a single exit: there are no thresholds to calibrate")
+    check_budget_option(args.budget, early)
     images, labels, data_desc = calibration_set(meta, early, args.dataset, limit)
     from dvt_core.training.loop import FEW_HOLDOUT
 
@@ -133,7 +134,7 @@ def run(args) -> int:
               "noise: pass --dataset DIR with more labelled images the model did not train on", file=sys.stderr)
     model = build_from_args(args, weights=str(src))
     spec = model.spec
-    probs = evaluation.exit_probs(model, images, progress=_progress(), desc=f"{spec.name} calibration")
+    probs = evaluation.exit_probs(model, images, progress=show_progress(), desc=f"{spec.name} calibration")
     found = operating_point.calibrate(probs, labels, spec, args.budget)
     thresholds, chosen = found["thresholds"], {**found["calibration"], **data_desc}
     shares = chosen["exit_shares"]
@@ -151,11 +152,11 @@ def run(args) -> int:
 
     how = f"budget #{chosen['budget_index']}" if "budget_index" in chosen else chosen["policy"]
     out = sys.stderr if args.json == "-" else sys.stdout
-    print(f"{spec.name}: target {_mmacs(args.budget)} MACs -> {how}: thresholds {_fmt_thresholds(thresholds)}",
+    print(f"{spec.name}: target {format_mmacs(args.budget)} MACs -> {how}: thresholds {format_thresholds(thresholds)}",
           file=out)
     where = f"{data_desc['dataset']} ({'its held-out part' if data_desc['split'] == 'holdout' else 'all of it'})"
     print(f"on {len(labels)} calibration images of {where}: {chosen['holdout_accuracy']:.2f}% at "
-          f"{_mmacs(chosen['holdout_macs'])} MACs on average; exits taken "
+          f"{format_mmacs(chosen['holdout_macs'])} MACs on average; exits taken "
           f"{' / '.join(f'{s:.0%}' for s in shares)}", file=out)
     print(f"wrote {written}", file=out)
     emit_json({"model": spec.name, "weights": str(dst), "thresholds": new_meta["thresholds"], **chosen}, args.json,

@@ -8,7 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from dvt_core.checkpoint.files import WRITE_FORMATS
-from dvt_core.cli.commands._shared import (UserError, check_outputs, parse_overrides)
+from dvt_core.cli.commands._shared import (check_outputs, parse_overrides)
+from dvt_core.errors import ArgumentError
 
 HELP = "convert a checkpoint between the official releases, torch, safetensors and MindSpore"
 
@@ -33,10 +34,10 @@ def run(args) -> int:
         try:
             format_for_suffix(args.dst)
         except CheckpointError:
-            raise UserError(f"cannot tell the output format from {args.dst}'s suffix; name it .safetensors, .pth "
+            raise ArgumentError(f"cannot tell the output format from {args.dst}'s suffix; name it .safetensors, .pth "
                             f"or .ckpt, or pass --to {'|'.join(WRITE_FORMATS)}") from None
     if not Path(args.src).exists():
-        raise UserError(f"checkpoint not found: {args.src}")
+        raise ArgumentError(f"checkpoint not found: {args.src}")
     check_outputs(args, args.dst)  # before reading SRC: DST's folder must exist (it is not created)
     out = convert(args.src, args.dst, arch=args.arch, to=args.to, force=args.force,
                   overrides=parse_overrides(args.override))

@@ -8,10 +8,10 @@ from typing import Optional
 import numpy as np
 
 from dvt_core.data import sources as dvt_data
-from dvt_core.errors import DVTError
+from dvt_core.errors import ArgumentError, DVTError
 from dvt_core.model.zoo import get_spec
-from dvt_core.cli.commands._shared import (add_force_option, check_outputs, check_picture, plots_available, UserError, add_common_options, emit_json,
-                      _progress, build_from_args, _meta, _class_names, exit_names, _fmt_thresholds, _mmacs, _table,
+from dvt_core.cli.commands._shared import (add_force_option, check_outputs, check_picture, plots_available, add_common_options, emit_json,
+                      show_progress, build_from_args, model_meta, model_class_names, exit_names, format_thresholds, format_mmacs, print_table,
                       choose_thresholds, exit_macs, parse_budget)
 
 HELP = "the shipped Fashion-MNIST DVT on sample images"
@@ -43,7 +43,7 @@ def demo_samples(n: int = DEMO_SAMPLES):
     """The first ``n`` images, in test-set order, of the 1,000-image test subset shipped with dvt:
     (uint8 images, labels, test-set indices)."""
     if not SUBSET_FILE.exists():
-        raise UserError(f"the demo images are missing ({SUBSET_FILE}); reinstall dvt, or run `dvt demo --full`")
+        raise ArgumentError(f"the demo images are missing ({SUBSET_FILE}); reinstall dvt, or run `dvt demo --full`")
     with np.load(SUBSET_FILE) as d:
         order = np.argsort(d["indices"], kind="stable")[:n]
         return d["images"][order], d["labels"][order].astype(np.int64), d["indices"][order].astype(np.int64)
@@ -62,7 +62,7 @@ def _reference_numbers() -> Optional[str]:
         s_macs = exit_macs(get_spec(DEMO_STATIC))[-1]
         return (f"on the full test set (10,000 images, from the weights' metadata): DVT at its default thresholds "
                 f"{op['test_accuracy']:.2f}% "
-                f"at {_mmacs(op['test_macs'])} MACs, {DEMO_STATIC} {s_acc:.2f}% at {_mmacs(s_macs)} MACs")
+                f"at {format_mmacs(op['test_macs'])} MACs, {DEMO_STATIC} {s_acc:.2f}% at {format_mmacs(s_macs)} MACs")
     except (DVTError, KeyError, IndexError, TypeError, OSError):
         return None
 
@@ -70,7 +70,7 @@ def _reference_numbers() -> Optional[str]:
 def _check_args(args) -> bool:
     """Every option checked before any work; True when the demo runs an export folder."""
     if args.limit is not None and args.limit < 0:
-        raise UserError(f"--limit must be 0 or more, got {args.limit}")
+        raise ArgumentError(f"--limit must be 0 or more, got {args.limit}")
     if args.out == DEFAULT_PICTURE and not plots_available():
         print(f"note: no picture ({DEFAULT_PICTURE}): matplotlib is not installed (pip install 'dvt[plots]')",
               file=sys.stderr)
@@ -82,10 +82,10 @@ def _check_args(args) -> bool:
     exported = args.backend in runtime_names("export")
     if exported and args.weights is None:
         fmt = get_backend(args.backend).graph_format  # the graphs it reads (OpenVINO reads the ONNX export)
-        raise UserError(f"--backend {args.backend} runs an export: pass --weights DIR "
+        raise ArgumentError(f"--backend {args.backend} runs an export: pass --weights DIR "
                         f"(make it with `dvt export {DEMO_MODEL} --weights default --format {fmt} --out DIR`)")
     if not exported and args.weights is not None:
-        raise UserError("the demo runs the shipped weights; --weights is for --backend onnx|mindir (an export folder)")
+        raise ArgumentError("the demo runs the shipped weights; --weights is for --backend onnx|mindir (an export folder)")
     return exported
 
 
@@ -112,10 +112,10 @@ def run(args) -> int:
 
     exported = _check_args(args)
     model, images, labels, index, what = _model_and_images(args, exported)
-    spec, meta = model.spec, _meta(model)
+    spec, meta = model.spec, model_meta(model)
     thresholds, how = choose_thresholds(args, spec, meta, "the shipped weights")
-    res = evaluation.adaptive(model, images, thresholds, progress=_progress())
-    classes = _class_names(meta, spec.num_classes) or list(dvt_data.FASHION_MNIST_CLASSES)
+    res = evaluation.adaptive(model, images, thresholds, progress=show_progress())
+    classes = model_class_names(meta, spec.num_classes) or list(dvt_data.FASHION_MNIST_CLASSES)
     names = exit_names(spec)
     n = len(labels)
     correct = res.prediction == labels
@@ -126,20 +126,20 @@ def run(args) -> int:
 
     out = sys.stderr if args.json == "-" else sys.stdout
     print(f"{DEMO_MODEL} ({args.backend}, {'export of the ' if exported else ''}shipped weights) on {what}", file=out)
-    print(f"thresholds {_fmt_thresholds(thresholds)} ({how})", file=out)
+    print(f"thresholds {format_thresholds(thresholds)} ({how})", file=out)
     rows_limit = args.limit if args.limit is not None else (n if not args.full else DEMO_SAMPLES)
     if rows_limit:
         rows = [[str(int(index[i])), classes[int(res.prediction[i])], classes[int(labels[i])],
-                 names[int(res.exit_index[i])], f"{float(res.confidence[i]):.1%}", _mmacs(int(res.macs[i])),
+                 names[int(res.exit_index[i])], f"{float(res.confidence[i]):.1%}", format_mmacs(int(res.macs[i])),
                  "" if correct[i] else "wrong"] for i in range(min(rows_limit, n))]
         print(file=out)
-        _table(["idx", "prediction", "true label", "exit taken", "confidence", "MACs", ""], rows, out,
+        print_table(["idx", "prediction", "true label", "exit taken", "confidence", "MACs", ""], rows, out,
                right=[1, 2, 3, 6])
         if rows_limit < n:
             print(f"... {n - rows_limit} more images (--limit N shows more rows)", file=out)
     print(file=out)
     print(f"accuracy: {accuracy:.2f}% ({int(correct.sum())}/{n})", file=out)
-    print(f"average MACs per image: {_mmacs(mean_macs)} vs {_mmacs(static_macs)} for the static full-grid model "
+    print(f"average MACs per image: {format_mmacs(mean_macs)} vs {format_mmacs(static_macs)} for the static full-grid model "
           f"{DEMO_STATIC} ({mean_macs / static_macs:.2f}x, {static_macs / mean_macs:.2f}x fewer)", file=out)
     print("exits taken: " + ", ".join(f"{names[k]} {shares[k]:.0%} ({int(res.exit_counts[k])})"
                                       for k in range(spec.num_exits)), file=out)
@@ -161,7 +161,7 @@ def _write_outputs(args, images, index, labels, res, classes, names, thresholds,
 
         exit_gallery(args.out, images, res.exit_index, pred_names, true_names, names, force=args.force,
                      title=f"{DEMO_MODEL}: {n} test images by exit taken ({accuracy:.1f}% correct, "
-                           f"{_mmacs(mean_macs)} MACs on average vs {_mmacs(static_macs)} static)\n"
+                           f"{format_mmacs(mean_macs)} MACs on average vs {format_mmacs(static_macs)} static)\n"
                            "a row shows at most 12 images of its exit: wrong predictions (red, x) first")
         print(f"wrote {args.out}", file=out)
     emit_json({"model": DEMO_MODEL, "backend": args.backend, "images": n, "full": bool(args.full),

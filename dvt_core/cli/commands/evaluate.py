@@ -6,12 +6,12 @@ from pathlib import Path
 
 import numpy as np
 
-from dvt_core.errors import DVTError
+from dvt_core.errors import ArgumentError, DVTError
 from dvt_core.model.zoo import get_spec
 from dvt_core.data.datasets import is_fashion_mnist as _is_fashion_mnist
-from dvt_core.cli.commands._shared import (add_force_option, check_outputs, check_picture, UserError, add_common_options, emit_json,
-                      _progress, _check_limit, _has_shipped_weights, resolve_weights, build_from_args, _meta,
-                      exit_names, _mmacs, _table, exit_macs, _early_spec, _fmt_thresholds, fmt_threshold)
+from dvt_core.cli.commands._shared import (add_force_option, check_outputs, check_picture, add_common_options, emit_json,
+                      show_progress, check_limit, has_shipped_weights, resolve_weights, build_from_args, model_meta,
+                      exit_names, format_mmacs, print_table, exit_macs, early_spec, format_thresholds, fmt_threshold)
 
 HELP = "anytime accuracy and the budget curve on a data set"
 
@@ -75,12 +75,12 @@ def _evaluate_baselines(args, names, images, labels) -> list[dict]:
 
     rows = []
     for name in names:
-        if args.baselines == "auto" and not _has_shipped_weights(name):
+        if args.baselines == "auto" and not has_shipped_weights(name):
             continue
         ns = SimpleNamespace(model=name, weights="default", override=None, backend=args.backend, device=args.device,
                              precision=args.precision)  # the baselines at the DVT's precision: like with like
         model = build_from_args(ns)
-        probs = evaluation.exit_probs(model, images, args.batch_size, progress=_progress(), desc=name)
+        probs = evaluation.exit_probs(model, images, args.batch_size, progress=show_progress(), desc=name)
         costs = exit_macs(model.spec)
         acc = policy.anytime_accuracy(probs, labels)
         rows.append({"model": name, "macs": costs[-1], "accuracy": float(acc[-1])})
@@ -99,15 +99,15 @@ def _evaluated_set(args, spec, meta):
                   and dataset_key(dataset) == dataset_key(origin["dataset"]))
     split = args.split or ("test" if fashion else "holdout" if own_folder else "all")
     if fashion and split == "all":
-        raise UserError("fashion-mnist has the splits train, test and holdout; --split all is for a folder")
+        raise ArgumentError("fashion-mnist has the splits train, test and holdout; --split all is for a folder")
     if not fashion and split in ("train", "test"):
-        raise UserError(f"a folder has no {split} split: evaluate all of it (--split all) or, for the folder the "
+        raise ArgumentError(f"a folder has no {split} split: evaluate all of it (--split all) or, for the folder the "
                         "checkpoint was trained on, its held-out part (--split holdout)")
     if not fashion and not Path(dataset).exists():
-        raise UserError(f"unknown dataset {dataset!r}: use fashion-mnist or a folder with one sub-folder per class")
+        raise ArgumentError(f"unknown dataset {dataset!r}: use fashion-mnist or a folder with one sub-folder per class")
     if split == "holdout":
         if not fashion and not own_folder:
-            raise UserError(f"{dataset} is not the folder the checkpoint was trained on; its held-out part is "
+            raise ArgumentError(f"{dataset} is not the folder the checkpoint was trained on; its held-out part is "
                             "unknown: use --split all")
         from dvt_core.data.datasets import calibration_set, model_classes
         from dvt_core.data.sources import FASHION_MNIST_CLASSES
@@ -138,25 +138,25 @@ def run(args) -> int:
     from dvt_core.runtime import evaluation
     from dvt_core.runtime import policy
 
-    limit = _check_limit(args.limit, "--limit")
-    cal_limit = _check_limit(args.calibration_limit, "--calibration-limit")
+    limit = check_limit(args.limit, "--limit")
+    cal_limit = check_limit(args.calibration_limit, "--calibration-limit")
     if args.batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+        raise ArgumentError(f"--batch-size must be at least 1, got {args.batch_size}")
     check_outputs(args, args.json, args.plot)
     check_picture(args.plot)
     if args.dataset is not None and not _is_fashion_mnist(args.dataset) and not Path(args.dataset).exists():
-        raise UserError(f"unknown dataset {args.dataset!r}: use fashion-mnist or a folder with one sub-folder "
+        raise ArgumentError(f"unknown dataset {args.dataset!r}: use fashion-mnist or a folder with one sub-folder "
                         "per class")
-    _early_spec(args)
+    early_spec(args)
     model = build_from_args(args, resolve_weights(args))
-    spec, meta = model.spec, _meta(model)
+    spec, meta = model.spec, model_meta(model)
     multi = spec.num_exits > 1
     images, labels, classes, dataset, split = _evaluated_set(args, spec, meta)
     fashion = _is_fashion_mnist(dataset)
     if limit:
         images, labels = images[:limit], labels[:limit]
     split_name = split if fashion else ("(held-out part)" if split == "holdout" else "(all images)")
-    probs = evaluation.exit_probs(model, images, args.batch_size, progress=_progress(), desc=f"{spec.name} {split}")
+    probs = evaluation.exit_probs(model, images, args.batch_size, progress=show_progress(), desc=f"{spec.name} {split}")
     costs = exit_macs(spec)
     anytime = policy.anytime_accuracy(probs, labels)
 
@@ -233,7 +233,7 @@ def _budget_curve(args, model, meta, probs, labels, split, fashion, cal_limit):
         hx, hy, desc = calibration_set(meta, spec, None, cal_limit)
         if split == "holdout" and desc["split"] == "holdout" and _is_fashion_mnist(desc["dataset"]) == fashion:
             print(OPTIMISTIC, file=sys.stderr)
-        cal_probs = evaluation.exit_probs(model, hx, args.batch_size, progress=_progress(),
+        cal_probs = evaluation.exit_probs(model, hx, args.batch_size, progress=show_progress(),
                                           desc=f"{spec.name} holdout")
         cal_labels = hy
         calibration = {"data": f"held-out training images of {desc['dataset']}", "images": int(len(hy)),
@@ -247,13 +247,13 @@ def _budget_curve(args, model, meta, probs, labels, split, fashion, cal_limit):
 def _print_evaluation(result: dict, spec, split_name: str, out) -> None:
     print(f"{result['model']} ({result['backend']}) on {result['dataset']} {split_name}: {result['images']} images",
           file=out)
-    rows = [[exit_names(spec)[k], _mmacs(m), f"{a:.2f}%"]
+    rows = [[exit_names(spec)[k], format_mmacs(m), f"{a:.2f}%"]
             for k, (m, a) in enumerate(zip(result["exit_macs"], result["anytime_accuracy"]))]
-    _table(["every image at", "MACs", "accuracy"], rows, out, right=[0])
+    print_table(["every image at", "MACs", "accuracy"], rows, out, right=[0])
     default = result.get("default_operating_point")
     if default:
-        print(f"\nat the checkpoint's default thresholds ({_fmt_thresholds(default['thresholds'])}): "
-              f"{default['accuracy']:.2f}% at {_mmacs(default['macs'])} MACs on average; exits taken "
+        print(f"\nat the checkpoint's default thresholds ({format_thresholds(default['thresholds'])}): "
+              f"{default['accuracy']:.2f}% at {format_mmacs(default['macs'])} MACs on average; exits taken "
               f"{' / '.join(f'{s:.0%}' for s in default['exit_shares'])}", file=out)
     budgets = result["budgets"]
     if budgets:
@@ -261,9 +261,9 @@ def _print_evaluation(result: dict, spec, split_name: str, out) -> None:
         print(f"\nbudgeted early exit: {len(budgets)} budgets, thresholds from {cal['images']} {cal['data']}",
               file=out)
         pick = sorted({0, len(budgets) - 1, *range(4, len(budgets), 10)})
-        rows = [[str(budgets[i]["budget"]), _mmacs(budgets[i]["macs"]), f"{budgets[i]['accuracy']:.2f}%",
+        rows = [[str(budgets[i]["budget"]), format_mmacs(budgets[i]["macs"]), f"{budgets[i]['accuracy']:.2f}%",
                  ", ".join(fmt_threshold(t, 3) for t in budgets[i]["thresholds"][:-1])] for i in pick]
-        _table(["budget #", "avg MACs", "accuracy", "thresholds"], rows, out, right=[3])
+        print_table(["budget #", "avg MACs", "accuracy", "thresholds"], rows, out, right=[3])
     if result["static_baselines"]:
         print("\nstatic baselines:", file=out)
         rows = []
@@ -273,9 +273,9 @@ def _print_evaluation(result: dict, spec, split_name: str, out) -> None:
             if reach:
                 best = min(reach, key=lambda x: x["macs"])
                 ratio = b["macs"] / max(best["macs"], 1.0)
-                note = (f"DVT reaches it at {_mmacs(best['macs'])} MACs ("
+                note = (f"DVT reaches it at {format_mmacs(best['macs'])} MACs ("
                         + (f"{ratio:.2f}x fewer)" if ratio >= 1 else f"{1 / ratio:.2f}x more)"))
             elif budgets:
                 note = f"DVT stays below it (best {max(x['accuracy'] for x in budgets):.2f}%)"
-            rows.append([b["model"], _mmacs(b["macs"]), f"{b['accuracy']:.2f}%", note])
-        _table(["model", "MACs", "accuracy", ""], rows, out, right=[0, 3])
+            rows.append([b["model"], format_mmacs(b["macs"]), f"{b['accuracy']:.2f}%", note])
+        print_table(["model", "MACs", "accuracy", ""], rows, out, right=[0, 3])

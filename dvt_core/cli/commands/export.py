@@ -4,7 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from dvt_core.model.zoo import get_spec
-from dvt_core.cli.commands._shared import UserError, escape_text, parse_overrides
+from dvt_core.errors import ArgumentError
+from dvt_core.cli.commands._shared import escape_text, parse_overrides
 
 HELP = "export one graph per stage (ONNX or MindIR) and a dvt.json manifest, for serving without dvt's model code"
 
@@ -38,15 +39,15 @@ def run(args) -> int:
     if args.model is not None:
         get_spec(args.model)  # an unknown name is reported first
     elif args.weights == "default":
-        raise UserError("--weights default needs the model name: dvt export MODEL --weights default ...")
+        raise ArgumentError("--weights default needs the model name: dvt export MODEL --weights default ...")
     if args.weights != "default" and not Path(args.weights).exists():
-        raise UserError(f"weights file not found: {args.weights}")
+        raise ArgumentError(f"weights file not found: {args.weights}")
     if args.model is None:
         from dvt_core.checkpoint.files import read_checkpoint
 
         meta = read_checkpoint(args.weights).meta or {}
         if not meta.get("spec") and not meta.get("arch"):
-            raise UserError(f"{args.weights} does not say which model it holds; name it: dvt export MODEL "
+            raise ArgumentError(f"{args.weights} does not say which model it holds; name it: dvt export MODEL "
                             f"--weights {args.weights} ...")
     check_target(args.format, args.out, args.force, args.opset)  # format, opset, the folder and its parent
     graph_form(args.format, args.resize, args.precision)
@@ -57,7 +58,7 @@ def run(args) -> int:
         try:
             import onnx  # noqa: F401
         except ImportError:
-            raise UserError("exporting ONNX needs the onnx package; install it with: pip install 'dvt[onnx]'") from None
+            raise ArgumentError("exporting ONNX needs the onnx package; install it with: pip install 'dvt[onnx]'") from None
     out = export(args.model, weights=args.weights, fmt=args.format, out=args.out, force=args.force,
                  opset=args.opset, resize=args.resize, precision=args.precision, **parse_overrides(args.override))
     from dvt_core.data.datasets import model_name

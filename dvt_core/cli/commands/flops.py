@@ -4,7 +4,8 @@ from __future__ import annotations
 import json
 
 from dvt_core.model.zoo import get_spec, list_models
-from dvt_core.cli.commands._shared import (UserError, parse_overrides)
+from dvt_core.cli.commands._shared import parse_overrides
+from dvt_core.errors import ArgumentError
 
 HELP = "MACs and parameters per stage and per exit"
 
@@ -44,13 +45,13 @@ def run(args) -> int:
     from dvt_core.runtime.contract import RUNTIMES
 
     if args.backend not in RUNTIMES:
-        raise UserError(f"unknown backend {args.backend!r}; choose one of {', '.join(RUNTIMES)}")
+        raise ArgumentError(f"unknown backend {args.backend!r}; choose one of {', '.join(RUNTIMES)}")
     if args.list is not None or not args.name:
         if args.list is None:
-            raise UserError("name a model, or pass --list")
+            raise ArgumentError("name a model, or pass --list")
         names = list_models(args.list)
         if not names:
-            raise UserError(f"no model matches {args.list!r}; `dvt flops --list` lists them all")
+            raise ArgumentError(f"no model matches {args.list!r}; `dvt flops --list` lists them all")
         shipped = _shipped()
         if args.json:
             print(json.dumps(names))

@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 
 from dvt_core.data.datasets import model_name, trained_on_fashion_mnist
-from dvt_core.cli.commands._shared import (UserError, add_common_options, resolve_weights, build_from_args, _meta, _class_names,
-                      exit_names, escape_text, _fmt_thresholds, _mmacs, parse_thresholds, choose_thresholds,
-                      _early_spec, _check_budget, parse_budget)
+from dvt_core.errors import ArgumentError
+from dvt_core.cli.commands._shared import (add_common_options, resolve_weights, build_from_args, model_meta, model_class_names,
+                      exit_names, escape_text, format_thresholds, format_mmacs, parse_thresholds, choose_thresholds,
+                      early_spec, check_budget_option, parse_budget)
 
 HELP = "classify image files with early exit"
 
@@ -53,7 +54,7 @@ def _read_list(source) -> list[str]:
         try:
             text = Path(source).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
-            raise UserError(f"--files-from {source}: cannot read it ({exc})") from None
+            raise ArgumentError(f"--files-from {source}: cannot read it ({exc})") from None
     return [line.rstrip("\r\n") for line in text.splitlines() if line.strip()]
 
 
@@ -65,7 +66,7 @@ def input_paths(args) -> list[tuple[str, bool]]:
     if args.files_from is not None:
         items.extend((p, True) for p in _read_list(args.files_from))
     if not items:
-        raise UserError("name image files or folders, '-' to read paths from stdin, or --files-from FILE")
+        raise ArgumentError("name image files or folders, '-' to read paths from stdin, or --files-from FILE")
     return items
 
 
@@ -83,11 +84,11 @@ def collect_images(inputs) -> tuple[list[str], list[str]]:
             missing.append(f"{item}: no such file")
             continue
         if not p.exists():
-            raise UserError(f"no such file or folder: {item}")
+            raise ArgumentError(f"no such file or folder: {item}")
         if p.is_dir():
             found = find_images(p, recursive=True)
             if not found:
-                raise UserError(f"folder {item} holds no image files ({', '.join(IMAGE_EXTENSIONS)}; "
+                raise ArgumentError(f"folder {item} holds no image files ({', '.join(IMAGE_EXTENSIONS)}; "
                                 "sub-folders included)")
             files.extend(found)
         else:
@@ -100,7 +101,7 @@ def _load_images(files, spec) -> tuple[list, np.ndarray, list]:
     from dvt_core.data.images import ImageReadError, read_image
 
     if spec.in_chans not in (1, 3):
-        raise UserError(f"{spec.name} takes {spec.in_chans}-channel images; image files give 1 (grey) or 3 (RGB)")
+        raise ArgumentError(f"{spec.name} takes {spec.in_chans}-channel images; image files give 1 (grey) or 3 (RGB)")
     read, images, failed = [], [], []
     for f in files:
         try:
@@ -117,7 +118,7 @@ def set_threads(model, backend: str, threads) -> None:
     if threads is None:
         return
     if threads < 1:
-        raise UserError(f"--threads must be at least 1, got {threads}")
+        raise ArgumentError(f"--threads must be at least 1, got {threads}")
     from dvt_core.runtime.contract import backend_of
 
     backend_of(model).set_threads(model, threads)
@@ -148,35 +149,38 @@ def _emit(args, spec, classes, names, files, res, width) -> None:
                           for c, p in zip(order[i], probs[i])]}))
             continue
         line = f"{escape_text(f).ljust(width)}  {escape_text(label_of(pred)):<12}  {float(res.confidence[i]):6.1%}  " \
-               f"{names[k]}  {_mmacs(int(res.macs[i]))} MACs"
+               f"{names[k]}  {format_mmacs(int(res.macs[i]))} MACs"
         if args.top_k > 1:  # all k, the prediction first: "top 3:" names three classes
             line += f"  top {args.top_k}: " + ", ".join(f"{escape_text(label_of(int(c)))} {float(p):.1%}"
                                                        for c, p in zip(order[i], probs[i]))
         print(line, flush=False)
 
 
+def _check_counts(args) -> None:
+    for option, value in (("--batch-size", args.batch_size), ("--top-k", args.top_k)):
+        if value < 1:
+            raise ArgumentError(f"{option} must be at least 1, got {value}")
+
+
 def run(args) -> int:
     from dvt_core.runtime import evaluation
 
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.top_k < 1:
-        raise UserError(f"--top-k must be at least 1, got {args.top_k}")
+    _check_counts(args)
     files, missing = collect_images(input_paths(args))
     if not files:
-        raise UserError(f"none of the {len(missing)} listed path(s) exists (first: {escape_text(missing[0])})")
-    early = _early_spec(args)
+        raise ArgumentError(f"none of the {len(missing)} listed path(s) exists (first: {escape_text(missing[0])})")
+    early = early_spec(args)
     if early is not None:  # the usual mistakes, before the model is built
         if args.thresholds is not None:
             parse_thresholds(args.thresholds, early.num_exits)
-        _check_budget(args.budget, early)
+        check_budget_option(args.budget, early)
     model = build_from_args(args, resolve_weights(args))
     set_threads(model, args.backend, args.threads)
-    spec, meta = model.spec, _meta(model)
+    spec, meta = model.spec, model_meta(model)
     args.top_k = min(args.top_k, spec.num_classes)
     source = "the shipped weights" if args.weights in (None, "default") else str(args.weights)
     thresholds, how = choose_thresholds(args, spec, meta, source)
-    classes = _class_names(meta, spec.num_classes)
+    classes = model_class_names(meta, spec.num_classes)
     names = exit_names(spec)
     # the header goes out with the first answers: a run that fails before any (nothing readable, NaN
     # logits) is one error line and nothing else
@@ -195,7 +199,7 @@ def run(args) -> int:
         res = evaluation.adaptive(model, images, thresholds, batch_size=args.batch_size)
         if header:
             name = escape_text(model_name(meta, spec.name))  # the weights' name, not their architecture's
-            print(f"# {name} ({args.backend}), thresholds {_fmt_thresholds(thresholds)} ({how})", file=sys.stderr)
+            print(f"# {name} ({args.backend}), thresholds {format_thresholds(thresholds)} ({how})", file=sys.stderr)
             if trained_on_fashion_mnist(meta):
                 print(f"# note: {DOMAIN_NOTE.format(name=name)}", file=sys.stderr)
             header = False
@@ -206,13 +210,13 @@ def run(args) -> int:
         macs += int(res.macs.sum())
     seconds = time.perf_counter() - t0
     if done == 0:  # nothing done: a user error (status 2, one line), not a partial failure
-        raise UserError(f"none of the {len(failed)} image(s) could be read (first: {escape_text(failed[0])})")
+        raise ArgumentError(f"none of the {len(failed)} image(s) could be read (first: {escape_text(failed[0])})")
     for line in failed[reported:]:
         print(f"dvt predict: skipped {escape_text(line)}", file=sys.stderr)
     if not args.quiet:
         shares = ", ".join(f"exit {k + 1}: {int(c)}" for k, c in enumerate(counts))
         print(f"# {done} image(s) in {seconds:.2f} s ({done / max(seconds, 1e-9):.1f} images/s); {shares}; "
-              f"{_mmacs(macs / done)} MACs per image on average", file=sys.stderr)
+              f"{format_mmacs(macs / done)} MACs per image on average", file=sys.stderr)
     if failed:
         print(f"dvt predict: {len(failed)} of {len(failed) + done} image(s) could not be read (skipped)",
               file=sys.stderr)

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import sys
 
-from dvt_core.cli.commands._shared import (UserError, add_common_options, build_from_args, resolve_weights, _meta,
-                                           _class_names, _fmt_thresholds, parse_thresholds, choose_thresholds,
-                                           _early_spec, _check_budget, parse_budget, escape_text)
+from dvt_core.errors import ArgumentError
+from dvt_core.cli.commands._shared import (add_common_options, build_from_args, resolve_weights, model_meta,
+                                           model_class_names, format_thresholds, parse_thresholds, choose_thresholds,
+                                           early_spec, check_budget_option, parse_budget, escape_text)
 from dvt_core.data.datasets import model_name
 
 HELP = "serve a model over HTTP (POST /v1/predict) with early exit batched per stage"
@@ -40,12 +41,12 @@ def _limits(args):
     from dvt_core.serve.app import ServeLimits
 
     if not 0 <= args.port <= 65535:
-        raise UserError(f"--port must be 0 to 65535, got {args.port}")
+        raise ArgumentError(f"--port must be 0 to 65535, got {args.port}")
     if args.max_connections < 1:
-        raise UserError(f"--max-connections must be 1 or more, got {args.max_connections}")
+        raise ArgumentError(f"--max-connections must be 1 or more, got {args.max_connections}")
     for flag, value in (("--request-timeout", args.request_timeout), ("--read-timeout", args.read_timeout)):
         if not value > 0:
-            raise UserError(f"{flag} must be above 0 seconds, got {value:g}")
+            raise ArgumentError(f"{flag} must be above 0 seconds, got {value:g}")
     return ServeLimits(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, queue_limit=args.queue_limit,
                        max_body_mb=args.max_body_mb, request_timeout_s=args.request_timeout,
                        read_timeout_s=args.read_timeout).check()
@@ -56,7 +57,7 @@ def _needs_serve_extra() -> None:
 
     missing = [m for m in ("starlette", "uvicorn") if importlib.util.find_spec(m) is None]
     if missing:
-        raise UserError(f"dvt serve needs {' and '.join(missing)}: pip install 'dvt[serve]'")
+        raise ArgumentError(f"dvt serve needs {' and '.join(missing)}: pip install 'dvt[serve]'")
 
 
 def run(args) -> int:
@@ -64,22 +65,22 @@ def run(args) -> int:
 
     limits = _limits(args)  # the usual mistakes, before the model is built
     if args.adapt_budget and args.budget is None:
-        raise UserError("--adapt-budget needs --budget MACS (the average to hold)")
+        raise ArgumentError("--adapt-budget needs --budget MACS (the average to hold)")
     _needs_serve_extra()
-    early = _early_spec(args)
+    early = early_spec(args)
     if early is not None:
         if args.thresholds is not None:
             parse_thresholds(args.thresholds, early.num_exits)
-        _check_budget(args.budget, early)
+        check_budget_option(args.budget, early)
     model = build_from_args(args, resolve_weights(args))
-    spec, meta = model.spec, _meta(model)
+    spec, meta = model.spec, model_meta(model)
     source = "the shipped weights" if args.weights in (None, "default") else str(args.weights)
     thresholds, how = choose_thresholds(args, spec, meta, source)
-    service = PredictService(model, thresholds, limits, classes=_class_names(meta, spec.num_classes),
+    service = PredictService(model, thresholds, limits, classes=model_class_names(meta, spec.num_classes),
                              mac_budget=args.budget, adapt_budget=args.adapt_budget)
 
     def announce(url: str) -> None:
-        print(f"dvt serve: {escape_text(model_name(meta, spec.name))} ({args.backend}) on {url}  thresholds {_fmt_thresholds(thresholds)} ({how}); "
+        print(f"dvt serve: {escape_text(model_name(meta, spec.name))} ({args.backend}) on {url}  thresholds {format_thresholds(thresholds)} ({how}); "
               f"POST {url}/v1/predict", flush=True)
 
     run_server(service, args.host, args.port, max_connections=args.max_connections, announce=announce)

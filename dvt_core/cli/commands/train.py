@@ -9,8 +9,8 @@ import argparse
 import dataclasses
 
 from dvt_core.schema import MAX_SEED, number
-from dvt_core.cli.commands._shared import UserError, _progress, add_common_options, check_device, parse_overrides
-from dvt_core.errors import ConfigError
+from dvt_core.cli.commands._shared import show_progress, add_common_options, check_device, parse_overrides
+from dvt_core.errors import ArgumentError, ConfigError
 from dvt_core.model.zoo import get_spec
 from dvt_core.training.config import FOLDER_HOLDOUT, TrainConfig
 
@@ -76,22 +76,22 @@ def config_from_args(args) -> TrainConfig:
     return cfg
 
 
-def option_error(exc: ConfigError) -> UserError:
+def option_error(exc: ConfigError) -> ArgumentError:
     """A TrainConfig range error spelled with the option that set the field."""
     option = OPTIONS.get(exc.field)
     text = str(exc)
     if option and text.startswith(exc.field):
         text = option + text[len(exc.field):]
-    return UserError(text)
+    return ArgumentError(text)
 
 
 def run(args) -> int:
     from dvt_core.training.runs import train_dataset
 
     if args.model is None:
-        raise UserError("name a model to train with --model")
+        raise ArgumentError("name a model to train with --model")
     if args.backend not in ("torch", "mindspore"):
-        raise UserError(f"unknown backend {args.backend!r}; choose torch or mindspore")
+        raise ArgumentError(f"unknown backend {args.backend!r}; choose torch or mindspore")
     overrides = parse_overrides(args.override)
     spec = get_spec(args.model, **overrides)
     check_device(args.backend, args.device)
@@ -102,7 +102,7 @@ def run(args) -> int:
                       resume=args.resume, force=args.force, init=args.init,
                       fixed_classes="num_classes" in overrides,
                       fixed_normalisation="mean" in overrides or "std" in overrides,
-                      progress=not args.no_progress and _progress(), log=_say)
+                      progress=not args.no_progress and show_progress(), log=_say)
     except ConfigError as exc:
         raise option_error(exc) from None
     return 0

@@ -9,6 +9,9 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from dvt_core.runtime.builder import build
+from dvt_core.runtimes import import_runtime
+
 # find_thresholds puts each threshold exactly on one image's confidence. The runtimes' logits differ in
 # the last bits (about 1e-6), so that image could leave in one and go on in the other; a threshold up to
 # this much lower makes it leave in both, and both runtimes then take the same exits (checked, reported).
@@ -227,12 +230,7 @@ def time_stages(subject: Subject, chunks: Sequence[np.ndarray], warmup: int, rep
     b, sb = _backend(model), _backend(static)
     n = sum(len(c) for c in chunks)
     xs, xs_static = _inputs(model, chunks), _inputs(static, chunks)
-    carries = []  # per stage, per chunk: what the stage reads
-    with b.inference(model):
-        per_chunk = [None] * len(xs)
-        for i in range(model.spec.num_exits):
-            carries.append(list(per_chunk))
-            per_chunk = [b.run_stage(model, i, x, c)[1] for x, c in zip(xs, per_chunk)]
+    carries = _stage_inputs(model, xs)
 
     def stage(i):
         def go():
@@ -271,18 +269,36 @@ def time_stages(subject: Subject, chunks: Sequence[np.ndarray], warmup: int, rep
     del times["cascade"], in_cascade[:warmup]
     macs = {f"stage {i + 1}": stage_macs(model.spec, i) for i in range(num_exits)}
     macs["static"] = static.exit_macs[-1]
+    return {"mode": "stages", "images": n, "batch": len(chunks[0]), "variants": _stage_rows(times, macs, in_cascade, n)}
+
+
+def _stage_inputs(model, xs: list) -> list:
+    """Per stage, per chunk of ``xs``: the carry that stage reads (the previous stage's output; None first)."""
+    b = _backend(model)
+    carries = []
+    with b.inference(model):
+        per_chunk = [None] * len(xs)
+        for i in range(model.spec.num_exits):
+            carries.append(list(per_chunk))
+            per_chunk = [b.run_stage(model, i, x, c)[1] for x, c in zip(xs, per_chunk)]
+    return carries
+
+
+def _stage_rows(times: dict, macs: dict, in_cascade: list, n: int) -> dict:
+    """Each stage's and the static model's figures, MACs per second against the static model's, and each
+    stage's best time inside the cascade against its time alone."""
     static_rate = macs["static"] * n / min(times["static"])
     rows = {}
     for k, ts in times.items():
         rate = macs[k] * n / min(ts)
         rows[k] = {**figures(ts, n), "macs_per_image": macs[k], "macs_per_s": rate,
                    "of_static": rate / static_rate}
-    for i in range(num_exits):
+    for i in range(len(macs) - 1):
         best = min(per[i] for per in in_cascade)
         row = rows[f"stage {i + 1}"]
         row["ms_per_image_in_cascade"] = best / n * 1e3
         row["in_cascade_of_alone"] = best / min(times[f"stage {i + 1}"])
-    return {"mode": "stages", "images": n, "batch": len(chunks[0]), "variants": rows}
+    return rows
 
 
 def verdict(label: str, row: dict, base: str = "static") -> str:
@@ -328,25 +344,23 @@ def build_subject(runtime: str, precision: str, name: str, weights, overrides: d
     """``runtime``'s DVT and static backbone at ``precision``. torch builds both (random weights unless
     ``weights``); an exported runtime loads ``weights`` when it is an export folder (the static model's
     export beside it) and otherwise exports both from torch into ``workdir``."""
-    import dvt_core
     from pathlib import Path
 
     from dvt_core.model.zoo import static_spec
 
     if runtime == "torch":
         model = _seeded_torch(name, weights, overrides, seed, precision)
-        static = dvt_core.build(static_spec(model.spec, model.spec.num_exits - 1), precision=precision)
+        static = build(static_spec(model.spec, model.spec.num_exits - 1), precision=precision)
         if device is not None:
             model, static = (_backend(m).to_device(m, device) for m in (model, static))
         if compile:
             model.compile()
             static.compile()
-        from dvt_backends.torch.benchmark import references
-
-        return Subject(f"torch {precision}", model, static, {} if no_timm else references(model, static))
+        refs = {} if no_timm else framework_side("torch").references(model, static)
+        return Subject(f"torch {precision}", model, static, refs)
     fmt = EXPORT_FORMAT[runtime]
     if weights is not None and _is_dir(weights):
-        model = dvt_core.build(weights, backend=runtime, precision=precision, threads=threads)
+        model = build(weights, backend=runtime, precision=precision, threads=threads)
         static_name = static_spec(model.spec, model.spec.num_exits - 1).name
         static_dir = _sibling_export(weights, static_name)
     else:
@@ -358,24 +372,33 @@ def build_subject(runtime: str, precision: str, name: str, weights, overrides: d
         tag = Path(workdir) / f"{fmt}-{id(src)}"
         tag.mkdir()  # inside the benchmark's own temporary folder: exports never create folders themselves
         if model is None:
-            model = dvt_core.build(export_model(src, fmt, tag / "dvt"), backend=runtime, precision=precision,
+            model = build(export_model(src, fmt, tag / "dvt"), backend=runtime, precision=precision,
                                    threads=threads)
-        src_static = dvt_core.build(static_spec(src.spec, src.spec.num_exits - 1))
+        src_static = build(static_spec(src.spec, src.spec.num_exits - 1))
         static_dir = export_model(src_static, fmt, tag / "static")
-    static = dvt_core.build(static_dir, backend=runtime, precision=precision, threads=threads)
+    static = build(static_dir, backend=runtime, precision=precision, threads=threads)
     if device is not None:
         model, static = (_backend(m).to_device(m, device) for m in (model, static))
     return Subject(f"{runtime} {precision}", model, static)
 
 
+def framework_side(name: str):
+    """Framework ``name``'s side of a benchmark (``setup`` of threads and device, ``seed_weights``,
+    ``references``: other libraries' static models), its ``benchmark`` module reached through the registry."""
+    return import_runtime(name, "benchmark")
+
+
+def setup_framework(name: str, device: str, threads) -> dict:
+    """``threads`` applied and ``device`` checked by framework ``name`` (InputError when it cannot use it);
+    what was set (versions, threads, device)."""
+    return framework_side(name).setup(device, threads)
+
+
 def _seeded_torch(name, weights, overrides, seed, precision):
     """The torch DVT (random weights seeded, unless ``weights`` is a checkpoint; an export folder is not)."""
-    import dvt_core
-    from dvt_backends.torch.benchmark import seed_weights
-
-    seed_weights(seed)
+    framework_side("torch").seed_weights(seed)
     checkpoint = None if weights is not None and _is_dir(weights) else weights
-    return dvt_core.build(name, weights=checkpoint, precision=precision, **overrides)
+    return build(name, weights=checkpoint, precision=precision, **overrides)
 
 
 def _is_dir(path) -> bool:

@@ -24,13 +24,10 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from dvt_core.errors import DVTError, InputError
+from dvt_core.errors import DVTError, InputError, ServerStartError
+from dvt_core.runtime.builder import build
 
 URL_LINE = re.compile(r"http://(127\.0\.0\.1|localhost|\[::1\]):(\d+)")
-
-
-class ServerStartError(DVTError):
-    """The server did not print its URL in time (its stderr tail is in the message)."""
 
 
 def check_loopback(url: str) -> tuple[str, int]:
@@ -201,14 +198,13 @@ def single_call_ms(model_name: str, images: np.ndarray, weights: str = "default"
                    repeats: int = 3) -> float:
     """Median ms of one in-process ``adaptive`` call on one image (decoded already), at the model's own
     thresholds: the reference for latency at low load."""
-    import dvt_core
     from dvt_core.data.sources import normalize
     from dvt_core.runtime.contract import backend_of
     from dvt_core.runtime.operating_point import model_thresholds
 
     if threads is not None:
         os.environ["OMP_NUM_THREADS"] = str(threads)
-    model = dvt_core.build(model_name, weights=weights)
+    model = build(model_name, weights=weights)
     b, spec = backend_of(model), model.spec
     t = model_thresholds(model, None)
     x = normalize(images, spec.mean, spec.std)

@@ -105,7 +105,7 @@ def test_benchmark_onnx_times_adaptive_against_its_own_static_export(tmp_path):
             "--repeats", "1", "--warmup", "0", "--threads", "1", "--split", "0.5", "0.25", "0.25", "--json", out,
             "--no-timm", "--modes", "adaptive", "stages")
     assert r.returncode == 0, r.stderr
-    for words in ("== torch fp32", "== onnx fp32", "onnx fp32, batch 2:", "1 threads"):
+    for words in ("== torch fp32", "== onnx fp32", "onnx fp32, batch 2:", "1 thread,"):
         assert words in r.stdout
     report = json.loads(out.read_text())
     torch_run, onnx_run = report["runs"]

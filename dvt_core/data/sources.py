@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import sys
 import zlib
 from typing import Iterator, Optional, Union
 
@@ -349,7 +350,12 @@ def load_image_folder(
     ds = ImageFolderDataset(root, img_size=img_size, channels=channels, unreadable="skip")  # all, then decide
     problems = list(ds.skipped)
     arrays, keep = [], []
-    for i, f in enumerate(ds.files):
+    from tqdm.auto import tqdm
+
+    # decoding thousands of files takes seconds: a bar for a person watching (stderr a terminal)
+    files = tqdm(ds.files, desc=f"reading {os.fspath(root)}", unit="image", leave=False,
+                 disable=len(ds.files) < 500 or not sys.stderr.isatty())
+    for i, f in enumerate(files):
         try:  # a header that reads can still hide a broken body: those are collected too
             a = ds[i]
         except ImageReadError as exc:

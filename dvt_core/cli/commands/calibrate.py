@@ -129,7 +129,7 @@ def run(args) -> int:
     images, labels, data_desc = calibration_set(meta, early, args.dataset, limit)
     from dvt_core.training.loop import FEW_HOLDOUT
 
-    if len(labels) < FEW_HOLDOUT:  # thresholds found on a handful of images move with every draw
+    if len(labels) < FEW_HOLDOUT and not limit:  # found on a handful of images, they move with every draw
         print(f"# note: calibrating on only {len(labels)} images; below about {FEW_HOLDOUT} the operating point is "
               "noise: pass --dataset DIR with more labelled images the model did not train on", file=sys.stderr)
     model = build_from_args(args, weights=str(src))

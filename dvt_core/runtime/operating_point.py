@@ -211,8 +211,11 @@ def budgets_table(hold_probs, hold_labels, costs, test_probs=None, test_labels=N
                                                                costs)
     rows = []
     for i in range(len(hold)):
+        # the exit shares price the row under any other cost vector (a measured time per stage)
+        shares = np.bincount(policy.assign_exits(hold_probs, hold.thresholds[i]), minlength=len(costs))
         row = {"budget": int(hold.budgets[i]), "thresholds": [float(v) for v in hold.thresholds[i]],
-               "holdout_accuracy": float(hold.accuracy[i]), "holdout_macs": float(hold.cost[i])}
+               "holdout_accuracy": float(hold.accuracy[i]), "holdout_macs": float(hold.cost[i]),
+               "holdout_exit_shares": [float(s) for s in shares / shares.sum()]}
         if test is not None:
             row.update(test_accuracy=float(test.accuracy[i]), test_macs=float(test.cost[i]))
         rows.append(row)
@@ -302,3 +305,43 @@ def calibration_meta(probs: np.ndarray, labels: np.ndarray, costs, data: Optiona
                                  "holdout_macs": op["holdout_macs"], "budget_index": op["budget"],
                                  **(data or {})}})
     return meta
+
+
+# ---- a budget in seconds: the same choice under a measured cost profile ----------------------------------------
+
+def _row_shares(row: dict, n_exits: int, source: str) -> np.ndarray:
+    """A budgets row's held-out exit shares, checked (the row is untrusted metadata)."""
+    shares = row.get("holdout_exit_shares")
+    if not isinstance(shares, list) or len(shares) != n_exits:
+        raise InputError(f"the budgets table of {source} does not store each operating point's exit shares, which "
+                         "a time budget needs; recalibrate it with `dvt calibrate --latency-budget TIME`")
+    values = np.asarray([float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else np.nan
+                         for v in shares])
+    if not np.isfinite(values).all() or (values < 0).any() or abs(values.sum() - 1.0) > 1e-6:
+        raise InputError(f"{source}: a budgets row's holdout_exit_shares are not shares summing to 1")
+    return values
+
+
+def latency_operating_point(meta: dict, seconds: float, spec, exit_seconds, source: str = "the checkpoint") -> dict:
+    """The most accurate calibrated operating point of ``meta`` whose expected time per image under the cost
+    vector ``exit_seconds`` (seconds of an image leaving at each exit: a measured cost profile,
+    :func:`dvt_core.runtime.cost_model.exit_seconds`) is at most ``seconds``: as :func:`select` chooses for
+    MACs, with every row and exit corner priced in seconds from its held-out exit shares. Returns what
+    :func:`select` does plus ``expected_seconds`` and ``exit_shares``."""
+    costs = np.asarray(exit_seconds, np.float64)
+    table = [b for b in (meta.get("budgets") or []) if isinstance(b, dict) and "thresholds" in b]
+    if not table:
+        raise InputError(f"{source} holds no calibrated budgets; calibrate it with `dvt calibrate "
+                         f"--latency-budget {seconds * 1e3:g}ms`")
+    entries = [(b, _row_shares(b, spec.num_exits, source)) for b in table]
+    entries += [(c, np.eye(spec.num_exits)[k]) for k, c in enumerate(_corners(spec, meta.get("holdout_anytime_accuracy")))]
+    fits = [(b, sh) for b, sh in entries if float(sh @ costs) <= seconds]
+    if not fits:
+        raise InputError(f"no operating point of {source} fits {seconds * 1e3:.4g} ms per image on the measured "
+                         f"profile: the cheapest, every image leaving at exit 1, takes {costs[0] * 1e3:.4g} ms")
+    best, shares = max(fits, key=lambda e: (_accuracy(e[0]), -float(e[1] @ costs)))  # max keeps the first
+    acc = _accuracy(best)
+    return {"thresholds": [float(t) for t in best["thresholds"]], "budget_index": best.get("budget"),
+            "policy": best.get("policy"), "expected_seconds": float(shares @ costs),
+            "expected_macs": float(shares @ np.asarray(exit_costs(spec), np.float64)),
+            "expected_accuracy": acc if acc >= 0 else None, "exit_shares": [float(s) for s in shares]}

@@ -1,0 +1,232 @@
+"""A cost model measured on the user's machine: each stage's time inside the cascade (``dvt profile``).
+
+MACs price a stage by its arithmetic; on a real CPU a small stage costs what its fixed costs (calls, weight
+traffic, host hand-over) cost, so the operating point that fits a MAC budget is not the one that fits a time
+budget. A *cost profile* records, for one runtime, precision and thread count, the milliseconds per image of
+every stage run in turn on each measured batch size (each stage on the carry the previous one produced, as
+early exit runs them; every image going on), and, when measured, the static model's. It is stored as
+``cost_profile`` in a checkpoint's metadata or an export's manifest with the machine it was measured on, and
+read back through :func:`dvt_core.schema.check_cost_profile` (untrusted, bounded).
+
+The expected time per image of an operating point at batch size ``b`` is
+``sum_k reaching_k * stage_ms_k(b)``, ``reaching_k`` the share of the images that run stage ``k``; as exit
+costs (cumulative stage times) it is the same linear cost the MAC budget uses, so the policy's machinery
+(:mod:`dvt_core.runtime.policy`, :mod:`dvt_core.runtime.operating_point`) chooses thresholds for seconds as it
+does for MACs. Everything runs through the runtime contract; no framework is imported here.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import re
+import time
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from dvt_core.errors import InputError
+from dvt_core.schema import COST_PROFILE_VERSION, check_cost_profile
+
+_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6}
+
+
+def parse_latency(text) -> float:
+    """A time budget per image as a user writes it (``0.4ms``, ``400us``, ``0.0004s``) in seconds; a bare
+    number is milliseconds. InputError for anything else or a value that is not positive and finite."""
+    m = re.fullmatch(r"\s*((?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*(s|ms|us|µs)?\s*", str(text))
+    if not m:
+        raise InputError(f"{text!r} is not a time per image (examples: 0.4ms, 400us, 0.0004s)")
+    seconds = float(m.group(1)) * _UNITS[m.group(2) or "ms"]
+    if not np.isfinite(seconds) or seconds <= 0:
+        raise InputError(f"a latency budget must be a positive time, got {text!r}")
+    return seconds
+
+
+def format_ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3f} ms"
+
+
+# ---- the machine --------------------------------------------------------------------------------------------
+
+def _cpu_info() -> tuple[str, bool]:
+    """(the CPU's model name, whether it has AMX) from /proc/cpuinfo where there is one."""
+    name, amx = platform.processor() or platform.machine(), False
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    name = value.strip()
+                elif key.strip() == "flags":
+                    amx = "amx_tile" in value.split()
+                    break
+    except OSError:
+        pass
+    return name[:200], amx
+
+
+def machine_record(runtime: str, precision: str, threads: Optional[int]) -> dict:
+    """What the figures depend on: CPU model, AMX or not, cores, threads, the versions that ran them."""
+    from importlib import metadata
+
+    from dvt_core.runtime.contract import RUNTIMES
+
+    cpu, amx = _cpu_info()
+    versions = {}
+    for package in ("dvt", RUNTIMES[runtime][1]):
+        try:
+            versions[package] = metadata.version(package)[:64]
+        except metadata.PackageNotFoundError:
+            versions[package] = "unknown"
+    return {"cpu": cpu, "amx": amx, "cores": os.cpu_count() or 1, "platform": platform.platform()[:200],
+            "python": platform.python_version(), "versions": versions}
+
+
+# ---- measuring ------------------------------------------------------------------------------------------------
+
+def _time_cascade(model, xs: list, rounds: int) -> np.ndarray:
+    """Best seconds of each stage over ``rounds`` rounds, summed over the batches ``xs``: the stages run in turn
+    on each batch, each on the carry the stage before produced, its logits brought to the host (as early exit
+    reads them)."""
+    from dvt_core.runtime.contract import backend_of
+
+    b, n = backend_of(model), model.spec.num_exits
+    best = np.full(n, np.inf)
+    with b.inference(model):
+        for _ in range(rounds):
+            per = np.zeros(n)
+            for x in xs:
+                carry = None
+                for i in range(n):
+                    t = time.perf_counter()
+                    logits, carry = b.run_stage(model, i, x, carry)
+                    b.to_numpy(logits)
+                    per[i] += time.perf_counter() - t
+            best = np.minimum(best, per)
+    return best
+
+
+def _time_static(static, xs: list, rounds: int) -> float:
+    return float(_time_cascade(static, xs, rounds).sum())
+
+
+def measure(model, images: np.ndarray, batch_sizes: Sequence[int], repeats: int = 3, warmup: int = 1,
+            static=None, threads: Optional[int] = None, precision: str = "fp32",
+            step: Optional[Callable[[str], None]] = None) -> dict:
+    """The cost profile of ``model`` on this machine: for each batch size, the best of ``repeats`` rounds
+    (after ``warmup``) of every stage's ms per image inside the cascade over ``images`` (as many whole batches
+    as they fill; at least one), and
+    the ``static`` model's when given (its rounds interleaved with the cascade's, so load hits both alike).
+    ``step`` is called once per batch size (a progress bar)."""
+    from dvt_core.runtime.contract import backend_of
+
+    runtime = backend_of(model)
+    rows = []
+    for batch in sorted(set(int(b) for b in batch_sizes)):
+        count = len(images) - len(images) % batch
+        if count == 0:
+            raise InputError(f"{len(images)} images do not fill one batch of {batch}")
+        chunks = [images[i:i + batch] for i in range(0, count, batch)]
+        xs = [runtime.to_tensor(model, c) for c in chunks]
+        xs_static = None if static is None else [backend_of(static).to_tensor(static, c) for c in chunks]
+        if warmup:
+            _time_cascade(model, xs, warmup)
+        best, static_best = np.full(model.spec.num_exits, np.inf), np.inf
+        for _ in range(repeats):
+            best = np.minimum(best, _time_cascade(model, xs, 1))
+            if static is not None:
+                static_best = min(static_best, _time_static(static, xs_static, 1))
+        row = {"batch": batch, "images": count, "stage_ms": [float(s / count * 1e3) for s in best]}
+        if static is not None:
+            row["static_ms"] = float(static_best / count * 1e3)
+        rows.append(row)
+        if step is not None:
+            step(f"batch {batch}")
+    profile = {"version": COST_PROFILE_VERSION, "runtime": runtime.name, "precision": precision,
+               "threads": threads, "repeats": int(repeats), "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                                      time.gmtime()),
+               "machine": machine_record(runtime.name, precision, threads), "batches": rows}
+    return check_cost_profile(profile, "the measured cost profile", InputError, model.spec.num_exits)
+
+
+# ---- reading a profile: the cost vector of a budget -------------------------------------------------------------
+
+def stored_profile(meta: Optional[dict], runtime: str, precision: str, source: str) -> dict:
+    """The cost profile ``meta`` stores, checked, measured for ``runtime`` at ``precision``; InputError saying
+    how to measure one when there is none or it was measured for another runtime or precision."""
+    from dvt_core.errors import CheckpointError
+
+    profile = (meta or {}).get("cost_profile")
+    if profile is None:
+        raise InputError(f"{source} stores no cost profile; measure one on this machine with "
+                         f"`dvt profile --weights ... --backend {runtime} --precision {precision}`")
+    check_cost_profile(profile, f"{source}: cost_profile", CheckpointError, None)
+    if (profile["runtime"], profile["precision"]) != (runtime, precision):
+        raise InputError(f"the cost profile in {source} was measured for {profile['runtime']} "
+                         f"{profile['precision']}, not {runtime} {precision}; measure again with "
+                         f"`dvt profile --backend {runtime} --precision {precision}`")
+    return profile
+
+
+def batch_row(profile: dict, batch: int, source: str = "the cost profile") -> dict:
+    """The profile's figures at ``batch``; InputError naming the batch sizes it has otherwise."""
+    for row in profile["batches"]:
+        if row["batch"] == int(batch):
+            return row
+    have = ", ".join(str(r["batch"]) for r in profile["batches"])
+    raise InputError(f"{source} was measured at batch size(s) {have}, not {batch}; measure it with "
+                     f"`dvt profile --batch-sizes {batch}` or choose a measured batch size")
+
+
+def exit_seconds(row: dict) -> np.ndarray:
+    """Seconds per image of an image that leaves at each exit: its stages' times added up (the cost vector
+    the budget machinery takes, as it takes exit MACs)."""
+    return np.cumsum(np.asarray(row["stage_ms"], np.float64)) * 1e-3
+
+
+def expected_seconds(row: dict, exit_shares: Sequence[float]) -> float:
+    """Expected seconds per image when ``exit_shares[k]`` of the images leave at exit ``k``: the sum over
+    stages of the share reaching it times its measured time."""
+    shares = np.asarray(exit_shares, np.float64)
+    return float(shares @ exit_seconds(row))
+
+
+def payoff(profile: dict, exit_shares: Sequence[float]) -> list[dict]:
+    """For every measured batch size: the expected adaptive ms per image at ``exit_shares``, every stage's
+    (all images running all stages), the static model's when measured, and whether early exit pays (cheaper
+    than both)."""
+    out = []
+    for row in profile["batches"]:
+        adaptive, every = expected_seconds(row, exit_shares) * 1e3, float(sum(row["stage_ms"]))
+        static = row.get("static_ms")
+        best_other = min(every, static) if static is not None else every
+        out.append({"batch": row["batch"], "adaptive_ms": adaptive, "all_stages_ms": every, "static_ms": static,
+                    "pays": adaptive < best_other})
+    return out
+
+
+def payoff_lines(profile: dict, exit_shares: Sequence[float]) -> list[str]:
+    """What a person reads: per measured batch size, does early exit pay on this machine, and from which
+    measured batch size on it does."""
+    rows, lines = payoff(profile, exit_shares), []
+    where = f"{profile['runtime']} {profile['precision']}"
+    for r in rows:
+        versus = f"all stages {r['all_stages_ms']:.3f}" + ("" if r["static_ms"] is None else
+                                                            f", static {r['static_ms']:.3f}")
+        verdict = "pays" if r["pays"] else "does not pay"
+        lines.append(f"batch {r['batch']}: early exit {verdict} ({where}: adaptive {r['adaptive_ms']:.3f} ms/img "
+                     f"expected; {versus} ms/img)")
+    paying = [r["batch"] for r in rows if r["pays"]]
+    start = None  # the smallest measured batch size from which on every larger measured one pays
+    for r in reversed(rows):
+        if not r["pays"]:
+            break
+        start = r["batch"]
+    if not paying:
+        lines.append(f"early exit does not pay at any measured batch size ({', '.join(str(r['batch']) for r in rows)}) "
+                     f"on this machine in {where}")
+    elif start is None:
+        lines.append(f"early exit pays only at batch {', '.join(map(str, paying))} on this machine in {where}")
+    elif start != rows[0]["batch"]:
+        lines.append(f"early exit starts to pay at batch {start} on this machine in {where}")
+    return lines

@@ -345,3 +345,26 @@ def latency_operating_point(meta: dict, seconds: float, spec, exit_seconds, sour
             "policy": best.get("policy"), "expected_seconds": float(shares @ costs),
             "expected_macs": float(shares @ np.asarray(exit_costs(spec), np.float64)),
             "expected_accuracy": acc if acc >= 0 else None, "exit_shares": [float(s) for s in shares]}
+
+
+def calibrate_latency(probs, labels, spec, seconds: float, exit_seconds) -> dict:
+    """:func:`calibrate` for a time budget: the operating point found on held-out ``probs`` and ``labels``
+    whose expected time per image under ``exit_seconds`` (a measured cost profile's exit costs) is at most
+    ``seconds``, the most accurate such (:func:`latency_operating_point`). The same keys as :func:`calibrate`;
+    the ``budgets`` rows carry their exit shares, so that a later time budget can be priced from them."""
+    labels = np.asarray(labels)
+    if len(labels) == 0:
+        raise InputError("no calibration images")
+    rows = budgets_table(probs, labels, exit_costs(spec))
+    anytime = policy.anytime_accuracy(probs, labels).tolist()
+    op = latency_operating_point({"budgets": rows, "holdout_anytime_accuracy": anytime}, seconds, spec,
+                                 exit_seconds, "the calibration images")
+    block = {"target_ms": float(seconds * 1e3), "holdout_ms": op["expected_seconds"] * 1e3,
+             "holdout_macs": op["expected_macs"], "holdout_accuracy": float(op["expected_accuracy"]),
+             "exit_shares": op["exit_shares"], "images": int(len(labels))}
+    if op["policy"] is None:
+        block["budget_index"] = int(op["budget_index"])
+    else:
+        block["policy"] = op["policy"]
+    return {"thresholds": op["thresholds"], "calibration": block, "budgets": rows,
+            "holdout_anytime_accuracy": anytime}

@@ -499,6 +499,8 @@ def check_cost_profile(value, where: str, error, exits: Optional[int]) -> dict:
             want_float(ms, f"{here}.stage_ms[{j}]", 0.0, MAX_STAGE_MS, low_open=True, error=error)
         if row.get("static_ms") is not None:
             want_float(row["static_ms"], f"{here}.static_ms", 0.0, MAX_STAGE_MS, low_open=True, error=error)
+        if row.get("overhead_ms") is not None:
+            want_float(row["overhead_ms"], f"{here}.overhead_ms", 0.0, MAX_STAGE_MS, error=error)
     if not seen:
         raise error(f"{where}.batches is empty: no batch size was measured")
     return value

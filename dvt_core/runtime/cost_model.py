@@ -9,7 +9,9 @@ early exit runs them; every image going on), and, when measured, the static mode
 read back through :func:`dvt_core.schema.check_cost_profile` (untrusted, bounded).
 
 The expected time per image of an operating point at batch size ``b`` is
-``sum_k reaching_k * stage_ms_k(b)``, ``reaching_k`` the share of the images that run stage ``k``; as exit
+``overhead_ms(b) + sum_k reaching_k * stage_ms_k(b)``, ``reaching_k`` the share of the images that run stage
+``k`` and ``overhead_ms`` the host's part of an adaptive call per image (measured as an adaptive call that sends
+every image through every stage, less the stages); as exit
 costs (cumulative stage times) it is the same linear cost the MAC budget uses, so the policy's machinery
 (:mod:`dvt_core.runtime.policy`, :mod:`dvt_core.runtime.operating_point`) chooses thresholds for seconds as it
 does for MACs. Everything runs through the runtime contract; no framework is imported here.
@@ -110,12 +112,27 @@ def _time_static(static, xs: list, rounds: int) -> float:
     return float(_time_cascade(static, xs, rounds).sum())
 
 
+def _time_adaptive_all(model, xs: list) -> float:
+    """Seconds of true early exit (the contract's ``adaptive``, one call per batch) with thresholds that send
+    every image through every stage: the stages plus what each call costs on the host (its inference
+    context, confidences, row selection, results), which :func:`_time_cascade` leaves out."""
+    from dvt_core.runtime.contract import backend_of
+    from dvt_core.runtime.policy import ALWAYS, NEVER
+
+    b, n = backend_of(model), model.spec.num_exits
+    thresholds = [float(NEVER)] * (n - 1) + [float(ALWAYS)]
+    t = time.perf_counter()
+    for x in xs:
+        b.adaptive(model, x, thresholds)
+    return time.perf_counter() - t
+
+
 def measure(model, images: np.ndarray, batch_sizes: Sequence[int], repeats: int = 3, warmup: int = 1,
             static=None, threads: Optional[int] = None, precision: str = "fp32",
             step: Optional[Callable[[str], None]] = None) -> dict:
     """The cost profile of ``model`` on this machine: for each batch size, the best of ``repeats`` rounds
     (after ``warmup``) of every stage's ms per image inside the cascade over ``images`` (as many whole batches
-    as they fill; at least one), and
+    as they fill; at least one), the host's part of an adaptive call per image (``overhead_ms``), and
     the ``static`` model's when given (its rounds interleaved with the cascade's, so load hits both alike).
     ``step`` is called once per batch size (a progress bar)."""
     from dvt_core.runtime.contract import backend_of
@@ -131,12 +148,16 @@ def measure(model, images: np.ndarray, batch_sizes: Sequence[int], repeats: int 
         xs_static = None if static is None else [backend_of(static).to_tensor(static, c) for c in chunks]
         if warmup:
             _time_cascade(model, xs, warmup)
-        best, static_best = np.full(model.spec.num_exits, np.inf), np.inf
+        best, static_best, call_best = np.full(model.spec.num_exits, np.inf), np.inf, np.inf
         for _ in range(repeats):
             best = np.minimum(best, _time_cascade(model, xs, 1))
+            call_best = min(call_best, _time_adaptive_all(model, xs))
             if static is not None:
                 static_best = min(static_best, _time_static(static, xs_static, 1))
-        row = {"batch": batch, "images": count, "stage_ms": [float(s / count * 1e3) for s in best]}
+        # the host's part of an adaptive call, paid by every image whatever exit it takes
+        overhead = max(call_best - float(best.sum()), 0.0)
+        row = {"batch": batch, "images": count, "stage_ms": [float(s / count * 1e3) for s in best],
+               "overhead_ms": overhead / count * 1e3}
         if static is not None:
             row["static_ms"] = float(static_best / count * 1e3)
         rows.append(row)
@@ -179,9 +200,9 @@ def batch_row(profile: dict, batch: int, source: str = "the cost profile") -> di
 
 
 def exit_seconds(row: dict) -> np.ndarray:
-    """Seconds per image of an image that leaves at each exit: its stages' times added up (the cost vector
-    the budget machinery takes, as it takes exit MACs)."""
-    return np.cumsum(np.asarray(row["stage_ms"], np.float64)) * 1e-3
+    """Seconds per image of an image that leaves at each exit: its stages' times added up, plus the host's
+    part of the adaptive call (the cost vector the budget machinery takes, as it takes exit MACs)."""
+    return (np.cumsum(np.asarray(row["stage_ms"], np.float64)) + float(row.get("overhead_ms") or 0.0)) * 1e-3
 
 
 def expected_seconds(row: dict, exit_shares: Sequence[float]) -> float:
@@ -197,7 +218,8 @@ def payoff(profile: dict, exit_shares: Sequence[float]) -> list[dict]:
     than both)."""
     out = []
     for row in profile["batches"]:
-        adaptive, every = expected_seconds(row, exit_shares) * 1e3, float(sum(row["stage_ms"]))
+        adaptive = expected_seconds(row, exit_shares) * 1e3
+        every = float(sum(row["stage_ms"]) + (row.get("overhead_ms") or 0.0))
         static = row.get("static_ms")
         best_other = min(every, static) if static is not None else every
         out.append({"batch": row["batch"], "adaptive_ms": adaptive, "all_stages_ms": every, "static_ms": static,
@@ -206,8 +228,8 @@ def payoff(profile: dict, exit_shares: Sequence[float]) -> list[dict]:
 
 
 def payoff_lines(profile: dict, exit_shares: Sequence[float]) -> list[str]:
-    """What a person reads: per measured batch size, does early exit pay on this machine, and from which
-    measured batch size on it does."""
+    """What a person reads: per measured batch size, does early exit pay on this machine; the last line says
+    from which measured batch size on it does (or that it pays at none, or at every one)."""
     rows, lines = payoff(profile, exit_shares), []
     where = f"{profile['runtime']} {profile['precision']}"
     for r in rows:
@@ -229,4 +251,27 @@ def payoff_lines(profile: dict, exit_shares: Sequence[float]) -> list[str]:
         lines.append(f"early exit pays only at batch {', '.join(map(str, paying))} on this machine in {where}")
     elif start != rows[0]["batch"]:
         lines.append(f"early exit starts to pay at batch {start} on this machine in {where}")
+    else:
+        lines.append(f"early exit pays at every measured batch size on this machine in {where}")
     return lines
+
+
+def profile_prediction(meta: Optional[dict], runtime: str, precision: str, batch: int, exit_shares,
+                       realised_ms: float) -> Optional[dict]:
+    """What a stored cost profile predicts for an adaptive run that took ``realised_ms`` per image with
+    ``exit_shares`` at ``batch`` (``dvt benchmark``), beside what was realised; None when ``meta`` holds no
+    profile for this runtime, precision and batch size (a benchmark times such models too)."""
+    from dvt_core.errors import DVTError
+
+    try:
+        profile = stored_profile(meta, runtime, precision, "the weights")
+        row = batch_row(profile, batch)
+    except DVTError:
+        return None
+    predicted = expected_seconds(row, exit_shares) * 1e3
+    out = {"predicted_ms": predicted, "realised_ms": float(realised_ms), "error": predicted / realised_ms - 1,
+           "all_stages_ms": float(exit_seconds(row)[-1] * 1e3), "static_ms": row.get("static_ms"),
+           "cpu": profile["machine"].get("cpu"), "threads": profile.get("threads")}
+    if row.get("static_ms") is not None:
+        out["predicted_speedup"] = row["static_ms"] / predicted
+    return out

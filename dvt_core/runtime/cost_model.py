@@ -86,25 +86,32 @@ def machine_record(runtime: str, precision: str, threads: Optional[int]) -> dict
 
 # ---- measuring ------------------------------------------------------------------------------------------------
 
-def _time_cascade(model, xs: list, rounds: int) -> np.ndarray:
-    """Best seconds of each stage over ``rounds`` rounds, summed over the batches ``xs``: the stages run in turn
-    on each batch, each on the carry the stage before produced, its logits brought to the host (as early exit
-    reads them)."""
+def stage_seconds(model, xs: list) -> np.ndarray:
+    """Seconds of each stage summed over the batches ``xs`` (the runtime's tensors), called inside the model's
+    inference context: the stages run in turn on each batch, each on the carry the stage before produced,
+    its logits brought to the host (as early exit reads them)."""
     from dvt_core.runtime.contract import backend_of
 
     b, n = backend_of(model), model.spec.num_exits
-    best = np.full(n, np.inf)
-    with b.inference(model):
+    per = np.zeros(n)
+    for x in xs:
+        carry = None
+        for i in range(n):
+            t = time.perf_counter()
+            logits, carry = b.run_stage(model, i, x, carry)
+            b.to_numpy(logits)
+            per[i] += time.perf_counter() - t
+    return per
+
+
+def _time_cascade(model, xs: list, rounds: int) -> np.ndarray:
+    """Best seconds of each stage over ``rounds`` rounds of :func:`stage_seconds`."""
+    from dvt_core.runtime.contract import backend_of
+
+    best = np.full(model.spec.num_exits, np.inf)
+    with backend_of(model).inference(model):
         for _ in range(rounds):
-            per = np.zeros(n)
-            for x in xs:
-                carry = None
-                for i in range(n):
-                    t = time.perf_counter()
-                    logits, carry = b.run_stage(model, i, x, carry)
-                    b.to_numpy(logits)
-                    per[i] += time.perf_counter() - t
-            best = np.minimum(best, per)
+            best = np.minimum(best, stage_seconds(model, xs))
     return best
 
 

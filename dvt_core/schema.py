@@ -499,8 +499,14 @@ def check_cost_profile(value, where: str, error, exits: Optional[int]) -> dict:
             want_float(ms, f"{here}.stage_ms[{j}]", 0.0, MAX_STAGE_MS, low_open=True, error=error)
         if row.get("static_ms") is not None:
             want_float(row["static_ms"], f"{here}.static_ms", 0.0, MAX_STAGE_MS, low_open=True, error=error)
-        if row.get("overhead_ms") is not None:
-            want_float(row["overhead_ms"], f"{here}.overhead_ms", 0.0, MAX_STAGE_MS, error=error)
+        for key in ("overhead_ms", "total_ms"):
+            if row.get(key) is not None:
+                want_float(row[key], f"{here}.{key}", 0.0, MAX_STAGE_MS, error=error)
+        if row.get("stage_call_ms") is not None:  # a fixed cost per call is at most the stage's whole call
+            for j, ms in enumerate(want_list(row["stage_call_ms"], f"{here}.stage_call_ms", len(row["stage_ms"]),
+                                             error=error)):
+                want_float(ms, f"{here}.stage_call_ms[{j}]", 0.0, row["stage_ms"][j] * batch * (1 + 1e-9),
+                           error=error)
     if not seen:
         raise error(f"{where}.batches is empty: no batch size was measured")
     return value

@@ -79,13 +79,16 @@ def held_out():
 def test_latency_budget_picks_the_most_accurate_point_that_meets_it(held_out):
     from dvt_core.model.zoo import get_spec
     from dvt_core.runtime import operating_point, policy
-    from dvt_core.runtime.cost_model import exit_seconds
+    from dvt_core.runtime.cost_model import exit_seconds, expected_seconds
 
     probs, labels = held_out
     spec = get_spec("dvt_fashion_mnist")
     row = _profile()["batches"][0]
-    seconds = exit_seconds(row)
-    assert seconds * 1e3 == pytest.approx([1.5, 3.5, 7.5])
+    assert exit_seconds(row) * 1e3 == pytest.approx([1.5, 3.5, 7.5])
+
+    def seconds(shares):
+        return expected_seconds(row, shares)
+
     rows = operating_point.budgets_table(probs, labels, operating_point.exit_costs(spec))
     meta = {"budgets": rows, "holdout_anytime_accuracy": policy.anytime_accuracy(probs, labels).tolist()}
 
@@ -108,17 +111,33 @@ def test_latency_budget_below_every_point_and_missing_shares_are_refused(held_ou
     from dvt_core.errors import InputError
     from dvt_core.model.zoo import get_spec
     from dvt_core.runtime import operating_point
-    from dvt_core.runtime.cost_model import exit_seconds
+    from dvt_core.runtime.cost_model import expected_seconds
 
     probs, labels = held_out
     spec = get_spec("dvt_fashion_mnist")
-    seconds = exit_seconds(_profile()["batches"][0])
+
+    def seconds(shares):
+        return expected_seconds(_profile()["batches"][0], shares)
+
     rows = operating_point.budgets_table(probs, labels, operating_point.exit_costs(spec))
     with pytest.raises(InputError, match="1.5 ms"):
         operating_point.latency_operating_point({"budgets": rows}, 1.2e-3, spec, seconds)
     stripped = [{k: v for k, v in r.items() if k != "holdout_exit_shares"} for r in rows]
     with pytest.raises(InputError, match="exit shares"):
         operating_point.latency_operating_point({"budgets": stripped}, 5e-3, spec, seconds)
+
+
+def test_expected_time_charges_a_stage_fixed_cost_per_batch_that_reaches_it():
+    from dvt_core.runtime.cost_model import expected_seconds
+
+    row = {"batch": 4, "stage_ms": [1.0, 2.0, 4.0], "stage_call_ms": [0.0, 4.0, 8.0], "overhead_ms": 0.25}
+    # reaching 1 / 0.5 / 0: stage 1 costs 1; stage 2 costs 0.5 * (2 - 4 / 4) per image plus 4 ms for each batch
+    # any image reaches, (1 - 0.5 ** 4) of them, a quarter of a call per image; stage 3 nothing
+    assert expected_seconds(row, [0.5, 0.5, 0.0]) * 1e3 == pytest.approx(0.25 + 1.0 + 0.5 + (1 - 0.5 ** 4) / 4 * 4)
+    # every image through every stage: exactly the measured times
+    assert expected_seconds(row, [0.0, 0.0, 1.0]) * 1e3 == pytest.approx(0.25 + 7.0)
+    assert expected_seconds(dict(row, batch=1, stage_call_ms=None), [0.5, 0.5, 0.0]) * 1e3 == \
+        pytest.approx(0.25 + 1.0 + 0.5 * 2.0)
 
 
 def test_payoff_says_from_which_batch_size_early_exit_pays():
@@ -143,6 +162,7 @@ def test_payoff_says_from_which_batch_size_early_exit_pays():
     (lambda p: p["batches"][1].update(batch=1), "measured twice"),
     (lambda p: p.update(version=7), "cost_profile.version"),
     (lambda p: p["batches"][0].update(overhead_ms="fast"), "cost_profile.batches[0].overhead_ms"),
+    (lambda p: p["batches"][1].update(stage_call_ms=[0.0, 0.0, 500.0]), "cost_profile.batches[1].stage_call_ms[2]"),
 ])
 def test_a_tampered_profile_is_refused_by_name(tmp_path, change, fragment):
     from dvt_core.checkpoint.files import read_checkpoint
@@ -183,6 +203,7 @@ def test_profile_stores_a_checked_profile_with_its_machine(profiled):
     assert (profile["runtime"], profile["precision"]) == ("torch", "fp32")
     assert [b["batch"] for b in profile["batches"]] == [1, 4]
     assert all(len(b["stage_ms"]) == 3 and min(b["stage_ms"]) > 0 and b["static_ms"] > 0 for b in profile["batches"])
+    assert all(0 <= f <= ms * 4 for f, ms in zip(profile["batches"][1]["stage_call_ms"], profile["batches"][1]["stage_ms"]))
     assert profile["machine"]["cpu"] and isinstance(profile["machine"]["amx"], bool)
     assert "torch" in profile["machine"]["versions"]
     assert meta["thresholds"] == read_checkpoint(SHIPPED).meta["thresholds"]  # the rest of the metadata is kept

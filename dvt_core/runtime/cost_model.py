@@ -10,11 +10,12 @@ read back through :func:`dvt_core.schema.check_cost_profile` (untrusted, bounded
 
 The expected time per image of an operating point at batch size ``b`` is
 ``overhead_ms(b) + sum_k reaching_k * stage_ms_k(b)``, ``reaching_k`` the share of the images that run stage
-``k`` and ``overhead_ms`` the host's part of an adaptive call per image (measured as an adaptive call that sends
-every image through every stage, less the stages); as exit
-costs (cumulative stage times) it is the same linear cost the MAC budget uses, so the policy's machinery
-(:mod:`dvt_core.runtime.policy`, :mod:`dvt_core.runtime.operating_point`) chooses thresholds for seconds as it
-does for MACs. Everything runs through the runtime contract; no framework is imported here.
+``k`` and ``overhead_ms`` the host's part of an adaptive call per image (an adaptive call that sends every image
+through every stage, less its stages), with one refinement at ``b > 1``: a stage's fixed cost per call
+(``stage_call_ms``, measured at ``b // 8``) is paid by every batch that any image carries to it, not in
+proportion to the images (:func:`expected_seconds`). The budget machinery
+(:mod:`dvt_core.runtime.operating_point`) prices every calibrated operating point by its exit shares with it
+and chooses for seconds as it does for MACs. Everything runs through the runtime contract; no framework is imported here.
 """
 from __future__ import annotations
 
@@ -119,29 +120,68 @@ def _time_static(static, xs: list, rounds: int) -> float:
     return float(_time_cascade(static, xs, rounds).sum())
 
 
-def _time_adaptive_all(model, xs: list) -> float:
-    """Seconds of true early exit (the contract's ``adaptive``, one call per batch) with thresholds that send
-    every image through every stage: the stages plus what each call costs on the host (its inference
-    context, confidences, row selection, results), which :func:`_time_cascade` leaves out."""
+def _adaptive_stage_seconds(model, xs: list) -> tuple[np.ndarray, float]:
+    """One round of true early exit over the batches ``xs``, every image going through every stage, each
+    stage timed where it runs: (seconds of each stage, from its call to the next stage's: its logits to the
+    host and the confidences included; seconds of the whole calls, inference context and results included).
+    Through the runtime contract, as ``model.adaptive`` runs."""
     from dvt_core.runtime.contract import backend_of
+    from dvt_core.runtime.early_exit import run_adaptive
     from dvt_core.runtime.policy import ALWAYS, NEVER
 
     b, n = backend_of(model), model.spec.num_exits
-    thresholds = [float(NEVER)] * (n - 1) + [float(ALWAYS)]
-    t = time.perf_counter()
+    every = [float(NEVER)] * (n - 1) + [float(ALWAYS)]
+    secs, calls = np.zeros(n), 0.0
     for x in xs:
-        b.adaptive(model, x, thresholds)
-    return time.perf_counter() - t
+        marks = []
+
+        def run(i, images, carry):
+            marks.append((i, time.perf_counter()))
+            return b.run_stage(model, i, images, carry)
+
+        start = time.perf_counter()
+        with b.inference(model):
+            run_adaptive(run, b.to_numpy, b.select, b.images_in(model, x), int(x.shape[0]), every, model.exit_macs)
+        end = time.perf_counter()
+        calls += end - start
+        for k, (i, t) in enumerate(marks):
+            secs[i] += (marks[k + 1][1] if k + 1 < len(marks) else end) - t
+    return secs, calls
+
+
+def _best_round(model, xs: list, rounds: int) -> tuple[np.ndarray, float]:
+    """:func:`_adaptive_stage_seconds` of the fastest whole round of ``rounds`` (whole rounds, as a realised
+    time is the best of whole rounds: the best of each stage on its own, on a loaded machine, adds up to less
+    than any round took)."""
+    return min((_adaptive_stage_seconds(model, xs) for _ in range(rounds)), key=lambda r: r[1])
+
+
+def _row(batch: int, count: int, full: tuple, thin: Optional[tuple], thin_batch: int) -> dict:
+    """A profile row from the best round at ``batch`` (``full``) and at ``thin_batch`` (``thin``, a smaller
+    batch of the same images): each stage's ms per image, its fixed ms per call (the intercept of its time
+    per call against the rows it runs: what a stage costs a batch even when few of its images reach it), and
+    the calls' own ms per image."""
+    (secs, calls), calls_per_stage = full, count / batch
+    per_call = secs / calls_per_stage
+    fixed = np.zeros_like(per_call)
+    if thin is not None and thin_batch < batch:
+        thin_per_call = thin[0] / (count / thin_batch)
+        slope = (per_call - thin_per_call) / (batch - thin_batch)
+        fixed = np.clip(per_call - slope * batch, 0.0, per_call)
+    return {"batch": batch, "images": count, "stage_ms": [float(v) for v in secs / count * 1e3],
+            "stage_call_ms": [float(v) for v in fixed * 1e3],
+            "overhead_ms": max(calls - float(secs.sum()), 0.0) / count * 1e3, "total_ms": calls / count * 1e3}
 
 
 def measure(model, images: np.ndarray, batch_sizes: Sequence[int], repeats: int = 3, warmup: int = 1,
             static=None, threads: Optional[int] = None, precision: str = "fp32",
             step: Optional[Callable[[str], None]] = None) -> dict:
-    """The cost profile of ``model`` on this machine: for each batch size, the best of ``repeats`` rounds
-    (after ``warmup``) of every stage's ms per image inside the cascade over ``images`` (as many whole batches
-    as they fill; at least one), the host's part of an adaptive call per image (``overhead_ms``), and
-    the ``static`` model's when given (its rounds interleaved with the cascade's, so load hits both alike).
-    ``step`` is called once per batch size (a progress bar)."""
+    """The cost profile of ``model`` on this machine. For each batch size ``b``, over ``images`` (as many
+    whole batches as they fill; at least one), true early exit with every image through every stage, the
+    fastest of ``repeats`` rounds after ``warmup``: each stage's ms per image (``stage_ms``), its fixed ms per
+    call (``stage_call_ms``, from the same images at batch ``b // 8``), the calls' own ms per image
+    (``overhead_ms``) and, with ``static``, the same runtime's static model's ms per image, its rounds
+    interleaved with the cascade's so that load hits both alike. ``step`` is called once per batch size."""
     from dvt_core.runtime.contract import backend_of
 
     runtime = backend_of(model)
@@ -150,21 +190,21 @@ def measure(model, images: np.ndarray, batch_sizes: Sequence[int], repeats: int 
         count = len(images) - len(images) % batch
         if count == 0:
             raise InputError(f"{len(images)} images do not fill one batch of {batch}")
-        chunks = [images[i:i + batch] for i in range(0, count, batch)]
-        xs = [runtime.to_tensor(model, c) for c in chunks]
-        xs_static = None if static is None else [backend_of(static).to_tensor(static, c) for c in chunks]
+        thin_batch = max(1, batch // 8)
+        xs, thin = ([runtime.to_tensor(model, images[i:i + size]) for i in range(0, count, size)]
+                    for size in (batch, thin_batch))
+        xs_static = None if static is None else [backend_of(static).to_tensor(static, images[i:i + batch])
+                                                 for i in range(0, count, batch)]
         if warmup:
-            _time_cascade(model, xs, warmup)
-        best, static_best, call_best = np.full(model.spec.num_exits, np.inf), np.inf, np.inf
-        for _ in range(repeats):
-            best = np.minimum(best, _time_cascade(model, xs, 1))
-            call_best = min(call_best, _time_adaptive_all(model, xs))
+            _best_round(model, xs, warmup)
+        full, slim, static_best = (np.inf, np.inf), None, np.inf
+        for _ in range(repeats):  # a round of each at a time, so that load hits them alike
+            full = min(full, _adaptive_stage_seconds(model, xs), key=lambda r: r[1])
+            if batch > 1:
+                slim = min(slim or (np.inf, np.inf), _adaptive_stage_seconds(model, thin), key=lambda r: r[1])
             if static is not None:
                 static_best = min(static_best, _time_static(static, xs_static, 1))
-        # the host's part of an adaptive call, paid by every image whatever exit it takes
-        overhead = max(call_best - float(best.sum()), 0.0)
-        row = {"batch": batch, "images": count, "stage_ms": [float(s / count * 1e3) for s in best],
-               "overhead_ms": overhead / count * 1e3}
+        row = _row(batch, count, full, slim, thin_batch)
         if static is not None:
             row["static_ms"] = float(static_best / count * 1e3)
         rows.append(row)
@@ -207,16 +247,24 @@ def batch_row(profile: dict, batch: int, source: str = "the cost profile") -> di
 
 
 def exit_seconds(row: dict) -> np.ndarray:
-    """Seconds per image of an image that leaves at each exit: its stages' times added up, plus the host's
-    part of the adaptive call (the cost vector the budget machinery takes, as it takes exit MACs)."""
+    """Seconds per image of an image that leaves at each exit when every image of the batch does: its
+    stages' times added up, plus the calls' own time (what "every image leaves at exit k" costs)."""
     return (np.cumsum(np.asarray(row["stage_ms"], np.float64)) + float(row.get("overhead_ms") or 0.0)) * 1e-3
 
 
 def expected_seconds(row: dict, exit_shares: Sequence[float]) -> float:
-    """Expected seconds per image when ``exit_shares[k]`` of the images leave at exit ``k``: the sum over
-    stages of the share reaching it times its measured time."""
+    """Expected seconds per image at the row's batch size ``b`` when ``exit_shares[k]`` of the images leave at
+    exit ``k``: the calls' own time, plus for each stage the share ``r`` of the images reaching it times its
+    time per image without its fixed part, plus its fixed time per call times the calls per image that run
+    it (``(1 - (1 - r) ** b) / b``: a batch runs the stage when any of its images reaches it). With no fixed
+    part this is ``sum_k r_k * stage_ms_k``; at batch 1 it is exactly that."""
     shares = np.asarray(exit_shares, np.float64)
-    return float(shares @ exit_seconds(row))
+    reaching = np.clip(np.cumsum(shares[::-1])[::-1], 0.0, 1.0)
+    b = int(row["batch"])
+    stage = np.asarray(row["stage_ms"], np.float64)
+    fixed = np.asarray(row.get("stage_call_ms") or np.zeros_like(stage), np.float64)
+    calls = (1.0 - (1.0 - reaching) ** b) / b
+    return float((row.get("overhead_ms") or 0.0) + reaching @ (stage - fixed / b) + calls @ fixed) * 1e-3
 
 
 def payoff(profile: dict, exit_shares: Sequence[float]) -> list[dict]:

@@ -322,34 +322,35 @@ def _row_shares(row: dict, n_exits: int, source: str) -> np.ndarray:
     return values
 
 
-def latency_operating_point(meta: dict, seconds: float, spec, exit_seconds, source: str = "the checkpoint") -> dict:
-    """The most accurate calibrated operating point of ``meta`` whose expected time per image under the cost
-    vector ``exit_seconds`` (seconds of an image leaving at each exit: a measured cost profile,
-    :func:`dvt_core.runtime.cost_model.exit_seconds`) is at most ``seconds``: as :func:`select` chooses for
-    MACs, with every row and exit corner priced in seconds from its held-out exit shares. Returns what
-    :func:`select` does plus ``expected_seconds`` and ``exit_shares``."""
-    costs = np.asarray(exit_seconds, np.float64)
+def latency_operating_point(meta: dict, seconds: float, spec, seconds_of, source: str = "the checkpoint") -> dict:
+    """The most accurate calibrated operating point of ``meta`` whose expected time per image is at most
+    ``seconds``, as :func:`select` chooses for MACs: every row and exit corner priced by ``seconds_of(exit
+    shares)`` (a measured cost profile's :func:`dvt_core.runtime.cost_model.expected_seconds` at one batch
+    size) from its held-out exit shares. Returns what :func:`select` does plus ``expected_seconds`` and
+    ``exit_shares``."""
     table = [b for b in (meta.get("budgets") or []) if isinstance(b, dict) and "thresholds" in b]
     if not table:
         raise InputError(f"{source} holds no calibrated budgets; calibrate it with `dvt calibrate "
                          f"--latency-budget {seconds * 1e3:g}ms`")
     entries = [(b, _row_shares(b, spec.num_exits, source)) for b in table]
     entries += [(c, np.eye(spec.num_exits)[k]) for k, c in enumerate(_corners(spec, meta.get("holdout_anytime_accuracy")))]
-    fits = [(b, sh) for b, sh in entries if float(sh @ costs) <= seconds]
+    priced = [(b, sh, seconds_of(sh)) for b, sh in entries]
+    fits = [e for e in priced if e[2] <= seconds]
     if not fits:
+        cheapest = seconds_of(np.eye(spec.num_exits)[0])
         raise InputError(f"no operating point of {source} fits {seconds * 1e3:.4g} ms per image on the measured "
-                         f"profile: the cheapest, every image leaving at exit 1, takes {costs[0] * 1e3:.4g} ms")
-    best, shares = max(fits, key=lambda e: (_accuracy(e[0]), -float(e[1] @ costs)))  # max keeps the first
+                         f"profile: the cheapest, every image leaving at exit 1, takes {cheapest * 1e3:.4g} ms")
+    best, shares, cost = max(fits, key=lambda e: (_accuracy(e[0]), -e[2]))  # max keeps the first of equals
     acc = _accuracy(best)
     return {"thresholds": [float(t) for t in best["thresholds"]], "budget_index": best.get("budget"),
-            "policy": best.get("policy"), "expected_seconds": float(shares @ costs),
+            "policy": best.get("policy"), "expected_seconds": float(cost),
             "expected_macs": float(shares @ np.asarray(exit_costs(spec), np.float64)),
             "expected_accuracy": acc if acc >= 0 else None, "exit_shares": [float(s) for s in shares]}
 
 
-def calibrate_latency(probs, labels, spec, seconds: float, exit_seconds) -> dict:
+def calibrate_latency(probs, labels, spec, seconds: float, seconds_of) -> dict:
     """:func:`calibrate` for a time budget: the operating point found on held-out ``probs`` and ``labels``
-    whose expected time per image under ``exit_seconds`` (a measured cost profile's exit costs) is at most
+    whose expected time per image, ``seconds_of(exit shares)`` (a measured cost profile's), is at most
     ``seconds``, the most accurate such (:func:`latency_operating_point`). The same keys as :func:`calibrate`;
     the ``budgets`` rows carry their exit shares, so that a later time budget can be priced from them."""
     labels = np.asarray(labels)
@@ -358,7 +359,7 @@ def calibrate_latency(probs, labels, spec, seconds: float, exit_seconds) -> dict
     rows = budgets_table(probs, labels, exit_costs(spec))
     anytime = policy.anytime_accuracy(probs, labels).tolist()
     op = latency_operating_point({"budgets": rows, "holdout_anytime_accuracy": anytime}, seconds, spec,
-                                 exit_seconds, "the calibration images")
+                                 seconds_of, "the calibration images")
     block = {"target_ms": float(seconds * 1e3), "holdout_ms": op["expected_seconds"] * 1e3,
              "holdout_macs": op["expected_macs"], "holdout_accuracy": float(op["expected_accuracy"]),
              "exit_shares": op["exit_shares"], "images": int(len(labels))}

@@ -321,13 +321,15 @@ def parse_latency(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def latency_costs(meta: dict, runtime: str, precision: str, batch: int, source: str) -> np.ndarray:
-    """Seconds per image of leaving at each exit under the cost profile ``meta`` stores for ``runtime`` at
-    ``precision`` and ``batch``; a one-line error when there is none, or it was measured for another."""
+def latency_costs(meta: dict, runtime: str, precision: str, batch: int, source: str):
+    """``seconds_of(exit shares)``: the expected seconds per image of an operating point under the cost profile
+    ``meta`` stores for ``runtime`` at ``precision`` and ``batch``; a one-line error when there is none, or it
+    was measured for another."""
     from dvt_core.runtime import cost_model
 
     profile = cost_model.stored_profile(meta, runtime, precision, source)
-    return cost_model.exit_seconds(cost_model.batch_row(profile, batch, f"the cost profile in {source}"))
+    row = cost_model.batch_row(profile, batch, f"the cost profile in {source}")
+    return lambda shares: cost_model.expected_seconds(row, shares)
 
 
 def latency_thresholds(args, spec, meta: dict, source: str, batch: int) -> tuple[np.ndarray, str]:

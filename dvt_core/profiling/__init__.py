@@ -150,6 +150,10 @@ def profile_weights(weights, model: Optional[str] = None, backend: str = "torch"
 
     src, exported, shipped = _source(weights, model)
     dst = _destination(src, exported, shipped, out, force)
+    if exported and backend == "torch":  # the default: an export runs on its own runtime
+        from dvt_core.export.manifest import read_manifest
+
+        backend = read_manifest(src, verify=False)["graph_format"]
     net = _open(src, exported, model, backend, precision, threads, overrides or {})
     static = _static_model(net, src, exported, backend, precision, threads)
     count = max(int(images), max(batch_sizes))

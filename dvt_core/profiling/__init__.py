@@ -69,7 +69,7 @@ def _source(weights, model: Optional[str]) -> tuple[Path, bool, bool]:
     return src, is_export(src), is_shipped_file(src)
 
 
-def _static_model(model, src: Path, exported: bool, backend: str, precision: str, threads):
+def _static_model(model, src: Path, exported: bool, backend: str, precision: str, threads, device=None):
     """The same runtime's static model of the last stage's grid (random weights: timing does not depend on
     them), or None for an export without the static model's export beside it."""
     import dvt_core
@@ -78,10 +78,10 @@ def _static_model(model, src: Path, exported: bool, backend: str, precision: str
 
     spec = static_spec(model.spec, model.spec.num_exits - 1)
     if not exported:
-        return dvt_core.build(spec, backend=backend, precision=precision)
+        return dvt_core.build(spec, backend=backend, precision=precision, device=device)
     sibling = _sibling_export(src, spec.name)
     return None if sibling is None else dvt_core.build(sibling, backend=backend, precision=precision,
-                                                       threads=threads)
+                                                       threads=threads, device=device)
 
 
 def _stored_shares(model, images: np.ndarray) -> Optional[list]:
@@ -100,7 +100,8 @@ def _stored_shares(model, images: np.ndarray) -> Optional[list]:
     return (np.bincount(exits, minlength=model.spec.num_exits) / len(exits)).tolist()
 
 
-def _open(src: Path, exported: bool, model_name, backend: str, precision: str, threads, overrides: dict):
+def _open(src: Path, exported: bool, model_name, backend: str, precision: str, threads, overrides: dict,
+          device: Optional[str] = None, allow_lossy_cast: bool = False):
     import dvt_core
     from dvt_core.runtime.contract import GraphRuntime, backend_of, get_backend
 
@@ -108,11 +109,12 @@ def _open(src: Path, exported: bool, model_name, backend: str, precision: str, t
         if not isinstance(get_backend(backend), GraphRuntime):
             raise InputError(f"{src} is an export folder: profile it with the runtime that runs it "
                              "(--backend onnx or openvino)")
-        return dvt_core.build(src, backend=backend, precision=precision, threads=threads)
+        return dvt_core.build(src, backend=backend, precision=precision, threads=threads, device=device)
     if isinstance(get_backend(backend), GraphRuntime):
         raise InputError(f"the {backend} runtime runs export folders: `dvt export` the checkpoint, then profile "
                          "the folder")
-    model = dvt_core.build(model_name, backend=backend, weights=str(src), precision=precision, **overrides)
+    model = dvt_core.build(model_name, backend=backend, weights=str(src), precision=precision, device=device,
+                           allow_lossy_cast=allow_lossy_cast, **overrides)
     if threads is not None:
         backend_of(model).set_threads(model, threads)
     return model
@@ -138,24 +140,28 @@ def _store(src: Path, dst: Optional[Path], model, profile: dict, force: bool) ->
 def profile_weights(weights, model: Optional[str] = None, backend: str = "torch", precision: str = "fp32",
                     threads: Optional[int] = None, batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
                     images: int = 64, repeats: int = 3, warmup: int = 1, out=None, force: bool = False,
-                    progress: bool = False, overrides: Optional[dict] = None, seed: int = 0) -> dict:
+                    progress: bool = False, overrides: Optional[dict] = None, seed: int = 0,
+                    device: Optional[str] = None, sha256: Optional[str] = None, allow_lossy_cast: bool = False) -> dict:
     """Measure and store the cost profile of ``weights`` (a checkpoint, ``"default"`` with ``model``, or an
     export folder run by ``backend``) at ``precision`` with ``threads``, over ``images`` images per batch
-    size (at least one batch). Every check on the destination comes before any timing. Returns the
+    size (at least one batch), on ``device`` (None: the runtime's default); ``sha256`` checks a weights file.
+    Every check on the source and the destination comes before any timing. Returns the
     ``profile``, where it was ``written``, the ``exit_shares`` of the stored operating point on the timed
     images (None without one), the ``payoff`` lines and what the images were (``images``)."""
     from tqdm.auto import tqdm
 
+    from dvt_core.checkpoint.registry import check_weights
     from dvt_core.runtime.benchmarking import benchmark_images
 
+    check_weights(model, weights, sha256)
     src, exported, shipped = _source(weights, model)
     dst = _destination(src, exported, shipped, out, force)
     if exported and backend == "torch":  # the default: an export runs on its own runtime
         from dvt_core.export.manifest import read_manifest
 
         backend = read_manifest(src, verify=False)["graph_format"]
-    net = _open(src, exported, model, backend, precision, threads, overrides or {})
-    static = _static_model(net, src, exported, backend, precision, threads)
+    net = _open(src, exported, model, backend, precision, threads, overrides or {}, device, allow_lossy_cast)
+    static = _static_model(net, src, exported, backend, precision, threads, device)
     count = max(int(images), max(batch_sizes))
     pictures, what = benchmark_images(net, count, seed)
     with tqdm(total=len(set(batch_sizes)), desc=f"profiling {net.spec.name}", unit="batch size",

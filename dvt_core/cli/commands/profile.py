@@ -37,7 +37,8 @@ def run(args) -> int:
     result = profile_weights(args.weights, model=args.model, backend=args.backend, precision=args.precision,
                              threads=args.threads, batch_sizes=args.batch_sizes, images=args.images,
                              repeats=args.repeats, warmup=args.warmup, out=args.out, force=args.force,
-                             progress=_progress(), overrides=parse_overrides(args.override))
+                             progress=_progress(), overrides=parse_overrides(args.override), device=args.device,
+                             sha256=args.sha256, allow_lossy_cast=args.allow_lossy_cast)
     out = sys.stderr if args.json == "-" else sys.stdout
     p, m = result["profile"], result["profile"]["machine"]
     print(f"{escape_text(m['cpu'])} ({'AMX' if m['amx'] else 'no AMX'}), {m['cores']} cores, "

@@ -7,8 +7,8 @@ from typing import Callable, Optional
 
 from dvt_core.errors import CheckpointError
 from dvt_core.model.specs import check_spec_dict
-from dvt_core.schema import MAX_CLASS_NAME, MAX_CLASSES, MAX_LIST, MAX_SEED, check_name, want_dict, want_float, \
-    want_int, want_list, want_str
+from dvt_core.schema import MAX_BENCH_BATCH, MAX_CLASS_NAME, MAX_CLASSES, MAX_LIST, MAX_SEED, check_name, show_value, \
+    want_dict, want_float, want_int, want_list, want_str
 
 
 def _numbers(value, where: str, error, length=None, low=None, high=None) -> list:
@@ -49,6 +49,57 @@ def _check_dataset(value, where: str, error) -> None:
         raise error(f"{where}: holdout {value['holdout']} is more than its {value['images']} images")
 
 
+# A cost profile (``dvt profile``, :mod:`dvt_core.runtime.cost_model`): each stage's measured time inside the
+# cascade per runtime, precision and batch size, with the machine it was measured on. Untrusted like all metadata:
+# every number bounded, every string capped, so a tampered one is refused by name before any budget uses it.
+COST_PROFILE_VERSION = 1
+MAX_PROFILE_BATCHES = 32
+MAX_STAGE_MS = 1e6  # ms per image: no stage of a supported model takes a quarter of an hour per image
+
+
+def check_cost_profile(value, where: str, error, exits: Optional[int]) -> dict:
+    """A stored cost profile checked field by field; ``error`` names ``where`` and the field."""
+    want_dict(value, where, error)
+    if value.get("version") != COST_PROFILE_VERSION:
+        raise error(f"{where}.version is {show_value(value.get('version'))}; this dvt reads cost profiles of version "
+                    f"{COST_PROFILE_VERSION} (measure again with `dvt profile`)")
+    for key in ("runtime", "precision"):
+        want_str(value.get(key), f"{where}.{key}", 32, error=error)
+    if value.get("threads") is not None:
+        want_int(value["threads"], f"{where}.threads", 1, 4096, error)
+    machine = want_dict(value.get("machine") or {}, f"{where}.machine", error)
+    for key, v in machine.items():
+        if isinstance(v, dict):
+            for k, x in v.items():
+                want_str(x, f"{where}.machine.{key}.{show_value(k, 32)}", 256, error=error)
+        elif v is not None and not isinstance(v, (bool, int)):
+            want_str(v, f"{where}.machine.{key}", 256, error=error)
+    seen = set()
+    for i, row in enumerate(want_list(value.get("batches"), f"{where}.batches", max_len=MAX_PROFILE_BATCHES,
+                                      error=error)):
+        here = f"{where}.batches[{i}]"
+        want_dict(row, here, error)
+        batch = want_int(row.get("batch"), f"{here}.batch", 1, MAX_BENCH_BATCH, error)
+        if batch in seen:
+            raise error(f"{here}.batch {batch} is measured twice")
+        seen.add(batch)
+        for j, ms in enumerate(want_list(row.get("stage_ms"), f"{here}.stage_ms", exits, error=error)):
+            want_float(ms, f"{here}.stage_ms[{j}]", 0.0, MAX_STAGE_MS, low_open=True, error=error)
+        if row.get("static_ms") is not None:
+            want_float(row["static_ms"], f"{here}.static_ms", 0.0, MAX_STAGE_MS, low_open=True, error=error)
+        for key in ("overhead_ms", "total_ms"):
+            if row.get(key) is not None:
+                want_float(row[key], f"{here}.{key}", 0.0, MAX_STAGE_MS, error=error)
+        if row.get("stage_call_ms") is not None:  # a fixed cost per call is at most the stage's whole call
+            for j, ms in enumerate(want_list(row["stage_call_ms"], f"{here}.stage_call_ms", len(row["stage_ms"]),
+                                             error=error)):
+                want_float(ms, f"{here}.stage_call_ms[{j}]", 0.0, row["stage_ms"][j] * batch * (1 + 1e-9),
+                           error=error)
+    if not seen:
+        raise error(f"{where}.batches is empty: no batch size was measured")
+    return value
+
+
 META_RULES: dict[str, Callable] = {
     "arch": lambda v, w, e, n: check_name(v, w, e),
     "thresholds": lambda v, w, e, n: _check_thresholds(v, w, e, n),
@@ -67,6 +118,7 @@ META_RULES: dict[str, Callable] = {
     "std": lambda v, w, e, n: [want_float(x, f"{w}[{i}]", 0.0, low_open=True, error=e)
                                for i, x in enumerate(want_list(v, w, error=e))],
     "holdout_anytime_accuracy": lambda v, w, e, n: _numbers(v, w, e, n, 0.0, 100.0),  # percent
+    "cost_profile": lambda v, w, e, n: check_cost_profile(v, w, e, n),
 }
 
 

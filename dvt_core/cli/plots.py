@@ -46,8 +46,10 @@ def _save(fig, path, dpi: int = 120, force: bool = False) -> Path:
 
 def accuracy_macs_plot(path, model: str, exit_macs: Sequence[float], anytime_accuracy: Sequence[float],
                        budgets: Sequence[dict] = (), baselines: Sequence[dict] = (), grids: Sequence[int] = (),
-                       title: Optional[str] = None, force: bool = False, default: Optional[dict] = None) -> Path:
-    """Accuracy (percent) against average MACs per image.
+                       title: Optional[str] = None, force: bool = False, default: Optional[dict] = None,
+                       unit: tuple = ("average MACs per image (millions)", 1e6, "M MACs")) -> Path:
+    """Accuracy (percent) against average MACs per image (or another cost: ``unit`` is the axis label, the
+    scale its values are divided by and the suffix of a printed value; the costs stay under ``macs`` keys).
 
     ``default``: the checkpoint's default operating point (``macs``, ``accuracy``), marked with a star.
     ``budgets``: dicts with ``macs`` and ``accuracy`` (the DVT budget curve, drawn as a line);
@@ -55,26 +57,27 @@ def accuracy_macs_plot(path, model: str, exit_macs: Sequence[float], anytime_acc
     ``model``, ``macs``, ``accuracy`` (static models, points). MACs are shown in millions.
     """
     plt = _pyplot()
+    label, scale, suffix = unit
     fig, ax = plt.subplots(figsize=(7.0, 4.8))
     if budgets:
         pts = sorted((b["macs"], b["accuracy"]) for b in budgets)
-        ax.plot([m / 1e6 for m, _ in pts], [a for _, a in pts], "-", color="tab:blue", lw=1.8, marker=".",
+        ax.plot([m / scale for m, _ in pts], [a for _, a in pts], "-", color="tab:blue", lw=1.8, marker=".",
                 ms=4, label=f"{model}: budgeted early exit")
-    ax.plot([m / 1e6 for m in exit_macs], list(anytime_accuracy), "D", color="tab:orange", ms=7, ls="none",
+    ax.plot([m / scale for m in exit_macs], list(anytime_accuracy), "D", color="tab:orange", ms=7, ls="none",
             label=f"{model}: every image at one exit")
     for k, (m, a) in enumerate(zip(exit_macs, anytime_accuracy)):
         tag = f"exit {k + 1}" + (f" ({grids[k]}x{grids[k]})" if k < len(grids) else "")
         last = k == len(exit_macs) - 1  # the rightmost label goes to the left of its point, inside the axes
-        ax.annotate(tag, (m / 1e6, a), textcoords="offset points", xytext=(-6 if last else 6, -12), fontsize=8,
+        ax.annotate(tag, (m / scale, a), textcoords="offset points", xytext=(-6 if last else 6, -12), fontsize=8,
                     color="tab:orange", ha="right" if last else "left", annotation_clip=True)
     if default:
-        ax.plot([default["macs"] / 1e6], [default["accuracy"]], "*", color="tab:red", ms=14, ls="none",
-                label=f"default thresholds: {default['accuracy']:.2f}% at {default['macs'] / 1e6:.2f}M MACs")
+        ax.plot([default["macs"] / scale], [default["accuracy"]], "*", color="tab:red", ms=14, ls="none",
+                label=f"default thresholds: {default['accuracy']:.2f}% at {default['macs'] / scale:.2f}{suffix}")
     markers = ["s", "^", "v", "P", "X", "o"]
     for i, b in enumerate(baselines):
-        ax.plot([b["macs"] / 1e6], [b["accuracy"]], markers[i % len(markers)], color=f"C{(i + 2) % 10}", ms=8,
+        ax.plot([b["macs"] / scale], [b["accuracy"]], markers[i % len(markers)], color=f"C{(i + 2) % 10}", ms=8,
                 ls="none", label=f"{b['model']} (static)")
-    ax.set_xlabel("average MACs per image (millions)")
+    ax.set_xlabel(label)
     ax.set_ylabel("top-1 accuracy (%)")
     import textwrap
 

@@ -36,7 +36,7 @@ GRAPH_PRECISIONS = ("fp32", "fp16")  # what ONNX graphs store their weights in
 FEATURES, RELATIONS = "features", "relations"
 PREV = "prev_"  # a graph's input for a carried tensor is named PREV + the output's name
 # meta keys copied to the manifest's top level (what serving needs); the whole metadata is kept too
-META_KEYS = ("thresholds", "budgets", "default_budget", "classes", "dataset")
+META_KEYS = ("thresholds", "budgets", "default_budget", "classes", "dataset", "cost_profile")
 
 
 def sha256_of(path: Union[str, Path]) -> str:
@@ -252,10 +252,26 @@ def rewrite_operating_points(directory: Union[str, Path], meta: dict) -> Path:
     checkpoint's metadata, :func:`dvt_core.runtime.operating_point.calibrated_meta`). The export is checked
     first (every file against its SHA-256); the graphs and their hashes are kept and ``dvt.json`` is
     replaced atomically."""
+    return _rewrite_meta(directory, meta, ("thresholds", "budgets", "default_budget"))
+
+
+def rewrite_cost_profile(directory: Union[str, Path], profile: dict) -> Path:
+    """Store a measured cost profile (:mod:`dvt_core.runtime.cost_model`) in export ``directory``: the
+    manifest's ``cost_profile`` and its ``checkpoint_meta``'s, checked and written as
+    :func:`rewrite_operating_points` writes."""
+    meta = dict(read_manifest(directory, verify=False).get("checkpoint_meta") or {})
+    meta["cost_profile"] = profile
+    return _rewrite_meta(directory, meta, ("cost_profile",))
+
+
+def _rewrite_meta(directory: Union[str, Path], meta: dict, keys: tuple) -> Path:
+    """``dvt.json`` with ``checkpoint_meta`` replaced by ``meta`` and the top-level ``keys`` taken from it: the
+    export checked first (every file against its SHA-256), the graphs and their hashes kept, the manifest
+    replaced atomically and read back."""
     manifest = read_manifest(directory, verify=True)
     manifest.pop("_spec", None)
     meta = _plain(dict(meta))
-    for key in ("thresholds", "budgets", "default_budget"):
+    for key in keys:
         manifest[key] = meta.get(key)
     manifest["checkpoint_meta"] = meta
     path = Path(directory) / MANIFEST

@@ -211,8 +211,11 @@ def budgets_table(hold_probs, hold_labels, costs, test_probs=None, test_labels=N
                                                                costs)
     rows = []
     for i in range(len(hold)):
+        # the exit shares price the row under any other cost vector (a measured time per stage)
+        shares = np.bincount(policy.assign_exits(hold_probs, hold.thresholds[i]), minlength=len(costs))
         row = {"budget": int(hold.budgets[i]), "thresholds": [float(v) for v in hold.thresholds[i]],
-               "holdout_accuracy": float(hold.accuracy[i]), "holdout_macs": float(hold.cost[i])}
+               "holdout_accuracy": float(hold.accuracy[i]), "holdout_macs": float(hold.cost[i]),
+               "holdout_exit_shares": [float(s) for s in shares / shares.sum()]}
         if test is not None:
             row.update(test_accuracy=float(test.accuracy[i]), test_macs=float(test.cost[i]))
         rows.append(row)
@@ -302,3 +305,67 @@ def calibration_meta(probs: np.ndarray, labels: np.ndarray, costs, data: Optiona
                                  "holdout_macs": op["holdout_macs"], "budget_index": op["budget"],
                                  **(data or {})}})
     return meta
+
+
+# ---- a budget in seconds: the same choice under a measured cost profile ----------------------------------------
+
+def _row_shares(row: dict, n_exits: int, source: str) -> np.ndarray:
+    """A budgets row's held-out exit shares, checked (the row is untrusted metadata)."""
+    shares = row.get("holdout_exit_shares")
+    if not isinstance(shares, list) or len(shares) != n_exits:
+        raise InputError(f"the budgets table of {source} does not store each operating point's exit shares, which "
+                         "a time budget needs; recalibrate it with `dvt calibrate --latency-budget TIME`")
+    values = np.asarray([float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else np.nan
+                         for v in shares])
+    if not np.isfinite(values).all() or (values < 0).any() or abs(values.sum() - 1.0) > 1e-6:
+        raise InputError(f"{source}: a budgets row's holdout_exit_shares are not shares summing to 1")
+    return values
+
+
+def latency_operating_point(meta: dict, seconds: float, spec, seconds_of, source: str = "the checkpoint") -> dict:
+    """The most accurate calibrated operating point of ``meta`` whose expected time per image is at most
+    ``seconds``, as :func:`select` chooses for MACs: every row and exit corner priced by ``seconds_of(exit
+    shares)`` (a measured cost profile's :func:`dvt_core.runtime.cost_model.expected_seconds` at one batch
+    size) from its held-out exit shares. Returns what :func:`select` does plus ``expected_seconds`` and
+    ``exit_shares``."""
+    table = [b for b in (meta.get("budgets") or []) if isinstance(b, dict) and "thresholds" in b]
+    if not table:
+        raise InputError(f"{source} holds no calibrated budgets; calibrate it with `dvt calibrate "
+                         f"--latency-budget {seconds * 1e3:g}ms`")
+    entries = [(b, _row_shares(b, spec.num_exits, source)) for b in table]
+    entries += [(c, np.eye(spec.num_exits)[k]) for k, c in enumerate(_corners(spec, meta.get("holdout_anytime_accuracy")))]
+    priced = [(b, sh, seconds_of(sh)) for b, sh in entries]
+    fits = [e for e in priced if e[2] <= seconds]
+    if not fits:
+        cheapest = seconds_of(np.eye(spec.num_exits)[0])
+        raise InputError(f"no operating point of {source} fits {seconds * 1e3:.4g} ms per image on the measured "
+                         f"profile: the cheapest, every image leaving at exit 1, takes {cheapest * 1e3:.4g} ms")
+    best, shares, cost = max(fits, key=lambda e: (_accuracy(e[0]), -e[2]))  # max keeps the first of equals
+    acc = _accuracy(best)
+    return {"thresholds": [float(t) for t in best["thresholds"]], "budget_index": best.get("budget"),
+            "policy": best.get("policy"), "expected_seconds": float(cost),
+            "expected_macs": float(shares @ np.asarray(exit_costs(spec), np.float64)),
+            "expected_accuracy": acc if acc >= 0 else None, "exit_shares": [float(s) for s in shares]}
+
+
+def calibrate_latency(probs, labels, spec, seconds: float, seconds_of) -> dict:
+    """:func:`calibrate` for a time budget: the operating point found on held-out ``probs`` and ``labels``
+    whose expected time per image, ``seconds_of(exit shares)`` (a measured cost profile's), is at most
+    ``seconds``, the most accurate such (:func:`latency_operating_point`). The same keys as :func:`calibrate`;
+    the ``budgets`` rows carry their exit shares, so that a later time budget can be priced from them."""
+    labels = np.asarray(labels)
+    if len(labels) == 0:
+        raise InputError("no calibration images")
+    rows = budgets_table(probs, labels, exit_costs(spec))
+    anytime = policy.anytime_accuracy(probs, labels).tolist()
+    op = latency_operating_point({"budgets": rows, "holdout_anytime_accuracy": anytime}, seconds, spec,
+                                 seconds_of, "the calibration images")
+    block = {"target_ms": float(seconds * 1e3), "holdout_ms": op["expected_seconds"] * 1e3,
+             "holdout_macs": op["expected_macs"], "holdout_accuracy": float(op["expected_accuracy"]),
+             "exit_shares": op["exit_shares"], "images": int(len(labels))}
+    if op["policy"] is None:
+        block["budget_index"] = int(op["budget_index"])
+    else:
+        block["policy"] = op["policy"]
+    return {"thresholds": op["thresholds"], "calibration": block, "budgets": rows,
+            "holdout_anytime_accuracy": anytime}

@@ -297,3 +297,39 @@ def early_spec(args):
 
 def check_budget_option(budget: Optional[float], spec) -> None:
     check_budget(budget, spec)
+
+
+def parse_latency(text: str) -> float:
+    """argparse type of --latency-budget: ``0.4ms``, ``400us``, ``0.0004s`` (a bare number is ms), in seconds."""
+    from dvt_core.runtime.cost_model import parse_latency as parse
+
+    try:
+        return parse(text)
+    except DVTError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def latency_costs(meta: dict, runtime: str, precision: str, batch: int, source: str):
+    """``seconds_of(exit shares)``: the expected seconds per image of an operating point under the cost profile
+    ``meta`` stores for ``runtime`` at ``precision`` and ``batch``; a one-line error when there is none, or it
+    was measured for another."""
+    from dvt_core.runtime import cost_model
+
+    profile = cost_model.stored_profile(meta, runtime, precision, source)
+    row = cost_model.batch_row(profile, batch, f"the cost profile in {source}")
+    return lambda shares: cost_model.expected_seconds(row, shares)
+
+
+def latency_thresholds(args, spec, meta: dict, source: str, batch: int) -> tuple[np.ndarray, str]:
+    """The calibrated operating point whose expected time per image under the stored cost profile (this
+    runtime, precision and ``batch``) meets --latency-budget; and a phrase saying which."""
+    from dvt_core.runtime.early_exit import normalize_thresholds
+    from dvt_core.runtime.operating_point import latency_operating_point
+
+    costs = latency_costs(meta, args.backend, args.precision, batch, source)
+    op = latency_operating_point(meta, args.latency_budget, spec, costs, source)
+    chosen = op["policy"] or f"calibrated budget #{op['budget_index']}"
+    acc = f"{op['expected_accuracy']:.2f}% at " if op["expected_accuracy"] is not None else ""
+    what = (f"latency budget {args.latency_budget * 1e3:.4g} ms -> {chosen}; held-out: {acc}"
+            f"{op['expected_seconds'] * 1e3:.4g} ms per image expected ({args.backend} {args.precision}, batch {batch})")
+    return normalize_thresholds(op["thresholds"], spec.num_exits), what

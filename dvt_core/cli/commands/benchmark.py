@@ -314,9 +314,43 @@ def _run_subject(args, runtime, precision, workdir, out) -> dict:
                 timer = bench.time_adaptive if mode == "adaptive" else bench.time_streaming
                 row = timer(subject, chunks, t, args.warmup, args.repeats)
             MODE_PRINTERS[mode](row, subject.label, unit, out)
+            if mode == "adaptive":
+                _print_profile(row, model, runtime, precision, out)
             row.pop("exit_index", None)
             entry[mode] = row
         run["batches"].append(entry)
     mode = next((m for m in ("adaptive", "streaming") if m in args.modes), None)
     run["verdicts"] = [bench.verdict(subject.label, b[mode]) for b in run["batches"]] if mode else []
+    run["verdicts"] += _profile_verdict(model, runtime, precision, run["batches"])
     return run
+
+
+def _print_profile(row, model, runtime, precision, out) -> None:
+    """The time the stored cost profile predicts beside the MACs' prediction and what was realised."""
+    from dvt_core.runtime.cost_model import profile_prediction
+
+    adaptive = row["variants"]["adaptive"]
+    p = profile_prediction(getattr(model, "checkpoint_meta", None), runtime, precision, row["batch"],
+                           row["exit_shares"], adaptive["ms_per_image_best"])
+    if p is None:
+        return
+    row["cost_profile"] = p
+    macs = row["variants"]["static"]["predicted_speedup"]
+    over = "" if "predicted_speedup" not in p else f"; over static: profile {p['predicted_speedup']:.2f}x, MACs {macs:.2f}x"
+    print(f"  cost profile predicts {p['predicted_ms']:.3f} ms/img adaptive, realised {p['realised_ms']:.3f} "
+          f"({p['error']:+.1%}){over}, realised {row['variants']['static']['realised_speedup']:.2f}x", file=out)
+
+
+def _profile_verdict(model, runtime, precision, batches) -> list:
+    """The stored cost profile's word on where early exit pays on this machine, at the operating point timed."""
+    from dvt_core.errors import DVTError
+    from dvt_core.runtime.cost_model import payoff_lines, stored_profile
+
+    timed = [b["adaptive"] for b in batches if "adaptive" in b]
+    try:
+        profile = stored_profile(getattr(model, "checkpoint_meta", None), runtime, precision, "the weights")
+    except DVTError:
+        return []
+    if not timed:
+        return []
+    return [f"cost profile: {payoff_lines(profile, timed[0]['exit_shares'])[-1]}"]

@@ -9,7 +9,7 @@ import numpy as np
 from dvt_core.model.zoo import get_spec
 from dvt_core.cli.commands._shared import (parse_overrides, add_common_options, emit_json, show_progress, check_limit,
                       is_shipped_file, build_from_args, format_thresholds, format_mmacs, check_budget_option,
-                      parse_budget, check_outputs)
+                      parse_budget, check_outputs, latency_costs, parse_latency)
 from dvt_core.errors import ArgumentError
 
 HELP = "store the thresholds for a target average cost in a checkpoint or a `dvt export` folder"
@@ -17,9 +17,15 @@ HELP = "store the thresholds for a target average cost in a checkpoint or a `dvt
 
 def add_arguments(parser) -> None:
     add_common_options(parser)
-    parser.add_argument("--budget", type=parse_budget, required=True,
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--budget", type=parse_budget,
                         help="target average MACs per image (5e6, 5M, 300K, 1.2G; a value printed by dvt, "
                              "rounded, is accepted for the exit it names)")
+    target.add_argument("--latency-budget", type=parse_latency, default=None, metavar="TIME",
+                        help="target time per image (0.4ms, 400us) under the cost profile `dvt profile` stored for "
+                             "this runtime and precision: the most accurate operating point expected to meet it")
+    parser.add_argument("--profile-batch", type=int, default=1, metavar="B",
+                        help="with --latency-budget: the measured batch size whose times apply (default 1)")
     parser.add_argument("--dataset", default=None,
                         help="fashion-mnist or a folder with one sub-folder per class (default: the held-out "
                              "part of the data set the checkpoint was trained on, else Fashion-MNIST's)")
@@ -119,13 +125,15 @@ def run(args) -> int:
     dst, fmt = _target(args, src, shipped, exported)
     check_outputs(args, args.json)
     limit = check_limit(args.limit, "--limit")
-    if not np.isfinite(args.budget) or args.budget <= 0:
+    if args.budget is not None and (not np.isfinite(args.budget) or args.budget <= 0):
         raise ArgumentError(f"--budget must be a positive number of MACs, got {args.budget:g}")
 
     early, meta, ckpt, fmt = _read_source(args, src, exported, fmt)
     if early.num_exits < 2:
         raise ArgumentError(f"{early.name} has a single exit: there are no thresholds to calibrate")
     check_budget_option(args.budget, early)
+    seconds = None if args.latency_budget is None else \
+        latency_costs(meta, args.backend, args.precision, args.profile_batch, str(src))
     images, labels, data_desc = calibration_set(meta, early, args.dataset, limit)
     from dvt_core.training.loop import FEW_HOLDOUT
 
@@ -135,10 +143,14 @@ def run(args) -> int:
     model = build_from_args(args, weights=str(src))
     spec = model.spec
     probs = evaluation.exit_probs(model, images, progress=show_progress(), desc=f"{spec.name} calibration")
-    found = operating_point.calibrate(probs, labels, spec, args.budget)
+    if seconds is None:
+        found = operating_point.calibrate(probs, labels, spec, args.budget)
+    else:
+        found = operating_point.calibrate_latency(probs, labels, spec, args.latency_budget, seconds)
     thresholds, chosen = found["thresholds"], {**found["calibration"], **data_desc}
     shares = chosen["exit_shares"]
     new_meta = operating_point.calibrated_meta(meta, spec, thresholds, chosen, found["budgets"],
+                                               keep_budgets=seconds is None,  # a time budget needs the shares
                                                holdout_anytime_accuracy=found["holdout_anytime_accuracy"])
     if exported:
         from dvt_core.export.manifest import rewrite_operating_points
@@ -152,13 +164,26 @@ def run(args) -> int:
 
     how = f"budget #{chosen['budget_index']}" if "budget_index" in chosen else chosen["policy"]
     out = sys.stderr if args.json == "-" else sys.stdout
-    print(f"{spec.name}: target {format_mmacs(args.budget)} MACs -> {how}: thresholds {format_thresholds(thresholds)}",
-          file=out)
+    target = f"{format_mmacs(args.budget)} MACs" if seconds is None else \
+        f"{args.latency_budget * 1e3:.4g} ms per image ({args.backend} {args.precision}, batch {args.profile_batch})"
+    print(f"{spec.name}: target {target} -> {how}: thresholds {format_thresholds(thresholds)}", file=out)
     where = f"{data_desc['dataset']} ({'its held-out part' if data_desc['split'] == 'holdout' else 'all of it'})"
     print(f"on {len(labels)} calibration images of {where}: {chosen['holdout_accuracy']:.2f}% at "
           f"{format_mmacs(chosen['holdout_macs'])} MACs on average; exits taken "
           f"{' / '.join(f'{s:.0%}' for s in shares)}", file=out)
+    if seconds is not None:
+        _print_latency(meta, args, shares, chosen, out)
     print(f"wrote {written}", file=out)
     emit_json({"model": spec.name, "weights": str(dst), "thresholds": new_meta["thresholds"], **chosen}, args.json,
               force=args.force)
     return 0
+
+
+def _print_latency(meta, args, shares, chosen, out) -> None:
+    """The time the profile expects, and whether early exit pays at each measured batch size."""
+    from dvt_core.runtime import cost_model
+
+    profile = cost_model.stored_profile(meta, args.backend, args.precision, "the checkpoint")
+    print(f"expected {chosen['holdout_ms']:.4g} ms per image on the measured profile", file=out)
+    for line in cost_model.payoff_lines(profile, shares):
+        print(f"  {line}", file=out)

@@ -11,7 +11,7 @@ from dvt_core.model.zoo import get_spec
 from dvt_core.data.datasets import is_fashion_mnist as _is_fashion_mnist
 from dvt_core.cli.commands._shared import (add_force_option, check_outputs, check_picture, add_common_options, emit_json,
                       show_progress, check_limit, has_shipped_weights, resolve_weights, build_from_args, model_meta,
-                      exit_names, format_mmacs, print_table, exit_macs, early_spec, format_thresholds, fmt_threshold)
+                      exit_names, format_mmacs, print_table, exit_macs, early_spec, format_thresholds, fmt_threshold, latency_costs)
 
 HELP = "anytime accuracy and the budget curve on a data set"
 
@@ -29,6 +29,11 @@ def add_arguments(parser) -> None:
                         "on, or the evaluated images (optimistic)")
     parser.add_argument("--json", default=None, help="write the results as JSON here ('-' for stdout)")
     parser.add_argument("--plot", default=None, help="write the accuracy-MACs plot here (.png, .jpg, .svg, .pdf)")
+    parser.add_argument("--plot-cost", default="macs", choices=["macs", "time"],
+                        help="the plot's cost axis: MACs, or the ms per image the cost profile `dvt profile` stored "
+                             "for this runtime and precision expects (at --profile-batch)")
+    parser.add_argument("--profile-batch", type=int, default=1, metavar="B",
+                        help="with --plot-cost time: the measured batch size whose times apply (default 1)")
     add_force_option(parser)
     parser.add_argument("--baselines", default="auto", help="static baselines to plot: auto, none, or comma-separated names")
     parser.add_argument("--batch-size", type=int, default=500, help="images per forward pass")
@@ -150,6 +155,8 @@ def run(args) -> int:
     early_spec(args)
     model = build_from_args(args, resolve_weights(args))
     spec, meta = model.spec, model_meta(model)
+    if args.plot and args.plot_cost == "time":  # no stored profile for this runtime: said before any work
+        latency_costs(meta, args.backend, args.precision, args.profile_batch, str(args.weights or "the weights"))
     multi = spec.num_exits > 1
     images, labels, classes, dataset, split = _evaluated_set(args, spec, meta)
     fashion = _is_fashion_mnist(dataset)
@@ -178,9 +185,11 @@ def run(args) -> int:
         from dvt_core.cli.plots import accuracy_macs_plot
 
         where = f"{Path(str(dataset)).name if not fashion else dataset} {split_name}, {len(labels)} images"
-        accuracy_macs_plot(args.plot, spec.name, costs, result["anytime_accuracy"], budgets, baselines,
-                           grids=[st.grid for st in spec.stages], default=default,
-                           title=f"{spec.name} ({args.backend}) on {where}", force=args.force)
+        plotted = (costs, budgets, baselines, default, {}) if args.plot_cost == "macs" else \
+            _time_axis(args, meta, probs, costs, budgets, default)
+        accuracy_macs_plot(args.plot, spec.name, plotted[0], result["anytime_accuracy"], plotted[1], plotted[2],
+                           grids=[st.grid for st in spec.stages], default=plotted[3],
+                           title=f"{spec.name} ({args.backend}) on {where}", force=args.force, **plotted[4])
         print(f"wrote {args.plot}", file=out)
     if args.json not in (None, "-"):
         print(f"wrote {args.json}", file=out)
@@ -279,3 +288,22 @@ def _print_evaluation(result: dict, spec, split_name: str, out) -> None:
                 note = f"DVT stays below it (best {max(x['accuracy'] for x in budgets):.2f}%)"
             rows.append([b["model"], format_mmacs(b["macs"]), f"{b['accuracy']:.2f}%", note])
         print_table(["model", "MACs", "accuracy", ""], rows, out, right=[0, 3])
+
+
+def _time_axis(args, meta, probs, costs, budgets, default) -> tuple:
+    """--plot-cost time: the exits, budgets and default point priced in expected ms per image under the stored
+    cost profile (the test split's exit shares of each operating point); the static baselines have no
+    measured time here and are left out."""
+    from dvt_core.runtime.policy import assign_exits
+
+    seconds_of = latency_costs(meta, args.backend, args.precision, args.profile_batch,
+                               str(args.weights or "the weights"))
+
+    def ms(thresholds) -> float:
+        return seconds_of(np.bincount(assign_exits(probs, thresholds), minlength=len(costs)) / probs.shape[1]) * 1e3
+
+    timed = [dict(b, macs=ms(b["thresholds"])) for b in budgets]
+    point = None if not default else dict(default, macs=ms(default["thresholds"]))
+    label = f"expected ms per image ({args.backend} {args.precision}, batch {args.profile_batch}, measured profile)"
+    exit_ms = [seconds_of(np.eye(len(costs))[k]) * 1e3 for k in range(len(costs))]
+    return exit_ms, timed, [], point, {"unit": (label, 1.0, " ms")}

@@ -12,7 +12,7 @@ from dvt_core.data.datasets import model_name, trained_on_fashion_mnist
 from dvt_core.errors import ArgumentError
 from dvt_core.cli.commands._shared import (add_common_options, resolve_weights, build_from_args, model_meta, model_class_names,
                       exit_names, escape_text, format_thresholds, format_mmacs, parse_thresholds, choose_thresholds,
-                      early_spec, check_budget_option, parse_budget)
+                      early_spec, check_budget_option, parse_budget, latency_thresholds, parse_latency)
 
 HELP = "classify image files with early exit"
 
@@ -32,6 +32,10 @@ def add_arguments(parser) -> None:
                    help="target average MACs per image (5e6, 5M, 300K; a value dvt printed, rounded, stands for "
                         "the exit it names): the most accurate operating point calibrated in the checkpoint whose "
                         "held-out average cost fits (default: the checkpoint's default thresholds)")
+    g.add_argument("--latency-budget", type=parse_latency, default=None, metavar="TIME",
+                   help="target time per image (0.4ms, 400us): the most accurate calibrated operating point expected "
+                        "to meet it under the cost profile `dvt profile` stored for this runtime, precision and "
+                        "--batch-size")
     g.add_argument("--thresholds", default=None,
                    help="comma-separated confidence thresholds, one per exit but the last (default: the "
                         "checkpoint's)")
@@ -179,7 +183,10 @@ def run(args) -> int:
     spec, meta = model.spec, model_meta(model)
     args.top_k = min(args.top_k, spec.num_classes)
     source = "the shipped weights" if args.weights in (None, "default") else str(args.weights)
-    thresholds, how = choose_thresholds(args, spec, meta, source)
+    if args.latency_budget is not None:
+        thresholds, how = latency_thresholds(args, spec, meta, source, args.batch_size)
+    else:
+        thresholds, how = choose_thresholds(args, spec, meta, source)
     classes = model_class_names(meta, spec.num_classes)
     names = exit_names(spec)
     # the header goes out with the first answers: a run that fails before any (nothing readable, NaN

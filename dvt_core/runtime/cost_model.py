@@ -1,0 +1,339 @@
+"""A cost model measured on the user's machine: each stage's time inside the cascade (``dvt profile``).
+
+MACs price a stage by its arithmetic; on a real CPU a small stage costs what its fixed costs (calls, weight
+traffic, host hand-over) cost, so the operating point that fits a MAC budget is not the one that fits a time
+budget. A *cost profile* records, for one runtime, precision and thread count, the milliseconds per image of
+every stage run in turn on each measured batch size (each stage on the carry the previous one produced, as
+early exit runs them; every image going on), and, when measured, the static model's. It is stored as
+``cost_profile`` in a checkpoint's metadata or an export's manifest with the machine it was measured on, and
+read back through :func:`dvt_core.checkpoint.metadata.check_cost_profile` (untrusted, bounded).
+
+The expected time per image of an operating point at batch size ``b`` is
+``overhead_ms(b) + sum_k reaching_k * stage_ms_k(b)``, ``reaching_k`` the share of the images that run stage
+``k`` and ``overhead_ms`` the host's part of an adaptive call per image (an adaptive call that sends every image
+through every stage, less its stages), with one refinement at ``b > 1``: a stage's fixed cost per call
+(``stage_call_ms``, measured at ``b // 8``) is paid by every batch that any image carries to it, not in
+proportion to the images (:func:`expected_seconds`). The budget machinery
+(:mod:`dvt_core.runtime.operating_point`) prices every calibrated operating point by its exit shares with it
+and chooses for seconds as it does for MACs. Everything runs through the runtime contract; no framework is imported here.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import re
+import time
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from dvt_core.errors import InputError
+from dvt_core.checkpoint.metadata import COST_PROFILE_VERSION, check_cost_profile
+
+_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6}
+
+
+def parse_latency(text) -> float:
+    """A time budget per image as a user writes it (``0.4ms``, ``400us``, ``0.0004s``) in seconds; a bare
+    number is milliseconds. InputError for anything else or a value that is not positive and finite."""
+    m = re.fullmatch(r"\s*((?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*(s|ms|us|µs)?\s*", str(text))
+    if not m:
+        raise InputError(f"{text!r} is not a time per image (examples: 0.4ms, 400us, 0.0004s)")
+    seconds = float(m.group(1)) * _UNITS[m.group(2) or "ms"]
+    if not np.isfinite(seconds) or seconds <= 0:
+        raise InputError(f"a latency budget must be a positive time, got {text!r}")
+    return seconds
+
+
+def format_ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3f} ms"
+
+
+# ---- the machine --------------------------------------------------------------------------------------------
+
+def _cpu_info() -> tuple[str, bool]:
+    """(the CPU's model name, whether it has AMX) from /proc/cpuinfo where there is one."""
+    name, amx = platform.processor() or platform.machine(), False
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    name = value.strip()
+                elif key.strip() == "flags":
+                    amx = "amx_tile" in value.split()
+                    break
+    except OSError:
+        pass
+    return name[:200], amx
+
+
+def machine_record(runtime: str, precision: str, threads: Optional[int]) -> dict:
+    """What the figures depend on: CPU model, AMX or not, cores, threads, the versions that ran them."""
+    from importlib import metadata
+
+    from dvt_core.runtime.contract import RUNTIMES
+
+    cpu, amx = _cpu_info()
+    versions = {}
+    for package in ("dvt", RUNTIMES[runtime][1]):
+        try:
+            versions[package] = metadata.version(package)[:64]
+        except metadata.PackageNotFoundError:
+            versions[package] = "unknown"
+    return {"cpu": cpu, "amx": amx, "cores": os.cpu_count() or 1, "platform": platform.platform()[:200],
+            "python": platform.python_version(), "versions": versions}
+
+
+# ---- measuring ------------------------------------------------------------------------------------------------
+
+def stage_seconds(model, xs: list) -> np.ndarray:
+    """Seconds of each stage summed over the batches ``xs`` (the runtime's tensors), called inside the model's
+    inference context: the stages run in turn on each batch, each on the carry the stage before produced,
+    its logits brought to the host (as early exit reads them)."""
+    from dvt_core.runtime.contract import backend_of
+
+    b, n = backend_of(model), model.spec.num_exits
+    per = np.zeros(n)
+    for x in xs:
+        carry = None
+        for i in range(n):
+            t = time.perf_counter()
+            logits, carry = b.run_stage(model, i, x, carry)
+            b.to_numpy(logits)
+            per[i] += time.perf_counter() - t
+    return per
+
+
+def _time_cascade(model, xs: list, rounds: int) -> np.ndarray:
+    """Best seconds of each stage over ``rounds`` rounds of :func:`stage_seconds`."""
+    from dvt_core.runtime.contract import backend_of
+
+    best = np.full(model.spec.num_exits, np.inf)
+    with backend_of(model).inference(model):
+        for _ in range(rounds):
+            best = np.minimum(best, stage_seconds(model, xs))
+    return best
+
+
+def _time_static(static, xs: list, rounds: int) -> float:
+    return float(_time_cascade(static, xs, rounds).sum())
+
+
+def _adaptive_stage_seconds(model, xs: list) -> tuple[np.ndarray, float]:
+    """One round of true early exit over the batches ``xs``, every image going through every stage, each
+    stage timed where it runs: (seconds of each stage, from its call to the next stage's: its logits to the
+    host and the confidences included; the last one's until its logits are on the host; seconds of the whole
+    calls, inference context and results included).
+    Through the runtime contract, as ``model.adaptive`` runs."""
+    from dvt_core.runtime.contract import backend_of
+    from dvt_core.runtime.early_exit import run_adaptive
+    from dvt_core.runtime.policy import ALWAYS, NEVER
+
+    b, n = backend_of(model), model.spec.num_exits
+    every = [float(NEVER)] * (n - 1) + [float(ALWAYS)]
+    secs, calls = np.zeros(n), 0.0
+    for x in xs:
+        marks, fetched = [], []
+
+        def run(i, images, carry):
+            marks.append((i, time.perf_counter()))
+            return b.run_stage(model, i, images, carry)
+
+        def to_numpy(logits):
+            out = b.to_numpy(logits)
+            fetched.append(time.perf_counter())
+            return out
+
+        start = time.perf_counter()
+        with b.inference(model):
+            run_adaptive(run, to_numpy, b.select, b.images_in(model, x), int(x.shape[0]), every, model.exit_macs)
+        calls += time.perf_counter() - start
+        # the last stage ends with its logits on the host: the results assembled after it are paid by every
+        # image whatever its exit, so they count to the call's own time, not to the last stage
+        for k, (i, t) in enumerate(marks):
+            secs[i] += (marks[k + 1][1] if k + 1 < len(marks) else fetched[-1]) - t
+    return secs, calls
+
+
+def _best_round(model, xs: list, rounds: int) -> tuple[np.ndarray, float]:
+    """:func:`_adaptive_stage_seconds` of the fastest whole round of ``rounds`` (whole rounds, as a realised
+    time is the best of whole rounds: the best of each stage on its own, on a loaded machine, adds up to less
+    than any round took)."""
+    return min((_adaptive_stage_seconds(model, xs) for _ in range(rounds)), key=lambda r: r[1])
+
+
+def _row(batch: int, count: int, full: tuple, thin: Optional[tuple], thin_batch: int) -> dict:
+    """A profile row from the best round at ``batch`` (``full``) and at ``thin_batch`` (``thin``, a smaller
+    batch of the same images): each stage's ms per image, its fixed ms per call (the intercept of its time
+    per call against the rows it runs: what a stage costs a batch even when few of its images reach it), and
+    the calls' own ms per image."""
+    (secs, calls), calls_per_stage = full, count / batch
+    per_call = secs / calls_per_stage
+    fixed = np.zeros_like(per_call)
+    if thin is not None and thin_batch < batch:
+        thin_per_call = thin[0] / (count / thin_batch)
+        slope = (per_call - thin_per_call) / (batch - thin_batch)
+        fixed = np.clip(per_call - slope * batch, 0.0, per_call)
+    return {"batch": batch, "images": count, "stage_ms": [float(v) for v in secs / count * 1e3],
+            "stage_call_ms": [float(v) for v in fixed * 1e3],
+            "overhead_ms": max(calls - float(secs.sum()), 0.0) / count * 1e3, "total_ms": calls / count * 1e3}
+
+
+def measure(model, images: np.ndarray, batch_sizes: Sequence[int], repeats: int = 3, warmup: int = 1,
+            static=None, threads: Optional[int] = None, precision: str = "fp32",
+            step: Optional[Callable[[str], None]] = None) -> dict:
+    """The cost profile of ``model`` on this machine. For each batch size ``b``, over ``images`` (as many
+    whole batches as they fill; at least one), true early exit with every image through every stage, the
+    fastest of ``repeats`` rounds after ``warmup``: each stage's ms per image (``stage_ms``), its fixed ms per
+    call (``stage_call_ms``, from the same images at batch ``b // 8``), the calls' own ms per image
+    (``overhead_ms``) and, with ``static``, the same runtime's static model's ms per image, its rounds
+    interleaved with the cascade's so that load hits both alike. ``step`` is called once per batch size."""
+    from dvt_core.runtime.contract import backend_of
+
+    runtime = backend_of(model)
+    rows = []
+    for batch in sorted(set(int(b) for b in batch_sizes)):
+        count = len(images) - len(images) % batch
+        if count == 0:
+            raise InputError(f"{len(images)} images do not fill one batch of {batch}")
+        thin_batch = max(1, batch // 8)
+        xs, thin = ([runtime.to_tensor(model, images[i:i + size]) for i in range(0, count, size)]
+                    for size in (batch, thin_batch))
+        xs_static = None if static is None else [backend_of(static).to_tensor(static, images[i:i + batch])
+                                                 for i in range(0, count, batch)]
+        if warmup:
+            _best_round(model, xs, warmup)
+        full, slim, static_best = (np.inf, np.inf), None, np.inf
+        for _ in range(repeats):  # a round of each at a time, so that load hits them alike
+            full = min(full, _adaptive_stage_seconds(model, xs), key=lambda r: r[1])
+            if batch > 1:
+                slim = min(slim or (np.inf, np.inf), _adaptive_stage_seconds(model, thin), key=lambda r: r[1])
+            if static is not None:
+                static_best = min(static_best, _time_static(static, xs_static, 1))
+        row = _row(batch, count, full, slim, thin_batch)
+        if static is not None:
+            row["static_ms"] = float(static_best / count * 1e3)
+        rows.append(row)
+        if step is not None:
+            step(f"batch {batch}")
+    profile = {"version": COST_PROFILE_VERSION, "runtime": runtime.name, "precision": precision,
+               "threads": threads, "repeats": int(repeats), "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                                      time.gmtime()),
+               "machine": machine_record(runtime.name, precision, threads), "batches": rows}
+    return check_cost_profile(profile, "the measured cost profile", InputError, model.spec.num_exits)
+
+
+# ---- reading a profile: the cost vector of a budget -------------------------------------------------------------
+
+def stored_profile(meta: Optional[dict], runtime: str, precision: str, source: str) -> dict:
+    """The cost profile ``meta`` stores, checked, measured for ``runtime`` at ``precision``; InputError saying
+    how to measure one when there is none or it was measured for another runtime or precision."""
+    from dvt_core.errors import CheckpointError
+
+    profile = (meta or {}).get("cost_profile")
+    if profile is None:
+        raise InputError(f"{source} stores no cost profile; measure one on this machine with "
+                         f"`dvt profile --weights ... --backend {runtime} --precision {precision}`")
+    check_cost_profile(profile, f"{source}: cost_profile", CheckpointError, None)
+    if (profile["runtime"], profile["precision"]) != (runtime, precision):
+        raise InputError(f"the cost profile in {source} was measured for {profile['runtime']} "
+                         f"{profile['precision']}, not {runtime} {precision}; measure again with "
+                         f"`dvt profile --backend {runtime} --precision {precision}`")
+    return profile
+
+
+def batch_row(profile: dict, batch: int, source: str = "the cost profile") -> dict:
+    """The profile's figures at ``batch``; InputError naming the batch sizes it has otherwise."""
+    for row in profile["batches"]:
+        if row["batch"] == int(batch):
+            return row
+    have = ", ".join(str(r["batch"]) for r in profile["batches"])
+    raise InputError(f"{source} was measured at batch size(s) {have}, not {batch}; measure it with "
+                     f"`dvt profile --batch-sizes {batch}` or choose a measured batch size")
+
+
+def exit_seconds(row: dict) -> np.ndarray:
+    """Seconds per image of an image that leaves at each exit when every image of the batch does: its
+    stages' times added up, plus the calls' own time (what "every image leaves at exit k" costs)."""
+    return (np.cumsum(np.asarray(row["stage_ms"], np.float64)) + float(row.get("overhead_ms") or 0.0)) * 1e-3
+
+
+def expected_seconds(row: dict, exit_shares: Sequence[float]) -> float:
+    """Expected seconds per image at the row's batch size ``b`` when ``exit_shares[k]`` of the images leave at
+    exit ``k``: the calls' own time, plus for each stage the share ``r`` of the images reaching it times its
+    time per image without its fixed part, plus its fixed time per call times the calls per image that run
+    it (``(1 - (1 - r) ** b) / b``: a batch runs the stage when any of its images reaches it). With no fixed
+    part this is ``sum_k r_k * stage_ms_k``; at batch 1 it is exactly that."""
+    shares = np.asarray(exit_shares, np.float64)
+    reaching = np.clip(np.cumsum(shares[::-1])[::-1], 0.0, 1.0)
+    b = int(row["batch"])
+    stage = np.asarray(row["stage_ms"], np.float64)
+    fixed = np.asarray(row.get("stage_call_ms") or np.zeros_like(stage), np.float64)
+    calls = (1.0 - (1.0 - reaching) ** b) / b
+    return float((row.get("overhead_ms") or 0.0) + reaching @ (stage - fixed / b) + calls @ fixed) * 1e-3
+
+
+def payoff(profile: dict, exit_shares: Sequence[float]) -> list[dict]:
+    """For every measured batch size: the expected adaptive ms per image at ``exit_shares``, every stage's
+    (all images running all stages), the static model's when measured, and whether early exit pays (cheaper
+    than both)."""
+    out = []
+    for row in profile["batches"]:
+        adaptive = expected_seconds(row, exit_shares) * 1e3
+        every = float(sum(row["stage_ms"]) + (row.get("overhead_ms") or 0.0))
+        static = row.get("static_ms")
+        best_other = min(every, static) if static is not None else every
+        out.append({"batch": row["batch"], "adaptive_ms": adaptive, "all_stages_ms": every, "static_ms": static,
+                    "pays": adaptive < best_other})
+    return out
+
+
+def payoff_lines(profile: dict, exit_shares: Sequence[float]) -> list[str]:
+    """What a person reads: per measured batch size, does early exit pay on this machine; the last line says
+    from which measured batch size on it does (or that it pays at none, or at every one)."""
+    rows, lines = payoff(profile, exit_shares), []
+    where = f"{profile['runtime']} {profile['precision']}"
+    for r in rows:
+        versus = f"all stages {r['all_stages_ms']:.3f}" + ("" if r["static_ms"] is None else
+                                                            f", static {r['static_ms']:.3f}")
+        verdict = "pays" if r["pays"] else "does not pay"
+        lines.append(f"batch {r['batch']}: early exit {verdict} ({where}: adaptive {r['adaptive_ms']:.3f} ms/img "
+                     f"expected; {versus} ms/img)")
+    paying = [r["batch"] for r in rows if r["pays"]]
+    start = None  # the smallest measured batch size from which on every larger measured one pays
+    for r in reversed(rows):
+        if not r["pays"]:
+            break
+        start = r["batch"]
+    if not paying:
+        lines.append(f"early exit does not pay at any measured batch size ({', '.join(str(r['batch']) for r in rows)}) "
+                     f"on this machine in {where}")
+    elif start is None:
+        lines.append(f"early exit pays only at batch {', '.join(map(str, paying))} on this machine in {where}")
+    elif start != rows[0]["batch"]:
+        lines.append(f"early exit starts to pay at batch {start} on this machine in {where}")
+    else:
+        lines.append(f"early exit pays at every measured batch size on this machine in {where}")
+    return lines
+
+
+def profile_prediction(meta: Optional[dict], runtime: str, precision: str, batch: int, exit_shares,
+                       realised_ms: float) -> Optional[dict]:
+    """What a stored cost profile predicts for an adaptive run that took ``realised_ms`` per image with
+    ``exit_shares`` at ``batch`` (``dvt benchmark``), beside what was realised; None when ``meta`` holds no
+    profile for this runtime, precision and batch size (a benchmark times such models too)."""
+    from dvt_core.errors import DVTError
+
+    try:
+        profile = stored_profile(meta, runtime, precision, "the weights")
+        row = batch_row(profile, batch)
+    except DVTError:
+        return None
+    predicted = expected_seconds(row, exit_shares) * 1e3
+    out = {"predicted_ms": predicted, "realised_ms": float(realised_ms), "error": predicted / realised_ms - 1,
+           "all_stages_ms": float(exit_seconds(row)[-1] * 1e3), "static_ms": row.get("static_ms"),
+           "cpu": profile["machine"].get("cpu"), "threads": profile.get("threads")}
+    if row.get("static_ms") is not None:
+        out["predicted_speedup"] = row["static_ms"] / predicted
+    return out

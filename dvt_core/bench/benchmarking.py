@@ -315,7 +315,7 @@ EXPORT_FORMAT = {"onnx": "onnx", "openvino": "onnx"}  # the export folder each e
 MODES = ("adaptive", "stages", "streaming")
 
 
-def _sibling_export(directory, static_name: str):
+def sibling_export(directory, static_name: str):
     """The export folder of ``static_name`` beside ``directory`` (its manifest names that model), or None."""
     from pathlib import Path
 
@@ -356,7 +356,7 @@ def build_subject(runtime: str, precision: str, name: str, weights, overrides: d
     if weights is not None and _is_dir(weights):
         model = build(weights, backend=runtime, precision=precision, threads=threads)
         static_name = static_spec(model.spec, model.spec.num_exits - 1).name
-        static_dir = _sibling_export(weights, static_name)
+        static_dir = sibling_export(weights, static_name)
     else:
         model, static_dir = None, None
     if model is None or static_dir is None:

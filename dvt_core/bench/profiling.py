@@ -17,6 +17,7 @@ import numpy as np
 
 from dvt_core.errors import InputError
 from dvt_core.runtime import cost_model
+from dvt_core.runtime.builder import build
 
 DEFAULT_BATCH_SIZES = (1, 64)
 
@@ -72,15 +73,14 @@ def _source(weights, model: Optional[str]) -> tuple[Path, bool, bool]:
 def _static_model(model, src: Path, exported: bool, backend: str, precision: str, threads, device=None):
     """The same runtime's static model of the last stage's grid (random weights: timing does not depend on
     them), or None for an export without the static model's export beside it."""
-    import dvt_core
     from dvt_core.model.zoo import static_spec
-    from dvt_core.runtime.benchmarking import _sibling_export
+    from dvt_core.bench.benchmarking import sibling_export
 
     spec = static_spec(model.spec, model.spec.num_exits - 1)
     if not exported:
-        return dvt_core.build(spec, backend=backend, precision=precision, device=device)
-    sibling = _sibling_export(src, spec.name)
-    return None if sibling is None else dvt_core.build(sibling, backend=backend, precision=precision,
+        return build(spec, backend=backend, precision=precision, device=device)
+    sibling = sibling_export(src, spec.name)
+    return None if sibling is None else build(sibling, backend=backend, precision=precision,
                                                        threads=threads, device=device)
 
 
@@ -88,7 +88,7 @@ def _stored_shares(model, images: np.ndarray) -> Optional[list]:
     """The exit shares of the stored operating point on ``images`` (None without one)."""
     from dvt_core.errors import DVTError
     from dvt_core.runtime import policy
-    from dvt_core.runtime.benchmarking import exit_probs
+    from dvt_core.bench.benchmarking import exit_probs
     from dvt_core.runtime.operating_point import model_thresholds
 
     try:
@@ -102,18 +102,17 @@ def _stored_shares(model, images: np.ndarray) -> Optional[list]:
 
 def _open(src: Path, exported: bool, model_name, backend: str, precision: str, threads, overrides: dict,
           device: Optional[str] = None, allow_lossy_cast: bool = False):
-    import dvt_core
     from dvt_core.runtime.contract import GraphRuntime, backend_of, get_backend
 
     if exported:
         if not isinstance(get_backend(backend), GraphRuntime):
             raise InputError(f"{src} is an export folder: profile it with the runtime that runs it "
                              "(--backend onnx or openvino)")
-        return dvt_core.build(src, backend=backend, precision=precision, threads=threads, device=device)
+        return build(src, backend=backend, precision=precision, threads=threads, device=device)
     if isinstance(get_backend(backend), GraphRuntime):
         raise InputError(f"the {backend} runtime runs export folders: `dvt export` the checkpoint, then profile "
                          "the folder")
-    model = dvt_core.build(model_name, backend=backend, weights=str(src), precision=precision, device=device,
+    model = build(model_name, backend=backend, weights=str(src), precision=precision, device=device,
                            allow_lossy_cast=allow_lossy_cast, **overrides)
     if threads is not None:
         backend_of(model).set_threads(model, threads)
@@ -151,7 +150,7 @@ def profile_weights(weights, model: Optional[str] = None, backend: str = "torch"
     from tqdm.auto import tqdm
 
     from dvt_core.checkpoint.registry import check_weights
-    from dvt_core.runtime.benchmarking import benchmark_images
+    from dvt_core.bench.benchmarking import benchmark_images
 
     check_weights(model, weights, sha256)
     src, exported, shipped = _source(weights, model)

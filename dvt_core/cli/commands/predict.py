@@ -11,7 +11,7 @@ import numpy as np
 from dvt_core.data.datasets import model_name, trained_on_fashion_mnist
 from dvt_core.cli.commands._shared import (UserError, add_common_options, resolve_weights, build_from_args, _meta, _class_names,
                       exit_names, escape_text, _fmt_thresholds, _mmacs, parse_thresholds, choose_thresholds,
-                      _early_spec, _check_budget, parse_budget)
+                      _early_spec, _check_budget, parse_budget, _check_limit)
 
 HELP = "classify image files with early exit"
 
@@ -92,6 +92,8 @@ def collect_images(inputs) -> tuple[list[str], list[str]]:
             files.extend(found)
         else:
             files.append(str(p))
+    if not files:
+        raise UserError(f"none of the {len(missing)} listed path(s) exists (first: {escape_text(missing[0])})")
     return files, missing
 
 
@@ -158,13 +160,9 @@ def _emit(args, spec, classes, names, files, res, width) -> None:
 def run(args) -> int:
     from dvt_core.runtime import evaluation
 
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.top_k < 1:
-        raise UserError(f"--top-k must be at least 1, got {args.top_k}")
+    _check_limit(args.batch_size, "--batch-size")
+    _check_limit(args.top_k, "--top-k")
     files, missing = collect_images(input_paths(args))
-    if not files:
-        raise UserError(f"none of the {len(missing)} listed path(s) exists (first: {escape_text(missing[0])})")
     early = _early_spec(args)
     if early is not None:  # the usual mistakes, before the model is built
         if args.thresholds is not None:

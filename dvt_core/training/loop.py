@@ -72,21 +72,19 @@ FEW_HOLDOUT = 300  # an operating point chosen on fewer held-out images moves wi
 FEW_TRAIN = 10_000  # fewer images than this rarely train a cascade from scratch as well as a fine-tune does
 
 
-def small_data_notes(arch: str, train_images: int, holdout_images: int, from_scratch: bool) -> list[str]:
-    """``# note:`` lines for a run whose data is too small: a held-out part too small to calibrate on, and a
-    training set better served by a fine-tune than by training from scratch."""
+def note_small_data(say, arch: str, train_images: int, holdout_images: int, from_scratch: bool) -> None:
+    """``say`` a ``# note:`` line for each way a run's data is too small: a held-out part too small to calibrate on,
+    a training set better served by a fine-tune than by training from scratch."""
     from dvt_core.checkpoint.registry import has_shipped_weights
 
-    notes = []
     if 0 < holdout_images < FEW_HOLDOUT:
-        notes.append(f"# note: the operating point will be calibrated on only {holdout_images} held-out images; below "
-                     f"about {FEW_HOLDOUT} it is noise: hold out more (--holdout) or calibrate later on more "
-                     "labelled images (dvt calibrate --dataset DIR)")
+        say(f"# note: the operating point will be calibrated on only {holdout_images} held-out images; below about "
+            f"{FEW_HOLDOUT} it is noise: hold out more (--holdout) or calibrate later on more labelled images "
+            "(dvt calibrate --dataset DIR)")
     if from_scratch and train_images < FEW_TRAIN:
         start = "its shipped weights (--init default)" if has_shipped_weights(arch) else "a trained model (--init FILE)"
-        notes.append(f"# note: {train_images} training images are few to train {arch} from scratch; a fine-tune of "
-                     f"{start} usually learns them faster and better")
-    return notes
+        say(f"# note: {train_images} training images are few to train {arch} from scratch; a fine-tune of {start} "
+            "usually learns them faster and better")
 
 
 def summary_line(meta: dict) -> Optional[str]:
@@ -172,8 +170,7 @@ def fit(spec, images: np.ndarray, labels: np.ndarray, cfg: TrainConfig, out_dir,
     state_path, final = output_paths(trainer, out_dir, name or spec.name)
     train_idx, hold_idx = dvt_data.split_holdout(len(images), cfg.holdout, cfg.seed)
 
-    for line in small_data_notes(spec.name, len(train_idx), len(hold_idx), init is None and init_state is None):
-        say(line)
+    note_small_data(say, spec.name, len(train_idx), len(hold_idx), from_scratch=init is None and init_state is None)
     init_report = _start(trainer, spec, init, init_state, say)
     trainer.prepare()
     spe = C.steps_per_epoch(len(train_idx), cfg)

@@ -97,6 +97,8 @@ def collect_images(inputs) -> tuple[list[str], list[str]]:
             files.extend(found)
         else:
             files.append(str(p))
+    if not files:
+        raise ArgumentError(f"none of the {len(missing)} listed path(s) exists (first: {escape_text(missing[0])})")
     return files, missing
 
 
@@ -171,8 +173,6 @@ def run(args) -> int:
 
     _check_counts(args)
     files, missing = collect_images(input_paths(args))
-    if not files:
-        raise ArgumentError(f"none of the {len(missing)} listed path(s) exists (first: {escape_text(missing[0])})")
     early = early_spec(args)
     if early is not None:  # the usual mistakes, before the model is built
         if args.thresholds is not None:

@@ -116,7 +116,7 @@ class PredictService:
         k = prediction.class_index
         label = self.classes[k] if self.classes else str(k)
         return {"label": label, "class_index": k, "confidence": round(prediction.confidence, 6),
-                "exit": prediction.exit_index + 1, "macs": prediction.macs}
+                "exit": prediction.exit, "macs": prediction.macs}
 
     async def predict(self, body: bytes) -> dict:
         """The answer for one image's bytes; RequestError for a bad body, a full queue or a timeout."""

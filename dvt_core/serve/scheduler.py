@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from dvt_core.errors import DVTError, InputError
-from dvt_core.runtime.early_exit import normalize_thresholds
+from dvt_core.runtime.early_exit import exit_step, normalize_thresholds
 
 
 class QueueFullError(DVTError):
@@ -37,12 +37,18 @@ class SchedulerClosedError(DVTError):
 
 @dataclass
 class Prediction:
-    """One image's outcome: class index, confidence at the exit taken, that exit (0-based), its MACs."""
+    """One image's outcome: class index, confidence at the exit taken, the stage that answered it
+    (``stage_index``, counted from 0, for indexing) and its MACs. ``exit`` is the same exit counted from 1,
+    as the CLI and HTTP answers say it."""
 
     class_index: int
     confidence: float
-    exit_index: int
+    stage_index: int
     macs: int
+
+    @property
+    def exit(self) -> int:
+        return self.stage_index + 1
 
 
 class BudgetController:
@@ -234,8 +240,6 @@ class StageScheduler:
             self._pending = 0
 
     def _run(self, i: int, parts: Sequence[_Batch]) -> None:
-        from dvt_core.runtime.policy import confidence as confidence_of, softmax
-
         b, model = self.backend, self.model
         futures = [f for p in parts for f in p.futures]
         if i == 0:
@@ -245,30 +249,25 @@ class StageScheduler:
         else:
             images, carry = b.join([(p.images, p.carry) for p in parts])
         try:
-            logits, carry = b.run_stage(model, i, images, carry)
-            lg = b.to_numpy(logits).astype(np.float32, copy=False)
-            conf = confidence_of(softmax(lg)[None], kind=self.confidence)[0]
+            lg, conf, leave, images, carry = exit_step(b, model, i, images, carry, self.thresholds, self.confidence)
         except Exception as exc:  # this batch fails alone; the service goes on
             self._answer(futures, exc=exc)
             return
         self.stage_runs[i] += 1
-        leave = np.ones(len(futures), bool) if i == self.num_exits - 1 else conf >= self.thresholds[i]
-        pred = lg.argmax(axis=1)
-        done = np.flatnonzero(leave)
+        done = np.arange(len(futures)) if leave is True else np.flatnonzero(leave)
         if self.observer is not None:  # counted before anyone is answered: a client then reads it in metrics
             self.observer(i, len(futures), np.full(len(done), i, np.int64))
         if self.controller is not None and len(done):
             adapted = self.controller.observe(self.exit_macs[i], len(done))
             if adapted is not None:
                 self.thresholds = adapted  # the worker alone reads them: the next stage run uses them
+        pred = lg.argmax(axis=1)
         self._answer([futures[r] for r in done],
                      [Prediction(int(pred[r]), float(conf[r]), i, self.exit_macs[i]) for r in done])
         if len(done) < len(futures):
-            stay = np.flatnonzero(~leave)
-            if len(done):
-                images, carry = b.select(images, carry, stay)
+            stay = [futures[r] for r in (range(len(futures)) if leave is False else np.flatnonzero(~leave))]
             with self._cond:
-                self.queues[i + 1].append(_Batch([futures[r] for r in stay], images, carry, time.monotonic()))
+                self.queues[i + 1].append(_Batch(stay, images, carry, time.monotonic()))
 
     def _answer(self, futures, results=None, exc: Optional[BaseException] = None) -> None:
         for k, f in enumerate(futures):

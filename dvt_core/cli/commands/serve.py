@@ -7,7 +7,7 @@ from dvt_core.cli.commands._shared import (UserError, add_common_options, build_
                                            _class_names, _fmt_thresholds, parse_thresholds, choose_thresholds,
                                            _early_spec, _check_budget, parse_budget)
 
-HELP = "serve a model over HTTP (POST /v1/predict) with early exit batched per stage"
+HELP = "serve a model over HTTP (POST /v1/predict; the Open Inference Protocol v2) with early exit batched per stage"
 
 
 def add_arguments(parser) -> None:
@@ -26,6 +26,8 @@ def add_arguments(parser) -> None:
                         help="longest an image waits in a stage's queue for a fuller batch (default 2 ms)")
     parser.add_argument("--queue-limit", type=int, default=256,
                         help="most images in the service at once; past it 503 with Retry-After (default 256)")
+    parser.add_argument("--max-images", type=int, default=None,
+                        help="most images in one /v2 infer request (default: the queue limit); more get 413")
     parser.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body, MiB (default 8)")
     parser.add_argument("--max-connections", type=int, default=256,
                         help="most open connections and requests at once; past it 503 (default 256)")
@@ -46,6 +48,7 @@ def _limits(args):
         if not value > 0:
             raise UserError(f"{flag} must be above 0 seconds, got {value:g}")
     return ServeLimits(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, queue_limit=args.queue_limit,
+                       max_images=args.max_images,
                        max_body_mb=args.max_body_mb, request_timeout_s=args.request_timeout,
                        read_timeout_s=args.read_timeout).check()
 
@@ -79,7 +82,7 @@ def run(args) -> int:
 
     def announce(url: str) -> None:
         print(f"dvt serve: {spec.name} ({args.backend}) on {url}  thresholds {_fmt_thresholds(thresholds)} ({how}); "
-              f"POST {url}/v1/predict", flush=True)
+              f"POST {url}/v1/predict, POST {url}/v2/models/{service.name}/infer", flush=True)
 
     run_server(service, args.host, args.port, max_connections=args.max_connections, announce=announce)
     print("dvt serve: stopped", file=sys.stderr, flush=True)

@@ -209,3 +209,11 @@ def test_curl_json_and_multipart_equal_dvt_predict(server, predicted, tmp_path):
     assert "exactly one file" in json.loads(r.stdout)["error"]
     live = subprocess.run(["curl", "-sf", f"{server}/v2/health/live"], capture_output=True, text=True, timeout=30)
     assert json.loads(live.stdout) == {"live": True}
+
+
+def test_benchmark_serve_says_how_to_install_hey_when_it_is_missing(tmp_path):
+    env = {"PATH": str(tmp_path), "HOME": str(tmp_path), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "dvt_core", "benchmark", "dvt_fashion_mnist", "--serve"],
+                       capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert r.returncode == 2 and "apt-get install hey" in r.stderr and len(r.stderr.strip().splitlines()) == 1, \
+        r.stderr

@@ -280,39 +280,67 @@ def test_images(limit: int = 1000) -> tuple[np.ndarray, str]:
         return np.load(subset)["images"][:limit], "shipped Fashion-MNIST test subset"
 
 
+def _gains(report: dict, key: str) -> dict:
+    """adaptive over static throughput per concurrency, from ``report[key]``'s rows."""
+    rows = report[key]
+    return {str(a["concurrency"]): a["throughput"] / s["throughput"]
+            for a, s in zip(rows["adaptive"], rows["static"]) if s["throughput"]}
+
+
 def format_report(report: dict) -> str:
-    """The figures of :func:`compare` as a text table, with the goals' ratios."""
-    lines = [f"{'service':12s} {'conc':>4s} {'img/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s}  statuses"]
-    for name, rows in report["results"].items():
-        for r in rows:
-            lines.append(f"{name:12s} {r['concurrency']:4d} {r['throughput']:8.1f} {r['p50_ms'] or 0:8.2f} "
-                         f"{r['p99_ms'] or 0:8.2f}  {r['statuses']}")
+    """The figures of :func:`benchmark` as a text table, with the goals' ratios."""
+    lines = [f"{'service':12s} {'conc':>4s} {'img/req':>7s} {'img/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} "
+             f"{'CPU ms/img':>10s}  statuses"]
+    for key in ("results", "many_image_results"):
+        for name, rows in report.get(key, {}).items():
+            for r in rows:
+                cpu = r.get("server_cpu_ms_per_image")
+                lines.append(f"{name:12s} {r['concurrency']:4d} {r.get('images_per_request', 1):7d} "
+                             f"{r['throughput']:8.1f} {r['p50_ms'] or 0:8.2f} {r['p99_ms'] or 0:8.2f} "
+                             f"{'-' if cpu is None else f'{cpu:.3f}':>10s}  {r['statuses']}")
     macs = report["macs_per_image"]
     lines.append("MACs per image: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in macs.items()))
-    if "mac_predicted_gain" in report:
-        gain = report["mac_predicted_gain"]
-        lines.append(f"MAC-predicted gain over static: {gain:.2f}x; measured: " + ", ".join(
-            f"c={c} {g:.2f}x ({g / gain:.2f} of it)" for c, g in report["throughput_gain"].items()))
-    if "gain_over_every_stage" in report:
-        lines.append("adaptive over every stage: " + ", ".join(
-            f"c={c} {g:.2f}x" for c, g in report["gain_over_every_stage"].items()))
+    gain = report["mac_predicted_gain"]
+    for key, what in (("results", "one image per request"), ("many_image_results", "many images per request")):
+        if key in report:
+            lines.append(f"MAC-predicted gain over static: {gain:.2f}x; measured, {what}: " + ", ".join(
+                f"c={c} {g:.2f}x ({g / gain:.2f} of it)" for c, g in _gains(report, key).items()))
+    if report.get("in_process_img_s"):
+        many = report["many_image_results"]["adaptive"]
+        lines.append(f"in-process streaming early exit: {report['in_process_img_s']:.1f} img/s, model CPU "
+                     f"{report['model_cpu_ms_per_image']:.3f} ms/img; /v2 many-image service: " + ", ".join(
+                         f"c={r['concurrency']} {r['throughput'] / report['in_process_img_s']:.2f}x of it, server "
+                         f"CPU outside the model {(r['server_cpu_ms_per_image'] or 0) - report['model_cpu_ms_per_image']:.3f}"
+                         " ms/img" for r in many))
     if report.get("single_call_ms") is not None:
         low = report["results"]["adaptive"][0]
         lines.append(f"one in-process adaptive call on one image: {report['single_call_ms']:.2f} ms (median); "
                      f"service p99 at concurrency {low['concurrency']}: {low['p99_ms'] or 0:.2f} ms "
-                     f"({(low['p99_ms'] or 0) / report['single_call_ms']:.2f}x)")
+                     f"(goal: at most {1.5 * report['single_call_ms'] + 1:.2f} ms)")
     return "\n".join(lines)
 
 
-def benchmark(limit: int = 1000, concurrencies: Sequence[int] = (1, 4, 16, 32), requests: int = 400,
+def benchmark(limit: int = 1000, concurrencies: Sequence[int] = (1, 16), requests: int = 400,
               rounds: int = 2, max_batch: int = 32, max_wait_ms: float = 2.0, threads: Optional[int] = 1,
-              log=None) -> dict:
-    """:func:`compare` on the first ``limit`` test images, with the single-call latency for reference and
-    a note of the machine. What ``dvt benchmark --serve`` and benchmarks/bench_serve.py run."""
+              images_per_request: int = 64, log=None) -> dict:
+    """The three services driven by hey (dvt_core.serve.hey.compare) on the first ``limit`` test images,
+    with the in-process references (one call on one image; streaming early exit's throughput and model
+    CPU per image) and a note of the machine. What ``dvt benchmark --serve`` and benchmarks/bench_serve.py run."""
     import platform
 
+    from dvt_core.serve import hey
+
     images, source = test_images(limit)
-    report = compare(images, concurrencies, requests, rounds, max_batch, max_wait_ms, threads, log=log)
+    report = hey.compare(images, concurrencies, requests, rounds, max_batch, max_wait_ms, threads,
+                         images_per_request=images_per_request, log=log)
+    macs = report["macs_per_image"]
+    report["mac_predicted_gain"] = macs["static"] / macs["adaptive"]
+    report["throughput_gain"] = _gains(report, "results")
+    report["many_image_throughput_gain"] = _gains(report, "many_image_results")
+    report["gain_over_every_stage"] = {str(a["concurrency"]): a["throughput"] / e["throughput"] for a, e in zip(
+        report["results"]["adaptive"], report["results"]["every_stage"]) if e["throughput"]}
+    cpu, rate = hey.model_cpu_per_image("dvt_fashion_mnist", images[:images_per_request * 4], threads)
+    report["model_cpu_ms_per_image"], report["in_process_img_s"] = cpu * 1000.0, rate
     report["single_call_ms"] = single_call_ms("dvt_fashion_mnist", images[:100], threads=threads)
     report["machine"] = f"{platform.machine()}, {os.cpu_count()} cores; server threads (OMP_NUM_THREADS) {threads}"
     report["source"] = source

@@ -90,7 +90,8 @@ def exit_step(runtime, model, index: int, images, carry, thresholds: np.ndarray,
     (B,) of every image run; ``leave`` is True when every image leaves here (always at the last exit),
     False when none does, else a boolean mask (B,); ``images`` and ``carry`` are those of the images that
     go on (only sliced when some leave; carry None after the last stage). ``thresholds`` come from
-    :func:`normalize_thresholds`. Batch 1 takes no boolean indexing and no slicing."""
+    :func:`normalize_thresholds`: (exits,), or (exits, B) when each image has its own (the service's
+    per-request operating points). Batch 1 takes no boolean indexing and no slicing."""
     logits, carry = runtime.run_stage(model, index, images, carry)
     lg = runtime.to_numpy(logits).astype(np.float32, copy=False)
     if not np.isfinite(lg).all():  # a prediction from NaN logits would be silently wrong

@@ -2,10 +2,10 @@
 
 :func:`launch` starts the real server (``python -m dvt_core serve ... --port 0``) on 127.0.0.1 and reads
 the URL it prints; :func:`run_load` drives it with ``concurrency`` keep-alive HTTP clients (threads,
-``http.client``), bounded in request count and time; :func:`compare` runs the three services side by
-side, interleaved (one load run of each per round, best round kept), at several concurrency levels,
-and reports throughput, p50 / p99 latency, the MACs each answer reports, and the latency of one
-in-process ``model.adaptive`` call on one image for reference. Only 127.0.0.1 is ever contacted.
+``http.client``; the tests' small floods), bounded in request count and time; :func:`benchmark` runs the
+three services of :data:`VARIANTS` under the ``hey`` load generator (dvt_core.serve.hey), interleaved,
+and reports throughput, p50 / p99 latency, server CPU per image, the MACs each answer reports, and the
+in-process references. Only 127.0.0.1 is ever contacted.
 """
 from __future__ import annotations
 
@@ -226,44 +226,6 @@ VARIANTS = {  # name -> dvt serve arguments
     "every_stage": ["--model", "dvt_fashion_mnist", "--thresholds", "1e8,1e8"],
     "static": ["--model", "static_fashion_mnist_7x7"],
 }
-
-
-def compare(images: np.ndarray, concurrencies: Sequence[int] = (1, 4, 16, 32), requests: int = 400,
-            rounds: int = 2, max_batch: int = 32, max_wait_ms: float = 2.0, threads: Optional[int] = None,
-            variants: Optional[dict] = None, max_seconds: float = 60.0, log=None) -> dict:
-    """The three services of :data:`VARIANTS` at each concurrency, interleaved, best of ``rounds`` (by
-    throughput); with the MAC-predicted gain (static MACs / adaptive MACs) and the ratios measured."""
-    variants = dict(variants or VARIANTS)
-    bodies = png_bodies(images[:requests])  # every image posted at least once per run
-    extra = ["--max-batch", str(max_batch), "--max-wait-ms", f"{max_wait_ms:g}", "--queue-limit", "4096"]
-    with contextlib.ExitStack() as stack:
-        urls = {name: stack.enter_context(launch([*args, *extra], threads=threads))[0]
-                for name, args in variants.items()}
-        macs = {name: mean_macs(url, bodies) for name, url in urls.items()}
-        for url in urls.values():  # warm-up: every batch size the runs will see
-            run_load(url, bodies, max(concurrencies), min(requests, 4 * max(concurrencies)), max_seconds)
-        best: dict = {name: {} for name in variants}
-        for r in range(rounds):
-            for c in concurrencies:
-                for name, url in urls.items():
-                    res = run_load(url, bodies, c, requests, max_seconds)
-                    if log is not None:
-                        log(f"round {r + 1} concurrency {c:3d} {name:12s} {res['throughput']:8.1f} img/s  "
-                            f"p50 {res['p50_ms'] or 0:7.2f} ms  p99 {res['p99_ms'] or 0:7.2f} ms  {res['statuses']}")
-                    if c not in best[name] or res["throughput"] > best[name][c]["throughput"]:
-                        best[name][c] = res
-    report = {"images": len(images), "requests_per_run": requests, "rounds": rounds, "max_batch": max_batch,
-              "max_wait_ms": max_wait_ms, "threads": threads, "precision": "float32", "macs_per_image": macs,
-              "results": {n: [best[n][c] for c in concurrencies] for n in variants}}
-    if "adaptive" in macs and "static" in macs:
-        report["mac_predicted_gain"] = macs["static"] / macs["adaptive"]
-        report["throughput_gain"] = {str(c): best["adaptive"][c]["throughput"] / best["static"][c]["throughput"]
-                                     for c in concurrencies if best["static"][c]["throughput"]}
-    if "adaptive" in macs and "every_stage" in macs:
-        report["gain_over_every_stage"] = {
-            str(c): best["adaptive"][c]["throughput"] / best["every_stage"][c]["throughput"]
-            for c in concurrencies if best["every_stage"][c]["throughput"]}
-    return report
 
 
 def test_images(limit: int = 1000) -> tuple[np.ndarray, str]:

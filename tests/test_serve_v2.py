@@ -156,6 +156,8 @@ def _infer_json(shape, datatype, data, **extra):
     (_infer_json([1, 28, 28], "UINT8", [0] * 784, parameters={"top_k": 11},
                  outputs=[{"name": "top_k_probability"}]), 400, "'top_k'"),
     (_infer_json([1, 28, 28], "UINT8", [0] * 784, outputs=[{"name": "logits\x1b[31m"}]), 400, "unknown output"),
+    (_infer_json([True, 28, 28], "UINT8", [0] * 784), 400, "the input's shape"),
+    (_infer_json([0, 28, 28], "UINT8", [], parameters={"thresholds": [0.5]}), 400, "'thresholds'"),
     (b"{not json", 400, "not valid JSON"),
 ])
 def test_bad_requests_get_the_protocols_error(server, body, status, needle):

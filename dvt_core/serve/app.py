@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -308,6 +309,9 @@ async def respond(service: PredictService, request, path: Optional[str] = None):
         response = _json(exc.status, {"error": str(exc)}, exc.headers)
     except ProtocolError as exc:
         response = _json(exc.status, {"error": str(exc)})
+    except Exception:  # a bug must not answer with a traceback or a bare text page: logged, a JSON 500
+        logging.getLogger("dvt.serve").exception("unexpected failure answering %s", _UNSAFE.sub("?", path[:200]))
+        response = _json(500, {"error": "internal error"})
     if path == "/v1/predict" or path.endswith("/infer"):  # inference requests, not probes and scrapes
         service.metrics.request_done(response.status_code, time.perf_counter() - start)
     return response

@@ -108,8 +108,8 @@ def _input_header(spec: dict, max_images: int) -> tuple[str, tuple]:
     if datatype not in ("UINT8", "FP32", "BYTES"):
         raise ProtocolError(400, "the input's datatype must be UINT8 (pixels), FP32 (normalised images) or "
                                  "BYTES (image files)")
-    if not isinstance(shape, list) or not shape or not all(isinstance(d, int) and d >= 0 for d in shape) \
-            or len(shape) > 4:
+    if not isinstance(shape, list) or not shape or len(shape) > 4 or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise ProtocolError(400, "the input's shape must be a list of up to 4 sizes, the first the image count")
     if shape[0] > max_images:
         raise ProtocolError(413, f"{shape[0]} images in one request; at most {max_images} per request")

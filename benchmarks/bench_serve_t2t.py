@@ -38,7 +38,7 @@ def split_thresholds(conf: np.ndarray, shares=(0.6, 0.25)) -> list:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--images", type=int, default=48)
+    ap.add_argument("--images", type=int, default=48, help="noise images, all sent in each request")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[8, 16])
     ap.add_argument("--threads", type=int, default=1, help="each server's CPU threads (OMP_NUM_THREADS)")
     ap.add_argument("--json", default=None)
@@ -59,7 +59,7 @@ def main() -> None:
         write_checkpoint(weights, backend_of(model).model_state(model), {"model": spec.name})
         body, head = hey.v2_binary_body(images)
         common = ["--model", spec.name, "--weights", str(weights), "--max-batch", "16", "--max-wait-ms", "5",
-                  "--max-body-mb", "64", "--queue-limit", "4096"]
+                  "--max-body-mb", "64", "--queue-limit", "4096", "--request-timeout", "600"]
         variants = {"adaptive": [*common, "--thresholds", f"{t[0]},{t[1]}"],
                     "every_stage": [*common, "--thresholds", "1e8,1e8"]}
         with loadtest.launch(variants["adaptive"], threads=args.threads) as (a_url, _), \
@@ -68,7 +68,8 @@ def main() -> None:
             for c in args.concurrency:
                 row = {"concurrency": c}
                 for name, url in (("adaptive", a_url), ("every_stage", e_url)):
-                    res = hey.run_hey(url, path, body, c, 2 * c, {"Inference-Header-Content-Length": head}, 300)
+                    res = hey.run_hey(url, path, body, c, 2 * c, {"Inference-Header-Content-Length": head}, 600,
+                                      request_timeout_s=300)
                     row[name] = {**res, "img_s": res["requests_per_s"] * args.images}
                     print(c, name, f"{row[name]['img_s']:.1f} img/s", res["statuses"], flush=True)
                 report["rows"].append(row)

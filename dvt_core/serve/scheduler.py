@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
@@ -165,7 +166,8 @@ class StageScheduler:
         self.queue_limit = int(queue_limit)
         self.confidence = confidence
         self.observer = observer
-        self.queues: list[list[_Batch]] = [[] for _ in range(self.num_exits)]
+        self.queues: list[deque] = [deque() for _ in range(self.num_exits)]
+        self.waiting = [0] * self.num_exits  # images in each queue (kept, not counted: a request may queue hundreds)
         self.stage_runs = [0] * self.num_exits
         self._pending = 0  # images submitted and not answered yet, all stages together
         self._cond = threading.Condition()
@@ -204,12 +206,13 @@ class StageScheduler:
             self._pending += len(slots)
             now = time.monotonic()
             self.queues[0].extend(_Batch([slot], image, None, now, thresholds) for slot, image in zip(slots, images))
+            self.waiting[0] += len(slots)
             self._cond.notify()
 
     def depths(self) -> list[int]:
         """Images waiting in each stage's queue now."""
         with self._cond:
-            return [sum(len(b.slots) for b in q) for q in self.queues]
+            return list(self.waiting)
 
     @property
     def alive(self) -> bool:
@@ -237,7 +240,7 @@ class StageScheduler:
             q = self.queues[i]
             if not q:
                 continue
-            waiting = sum(len(b.slots) for b in q)
+            waiting = self.waiting[i]
             deadline = q[0].since + self.max_wait
             earlier_empty = i > 0 and not any(self.queues[:i])
             if waiting >= self.max_batch or now >= deadline or earlier_empty or self._closing:
@@ -252,12 +255,13 @@ class StageScheduler:
         while q and room:
             head = q[0]
             if len(head.slots) <= room:
-                taken.append(q.pop(0))
+                taken.append(q.popleft())
                 room -= len(head.slots)
             else:
                 taken.append(self._rows(head, slice(0, room)))
                 q[0] = self._rows(head, slice(room, None))
                 room = 0
+        self.waiting[i] -= self.max_batch - room
         return taken
 
     def _rows(self, batch: _Batch, rows: slice) -> _Batch:
@@ -291,6 +295,7 @@ class StageScheduler:
                     for f in b.slots:
                         f.set_exception(exc)
                 q.clear()
+            self.waiting = [0] * self.num_exits
             self._pending = 0
 
     def _inputs(self, i: int, parts: Sequence[_Batch]) -> tuple[Any, Any, Any, np.ndarray]:
@@ -337,6 +342,7 @@ class StageScheduler:
             with self._cond:
                 self.queues[i + 1].append(_Batch([slots[r] for r in stay], images, carry, time.monotonic(), own,
                                                  seen[stay]))
+                self.waiting[i + 1] += len(stay)
 
     def _answer(self, slots, results=None, exc: Optional[BaseException] = None) -> None:
         for k, f in enumerate(slots):

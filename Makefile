@@ -11,7 +11,7 @@ venv: $(STAMP)
 $(STAMP): setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[torch,mindspore,onnx,plots,openvino,serve,ray,dev]"
+	$(PY) -m pip install --quiet -e ".[torch,mindspore,onnx,plots,openvino,serve,serve-test,ray,dev]"
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 

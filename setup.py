@@ -17,6 +17,8 @@ PLOTS = ["matplotlib>=3.6"]
 OPENVINO = ["openvino==2026.4.1", "numpy==1.26.4"]
 # `dvt serve`: an ASGI app on Starlette, served by uvicorn (h11; no compiled extras).
 SERVE = ["starlette==1.10.0", "uvicorn==0.55.0", "numpy==1.26.4"]
+# Clients no one here wrote, for the service's tests: Triton's HTTP client speaks the Open Inference Protocol v2.
+SERVE_TEST = ["tritonclient[http]==2.73.0"]
 # Ray Data / Ray Serve (dvt_core.integrations.ray). pyarrow 22+ needs numpy 2: 21.0.0 imports with numpy 1.26.
 RAY = ["ray[data,serve]==2.60.0", "pyarrow==21.0.0", "numpy==1.26.4"]
 
@@ -42,6 +44,7 @@ setup(
         "openvino": OPENVINO,
         "serve": SERVE,
         "ray": RAY + SERVE,
+        "serve-test": SERVE + SERVE_TEST,
         # setuptools with its own bdist_wheel: the wheel check builds offline (pip wheel --no-build-isolation);
         # import-linter checks the layers (.importlinter, tests/test_architecture.py)
         "dev": ["pytest>=7", "setuptools>=70.1", "wheel", "import-linter==2.17"],

@@ -120,3 +120,11 @@ class RequestError(DVTError):
 
 class ServerStartError(DVTError):
     """The server did not print its URL in time (its stderr tail is in the message)."""
+
+
+class QueueFullError(DVTError):
+    """The service holds ``queue_limit`` images already: the request is refused at once (HTTP 503)."""
+
+
+class SchedulerClosedError(DVTError):
+    """The scheduler is shutting down and takes no new image."""

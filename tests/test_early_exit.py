@@ -28,7 +28,7 @@ import dvt_core
 from dvt_core import InputError
 from dvt_core.runtime import evaluation
 from dvt_core.runtime import policy
-from dvt_core.runtime.early_exit import _exit_confidence, normalize_thresholds
+from dvt_core.runtime.early_exit import exit_confidence, normalize_thresholds
 from dvt_core.model.macs import exit_macs
 
 from helpers import FAMILIES, TIE, assert_matches, full_run, make_images, reference, small_model, spread_thresholds
@@ -195,7 +195,7 @@ def test_nobody_leaves_early(family, monkeypatch):
         check_no_work_on_finished(full_calls, calls, images, ref["exit"], model)
 
 
-def test_exit_confidence_is_the_policy_confidence_bit_for_bit():
+def testexit_confidence_is_the_policy_confidence_bit_for_bit():
     # the loop's lean max-softmax (1 / sum) must equal what thresholds are found on (policy.confidence of
     # policy.softmax) in every bit, or an image on a threshold would leave in one and go on in the other
     rng = np.random.default_rng(0)
@@ -203,7 +203,7 @@ def test_exit_confidence_is_the_policy_confidence_bit_for_bit():
         n, c = int(rng.integers(1, 70)), int(rng.integers(2, 1001))
         logits = (rng.standard_normal((n, c)) * rng.choice([1e-3, 1.0, 30.0, 300.0])).astype(np.float32)
         for kind in policy.CONFIDENCE_KINDS:
-            got = _exit_confidence(logits, kind)
+            got = exit_confidence(logits, kind)
             want = policy.confidence(policy.softmax(logits)[None], kind=kind)[0]
             assert got.dtype == np.float32 and got.shape == (n,)
             np.testing.assert_array_equal(got.view(np.int32), want.view(np.int32))

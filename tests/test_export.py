@@ -321,8 +321,8 @@ def test_graph_runtime_drives_early_exit_like_a_framework(exported):
     rt = b.open(out)
     assert rt.backend_name == b.name == "onnx" and isinstance(b, GraphRuntime)
     x = b.to_tensor(rt, images)
-    res = run_adaptive(lambda i, imgs, c: b.run_stage(rt, i, imgs, c), b.to_numpy, b.select, x, len(x),
-                       THRESHOLDS, rt.exit_macs)
+    with b.inference(rt):
+        res = run_adaptive(b, rt, x, THRESHOLDS)
     np.testing.assert_array_equal(res.exit_index, model.adaptive(torch.from_numpy(images), THRESHOLDS).exit_index)
     for member in ("build_model", "model_state", "load_state", "read_file", "write_file"):
         assert not hasattr(b, member), member

@@ -157,8 +157,8 @@ def test_graph_runtime_drives_early_exit_and_evaluation(exported):
     rt = b.open(out)
     assert contract.backend_of(rt) is b
     x = b.to_tensor(rt, images)
-    res = run_adaptive(lambda i, imgs, c: b.run_stage(rt, i, imgs, c), b.to_numpy, b.select, x, len(x),
-                       thresholds, rt.exit_macs)
+    with b.inference(rt):
+        res = run_adaptive(b, rt, x, thresholds)
     np.testing.assert_array_equal(res.exit_index, model.adaptive(torch.from_numpy(images), thresholds).exit_index)
     _, carry = b.run_stage(rt, 0, x)  # streaming early exit joins the rows of several batches
     joined = b.join([b.select(x, carry, [0, 2]), b.select(x, carry, [5])])

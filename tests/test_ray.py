@@ -141,4 +141,20 @@ def test_ray_serve_replicas_answer_like_dvt_serve(local_ray, model):
     assert [g["exit"] for g in got] == (want.exit_index + 1).tolist()
     status, data = loadtest.post(conn, b"not an image", "/dvt/v1/predict")
     assert status == 400 and "error" in json.loads(data)
+    # the Open Inference Protocol v2 through the same handler: 40 images in one request
+    request = json.dumps({"inputs": [{"name": "image", "datatype": "UINT8", "shape": list(images.shape),
+                                      "data": images.reshape(-1).tolist()}]}).encode()
+    status, data = loadtest.post(conn, request, "/dvt/v2/models/dvt_fashion_mnist/infer")
+    assert status == 200, data
+    outputs = {o["name"]: o["data"] for o in json.loads(data)["outputs"]}
+    assert outputs["class_index"] == want.prediction.tolist() and outputs["exit"] == want.exit.tolist()
+    conn.request("GET", "/dvt/healthz")
+    assert json.loads(conn.getresponse().read()) == {"status": "ok", "model": "dvt_fashion_mnist"}
+    time.sleep(2.5)  # each replica reports its counters every second
+    seen = []
+    for _ in range(4):  # whichever replica answers, the counters are the deployment's and never drop
+        conn.request("GET", "/dvt/metrics")
+        text = conn.getresponse().read().decode()
+        seen.append(int(next(line.split()[1] for line in text.splitlines() if line.startswith("dvt_images_total "))))
+    assert seen == sorted(seen) and seen[0] >= 40 + 40 + 40, seen
     serve.delete("dvt")

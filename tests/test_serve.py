@@ -6,7 +6,6 @@ are checked on the running service, which must stay healthy.
 """
 from __future__ import annotations
 
-import http.client
 import json
 import signal
 import socket
@@ -22,7 +21,8 @@ import pytest
 
 import dvt_core
 from dvt_core.bench import loadtest
-from dvt_core.serve.scheduler import QueueFullError, StageScheduler
+from dvt_core.errors import QueueFullError
+from dvt_core.serve.scheduler import StageScheduler
 
 REPO = Path(__file__).resolve().parents[1]
 SUBSET = np.load(REPO / "dvt_core" / "assets" / "fashion_mnist_test_subset.npz")["images"]
@@ -55,7 +55,8 @@ def test_scheduler_answers_like_adaptive_and_batches_later_stages_across_request
         got = [f.result(timeout=60) for f in futures]
     finally:
         sched.close(timeout=30)
-    assert [g.exit_index for g in got] == want.exit_index.tolist()
+    assert [g.stage_index for g in got] == want.exit_index.tolist()
+    assert [g.exit for g in got] == want.exit.tolist()
     assert [g.class_index for g in got] == want.prediction.tolist()
     np.testing.assert_allclose([g.confidence for g in got], want.confidence, rtol=1e-4, atol=1e-5)
     assert [g.macs for g in got] == want.macs.tolist()
@@ -75,7 +76,7 @@ def test_scheduler_refuses_at_once_when_full_and_answers_the_queued_on_close(mod
     assert time.perf_counter() - t0 < 0.5
     assert not any(f.done() for f in futures)  # waiting for a fuller batch (deadline 10 s away)
     sched.close(timeout=30)  # close runs what is queued without waiting for the deadline
-    assert [f.result(timeout=0).exit_index for f in futures] == [2, 2, 2]
+    assert [f.result(timeout=0).stage_index for f in futures] == [2, 2, 2]
 
 
 def test_adapting_the_thresholds_holds_the_mac_budget(model):

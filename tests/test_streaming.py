@@ -12,26 +12,28 @@ import pytest
 import torch
 
 from dvt_core.runtime import evaluation
-from dvt_core.runtime.streaming import StreamingAdaptive, prefetch, stage_ops, stream_adaptive
+from dvt_core.runtime.contract import backend_of
+from dvt_core.runtime.streaming import StreamingAdaptive, prefetch, stream_adaptive
 from helpers import TIE, assert_matches, full_run, make_images, reference, small_model, spread_thresholds
 
 
-def recording(ops):
-    """The ops with ``run_stage`` wrapped to record (stage, batch size) of every call."""
+def recording(model, monkeypatch):
+    """The model, its runtime's ``run_stage`` wrapped (for this test) to record (stage, batch size) of every call."""
     calls = []
-    run = ops.run_stage
+    runtime = backend_of(model)
+    run = runtime.run_stage
 
-    def spy(i, images, carry):
+    def spy(m, i, images, carry=None):
         calls.append((i, int(images.shape[0])))
-        return run(i, images, carry)
+        return run(m, i, images, carry)
 
-    ops.run_stage = spy
-    return ops, calls
+    monkeypatch.setattr(runtime, "run_stage", spy)
+    return model, calls
 
 
 @pytest.mark.parametrize("family,feature_reuse,relation_reuse",
                          [("t2t", True, True), ("vit", True, True), ("vit", False, True), ("t2t", True, False)])
-def test_streaming_equals_per_batch_adaptive_in_input_order(family, feature_reuse, relation_reuse):
+def test_streaming_equals_per_batch_adaptive_in_input_order(family, feature_reuse, relation_reuse, monkeypatch):
     model = small_model(family, feature_reuse, relation_reuse)
     images = make_images(model, 45, seed=3)
     logits, conf = full_run(model, images)
@@ -39,8 +41,8 @@ def test_streaming_equals_per_batch_adaptive_in_input_order(family, feature_reus
     ref = reference(logits, conf, thresholds, model.exit_macs)
     bs = 6
     per_batch = [model.adaptive(images[s:s + bs], thresholds) for s in range(0, len(images), bs)]
-    ops, calls = recording(stage_ops(model))
-    result = stream_adaptive(ops, (images[s:s + bs].numpy() for s in range(0, len(images), bs)), thresholds, bs)
+    _, calls = recording(model, monkeypatch)
+    result = stream_adaptive(model, (images[s:s + bs].numpy() for s in range(0, len(images), bs)), thresholds, bs)
 
     assert_matches(result, ref, model.spec.num_exits)
     keep = ~ref["ambiguous"]
@@ -62,15 +64,15 @@ def test_streaming_equals_per_batch_adaptive_in_input_order(family, feature_reus
         assert len(sizes) < len(first), (k, sizes)
 
 
-def test_streaming_engine_takes_batches_of_any_size_and_feeds_nothing_twice():
+def test_streaming_engine_takes_batches_of_any_size_and_feeds_nothing_twice(monkeypatch):
     model = small_model("vit")
     images = make_images(model, 20, seed=5)
     logits, conf = full_run(model, images)
     thresholds = spread_thresholds(conf)
     ref = reference(logits, conf, thresholds, model.exit_macs)
-    ops, calls = recording(stage_ops(model))
-    engine = StreamingAdaptive(ops, thresholds, batch_size=8)
-    with ops.session():
+    _, calls = recording(model, monkeypatch)
+    engine = StreamingAdaptive(model, thresholds, batch_size=8)
+    with backend_of(model).inference(model):
         for a, b in [(0, 1), (1, 9), (9, 9), (9, 20)]:  # 1, 8, 0 and 11 images
             engine.feed(images[a:b])
         result = engine.finish()
@@ -82,7 +84,7 @@ def test_streaming_engine_takes_batches_of_any_size_and_feeds_nothing_twice():
 
 def test_empty_input_gives_an_empty_result():
     model = small_model("t2t")
-    result = stream_adaptive(stage_ops(model), [], [0.5, 0.5], 4)
+    result = stream_adaptive(model, [], [0.5, 0.5], 4)
     assert len(result) == 0 and result.exit_counts.tolist() == [0, 0, 0]
 
 
@@ -147,14 +149,14 @@ def test_mindspore_streaming_equals_its_adaptive():
     thresholds = spread_thresholds(conf)  # a third of the images per exit, none on a threshold
     want = model.adaptive(C.to_tensor(x), thresholds)
     assert 0 < int((want.exit_index == 0).sum()) < 14, want.exit_index
-    got = stream_adaptive(stage_ops(model), (x[s:s + 4] for s in range(0, 14, 4)), thresholds, 4)
+    got = stream_adaptive(model, (x[s:s + 4] for s in range(0, 14, 4)), thresholds, 4)
     np.testing.assert_array_equal(got.exit_index, want.exit_index)
     np.testing.assert_array_equal(got.prediction, want.prediction)
     np.testing.assert_allclose(got.logits, want.logits, rtol=0, atol=1e-5)
 
 
 @pytest.mark.export
-def test_streaming_on_an_onnx_export_joins_its_numpy_carries(tmp_path):
+def test_streaming_on_an_onnx_export_joins_its_numpy_carries(tmp_path, monkeypatch):
     pytest.importorskip("onnxruntime")
     import dvt_core
     from dvt_core.export.writer import export_model
@@ -166,7 +168,7 @@ def test_streaming_on_an_onnx_export_joins_its_numpy_carries(tmp_path):
     logits, conf = full_run(model, images)
     thresholds = spread_thresholds(conf)
     ref = reference(logits, conf, thresholds, model.exit_macs)
-    ops, calls = recording(stage_ops(rt))
-    got = stream_adaptive(ops, (images[s:s + 3].numpy() for s in range(0, 20, 3)), thresholds, 3)
+    _, calls = recording(rt, monkeypatch)
+    got = stream_adaptive(rt, (images[s:s + 3].numpy() for s in range(0, 20, 3)), thresholds, 3)
     assert_matches(got, ref, model.spec.num_exits)
     assert len([n for i, n in calls if i == 2]) < 7  # later stages ran on gathered batches

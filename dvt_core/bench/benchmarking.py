@@ -184,7 +184,7 @@ def time_adaptive(subject: Subject, chunks: Sequence[np.ndarray], thresholds, wa
 def time_streaming(subject: Subject, chunks: Sequence[np.ndarray], thresholds, warmup: int, repeats: int) -> dict:
     """Mode "streaming": the stages' queues fill across input batches (dvt_core.runtime.streaming) against
     per-batch early exit and the static backbone, each from the same numpy batches (conversion included)."""
-    from dvt_core.runtime.streaming import stage_ops, stream_adaptive
+    from dvt_core.runtime.streaming import stream_adaptive
 
     model, static = subject.model, subject.static
     n, batch = sum(len(c) for c in chunks), len(chunks[0])
@@ -193,7 +193,7 @@ def time_streaming(subject: Subject, chunks: Sequence[np.ndarray], thresholds, w
     out: dict = {}
 
     def streaming():
-        out["streaming"] = stream_adaptive(stage_ops(model), chunks, thresholds, batch)
+        out["streaming"] = stream_adaptive(model, chunks, thresholds, batch)
 
     def per_batch():
         b = _backend(model)
@@ -411,7 +411,7 @@ def benchmark_images(model, count: int, seed: int) -> tuple[np.ndarray, str]:
     if meta.get("dataset") and meta.get("thresholds") is not None:
         try:
             from dvt_core.data.datasets import load_dataset
-            from dvt_core.data.sources import normalize
+            from dvt_core.data.images import normalize
 
             x, _, _ = load_dataset(meta["dataset"], "test", spec)
             reps = -(-count // len(x))

@@ -2,10 +2,10 @@
 
 :func:`launch` starts the real server (``python -m dvt_core serve ... --port 0``) on 127.0.0.1 and reads
 the URL it prints; :func:`run_load` drives it with ``concurrency`` keep-alive HTTP clients (threads,
-``http.client``), bounded in request count and time; :func:`compare` runs the three services side by
-side, interleaved (one load run of each per round, best round kept), at several concurrency levels,
-and reports throughput, p50 / p99 latency, the MACs each answer reports, and the latency of one
-in-process ``model.adaptive`` call on one image for reference. Only 127.0.0.1 is ever contacted.
+``http.client``; the tests' small floods), bounded in request count and time; :func:`benchmark` runs the
+three services of :data:`VARIANTS` under the ``hey`` load generator (dvt_core.bench.hey), interleaved,
+and reports throughput, p50 / p99 latency, server CPU per image, the MACs each answer reports, and the
+in-process references. Only 127.0.0.1 is ever contacted.
 """
 from __future__ import annotations
 
@@ -198,7 +198,7 @@ def single_call_ms(model_name: str, images: np.ndarray, weights: str = "default"
                    repeats: int = 3) -> float:
     """Median ms of one in-process ``adaptive`` call on one image (decoded already), at the model's own
     thresholds: the reference for latency at low load."""
-    from dvt_core.data.sources import normalize
+    from dvt_core.data.images import normalize
     from dvt_core.runtime.contract import backend_of
     from dvt_core.runtime.operating_point import model_thresholds
 
@@ -224,44 +224,6 @@ VARIANTS = {  # name -> dvt serve arguments
 }
 
 
-def compare(images: np.ndarray, concurrencies: Sequence[int] = (1, 4, 16, 32), requests: int = 400,
-            rounds: int = 2, max_batch: int = 32, max_wait_ms: float = 2.0, threads: Optional[int] = None,
-            variants: Optional[dict] = None, max_seconds: float = 60.0, log=None) -> dict:
-    """The three services of :data:`VARIANTS` at each concurrency, interleaved, best of ``rounds`` (by
-    throughput); with the MAC-predicted gain (static MACs / adaptive MACs) and the ratios measured."""
-    variants = dict(variants or VARIANTS)
-    bodies = png_bodies(images[:requests])  # every image posted at least once per run
-    extra = ["--max-batch", str(max_batch), "--max-wait-ms", f"{max_wait_ms:g}", "--queue-limit", "4096"]
-    with contextlib.ExitStack() as stack:
-        urls = {name: stack.enter_context(launch([*args, *extra], threads=threads))[0]
-                for name, args in variants.items()}
-        macs = {name: mean_macs(url, bodies) for name, url in urls.items()}
-        for url in urls.values():  # warm-up: every batch size the runs will see
-            run_load(url, bodies, max(concurrencies), min(requests, 4 * max(concurrencies)), max_seconds)
-        best: dict = {name: {} for name in variants}
-        for r in range(rounds):
-            for c in concurrencies:
-                for name, url in urls.items():
-                    res = run_load(url, bodies, c, requests, max_seconds)
-                    if log is not None:
-                        log(f"round {r + 1} concurrency {c:3d} {name:12s} {res['throughput']:8.1f} img/s  "
-                            f"p50 {res['p50_ms'] or 0:7.2f} ms  p99 {res['p99_ms'] or 0:7.2f} ms  {res['statuses']}")
-                    if c not in best[name] or res["throughput"] > best[name][c]["throughput"]:
-                        best[name][c] = res
-    report = {"images": len(images), "requests_per_run": requests, "rounds": rounds, "max_batch": max_batch,
-              "max_wait_ms": max_wait_ms, "threads": threads, "precision": "float32", "macs_per_image": macs,
-              "results": {n: [best[n][c] for c in concurrencies] for n in variants}}
-    if "adaptive" in macs and "static" in macs:
-        report["mac_predicted_gain"] = macs["static"] / macs["adaptive"]
-        report["throughput_gain"] = {str(c): best["adaptive"][c]["throughput"] / best["static"][c]["throughput"]
-                                     for c in concurrencies if best["static"][c]["throughput"]}
-    if "adaptive" in macs and "every_stage" in macs:
-        report["gain_over_every_stage"] = {
-            str(c): best["adaptive"][c]["throughput"] / best["every_stage"][c]["throughput"]
-            for c in concurrencies if best["every_stage"][c]["throughput"]}
-    return report
-
-
 def test_images(limit: int = 1000) -> tuple[np.ndarray, str]:
     """The first ``limit`` Fashion-MNIST test images (the shipped subset where the data set is not installed)."""
     from dvt_core.data.sources import load_fashion_mnist
@@ -276,40 +238,41 @@ def test_images(limit: int = 1000) -> tuple[np.ndarray, str]:
         return np.load(subset)["images"][:limit], "shipped Fashion-MNIST test subset"
 
 
+def gains(report: dict, key: str) -> dict:
+    """adaptive over static throughput per concurrency, from ``report[key]``'s rows."""
+    rows = report[key]
+    return {str(a["concurrency"]): a["throughput"] / s["throughput"]
+            for a, s in zip(rows["adaptive"], rows["static"]) if s["throughput"]}
+
+
 def format_report(report: dict) -> str:
-    """The figures of :func:`compare` as a text table, with the goals' ratios."""
-    lines = [f"{'service':12s} {'conc':>4s} {'img/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s}  statuses"]
-    for name, rows in report["results"].items():
-        for r in rows:
-            lines.append(f"{name:12s} {r['concurrency']:4d} {r['throughput']:8.1f} {r['p50_ms'] or 0:8.2f} "
-                         f"{r['p99_ms'] or 0:8.2f}  {r['statuses']}")
+    """The figures of :func:`benchmark` as a text table, with the goals' ratios."""
+    lines = [f"{'service':12s} {'conc':>4s} {'img/req':>7s} {'img/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} "
+             f"{'CPU ms/img':>10s}  statuses"]
+    for key in ("results", "many_image_results"):
+        for name, rows in report.get(key, {}).items():
+            for r in rows:
+                cpu = r.get("server_cpu_ms_per_image")
+                lines.append(f"{name:12s} {r['concurrency']:4d} {r.get('images_per_request', 1):7d} "
+                             f"{r['throughput']:8.1f} {r['p50_ms'] or 0:8.2f} {r['p99_ms'] or 0:8.2f} "
+                             f"{'-' if cpu is None else f'{cpu:.3f}':>10s}  {r['statuses']}")
     macs = report["macs_per_image"]
     lines.append("MACs per image: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in macs.items()))
-    if "mac_predicted_gain" in report:
-        gain = report["mac_predicted_gain"]
-        lines.append(f"MAC-predicted gain over static: {gain:.2f}x; measured: " + ", ".join(
-            f"c={c} {g:.2f}x ({g / gain:.2f} of it)" for c, g in report["throughput_gain"].items()))
-    if "gain_over_every_stage" in report:
-        lines.append("adaptive over every stage: " + ", ".join(
-            f"c={c} {g:.2f}x" for c, g in report["gain_over_every_stage"].items()))
+    gain = report["mac_predicted_gain"]
+    for key, what in (("results", "one image per request"), ("many_image_results", "many images per request")):
+        if key in report:
+            lines.append(f"MAC-predicted gain over static: {gain:.2f}x; measured, {what}: " + ", ".join(
+                f"c={c} {g:.2f}x ({g / gain:.2f} of it)" for c, g in gains(report, key).items()))
+    if report.get("in_process_img_s"):
+        many = report["many_image_results"]["adaptive"]
+        lines.append(f"in-process streaming early exit: {report['in_process_img_s']:.1f} img/s, model CPU "
+                     f"{report['model_cpu_ms_per_image']:.3f} ms/img; /v2 many-image service: " + ", ".join(
+                         f"c={r['concurrency']} {r['throughput'] / report['in_process_img_s']:.2f}x of it, server "
+                         f"CPU outside the model {(r['server_cpu_ms_per_image'] or 0) - report['model_cpu_ms_per_image']:.3f}"
+                         " ms/img" for r in many))
     if report.get("single_call_ms") is not None:
         low = report["results"]["adaptive"][0]
         lines.append(f"one in-process adaptive call on one image: {report['single_call_ms']:.2f} ms (median); "
                      f"service p99 at concurrency {low['concurrency']}: {low['p99_ms'] or 0:.2f} ms "
-                     f"({(low['p99_ms'] or 0) / report['single_call_ms']:.2f}x)")
+                     f"(goal: at most {1.5 * report['single_call_ms'] + 1:.2f} ms)")
     return "\n".join(lines)
-
-
-def benchmark(limit: int = 1000, concurrencies: Sequence[int] = (1, 4, 16, 32), requests: int = 400,
-              rounds: int = 2, max_batch: int = 32, max_wait_ms: float = 2.0, threads: Optional[int] = 1,
-              log=None) -> dict:
-    """:func:`compare` on the first ``limit`` test images, with the single-call latency for reference and
-    a note of the machine. What ``dvt benchmark --serve`` and benchmarks/bench_serve.py run."""
-    import platform
-
-    images, source = test_images(limit)
-    report = compare(images, concurrencies, requests, rounds, max_batch, max_wait_ms, threads, log=log)
-    report["single_call_ms"] = single_call_ms("dvt_fashion_mnist", images[:100], threads=threads)
-    report["machine"] = f"{platform.machine()}, {os.cpu_count()} cores; server threads (OMP_NUM_THREADS) {threads}"
-    report["source"] = source
-    return report

@@ -11,7 +11,8 @@
 
 * :func:`serve_deployment` binds a Ray Serve deployment that runs :class:`dvt_core.serve.app.PredictService`
   (the per-stage batching scheduler) in each replica, so many replicas serve one endpoint with the
-  same ``POST /v1/predict``, ``GET /healthz`` and ``GET /metrics`` as ``dvt serve``.
+  same routes and handler as ``dvt serve`` (``/v1/predict``, the Open Inference Protocol v2, ``/healthz``),
+  and a ``/metrics`` that sums the replicas' counters.
 
 Ray is imported only inside these functions (the ``ray`` extra); this module imports without it.
 """
@@ -109,13 +110,40 @@ class DVTPredictor:
         return pixels[:, 0] if spec.in_chans == 1 else pixels.transpose(0, 2, 3, 1)
 
 
+METRICS_BOARD = "dvt-serve-metrics"
+"""The name (namespace ``dvt``) of the detached actor holding every replica's latest counters."""
+
+
+def _metrics_board(app_name: str):
+    """The one actor per application where replicas leave their counters, so ``/metrics`` from any replica
+    reports the whole deployment (Prometheus would otherwise see counters jump between replicas)."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class MetricsBoard:
+        def __init__(self):
+            self.states: dict = {}
+
+        def put(self, replica: str, state: dict) -> None:
+            self.states[replica] = state  # a replica that stopped keeps its last counters: totals never drop
+
+        def states_now(self) -> list:
+            return list(self.states.values())
+
+    return MetricsBoard.options(name=f"{METRICS_BOARD}-{app_name}", namespace="dvt", lifetime="detached",
+                                get_if_exists=True).remote()
+
+
 def serve_deployment(model: str = "dvt_fashion_mnist", weights="default", backend: str = "torch",
                      thresholds: Optional[Sequence[float]] = None, budget: Optional[float] = None,
-                     limits: Optional[dict] = None, num_replicas: int = 1, ray_actor_options: Optional[dict] = None):
+                     limits: Optional[dict] = None, num_replicas: int = 1, ray_actor_options: Optional[dict] = None,
+                     metrics_every_s: float = 1.0):
     """A bound Ray Serve application: ``num_replicas`` replicas, each with its own model and per-stage
     scheduler (:class:`dvt_core.serve.app.PredictService`, ``limits`` its :class:`ServeLimits` fields),
-    answering ``POST .../v1/predict``, ``GET .../healthz`` and ``GET .../metrics``. Run it with
-    ``ray.serve.run(app, route_prefix="/")``."""
+    answering every route of ``dvt serve`` (``/v1/predict``, the Open Inference Protocol v2 under ``/v2``,
+    ``/healthz``, ``/metrics``) through the same handler, :func:`dvt_core.serve.app.respond`. ``/metrics``
+    sums every replica's counters (each reports them every ``metrics_every_s`` seconds and on a scrape).
+    Run it with ``ray.serve.run(app, route_prefix="/")``."""
     from ray import serve
 
     from dvt_core.serve.app import ServeLimits
@@ -125,30 +153,40 @@ def serve_deployment(model: str = "dvt_fashion_mnist", weights="default", backen
     @serve.deployment(num_replicas=num_replicas, ray_actor_options=ray_actor_options or {"num_cpus": 1})
     class DVTDeployment:
         def __init__(self):
+            import threading
+            import uuid
+
             from dvt_core.serve.app import PredictService
 
             built, chosen, classes = _load(model, weights, backend, None, thresholds, budget)
             self.service = PredictService(built, chosen, ServeLimits(**(limits or {})), classes=classes,
                                           mac_budget=budget)
+            self.replica, self.board = uuid.uuid4().hex, _metrics_board(serve.get_replica_context().app_name)
+            self.stopped = threading.Event()
+            threading.Thread(target=self._report, daemon=True, name="dvt-metrics-report").start()
+
+        def _report(self) -> None:
+            while not self.stopped.wait(metrics_every_s):
+                self.board.put.remote(self.replica, self.service.metrics.state())
 
         async def __call__(self, request):
-            from starlette.responses import JSONResponse, PlainTextResponse
+            from starlette.responses import PlainTextResponse
 
-            from dvt_core.serve.app import predict_response
+            from dvt_core.serve.app import respond
             from dvt_core.serve.metrics import CONTENT_TYPE
 
-            path = request.url.path.rstrip("/")
-            if request.method == "POST" and path.endswith("/v1/predict"):
-                return await predict_response(self.service, request)
-            if request.method == "GET" and path.endswith("/healthz"):
-                ok = self.service.healthy()
-                return JSONResponse({"status": "ok" if ok else "unavailable"}, status_code=200 if ok else 503)
-            if request.method == "GET" and path.endswith("/metrics"):
-                return PlainTextResponse(self.service.metrics.render(), media_type=CONTENT_TYPE)
-            return JSONResponse({"error": "not found: use POST /v1/predict, GET /healthz, GET /metrics"},
-                                status_code=404)
+            root = request.scope.get("root_path", "")
+            path = request.url.path[len(root):] if root and request.url.path.startswith(root) else request.url.path
+            if path.rstrip("/") == "/metrics" and request.method == "GET":
+                await self.board.put.remote(self.replica, self.service.metrics.state())
+                text = self.service.metrics.render_merged(await self.board.states_now.remote())
+                return PlainTextResponse(text, media_type=CONTENT_TYPE)
+            return await respond(self.service, request, path)
 
         def __del__(self):
+            stopped = getattr(self, "stopped", None)
+            if stopped is not None:
+                stopped.set()
             service = getattr(self, "service", None)
             if service is not None:
                 service.close()

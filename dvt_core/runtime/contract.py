@@ -138,8 +138,7 @@ class Runtime(abc.ABC):
         x = self.images_in(model, images)
         thresholds = model_thresholds(model, thresholds)
         with self.inference(model):
-            return run_adaptive(lambda i, imgs, carry: self.run_stage(model, i, imgs, carry), self.to_numpy,
-                                self.select, x, int(x.shape[0]), thresholds, model.exit_macs, confidence)
+            return run_adaptive(self, model, x, thresholds, confidence)
 
     def adaptive_numpy(self, model, images: np.ndarray, thresholds: Sequence[float],
                        confidence: str = "max_softmax"):

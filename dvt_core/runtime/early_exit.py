@@ -1,14 +1,14 @@
 """True early exit, written once for every backend.
 
-The loop, the confidence rule and the exit decisions live here; a backend supplies three small
-operations (run one stage, turn logits into numpy, keep some rows of a batch and of what the next
-stage reuses). Images that leave are dropped before any further work, including the resampling of
-their reused features and attention logits.
+The step (run a stage, score it, decide who leaves, keep the rest: :func:`exit_step`), the confidence
+rule and the per-batch loop live here, driven through the runtime contract only
+(dvt_core.runtime.contract: ``run_stage``, ``to_numpy``, ``select``). Images that leave are dropped
+before any further work, including the resampling of their reused features and attention logits.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 
@@ -66,7 +66,7 @@ def normalize_thresholds(thresholds, num_exits: int) -> np.ndarray:
     return t
 
 
-def _exit_confidence(logits: np.ndarray, kind: str) -> np.ndarray:
+def exit_confidence(logits: np.ndarray, kind: str) -> np.ndarray:
     """float32 confidence of each row of finite float32 ``logits``, equal to
     ``policy.confidence(policy.softmax(logits)[None], kind)[0]`` bit for bit (the thresholds were found on
     those). max-softmax without the division of every class: the largest probability is exp(0) / sum, and
@@ -80,18 +80,41 @@ def _exit_confidence(logits: np.ndarray, kind: str) -> np.ndarray:
     return (np.float32(1.0) / z.sum(axis=1)).astype(np.float32, copy=False)
 
 
-def run_adaptive(run_stage: Callable[[int, Any, Any], tuple[Any, Any]],
-                 to_numpy: Callable[[Any], np.ndarray],
-                 select: Callable[[Any, Any, np.ndarray], tuple[Any, Any]],
-                 images: Any, batch_size: int, thresholds, exit_macs: Sequence[int],
-                 confidence: str = "max_softmax") -> AdaptiveResult:
-    """Run the cascade with real early exit.
+def exit_step(runtime, model, index: int, images, carry, thresholds: np.ndarray,
+              confidence: str = "max_softmax") -> tuple[np.ndarray, np.ndarray, Any, Any, Any]:
+    """One stage of early exit, the step every loop shares (per-batch :func:`run_adaptive`, streaming,
+    the serving scheduler): run stage ``index`` through the runtime contract, take its logits to numpy,
+    score them, decide who leaves and keep the rows of those who go on.
 
-    ``run_stage(i, images, carry) -> (logits, carry)`` runs stage ``i`` on ``images`` with what the
-    previous stage left for reuse (``carry``; None for the first). ``select(images, carry, rows)``
-    keeps ``rows`` (int64 numpy) of both. ``to_numpy(logits)`` gives float32 (B, classes).
-    """
-    num_exits = len(exit_macs)
+    Returns ``(logits, confidences, leave, images, carry)``: float32 logits (B, classes) and confidences
+    (B,) of every image run; ``leave`` is True when every image leaves here (always at the last exit),
+    False when none does, else a boolean mask (B,); ``images`` and ``carry`` are those of the images that
+    go on (only sliced when some leave; carry None after the last stage). ``thresholds`` come from
+    :func:`normalize_thresholds`: (exits,), or (exits, B) when each image has its own (the service's
+    per-request operating points). Batch 1 takes no boolean indexing and no slicing."""
+    logits, carry = runtime.run_stage(model, index, images, carry)
+    lg = runtime.to_numpy(logits).astype(np.float32, copy=False)
+    if not np.isfinite(lg).all():  # a prediction from NaN logits would be silently wrong
+        bad = int((~np.isfinite(lg)).any(axis=1).sum())
+        raise InputError(f"exit {index + 1} gave NaN or infinite logits for {bad} of {len(lg)} image(s): the "
+                         "weights or the input are out of range; no prediction made")
+    conf = exit_confidence(lg, confidence)
+    if index == len(thresholds) - 1:
+        return lg, conf, True, images, None
+    leave = conf >= thresholds[index]
+    if leave.all():
+        return lg, conf, True, images, carry
+    if not leave.any():
+        return lg, conf, False, images, carry
+    images, carry = runtime.select(images, carry, np.flatnonzero(~leave))
+    return lg, conf, leave, images, carry
+
+
+def run_adaptive(runtime, model, images, thresholds, confidence: str = "max_softmax") -> AdaptiveResult:
+    """Per-batch early exit of a tensor batch ``images`` (the runtime's own), inside its inference
+    context: each stage runs on the images still there (:func:`exit_step`)."""
+    exit_macs = model.exit_macs
+    num_exits, batch_size = len(exit_macs), int(images.shape[0])
     t = normalize_thresholds(thresholds, num_exits)
     pred = np.zeros(batch_size, np.int64)
     exit_index = np.zeros(batch_size, np.int64)
@@ -101,33 +124,23 @@ def run_adaptive(run_stage: Callable[[int, Any, Any], tuple[Any, Any]],
     alive = np.arange(batch_size)
     carry = None
     for i in range(num_exits):
-        logits, carry = run_stage(i, images, carry)
-        lg = to_numpy(logits).astype(np.float32, copy=False)
-        if not np.isfinite(lg).all():  # a prediction from NaN logits would be silently wrong
-            bad = int((~np.isfinite(lg)).any(axis=1).sum())
-            raise InputError(f"exit {i + 1} gave NaN or infinite logits for {bad} of {len(lg)} image(s): the "
-                             "weights or the input are out of range; no prediction made")
+        lg, conf, leave, images, carry = exit_step(runtime, model, i, images, carry, t, confidence)
         if logits_out is None:
             logits_out = np.zeros((batch_size, lg.shape[1]), np.float32)
-        conf = _exit_confidence(lg, confidence)
         seen_conf[alive, i] = conf
-        # the three outcomes take no boolean indexing where none is needed (batch 1 is always one of the first two)
-        leave = None if i == num_exits - 1 else conf >= t[i]
-        if leave is None or leave.all():
+        if leave is False:
+            continue  # every image goes on, nothing was sliced
+        if leave is True:
             rows, lg_left, conf_left = alive, lg, conf
-        elif not leave.any():
-            continue  # every image goes on, nothing is sliced
         else:
             rows, lg_left, conf_left = alive[leave], lg[leave], conf[leave]
         pred[rows] = lg_left.argmax(axis=1)
         exit_index[rows] = i
         conf_out[rows] = conf_left
         logits_out[rows] = lg_left
-        if len(rows) == len(alive):
+        if leave is True:
             break
-        stay = np.flatnonzero(~leave)
-        alive = alive[stay]
-        images, carry = select(images, carry, stay)
+        alive = alive[~leave]
     macs = np.asarray(exit_macs, dtype=np.int64)[exit_index]
     counts = np.bincount(exit_index, minlength=num_exits)
     return AdaptiveResult(pred, exit_index, conf_out, logits_out, macs, counts, seen_conf)

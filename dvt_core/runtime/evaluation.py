@@ -68,14 +68,14 @@ def adaptive_files(model, files, thresholds=None, batch_size: int = 64, confiden
 
 def _run_batches(model, batches, thresholds, batch_size, confidence, streaming):
     from dvt_core.runtime.early_exit import AdaptiveResult
-    from dvt_core.runtime.streaming import stage_ops, stream_adaptive
+    from dvt_core.runtime.streaming import stream_adaptive
 
     if streaming:
-        return stream_adaptive(stage_ops(model), batches, thresholds, batch_size, confidence)
+        return stream_adaptive(model, batches, thresholds, batch_size, confidence)
     run = backend_of(model).adaptive_numpy
     parts = [run(model, x, thresholds, confidence) for x in batches]
     if not parts:
-        return stream_adaptive(stage_ops(model), [], thresholds, batch_size, confidence)
+        return stream_adaptive(model, [], thresholds, batch_size, confidence)
     cat = lambda f: np.concatenate([getattr(p, f) for p in parts])
     reached = None if any(p.exit_confidences is None for p in parts) else cat("exit_confidences")
     return AdaptiveResult(cat("prediction"), cat("exit_index"), cat("confidence"), cat("logits"), cat("macs"),

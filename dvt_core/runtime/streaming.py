@@ -8,50 +8,20 @@ batches; whatever is left runs at the end. Every image takes the same exit with 
 prediction as in per-batch early exit (each image's arithmetic does not depend on its batch
 neighbours, up to float rounding), and results come back in input order.
 
-Backend-neutral: the engine drives the backend contract (dvt_core.runtime.contract: ``run_stage``,
-``select``, ``join``, ``to_tensor``, ``to_numpy``, ``inference``) through :func:`stage_ops`.
+Backend-neutral: the engine drives the model's runtime (dvt_core.runtime.contract: ``run_stage``,
+``select``, ``join``, ``to_tensor``, ``to_numpy``, ``inference``); each stage run is the shared step
+:func:`dvt_core.runtime.early_exit.exit_step`.
 """
 from __future__ import annotations
 
-import contextlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from dvt_core.runtime.early_exit import AdaptiveResult, normalize_thresholds
+from dvt_core.runtime.contract import backend_of
+from dvt_core.runtime.early_exit import AdaptiveResult, exit_step, normalize_thresholds
 from dvt_core.errors import InputError
-
-
-@dataclass
-class StageOps:
-    """What the engine needs from a backend model.
-
-    ``run_stage(i, images, carry) -> (logits, carry)`` (carry None into the first stage and out of the
-    last); ``to_numpy(logits)`` -> float32 (B, classes); ``select(images, carry, rows)`` keeps ``rows``
-    (int64 numpy) of both; ``join(parts)`` concatenates ``[(images, carry), ...]`` along the batch;
-    ``from_numpy(x)`` turns a float32 numpy batch into the backend's input; ``session()`` is the
-    context the stages run in (evaluation mode, no gradients). :func:`stage_ops` builds it for a model.
-    """
-
-    run_stage: Callable[[int, Any, Any], tuple[Any, Any]]
-    to_numpy: Callable[[Any], np.ndarray]
-    select: Callable[[Any, Any, np.ndarray], tuple[Any, Any]]
-    join: Callable[[list], tuple[Any, Any]]
-    from_numpy: Callable[[np.ndarray], Any]
-    exit_macs: Sequence[int]
-    session: Callable[[], ContextManager] = contextlib.nullcontext
-
-
-def stage_ops(model) -> StageOps:
-    """The :class:`StageOps` of any model, from its backend's contract members."""
-    from dvt_core.runtime.contract import backend_of
-
-    b = backend_of(model)
-    return StageOps(run_stage=lambda i, images, carry: b.run_stage(model, i, images, carry), to_numpy=b.to_numpy,
-                    select=b.select, join=b.join, from_numpy=lambda x: b.to_tensor(model, x),
-                    exit_macs=model.exit_macs, session=lambda: b.inference(model))
 
 
 class _Collector:
@@ -93,11 +63,12 @@ class StreamingAdaptive:
     fewer than two batches), and at ``finish`` on what is left, stage by stage.
     """
 
-    def __init__(self, ops: StageOps, thresholds, batch_size: int, confidence: str = "max_softmax"):
+    def __init__(self, model, thresholds, batch_size: int, confidence: str = "max_softmax"):
         if batch_size < 1:
             raise InputError(f"batch size must be 1 or more, got {batch_size}")
-        self.ops = ops
-        self.num_exits = len(ops.exit_macs)
+        self.model, self.runtime = model, backend_of(model)
+        self.exit_macs = model.exit_macs
+        self.num_exits = len(self.exit_macs)
         self.t = normalize_thresholds(thresholds, self.num_exits)
         self.batch_size = batch_size
         self.confidence = confidence
@@ -121,48 +92,42 @@ class StreamingAdaptive:
         for i in range(1, self.num_exits):
             if self.queued[i]:
                 self._drain(i)
-        return self.out.result(self.ops.exit_macs, self.num_classes)
+        return self.out.result(self.exit_macs, self.num_classes)
 
     # ---- internals ----------------------------------------------------------------------------
     def _drain(self, i: int) -> None:
         parts = self.queues[i]
         self.queues[i], self.queued[i] = [], 0
         ids = np.concatenate([p[0] for p in parts])
-        images, carry = parts[0][1:] if len(parts) == 1 else self.ops.join([p[1:] for p in parts])
+        images, carry = parts[0][1:] if len(parts) == 1 else self.runtime.join([p[1:] for p in parts])
         self._run(i, ids, images, carry)
 
     def _run(self, i: int, ids: np.ndarray, images, carry) -> None:
-        from dvt_core.runtime.policy import confidence as confidence_of, softmax
-
         self.stage_runs[i] += 1
-        logits, carry = self.ops.run_stage(i, images, carry)
-        lg = self.ops.to_numpy(logits).astype(np.float32, copy=False)
+        lg, conf, leave, images, carry = exit_step(self.runtime, self.model, i, images, carry, self.t,
+                                                   self.confidence)
         self.num_classes = lg.shape[1]
-        last = i == self.num_exits - 1
-        conf = confidence_of(softmax(lg)[None], kind=self.confidence)[0]
         self.out.note(ids, i, conf)
-        leave = np.ones(len(ids), bool) if last else conf >= self.t[i]
-        if leave.all():
+        if leave is True:
             self.out.add(ids, i, lg, conf)
             return
-        if leave.any():
+        if leave is not False:
             self.out.add(ids[leave], i, lg[leave], conf[leave])
-        stay = np.flatnonzero(~leave)
-        if len(stay) < len(ids):
-            images, carry = self.ops.select(images, carry, stay)
-        self.queues[i + 1].append((ids[stay], images, carry))
-        self.queued[i + 1] += len(stay)
+            ids = ids[~leave]
+        self.queues[i + 1].append((ids, images, carry))
+        self.queued[i + 1] += len(ids)
         if self.queued[i + 1] >= self.batch_size:
             self._drain(i + 1)
 
 
-def stream_adaptive(ops: StageOps, batches: Iterable[np.ndarray], thresholds, batch_size: int,
+def stream_adaptive(model, batches: Iterable[np.ndarray], thresholds, batch_size: int,
                     confidence: str = "max_softmax") -> AdaptiveResult:
     """Early exit over an iterable of float32 numpy batches (already normalised), in input order."""
-    engine = StreamingAdaptive(ops, thresholds, batch_size, confidence)
-    with ops.session():
+    engine = StreamingAdaptive(model, thresholds, batch_size, confidence)
+    runtime = engine.runtime
+    with runtime.inference(model):
         for x in batches:
-            engine.feed(ops.from_numpy(x))
+            engine.feed(runtime.to_tensor(model, x))
         return engine.finish()
 
 

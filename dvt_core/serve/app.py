@@ -1,9 +1,12 @@
-"""The HTTP service: ``POST /v1/predict``, ``GET /healthz``, ``GET /metrics`` (an ASGI app on Starlette).
+"""The HTTP service (an ASGI app on Starlette): ``POST /v1/predict`` (one image file, as the body or a
+multipart upload), the Open Inference Protocol v2 (``/v2``, ``/v2/health/{live,ready}``,
+``/v2/models/{name}[/versions/1][/ready]``, ``POST .../infer`` with N images: dvt_core.serve.v2),
+``GET /healthz`` and ``GET /metrics``.
 
 :class:`PredictService` is the framework-free part (limits, decoding, the scheduler, the answer);
-:func:`create_app` wraps it in a Starlette app, and :func:`predict_response` is the one request
-handler, shared with the Ray Serve deployment (dvt_core.integrations.ray). Starlette is imported only
-when an app or a response is made (the ``serve`` extra).
+:func:`respond` is the one request handler, behind :func:`create_app`'s Starlette app and the Ray Serve
+deployment (dvt_core.integrations.ray) alike. Starlette is imported only when an app or a response is
+made (the ``serve`` extra).
 
 Safety: a body is bounded before it is read whole (Content-Length, then while streaming), reading it
 is bounded in time, the queue is bounded (a full queue answers 503 at once, with Retry-After), every
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -33,16 +37,22 @@ class ServeLimits:
     max_wait_ms: float = 2.0
     queue_limit: int = 256
     max_body_mb: float = 8.0
+    max_images: Optional[int] = None  # images in one /v2 request (each takes a place in the queue); None: queue_limit
     read_timeout_s: float = 10.0  # to receive a whole body (a slow client gets 408)
     request_timeout_s: float = 30.0  # from a full body to the answer (then 504)
     retry_after_s: int = 1
 
     def check(self) -> "ServeLimits":
-        for name in ("max_batch", "queue_limit"):
+        if self.max_images is None:
+            self.max_images = int(self.queue_limit)
+        for name in ("max_batch", "queue_limit", "max_images"):
             if int(getattr(self, name)) < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be 1 or more, got {getattr(self, name)}")
         if self.max_wait_ms < 0:
             raise InputError(f"--max-wait-ms must be 0 or more, got {self.max_wait_ms:g}")
+        if self.max_images > self.queue_limit:
+            raise InputError(f"--max-images ({self.max_images}) must not exceed --queue-limit ({self.queue_limit}): "
+                             "a request of that many images could never be queued")
         if not 0 < self.max_body_mb <= 1024:
             raise InputError(f"--max-body-mb must be above 0 and at most 1024, got {self.max_body_mb:g}")
         return self
@@ -72,6 +82,7 @@ class PredictService:
 
         self.limits = (limits or ServeLimits()).check()
         self.model, self.spec = model, model.spec
+        self.name = self.spec.name  # the model's name in /healthz and /v2/models/{name}
         if self.spec.in_chans not in (1, 3):
             raise InputError(f"{self.spec.name} takes {self.spec.in_chans}-channel images; "
                              "image files give 1 (grey) or 3 (RGB)")
@@ -92,7 +103,7 @@ class PredictService:
         """The normalised float32 image (C, H, W) of an image file's bytes, read as ``dvt predict`` reads
         a file (dvt_core.data.images.read_image); RequestError 400 when the bytes are no image."""
         from dvt_core.data.images import ImageReadError, read_image
-        from dvt_core.data.sources import normalize
+        from dvt_core.data.images import normalize
 
         if not body:
             raise RequestError(400, "empty body: send the bytes of an image file (PNG, JPEG, BMP, WebP, GIF, TIFF)")
@@ -104,33 +115,46 @@ class PredictService:
                                ) from None
         return normalize(img[None], self.spec.mean, self.spec.std)[0]
 
+    def label(self, class_index: int) -> str:
+        return self.classes[class_index] if self.classes else str(class_index)
+
     def answer(self, prediction) -> dict:
+        """One image's answer in the words ``dvt predict --json`` uses (``prediction`` and ``label`` both
+        name the class)."""
         k = prediction.class_index
-        label = self.classes[k] if self.classes else str(k)
-        return {"label": label, "class_index": k, "confidence": round(prediction.confidence, 6),
-                "exit": prediction.exit_index + 1, "macs": prediction.macs}
+        label = self.label(k)
+        return {"prediction": label, "label": label, "class_index": k, "confidence": round(prediction.confidence, 6),
+                "exit": prediction.exit, "macs": prediction.macs}
 
     async def predict(self, body: bytes) -> dict:
         """The answer for one image's bytes; RequestError for a bad body, a full queue or a timeout."""
-        from dvt_core.serve.scheduler import QueueFullError, SchedulerClosedError
-
         loop = asyncio.get_running_loop()
         image = await loop.run_in_executor(self._decoder, self.decode, body)
+        return self.answer(await self._answered(lambda: self.scheduler.submit(image)))
+
+    async def predict_many(self, images: np.ndarray, thresholds: Optional[np.ndarray] = None) -> list:
+        """The :class:`~dvt_core.serve.scheduler.Prediction` of N normalised images (N, C, H, W), scheduled
+        image by image through the stages' queues (``thresholds``: these images' own, else the service's)."""
+        return await self._answered(lambda: self.scheduler.submit_many(images, thresholds))
+
+    async def _answered(self, submit):
+        """The result of the future ``submit()`` returns, with the service's refusals as RequestError:
+        503 (queue full, shutting down), 504 (no answer in time), 500 (the model failed)."""
+        from dvt_core.errors import QueueFullError, SchedulerClosedError
+
+        retry = {"Retry-After": str(self.limits.retry_after_s)}
         try:
-            future = self.scheduler.submit(image)
+            future = submit()
         except QueueFullError:
-            raise RequestError(503, "the service is at capacity; retry shortly",
-                               {"Retry-After": str(self.limits.retry_after_s)}) from None
+            raise RequestError(503, "the service is at capacity; retry shortly", retry) from None
         except SchedulerClosedError:
-            raise RequestError(503, "the service is shutting down", {"Retry-After": str(self.limits.retry_after_s)}
-                               ) from None
+            raise RequestError(503, "the service is shutting down", retry) from None
         try:
-            prediction = await asyncio.wait_for(asyncio.wrap_future(future), self.limits.request_timeout_s)
+            return await asyncio.wait_for(asyncio.wrap_future(future), self.limits.request_timeout_s)
         except asyncio.TimeoutError:
             raise RequestError(504, f"no answer within {self.limits.request_timeout_s:g} s") from None
-        except Exception:  # a model failure: logged by the worker's caller, never echoed
+        except Exception:  # a model failure: never echoed
             raise RequestError(500, "the model failed on this batch") from None
-        return self.answer(prediction)
 
     def healthy(self) -> bool:
         return self.scheduler.alive
@@ -172,15 +196,112 @@ def _json(status: int, payload: dict, headers: Optional[dict] = None):
     return JSONResponse(payload, status_code=status, headers=headers)
 
 
+def image_of_multipart(body: bytes, content_type: str) -> bytes:
+    """The bytes of the one file of a ``multipart/form-data`` body (``curl -F file=@img.png``)."""
+    from email import policy
+    from email.parser import BytesParser
+
+    message = BytesParser(policy=policy.HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode("latin-1", "replace") + b"\r\n\r\n" + body)
+    files = [part for part in message.iter_parts() if part.get_filename() is not None] \
+        if message.is_multipart() else []
+    if len(files) != 1:
+        raise RequestError(400, f"a multipart upload must hold exactly one file (got {len(files)}): "
+                                "curl -F file=@image.png URL/v1/predict")
+    return files[0].get_payload(decode=True) or b""
+
+
 async def predict_response(service: PredictService, request):
-    """The response to ``POST /v1/predict`` (Starlette request in, Starlette response out)."""
+    """The response to ``POST /v1/predict``: one image file, as the body or as a multipart upload."""
+    body = await read_body(request, service.limits.max_body_bytes, service.limits.read_timeout_s)
+    content_type = request.headers.get("content-type", "")
+    if content_type.lower().startswith("multipart/"):
+        body = image_of_multipart(body, content_type)
+    return _json(200, await service.predict(body))
+
+
+async def infer_response(service: PredictService, request):
+    """The response to ``POST /v2/models/{name}[/versions/{v}]/infer``."""
+    from starlette.responses import Response
+
+    from dvt_core.serve import v2
+
+    body = await read_body(request, service.limits.max_body_bytes, service.limits.read_timeout_s)
+    content, headers = await v2.infer(service, body, request.headers.get("inference-header-content-length"))
+    return Response(content, headers=headers, media_type=headers.pop("Content-Type"))
+
+
+def _v2_route(service: PredictService, path: str):
+    """(what a /v2 path asks for, its methods) or RequestError 404 for a model or version this service has not."""
+    from dvt_core.serve import protocol
+
+    parts = path.split("/")[2:]  # "", "v2", ...
+    if parts in ([], ["health", "live"], ["health", "ready"]):
+        return ("server",) + tuple(parts), ("GET",)
+    if len(parts) < 2 or parts[0] != "models":
+        raise RequestError(404, "not found: see GET /v2 and GET /v2/models/{name}")
+    if parts[1] != service.name:
+        raise RequestError(404, f"no model of that name here; this service serves {service.name!r}")
+    rest = parts[2:]
+    if rest[:1] == ["versions"]:
+        if len(rest) < 2 or rest[1] != protocol.VERSION:
+            raise RequestError(404, f"no such version of {service.name!r}; its one version is {protocol.VERSION}")
+        rest = rest[2:]
+    if rest in ([], ["ready"]):
+        return ("model",) + tuple(rest), ("GET",)
+    if rest == ["infer"]:
+        return ("infer",), ("POST",)
+    raise RequestError(404, "not found: see GET /v2/models/{name}")
+
+
+ROUTES = "POST /v1/predict, POST /v2/models/{name}/infer, GET /v2/models/{name}, GET /healthz, GET /metrics"
+
+
+async def _routed(service: PredictService, request, path: str):
+    """The response to any request: the one handler of ``dvt serve`` and the Ray Serve deployment."""
+    from starlette.responses import PlainTextResponse
+
+    from dvt_core.serve import v2
+    from dvt_core.serve.metrics import CONTENT_TYPE
+
+    fixed = {"/v1/predict": (("v1",), ("POST",)), "/healthz": (("healthz",), ("GET",)),
+             "/metrics": (("metrics",), ("GET",))}
+    what, methods = fixed[path] if path in fixed else _v2_route(service, path) if path.startswith("/v2") \
+        else (None, ())
+    if what is None:
+        raise RequestError(404, f"not found: use {ROUTES}")
+    if request.method not in methods:
+        raise RequestError(405, f"method {request.method} not allowed here: use {methods[0]} {path}",
+                           {"Allow": ", ".join(methods)})
+    if what == ("v1",):
+        return await predict_response(service, request)
+    if what == ("infer",):
+        return await infer_response(service, request)
+    ok = service.healthy()
+    if what == ("healthz",):
+        return _json(200 if ok else 503, {"status": "ok" if ok else "unavailable", "model": service.name})
+    if what == ("metrics",):
+        return PlainTextResponse(service.metrics.render(), media_type=CONTENT_TYPE)
+    if what in (("server",), ("model",)):
+        return _json(200, v2.server_metadata() if what == ("server",) else v2.model_metadata(service))
+    live = what == ("server", "health", "live")
+    return _json(200 if ok or live else 503, {"live" if live else "ready": ok or live})
+
+
+async def respond(service: PredictService, request, path: Optional[str] = None):
+    """:func:`_routed`'s response, every refusal as a JSON ``{"error": ...}`` with its status; the request
+    counted in the service's metrics (``path``: the request's path below any route prefix)."""
     start = time.perf_counter()
+    path = (path or request.url.path).rstrip("/") or "/"
     try:
-        body = await read_body(request, service.limits.max_body_bytes, service.limits.read_timeout_s)
-        response = _json(200, await service.predict(body))
+        response = await _routed(service, request, path)
     except RequestError as exc:
         response = _json(exc.status, {"error": str(exc)}, exc.headers)
-    service.metrics.request_done(response.status_code, time.perf_counter() - start)
+    except Exception:  # a bug must not answer with a traceback or a bare text page: logged, a JSON 500
+        logging.getLogger("dvt.serve").exception("unexpected failure answering %s", _UNSAFE.sub("?", path[:200]))
+        response = _json(500, {"error": "internal error"})
+    if path == "/v1/predict" or path.endswith("/infer"):  # inference requests, not probes and scrapes
+        service.metrics.request_done(response.status_code, time.perf_counter() - start)
     return response
 
 
@@ -189,33 +310,18 @@ def create_app(service: PredictService):
     import contextlib
 
     from starlette.applications import Starlette
-    from starlette.responses import PlainTextResponse
     from starlette.routing import Route
 
-    from dvt_core.serve.metrics import CONTENT_TYPE
-
-    async def predict(request):
-        return await predict_response(service, request)
-
-    async def healthz(request):
-        ok = service.healthy()
-        return _json(200 if ok else 503, {"status": "ok" if ok else "unavailable", "model": service.spec.name})
-
-    async def metrics(request):
-        return PlainTextResponse(service.metrics.render(), media_type=CONTENT_TYPE)
-
-    async def not_found(request, exc):
-        return _json(getattr(exc, "status_code", 404), {"error": "not found: use POST /v1/predict, GET /healthz, "
-                                                                 "GET /metrics"})
+    async def endpoint(request):
+        return await respond(service, request)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
         await asyncio.get_running_loop().run_in_executor(None, service.close)
 
-    routes = [Route("/v1/predict", predict, methods=["POST"]), Route("/healthz", healthz, methods=["GET"]),
-              Route("/metrics", metrics, methods=["GET"])]
-    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: not_found})
+    methods = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]
+    return Starlette(routes=[Route("/{path:path}", endpoint, methods=methods)], lifespan=lifespan)
 
 
 def bind_socket(host: str, port: int):

@@ -28,6 +28,15 @@ class _Histogram:
             if value <= edge:
                 self.counts[k] += 1
 
+    def state(self) -> list:
+        return [list(self.counts), self.total, self.sum]
+
+    def add(self, state: list) -> None:
+        counts, total, total_sum = state
+        self.counts = [a + b for a, b in zip(self.counts, counts)]
+        self.total += total
+        self.sum += total_sum
+
     def lines(self, name: str, labels: str = "") -> list[str]:
         sep = "," if labels else ""
         out = [f'{name}_bucket{{{labels}{sep}le="{_num(edge)}"}} {n}' for edge, n in zip(self.buckets, self.counts)]
@@ -73,6 +82,31 @@ class ServiceMetrics:
         with self._lock:
             n = sum(self.exits)
             return sum(c * m for c, m in zip(self.exits, self.exit_macs)) / n if n else 0.0
+
+    def state(self) -> dict:
+        """Every counter as plain data (what :meth:`render_merged` sums over the replicas of a deployment)."""
+        depths = list(self.depths()) if self.depths is not None else [0] * self.num_exits
+        with self._lock:
+            return {"requests": {str(k): v for k, v in self.requests.items()}, "latency": self.latency.state(),
+                    "batch_sizes": [h.state() for h in self.batch_sizes], "exits": list(self.exits), "depths": depths}
+
+    def render_merged(self, states: Sequence[dict]) -> str:
+        """The exposition of the sum of several services' :meth:`state` (the replicas of one deployment, each
+        state the latest its replica reported: every counter only grows); thresholds are this service's."""
+        total = ServiceMetrics(self.num_exits, 1, self.exit_macs, mac_budget=self.mac_budget,
+                               thresholds=self.thresholds)
+        total.batch_sizes = [_Histogram(h.buckets) for h in self.batch_sizes]
+        depths = [0] * self.num_exits
+        for st in states:
+            for code, n in st["requests"].items():
+                total.requests[int(code)] = total.requests.get(int(code), 0) + n
+            total.latency.add(st["latency"])
+            for h, hs in zip(total.batch_sizes, st["batch_sizes"]):
+                h.add(hs)
+            total.exits = [a + b for a, b in zip(total.exits, st["exits"])]
+            depths = [a + b for a, b in zip(depths, st["depths"])]
+        total.depths = lambda: depths
+        return total.render()
 
     def render(self) -> str:
         depths = self.depths() if self.depths is not None else [0] * self.num_exits

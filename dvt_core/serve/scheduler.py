@@ -17,32 +17,33 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from dvt_core.errors import DVTError, InputError
-from dvt_core.runtime.early_exit import normalize_thresholds
-
-
-class QueueFullError(DVTError):
-    """The service holds ``queue_limit`` images already: the request is refused at once (HTTP 503)."""
-
-
-class SchedulerClosedError(DVTError):
-    """The scheduler is shutting down and takes no new image."""
+from dvt_core.errors import InputError, QueueFullError, SchedulerClosedError
+from dvt_core.runtime.early_exit import exit_step, normalize_thresholds
 
 
 @dataclass
 class Prediction:
-    """One image's outcome: class index, confidence at the exit taken, that exit (0-based), its MACs."""
+    """One image's outcome: class index, confidence at the exit taken, the stage that answered it
+    (``stage_index``, counted from 0, for indexing) and its MACs. ``exit`` is the same exit counted from 1,
+    as the CLI and HTTP answers say it."""
 
     class_index: int
     confidence: float
-    exit_index: int
+    stage_index: int
     macs: int
+    logits: Optional[np.ndarray] = field(default=None, repr=False)  # float32 (classes,) at the exit taken
+    exit_confidences: Optional[np.ndarray] = field(default=None, repr=False)  # float32 (exits,), NaN: not reached
+
+    @property
+    def exit(self) -> int:
+        return self.stage_index + 1
 
 
 class BudgetController:
@@ -79,13 +80,50 @@ class BudgetController:
 
 @dataclass
 class _Batch:
-    """Images waiting in one stage's queue: their futures, their tensor batch and carry (stage 1: numpy
-    images, no carry), and when they entered the queue."""
+    """Images waiting in one stage's queue: their answer slots, their tensor batch and carry (stage 1: one
+    numpy image, no carry), when they entered the queue, their own thresholds (None: the service's; else
+    float32 (B, exits), stage 1: (exits,)) and the confidences seen so far (float32 (B, exits); stage 1: None)."""
 
-    futures: list
+    slots: list
     images: Any
     carry: Any
     since: float
+    thresholds: Optional[np.ndarray] = None
+    seen: Optional[np.ndarray] = None
+
+
+class _Group:
+    """The answers of one request's images, in order; ``future`` completes once all are in (one wake-up of
+    the caller per request, not per image), or with the first failure."""
+
+    def __init__(self, n: int):
+        self.future: Future = Future()
+        self.future.set_running_or_notify_cancel()
+        self.results: list = [None] * n
+        self.left = n
+
+    def slot(self, k: int) -> "_Slot":
+        return _Slot(self, k)
+
+
+class _Slot:
+    """One image's place in a :class:`_Group` (answered on the worker thread only, like a Future)."""
+
+    __slots__ = ("group", "k")
+
+    def __init__(self, group: _Group, k: int):
+        self.group, self.k = group, k
+
+    def set_result(self, prediction) -> None:
+        g = self.group
+        g.results[self.k] = prediction
+        g.left -= 1
+        if g.left == 0 and not g.future.done():
+            g.future.set_result(g.results)
+
+    def set_exception(self, exc: BaseException) -> None:
+        if not self.group.future.done():
+            self.group.future.set_exception(exc)
 
 
 class StageScheduler:
@@ -120,7 +158,8 @@ class StageScheduler:
         self.queue_limit = int(queue_limit)
         self.confidence = confidence
         self.observer = observer
-        self.queues: list[list[_Batch]] = [[] for _ in range(self.num_exits)]
+        self.queues: list[deque] = [deque() for _ in range(self.num_exits)]
+        self.waiting = [0] * self.num_exits  # images in each queue (kept, not counted: a request may queue hundreds)
         self.stage_runs = [0] * self.num_exits
         self._pending = 0  # images submitted and not answered yet, all stages together
         self._cond = threading.Condition()
@@ -135,20 +174,37 @@ class StageScheduler:
         images are in the service, SchedulerClosedError once :meth:`close` began."""
         future: Future = Future()
         future.set_running_or_notify_cancel()  # a caller that gives up cannot cancel it under the worker
+        self._enqueue([future], image[None], None)
+        return future
+
+    def submit_many(self, images: np.ndarray, thresholds: Optional[np.ndarray] = None) -> Future:
+        """Queue N normalised float32 images (N, C, H, W) as N entries of stage 1's queue (each image goes
+        on or leaves on its own); a Future of their N :class:`Prediction` in order. ``thresholds`` (from
+        :func:`normalize_thresholds`) apply to these images only. All N fit or none is queued."""
+        group = _Group(len(images))
+        if len(images) == 0:
+            group.future.set_result([])
+            return group.future
+        self._enqueue([group.slot(k) for k in range(len(images))], images, thresholds)
+        return group.future
+
+    def _enqueue(self, slots: list, images: np.ndarray, thresholds: Optional[np.ndarray]) -> None:
         with self._cond:
             if self._closing or self._failure is not None:
                 raise SchedulerClosedError("the service is shutting down")
-            if self._pending >= self.queue_limit:
-                raise QueueFullError(f"the queue is full ({self.queue_limit} images waiting)")
-            self._pending += 1
-            self.queues[0].append(_Batch([future], image, None, time.monotonic()))
+            if self._pending + len(slots) > self.queue_limit:
+                raise QueueFullError(f"the queue is full ({self.queue_limit} images at most, {self._pending} "
+                                     f"waiting, {len(slots)} sent)")
+            self._pending += len(slots)
+            now = time.monotonic()
+            self.queues[0].extend(_Batch([slot], image, None, now, thresholds) for slot, image in zip(slots, images))
+            self.waiting[0] += len(slots)
             self._cond.notify()
-        return future
 
     def depths(self) -> list[int]:
         """Images waiting in each stage's queue now."""
         with self._cond:
-            return [sum(len(b.futures) for b in q) for q in self.queues]
+            return list(self.waiting)
 
     @property
     def alive(self) -> bool:
@@ -176,7 +232,7 @@ class StageScheduler:
             q = self.queues[i]
             if not q:
                 continue
-            waiting = sum(len(b.futures) for b in q)
+            waiting = self.waiting[i]
             deadline = q[0].since + self.max_wait
             earlier_empty = i > 0 and not any(self.queues[:i])
             if waiting >= self.max_batch or now >= deadline or earlier_empty or self._closing:
@@ -186,25 +242,25 @@ class StageScheduler:
 
     def _take(self, i: int) -> list[_Batch]:
         """Up to ``max_batch`` images from the head of stage ``i``'s queue (a waiting batch is split
-        when only part of it fits)."""
+        when only part of it fits; stage 1's entries hold one image each)."""
         q, taken, room = self.queues[i], [], self.max_batch
         while q and room:
             head = q[0]
-            if len(head.futures) <= room:
-                taken.append(q.pop(0))
-                room -= len(head.futures)
+            if len(head.slots) <= room:
+                taken.append(q.popleft())
+                room -= len(head.slots)
             else:
-                rows = np.arange(room)
-                rest = np.arange(room, len(head.futures))
-                taken.append(_Batch(head.futures[:room], *self._rows(i, head, rows), head.since))
-                q[0] = _Batch(head.futures[room:], *self._rows(i, head, rest), head.since)
+                taken.append(self._rows(head, slice(0, room)))
+                q[0] = self._rows(head, slice(room, None))
                 room = 0
+        self.waiting[i] -= self.max_batch - room
         return taken
 
-    def _rows(self, i: int, batch: _Batch, rows: np.ndarray) -> tuple[Any, Any]:
-        if i == 0:
-            return batch.images, None  # stage 1 entries hold one image each: never split
-        return self.backend.select(batch.images, batch.carry, rows)
+    def _rows(self, batch: _Batch, rows: slice) -> _Batch:
+        idx = np.arange(len(batch.slots))[rows]
+        images, carry = self.backend.select(batch.images, batch.carry, idx)
+        own = None if batch.thresholds is None else batch.thresholds[rows]
+        return _Batch(batch.slots[rows], images, carry, batch.since, own, batch.seen[rows])
 
     def _work(self) -> None:
         try:
@@ -228,54 +284,64 @@ class StageScheduler:
             self._failure = exc
             for q in self.queues:
                 for b in q:
-                    for f in b.futures:
+                    for f in b.slots:
                         f.set_exception(exc)
                 q.clear()
+            self.waiting = [0] * self.num_exits
             self._pending = 0
 
-    def _run(self, i: int, parts: Sequence[_Batch]) -> None:
-        from dvt_core.runtime.policy import confidence as confidence_of, softmax
-
+    def _inputs(self, i: int, parts: Sequence[_Batch]) -> tuple[Any, Any, Any, np.ndarray]:
+        """(images, carry, thresholds, confidences seen) of the parts as one batch: thresholds the service's
+        (exits,) when no image brought its own, else (exits, B), which exit_step compares row by row."""
         b, model = self.backend, self.model
-        futures = [f for p in parts for f in p.futures]
         if i == 0:
             images, carry = b.to_tensor(model, np.stack([p.images for p in parts])), None
+            seen = np.full((len(parts), self.num_exits), np.nan, np.float32)
         elif len(parts) == 1:
-            images, carry = parts[0].images, parts[0].carry
+            images, carry, seen = parts[0].images, parts[0].carry, parts[0].seen
         else:
             images, carry = b.join([(p.images, p.carry) for p in parts])
+            seen = np.concatenate([p.seen for p in parts])
+        if all(p.thresholds is None for p in parts):
+            return images, carry, self.thresholds, seen
+        rows = [np.broadcast_to(self.thresholds if p.thresholds is None else p.thresholds,
+                                (len(p.slots), self.num_exits)) for p in parts]
+        return images, carry, np.concatenate(rows).T, seen
+
+    def _run(self, i: int, parts: Sequence[_Batch]) -> None:
+        slots = [f for p in parts for f in p.slots]
         try:
-            logits, carry = b.run_stage(model, i, images, carry)
-            lg = b.to_numpy(logits).astype(np.float32, copy=False)
-            conf = confidence_of(softmax(lg)[None], kind=self.confidence)[0]
+            images, carry, t, seen = self._inputs(i, parts)
+            lg, conf, leave, images, carry = exit_step(self.backend, self.model, i, images, carry, t, self.confidence)
         except Exception as exc:  # this batch fails alone; the service goes on
-            self._answer(futures, exc=exc)
+            self._answer(slots, exc=exc)
             return
         self.stage_runs[i] += 1
-        leave = np.ones(len(futures), bool) if i == self.num_exits - 1 else conf >= self.thresholds[i]
-        pred = lg.argmax(axis=1)
-        done = np.flatnonzero(leave)
+        seen[:, i] = conf
+        done = np.arange(len(slots)) if leave is True else np.flatnonzero(leave)
         if self.observer is not None:  # counted before anyone is answered: a client then reads it in metrics
-            self.observer(i, len(futures), np.full(len(done), i, np.int64))
+            self.observer(i, len(slots), np.full(len(done), i, np.int64))
         if self.controller is not None and len(done):
             adapted = self.controller.observe(self.exit_macs[i], len(done))
             if adapted is not None:
                 self.thresholds = adapted  # the worker alone reads them: the next stage run uses them
-        self._answer([futures[r] for r in done],
-                     [Prediction(int(pred[r]), float(conf[r]), i, self.exit_macs[i]) for r in done])
-        if len(done) < len(futures):
-            stay = np.flatnonzero(~leave)
-            if len(done):
-                images, carry = b.select(images, carry, stay)
+        pred, macs = lg.argmax(axis=1).tolist(), self.exit_macs[i]
+        self._answer([slots[r] for r in done],
+                     [Prediction(pred[r], float(conf[r]), i, macs, lg[r], seen[r]) for r in done])
+        if len(done) < len(slots):
+            stay = np.arange(len(slots)) if leave is False else np.flatnonzero(~leave)
+            own = None if t.ndim == 1 else np.ascontiguousarray(t.T[stay])
             with self._cond:
-                self.queues[i + 1].append(_Batch([futures[r] for r in stay], images, carry, time.monotonic()))
+                self.queues[i + 1].append(_Batch([slots[r] for r in stay], images, carry, time.monotonic(), own,
+                                                 seen[stay]))
+                self.waiting[i + 1] += len(stay)
 
-    def _answer(self, futures, results=None, exc: Optional[BaseException] = None) -> None:
-        for k, f in enumerate(futures):
+    def _answer(self, slots, results=None, exc: Optional[BaseException] = None) -> None:
+        for k, f in enumerate(slots):
             if exc is not None:
                 f.set_exception(exc)
             else:
                 f.set_result(results[k])
         with self._cond:
-            self._pending -= len(futures)
+            self._pending -= len(slots)
             self._cond.notify_all()

@@ -66,11 +66,15 @@ def add_arguments(parser) -> None:
     add_force_option(parser)
     # --serve: the HTTP service under load (dvt_core.bench.loadtest), its own mode
     parser.add_argument("--serve", action="store_true",
-                        help="load-test `dvt serve` on 127.0.0.1: adaptive against every stage and the static "
-                             "model (dvt_fashion_mnist; --threads per server, --repeats rounds)")
-    parser.add_argument("--concurrency", type=number("int", 1, 1024), nargs="+", default=[1, 4, 16, 32], metavar="N",
+                        help="load-test `dvt serve` on 127.0.0.1 with the `hey` load generator (apt-get install hey): "
+                             "adaptive against every stage and the static model, one-image /v1 and many-image /v2 "
+                             "requests (dvt_fashion_mnist; --threads per server, --repeats rounds)")
+    parser.add_argument("--concurrency", type=number("int", 1, 1024), nargs="+", default=[1, 16], metavar="N",
                         help="with --serve: concurrent clients of each load run")
-    parser.add_argument("--requests", type=number("int", 1, 1_000_000), default=400, help="with --serve: requests per load run")
+    parser.add_argument("--requests", type=number("int", 1, 1_000_000), default=400,
+                        help="with --serve: images per load run (default 400)")
+    parser.add_argument("--images-per-request", type=number("int", 1, 1024), default=64,
+                        help="with --serve: images in each /v2 request of the many-image runs (default 64)")
 
 
 def _check_args(args) -> None:
@@ -197,7 +201,8 @@ MODE_PRINTERS = {"adaptive": print_adaptive, "stages": print_stages, "streaming"
 
 def _run_serve(args) -> int:
     """``--serve``: the loopback load test of the service (the library runs it; this prints it)."""
-    from dvt_core.bench.loadtest import benchmark, format_report
+    from dvt_core.bench.hey import benchmark
+    from dvt_core.bench.loadtest import format_report
 
     if args.model != "dvt_fashion_mnist":
         raise ArgumentError("--serve compares the shipped dvt_fashion_mnist with static_fashion_mnist_7x7: "
@@ -205,9 +210,13 @@ def _run_serve(args) -> int:
     if min(args.concurrency) < 1 or args.requests < 1 or args.repeats < 1:
         raise ArgumentError("--concurrency, --requests and --repeats must be 1 or more")
     check_outputs(args, args.json)
+    from dvt_core.bench.hey import hey_path
+
+    hey_path()  # says how to install it, before any server starts
     out = sys.stdout if args.json != "-" else sys.stderr
     report = benchmark(concurrencies=args.concurrency, requests=args.requests, rounds=args.repeats,
-                       threads=args.threads or 1, log=lambda line: print(line, file=out, flush=True))
+                       threads=args.threads or 1, images_per_request=args.images_per_request,
+                       log=lambda line: print(line, file=out, flush=True))
     print(f"{report['machine']}; {report['source']}; precision {report['precision']}", file=out)
     print(format_report(report), file=out)
     emit_json(report, args.json, force=getattr(args, "force", False))

@@ -147,11 +147,12 @@ def _emit(args, spec, classes, names, files, res, width) -> None:
         if args.json:
             reached = res.exit_confidences[i] if res.exit_confidences is not None else [np.nan] * spec.num_exits
             print(json.dumps({
-                "path": f, "prediction": label_of(pred), "class_index": pred,
+                "path": f, "prediction": label_of(pred), "label": label_of(pred), "class_index": pred,
                 "confidence": round(float(res.confidence[i]), 6), "exit": k + 1, "exits": spec.num_exits,
                 "grid": spec.stages[k].grid, "macs": int(res.macs[i]),
                 "exit_confidences": [None if c != c else round(float(c), 6) for c in reached],
-                "top_k": [{"prediction": label_of(int(c)), "class_index": int(c), "probability": round(float(p), 6)}
+                "top_k": [{"prediction": label_of(int(c)), "label": label_of(int(c)), "class_index": int(c),
+                           "probability": round(float(p), 6)}
                           for c, p in zip(order[i], probs[i])]}))
             continue
         line = f"{escape_text(f).ljust(width)}  {escape_text(label_of(pred)):<12}  {float(res.confidence[i]):6.1%}  " \

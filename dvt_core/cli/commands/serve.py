@@ -9,7 +9,7 @@ from dvt_core.cli.commands._shared import (add_common_options, build_from_args, 
                                            early_spec, check_budget_option, parse_budget, escape_text)
 from dvt_core.data.datasets import model_name
 
-HELP = "serve a model over HTTP (POST /v1/predict) with early exit batched per stage"
+HELP = "serve a model over HTTP (POST /v1/predict; the Open Inference Protocol v2) with early exit batched per stage"
 
 
 def add_arguments(parser) -> None:
@@ -28,6 +28,8 @@ def add_arguments(parser) -> None:
                         help="longest an image waits in a stage's queue for a fuller batch (default 2 ms)")
     parser.add_argument("--queue-limit", type=int, default=256,
                         help="most images in the service at once; past it 503 with Retry-After (default 256)")
+    parser.add_argument("--max-images", type=int, default=None,
+                        help="most images in one /v2 infer request (default: the queue limit); more get 413")
     parser.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body, MiB (default 8)")
     parser.add_argument("--max-connections", type=int, default=256,
                         help="most open connections and requests at once; past it 503 (default 256)")
@@ -48,6 +50,7 @@ def _limits(args):
         if not value > 0:
             raise ArgumentError(f"{flag} must be above 0 seconds, got {value:g}")
     return ServeLimits(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, queue_limit=args.queue_limit,
+                       max_images=args.max_images,
                        max_body_mb=args.max_body_mb, request_timeout_s=args.request_timeout,
                        read_timeout_s=args.read_timeout).check()
 
@@ -81,7 +84,7 @@ def run(args) -> int:
 
     def announce(url: str) -> None:
         print(f"dvt serve: {escape_text(model_name(meta, spec.name))} ({args.backend}) on {url}  thresholds {format_thresholds(thresholds)} ({how}); "
-              f"POST {url}/v1/predict", flush=True)
+              f"POST {url}/v1/predict, POST {url}/v2/models/{service.name}/infer", flush=True)
 
     run_server(service, args.host, args.port, max_connections=args.max_connections, announce=announce)
     print("dvt serve: stopped", file=sys.stderr, flush=True)

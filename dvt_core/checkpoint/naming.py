@@ -50,9 +50,15 @@ def official_to_canonical(key: str) -> str:
     head, _, rest = key.partition(".")
     if head not in OFFICIAL_STAGE_PREFIXES[3]:
         return key
+    return f"{head}.{stage_key_to_canonical(rest)}"
+
+
+def stage_key_to_canonical(key: str) -> str:
+    """One key inside one ViT / T2T-ViT (an official stage, or a whole static timm ViT / T2T-ViT release
+    model, whose names are the same) -> its canonical name inside a stage."""
     for pattern, repl in OFFICIAL_TO_CANONICAL:
-        rest = re.sub(pattern, repl, rest)
-    return f"{head}.{rest}"
+        key = re.sub(pattern, repl, key)
+    return key
 
 
 def rename_official(state: dict, num_exits: int) -> dict:

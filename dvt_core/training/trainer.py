@@ -89,5 +89,20 @@ class Trainer(ABC):
         ``shape``), read without changing the model: what the resume check compares with the spec.
         Raises on a file it cannot read."""
 
+    def set_teacher(self, spec, state: dict[str, np.ndarray], temperature: float, weight: float) -> None:
+        """Distil from a frozen static teacher (``spec``, canonical ``state``) from now on: :meth:`step` adds
+        ``weight`` times the exits' temperature-softened divergence from the teacher's prediction, the
+        teacher run once per batch in the model's precision. Called before :meth:`prepare`."""
+        from dvt_core.errors import InputError
+
+        raise InputError(f"the {self.backend} trainer does not distil from a teacher; use the torch backend")
+
+    def freeze(self, names) -> None:
+        """Hold the parameters ``names`` still (no update, no weight decay) until called again; ``()`` frees
+        them. The loop calls it at the start of every epoch."""
+        from dvt_core.errors import InputError
+
+        raise InputError(f"the {self.backend} trainer does not freeze weights; use the torch backend")
+
     def barrier(self) -> None:
         """Wait for every process (the end of a data-parallel run); nothing to wait for when alone."""

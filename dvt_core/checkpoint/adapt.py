@@ -206,6 +206,19 @@ def widen(source: dict, fresh: dict, report: AdaptReport) -> dict:
     return out
 
 
+def fresh_split(source: dict, fresh: dict, stage, report: AdaptReport) -> dict:
+    """A T2T-ViT stage at another grid splits the image with another kernel, so its first tokens-to-token
+    layer reads other widths: those tensors keep ``fresh``'s initialisation (listed); the rest is copied."""
+    if stage.family != "t2t":
+        return source
+    out = dict(source)
+    for name, value in source.items():
+        if ".tokenizer.attention1." in name and name in fresh and np.shape(value) != np.shape(fresh[name]):
+            out[name] = fresh[name]
+            report.fresh.append(f"{name} (the tokens-to-token soft split differs at {stage.grid}x{stage.grid})")
+    return out
+
+
 def adapt_state(static: StaticModel, target: dict, spec, source: str) -> tuple[dict, AdaptReport]:
     """The state of ``spec`` (``target``: a fresh model's, canonical names) with every stage taken from
     ``static`` and the reuse modules neutral (module docstring). CheckpointError, naming the tensors,
@@ -218,11 +231,12 @@ def adapt_state(static: StaticModel, target: dict, spec, source: str) -> tuple[d
         fresh = {k: v for k, v in target.items() if k.startswith(prefix) and not REUSE_MODULE.search(k)}
         stage_source = widen({prefix + k[len("stages.0."):]: v for k, v in static.state.items()
                               if k.startswith("stages.0.")}, fresh, report)
+        stage_source = fresh_split(stage_source, fresh, st, report)
         state, moved = transfer_state(stage_source, fresh, spec,
                                       source_name=f"{source} (as stage {i + 1}, {st.grid}x{st.grid} tokens)")
         out.update(state)
-        widened = {w.split()[0] for w in report.widened}
-        report.copied += [n for n in moved.loaded if n not in widened]
+        done = {w.split()[0] for w in report.widened + report.fresh}
+        report.copied += [n for n in moved.loaded if n not in done]
         report.resampled += moved.resampled
         report.reinitialised += moved.reinitialised
     for name, value in target.items():

@@ -254,3 +254,29 @@ def test_one_short_fine_tuning_step_on_fashion_mnist(static_file, tmp_path):
     assert meta["adapt"]["init_difference"]["on"] == "held-out images"
     assert "default_operating_point" in meta  # calibrated at the end, as dvt train is
     assert any(line.startswith("as initialised, held-out accuracy:") for line in logs)
+
+
+def test_mindspore_distils_and_freezes_too(static_file):
+    import mindspore as ms
+
+    from dvt_backends.mindspore.train import MindSporeTrainer, distillation_loss as ms_distillation_loss
+    from dvt_core.checkpoint.adapt import copied_names
+
+    _, _, state = static_file
+    spec = tiny_spec()
+    new, report = adapted(spec, state)
+    logits_ = torch.randn(4, 10)
+    torch_term = float(distillation_loss([logits_], logits_.flip(0), 2.0))
+    ms_term = float(ms_distillation_loss([ms.Tensor(logits_.numpy())], ms.Tensor(logits_.flip(0).numpy()), 2.0).asnumpy())
+    assert ms_term == pytest.approx(torch_term, rel=1e-5) and torch_term > 0
+    trainer = MindSporeTrainer(spec, TrainConfig(epochs=1, batch_size=4, seed=0))
+    trainer.load_weights(new, "adapted")
+    trainer.set_teacher(static_spec(spec, 2, name="t"), stage_as_static(new, spec, 2), 2.0, 1.0)
+    trainer.prepare()
+    trainer.freeze(copied_names(report, 2))
+    trainer.train_mode(True)
+    x = np.random.default_rng(0).standard_normal((4, 1, 28, 28)).astype(np.float32)
+    assert np.isfinite(trainer.step(x, np.array([0, 1, 2, 3]), 1e-2))
+    after = trainer.weights()
+    np.testing.assert_array_equal(after["stages.2.blocks.0.attn.qkv.weight"], new["stages.2.blocks.0.attn.qkv.weight"])
+    assert np.abs(after["stages.1.blocks.0.attn.qkv.weight"] - new["stages.1.blocks.0.attn.qkv.weight"]).max() > 0

@@ -136,7 +136,7 @@ class TorchTrainer(Trainer):
 
     def freeze(self, names) -> None:
         params = dict(self.model.named_parameters())
-        self.frozen[:] = [params[n] for n in names]  # in place: the step reads this list
+        self.frozen[:] = [params[n] for n in names if n in params]  # in place: the step reads this list
 
     def step(self, images: np.ndarray, labels: np.ndarray, lr: float) -> float:
         return self._step(images, labels, lr)

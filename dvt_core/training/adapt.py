@@ -122,13 +122,14 @@ def adapt(static_file, spec: Union[str, object], out_dir, cfg: Optional[TrainCon
         raise InputError(f"freeze epochs must lie between 0 and the {cfg.epochs} epochs, got {freeze_epochs}")
 
     def setup(trainer, final_spec, images, labels, final_cfg) -> dict:
-        state, report = _start(static, final_spec, trainer, source, log)
+        say = log if trainer.rank == 0 else (lambda _line: None)  # one report under torchrun, not one per process
+        state, report = _start(static, final_spec, trainer, source, say)
         _, hold_idx = dvt_data.split_holdout(len(images), final_cfg.holdout, final_cfg.seed)
         probe = images[hold_idx[:1000]] if len(hold_idx) else images[:PROBE_IMAGES]
         report.init_difference = init_difference(backend, trainer.model, final_spec, state, probe,
                                                  "held-out images" if len(hold_idx) else "training images")
-        log(difference_line(report.init_difference))
-        at_init = _anytime(trainer, final_spec, images, labels, hold_idx, log)
+        say(difference_line(report.init_difference))
+        at_init = _anytime(trainer, final_spec, images, labels, hold_idx, say)
         if distill.weight:
             if any(".head." in r for r in report.reinitialised):
                 raise InputError("the static model predicts other classes than the data set: it cannot teach "

@@ -193,7 +193,7 @@ def test_mismatches_are_refused_naming_the_tensors(static_file, tmp_path):
         adapted(tiny_spec(depth=1, feature_reuse=False, relation_reuse=False), state)
     path = tmp_path / "heads.safetensors"
     write_checkpoint(path, state, {"spec": static.to_dict()})
-    with pytest.raises(CheckpointError, match=r"num_heads 2 vs 4 .*attn\.qkv"):
+    with pytest.raises(CheckpointError, match=r"num_heads 2 vs 4 \(stages 1, 2, 3: blocks\.\*\.attn\.qkv"):
         adapt_state(read_static(path), model_state(DVT(tiny_spec(num_heads=4))), tiny_spec(num_heads=4), str(path))
     with pytest.raises(CheckpointError, match="cascade of 3 stages"):
         from dvt_core.checkpoint.adapt import static_from_state

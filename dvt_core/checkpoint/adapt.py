@@ -179,15 +179,15 @@ def check_architecture(static: StaticModel, spec, source: str) -> None:
     if not isinstance(stages, list) or not stages or not isinstance(stages[0], dict):
         return
     have, problems = stages[0], []
-    for i, st in enumerate(spec.stages):
-        for name, tensors in FIELD_TENSORS.items():
-            if name in have and have[name] != getattr(st, name):
-                problems.append(f"{name} {have[name]!r} vs {getattr(st, name)!r} in stage {i + 1} ({tensors})")
+    for name, tensors in FIELD_TENSORS.items():
+        differ = [i + 1 for i, st in enumerate(spec.stages) if name in have and have[name] != getattr(st, name)]
+        if differ:
+            want = getattr(spec.stages[differ[0] - 1], name)
+            problems.append(f"{name} {have[name]!r} vs {want!r} (stage{"s" if len(differ) > 1 else ""} {", ".join(map(str, differ))}: {tensors})")
     if recorded.get("gelu", spec.gelu) != spec.gelu:
         problems.append(f"gelu {recorded['gelu']!r} vs {spec.gelu!r} (blocks.*.mlp)")
     if problems:
-        raise CheckpointError(f"{source} does not fit {spec.name}: the static model differs in "
-                              + "; ".join(dict.fromkeys(problems)))
+        raise CheckpointError(f"{source} does not fit {spec.name}: the static model differs in " + "; ".join(problems))
 
 
 def widen(source: dict, fresh: dict, report: AdaptReport) -> dict:

@@ -183,7 +183,8 @@ def check_architecture(static: StaticModel, spec, source: str) -> None:
         differ = [i + 1 for i, st in enumerate(spec.stages) if name in have and have[name] != getattr(st, name)]
         if differ:
             want = getattr(spec.stages[differ[0] - 1], name)
-            problems.append(f"{name} {have[name]!r} vs {want!r} (stage{"s" if len(differ) > 1 else ""} {", ".join(map(str, differ))}: {tensors})")
+            where = ("stages " if len(differ) > 1 else "stage ") + ", ".join(map(str, differ))
+            problems.append(f"{name} {have[name]!r} vs {want!r} ({where}: {tensors})")
     if recorded.get("gelu", spec.gelu) != spec.gelu:
         problems.append(f"gelu {recorded['gelu']!r} vs {spec.gelu!r} (blocks.*.mlp)")
     if problems:

@@ -280,3 +280,13 @@ def test_mindspore_distils_and_freezes_too(static_file):
     after = trainer.weights()
     np.testing.assert_array_equal(after["stages.2.blocks.0.attn.qkv.weight"], new["stages.2.blocks.0.attn.qkv.weight"])
     assert np.abs(after["stages.1.blocks.0.attn.qkv.weight"] - new["stages.1.blocks.0.attn.qkv.weight"]).max() > 0
+
+
+def test_timm_layout_and_this_projects_give_the_same_start(static_file):
+    _, _, state = static_file
+    spec = tiny_spec()
+    ours, _ = adapted(spec, state, seed=3)
+    theirs, report = adapted(spec, state, seed=3, layout_state=as_timm(state))
+    assert report.layout == "timm" and ours.keys() == theirs.keys()
+    for name in ours:
+        np.testing.assert_array_equal(ours[name], theirs[name])

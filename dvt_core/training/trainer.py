@@ -7,9 +7,10 @@ supply ``train_step`` under one ``fit``. ``dvt_backends.<name>.train.make_traine
 returns one.
 
 Order of calls the loop makes: the constructor (seeded from ``cfg.seed``, the model built and on its
-device), optionally :meth:`Trainer.load_weights` (``--init``), :meth:`Trainer.prepare` (optimizer,
-data-parallel wrapper), optionally :meth:`Trainer.load_state` (``--resume``), then per epoch
-:meth:`Trainer.train_mode`, :meth:`Trainer.step` per batch, :meth:`Trainer.train_mode` off, the
+device), optionally :meth:`Trainer.load_weights` (``--init``) and :meth:`Trainer.set_teacher` (``dvt
+adapt``), :meth:`Trainer.prepare` (optimizer, data-parallel wrapper), optionally :meth:`Trainer.load_state`
+(``--resume``), then per epoch :meth:`Trainer.train_mode`, :meth:`Trainer.freeze` (when the loop is given
+names to freeze), :meth:`Trainer.step` per batch, :meth:`Trainer.train_mode` off, the
 held-out probabilities through ``self.model`` (the runtime contract), :meth:`Trainer.save_state` on
 rank 0; finally :meth:`Trainer.weights` for the final file (rank 0) and :meth:`Trainer.barrier`.
 """

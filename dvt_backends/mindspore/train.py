@@ -42,6 +42,7 @@ class AdamW:
         self.params = [named[n] for n in self.names]
         self.decay = {n: g["weight_decay"] for g in groups for n in g["names"]}
         self.b1, self.b2, self.eps = betas[0], betas[1], eps
+        self.frozen: set = set()  # names held still: no moment, no decay, no update (torch's skipped gradient)
         self.m = {n: ops.zeros_like(named[n]) for n in self.names}
         self.v = {n: ops.zeros_like(named[n]) for n in self.names}
         self.t = 0
@@ -51,6 +52,8 @@ class AdamW:
         bc1 = 1.0 - self.b1 ** self.t
         bc2_sqrt = (1.0 - self.b2 ** self.t) ** 0.5
         for n, p, g in zip(self.names, self.params, grads):
+            if n in self.frozen:
+                continue
             m = self.m[n] * self.b1 + g * (1.0 - self.b1)
             v = self.v[n] * self.b2 + g * g * (1.0 - self.b2)
             self.m[n], self.v[n] = m, v
@@ -78,22 +81,42 @@ def make_optimizer(model: DVT, weight_decay: float) -> AdamW:
     return AdamW(named, param_groups(((n, len(C.shape_of(p))) for n, p in named.items()), weight_decay))
 
 
-def make_train_step(model: DVT, opt: AdamW, cfg: TrainConfig, world: int = 1):
+def distillation_loss(outputs, teacher_logits, temperature: float):
+    """Sum over exits of KL(teacher || exit) between the temperature-softened distributions, times
+    ``temperature**2`` (torch's trainer's term)."""
+    log_t = ops.log_softmax(teacher_logits / temperature, -1)
+    total = None
+    for o in outputs:
+        term = (ops.exp(log_t) * (log_t - ops.log_softmax(o / temperature, -1))).sum() / o.shape[0]
+        total = term if total is None else total + term
+    return total * temperature ** 2
+
+
+def make_train_step(model: DVT, opt: AdamW, cfg: TrainConfig, world: int = 1, teacher: Optional[tuple] = None):
     """``step(x, y, lr) -> loss`` (float): one multi-exit loss, gradient and AdamW update on numpy batches;
-    with ``world > 1`` (under msrun) the gradients are averaged over the processes first."""
-    def forward(images, targets):
-        return DVT.loss(model(images), targets, label_smoothing=cfg.label_smoothing)
+    with ``world > 1`` (under msrun) the gradients are averaged over the processes first. ``teacher``
+    ``(model, temperature, weight)`` adds the distillation term; ``opt.frozen`` names get no update."""
+    def forward(images, targets, taught):
+        outputs = model(images)
+        loss = DVT.loss(outputs, targets, label_smoothing=cfg.label_smoothing)
+        if teacher is not None:
+            loss = loss + teacher[2] * distillation_loss(outputs, taught, teacher[1])
+        return loss
 
     grad_fn = ms.value_and_grad(forward, None, opt.params)
     all_reduce = ops.AllReduce() if world > 1 else None
 
     def step(xb: np.ndarray, yb: np.ndarray, lr: float) -> float:
-        loss, grads = grad_fn(C.to_tensor(xb), C.index_tensor(yb))
+        x = C.to_tensor(xb)
+        taught = ops.stop_gradient(teacher[0](x)[-1]) if teacher is not None else ops.zeros((1,), ms.float32)
+        loss, grads = grad_fn(x, C.index_tensor(yb), taught)
         value = float(C.to_numpy(loss))
         if not np.isfinite(value):  # diverged: the loop stops the run; no update with a NaN gradient
             return value
         if all_reduce is not None:
             grads = _mean_over_processes(all_reduce, grads, world)
+        if opt.frozen:  # left out of the clipping norm too, as torch's absent gradients are
+            grads = tuple(ops.zeros_like(g) if n in opt.frozen else g for n, g in zip(opt.names, grads))
         if cfg.grad_clip:  # torch's clip_grad_norm_: one global norm, clipped to grad_clip
             total = float(np.sqrt(C.to_numpy(ops.addn([(g * g).sum() for g in grads]))))
             coef = cfg.grad_clip / (total + 1e-6)
@@ -148,7 +171,8 @@ class MindSporeTrainer(Trainer):
         self.cfg = cfg
         ms.set_seed(cfg.seed)
         self.model = DVT(spec)
-        self.opt = self._step = None
+        self.opt = self._step = self.teacher = None
+        self.frozen: set = set()
 
     @property
     def device(self) -> str:
@@ -170,7 +194,20 @@ class MindSporeTrainer(Trainer):
         if self.rank:  # each process draws its own dropout / stochastic-depth masks
             ms.set_seed(self.cfg.seed * 1000 + self.rank)
         self.opt = make_optimizer(self.model, self.cfg.weight_decay)
-        self._step = make_train_step(self.model, self.opt, self.cfg, self.world)
+        self.opt.frozen = self.frozen  # one set: freeze() changes it in place
+        self._step = make_train_step(self.model, self.opt, self.cfg, self.world, self.teacher)
+
+    def set_teacher(self, spec: CascadeSpec, state: dict, temperature: float, weight: float) -> None:
+        teacher = DVT(spec)
+        load_state(teacher, state, source="the teacher")
+        teacher.set_train(False)
+        for p in teacher.get_parameters():
+            p.requires_grad = False
+        self.teacher = (teacher, float(temperature), float(weight))
+
+    def freeze(self, names) -> None:
+        self.frozen.clear()
+        self.frozen.update(names)
 
     def step(self, images: np.ndarray, labels: np.ndarray, lr: float) -> float:
         return self._step(images, labels, lr)

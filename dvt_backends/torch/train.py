@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from dvt_core.checkpoint.transfer import param_groups
 from dvt_core.model.specs import CascadeSpec
@@ -34,20 +35,37 @@ def make_optimizer(model: DVT, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(optimizer_groups(model, cfg.weight_decay), lr=cfg.lr)
 
 
-def make_train_step(model: DVT, net, opt: torch.optim.Optimizer, cfg: TrainConfig, dev=torch.device("cpu")):
+def distillation_loss(outputs, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Sum over exits of KL(teacher || exit) between the temperature-softened distributions, times
+    ``temperature**2`` (so the gradients keep their scale whatever the temperature)."""
+    target = F.log_softmax(teacher_logits / temperature, dim=-1)
+    return sum(F.kl_div(F.log_softmax(o / temperature, dim=-1), target, log_target=True, reduction="batchmean")
+               for o in outputs) * temperature ** 2
+
+
+def make_train_step(model: DVT, net, opt: torch.optim.Optimizer, cfg: TrainConfig, dev=torch.device("cpu"),
+                    teacher: Optional[tuple] = None, frozen: Sequence = ()):
     """``step(x, y, lr) -> loss`` (float): one multi-exit loss, gradient and AdamW update on numpy batches
-    (``net`` is ``model`` or its DistributedDataParallel wrapper)."""
+    (``net`` is ``model`` or its DistributedDataParallel wrapper). ``teacher`` ``(model, temperature,
+    weight)`` adds the distillation term; the parameters in ``frozen`` (read at every step) get no update."""
     def step(xb: np.ndarray, yb: np.ndarray, lr: float) -> float:
         for g in opt.param_groups:
             g["lr"] = lr
         x = torch.from_numpy(xb).to(dev, non_blocking=True)
         y = torch.from_numpy(np.asarray(yb, dtype=np.int64)).to(dev, non_blocking=True)
-        loss = DVT.loss(net(x), y, label_smoothing=cfg.label_smoothing)
+        outputs = net(x)
+        loss = DVT.loss(outputs, y, label_smoothing=cfg.label_smoothing)
+        if teacher is not None:
+            with torch.no_grad():
+                taught = teacher[0](x)[-1]
+            loss = loss + teacher[2] * distillation_loss(outputs, taught, teacher[1])
         value = float(loss.detach())
         if not np.isfinite(value):  # diverged: the loop stops the run; no update with a NaN gradient
             return value
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        for p in frozen:  # no gradient: AdamW skips the parameter (no moment, no decay); DDP already reduced
+            p.grad = None
         if cfg.grad_clip:
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
@@ -86,7 +104,8 @@ class TorchTrainer(Trainer):
         self.cfg = cfg
         torch.manual_seed(cfg.seed)
         self.model = DVT(spec)
-        self.net = self.opt = self._step = None
+        self.net = self.opt = self._step = self.teacher = None
+        self.frozen: list = []
 
     @property
     def device(self) -> str:
@@ -107,7 +126,17 @@ class TorchTrainer(Trainer):
         if self.world > 1:
             ids = [self.dev.index] if self.dev.type == "cuda" else None
             self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        self._step = make_train_step(self.model, self.net, self.opt, self.cfg, self.dev)
+        self._step = make_train_step(self.model, self.net, self.opt, self.cfg, self.dev, self.teacher, self.frozen)
+
+    def set_teacher(self, spec: CascadeSpec, state: dict, temperature: float, weight: float) -> None:
+        teacher = DVT(spec).to(self.model.dtype)
+        load_state(teacher, state, source="the teacher")
+        teacher.eval().requires_grad_(False)
+        self.teacher = (teacher.to(self.dev), float(temperature), float(weight))
+
+    def freeze(self, names) -> None:
+        params = dict(self.model.named_parameters())
+        self.frozen[:] = [params[n] for n in names if n in params]  # in place: the step reads this list
 
     def step(self, images: np.ndarray, labels: np.ndarray, lr: float) -> float:
         return self._step(images, labels, lr)

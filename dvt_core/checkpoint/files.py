@@ -246,7 +246,7 @@ def check_torch_zip(path: Path) -> None:
                               "decompression bomb (torch writes checkpoints uncompressed)")
 
 
-def _torch_load(path: Path):
+def torch_load(path: Path):
     import pickle
 
     if zipfile.is_zipfile(path):
@@ -274,7 +274,7 @@ def _torch_load(path: Path):
         raise CheckpointError(f"{path} is not a readable torch checkpoint (truncated or corrupt: {first})") from None
 
 
-def _to_numpy_state(d: dict, path: Path) -> dict[str, np.ndarray]:
+def to_numpy_state(d: dict, path: Path) -> dict[str, np.ndarray]:
     out = {}
     for k, v in d.items():
         if not isinstance(k, str) or not isinstance(v, np.ndarray):
@@ -334,14 +334,14 @@ def _json_meta(text, where: str) -> dict:
 
 
 def _read_torch(path: Path) -> Checkpoint:
-    obj = _torch_load(path)
+    obj = torch_load(path)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict or a DVT checkpoint")
     if "model_state_dict" in obj:  # the official release
         if not isinstance(obj["model_state_dict"], dict):
             raise CheckpointError(f"{path}: its model_state_dict is a {type(obj['model_state_dict']).__name__}, "
                                   "not a mapping of names to tensors")
-        state = _to_numpy_state(obj["model_state_dict"], path)
+        state = to_numpy_state(obj["model_state_dict"], path)
         meta = {k: _plain(obj[k], f"{path}: metadata {k!r}") for k in OFFICIAL_META_KEYS if k in obj}
         layout = "official" if is_official_layout(state) else "canonical"
         return Checkpoint(state, meta, "official", layout)
@@ -349,14 +349,14 @@ def _read_torch(path: Path) -> Checkpoint:
         raise CheckpointError(f"{path}: its state_dict is a {type(obj['state_dict']).__name__}, "
                               "not a mapping of names to tensors")
     if "state_dict" in obj:
-        state = _to_numpy_state(obj["state_dict"], path)
+        state = to_numpy_state(obj["state_dict"], path)
         raw = obj.get("dvt_meta", "{}")
         meta = _json_meta(raw, f"{path}: metadata 'dvt_meta'") if isinstance(raw, str) else \
             _plain(raw, f"{path}: metadata 'dvt_meta'")
         if not isinstance(meta, dict):
             raise CheckpointError(f"{path}: metadata 'dvt_meta' is not a mapping")
     else:
-        state = _to_numpy_state(obj, path)
+        state = to_numpy_state(obj, path)
         meta = {}
     layout = "official" if is_official_layout(state) else "canonical"
     return Checkpoint(state, meta, "torch", layout)

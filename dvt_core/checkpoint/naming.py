@@ -36,24 +36,30 @@ OFFICIAL_TO_CANONICAL = (
     (r"^relation_reuse_conv\.2\.", "relation_reuse.reduce."),
 )
 
-_MODULE_PREFIX = re.compile(r"^module\.")  # nn.DataParallel / DDP wrappers
+MODULE_PREFIX = re.compile(r"^module\.")  # nn.DataParallel / DDP wrappers
 
 
 def is_official_layout(keys) -> bool:
     """True when the keys are those of the official DVT PyTorch release."""
-    firsts = {_MODULE_PREFIX.sub("", k).split(".", 1)[0] for k in keys}
+    firsts = {MODULE_PREFIX.sub("", k).split(".", 1)[0] for k in keys}
     return bool(firsts) and firsts <= {"less_less_token", "less_token", "normal_token"}
 
 
 def official_to_canonical(key: str) -> str:
     """One official key -> canonical, keeping the official stage prefix (``rename_official`` maps it)."""
-    key = _MODULE_PREFIX.sub("", key)
+    key = MODULE_PREFIX.sub("", key)
     head, _, rest = key.partition(".")
     if head not in OFFICIAL_STAGE_PREFIXES[3]:
         return key
+    return f"{head}.{stage_key_to_canonical(rest)}"
+
+
+def stage_key_to_canonical(key: str) -> str:
+    """One key inside one ViT / T2T-ViT (an official stage, or a whole static timm ViT / T2T-ViT release
+    model, whose names are the same) -> its canonical name inside a stage."""
     for pattern, repl in OFFICIAL_TO_CANONICAL:
-        rest = re.sub(pattern, repl, rest)
-    return f"{head}.{rest}"
+        key = re.sub(pattern, repl, key)
+    return key
 
 
 def rename_official(state: dict, num_exits: int) -> dict:

@@ -20,6 +20,7 @@ from dvt_core.errors import InputError
 from dvt_core.training import config as C
 from dvt_core.training.config import TrainConfig
 from dvt_core.training.trainer import Trainer
+from dvt_core.checkpoint.files import write_checkpoint
 
 
 def make_trainer(backend: str, spec, cfg: TrainConfig, device: Optional[str] = None) -> Trainer:
@@ -144,7 +145,7 @@ def fit(spec, images: np.ndarray, labels: np.ndarray, cfg: TrainConfig, out_dir,
         device: Optional[str] = None, resume: bool = False, progress: bool = True, init=None,
         init_state: Optional[dict] = None, dataset=None, name: Optional[str] = None,
         extra_meta: Optional[dict] = None, trainer: Optional[Trainer] = None,
-        log: Callable[[str], None] = print) -> Path:
+        log: Callable[[str], None] = print, freeze: Optional[tuple[list, int]] = None) -> Path:
     """Train ``spec`` on uint8 ``images`` (N, H, W[, C]) and ``labels``; returns the final weights' path.
 
     ``cfg.holdout`` images (drawn with ``cfg.seed``) are kept out of training, scored after every epoch
@@ -156,7 +157,8 @@ def fit(spec, images: np.ndarray, labels: np.ndarray, cfg: TrainConfig, out_dir,
     (:func:`dvt_core.training.config.dataset_record`). A loss that is not finite stops the run with
     :class:`~dvt_core.training.config.TrainingDiverged` before any weights of its epoch are written.
     ``trainer`` (else ``make_trainer(backend, ...)``) is the framework's side; several processes
-    started by the framework's launcher each run ``fit`` and split every global batch.
+    started by the framework's launcher each run ``fit`` and split every global batch. ``freeze``
+    ``(names, epochs)`` holds those parameters still for the first ``epochs`` epochs (:meth:`Trainer.freeze`).
     """
     cfg = C.resolve_holdout(cfg.validate(), len(images))
     trainer = trainer or make_trainer(backend, spec, cfg, device)
@@ -181,7 +183,7 @@ def fit(spec, images: np.ndarray, labels: np.ndarray, cfg: TrainConfig, out_dir,
         init_report = saved_init if saved_init is not None else init_report
     t0 = time.time()
     probs = _train_epochs(trainer, spec, images[train_idx], labels[train_idx], images, labels, hold_idx, cfg,
-                          state_path, step, history, partial, init_report, progress and main, say)
+                          state_path, step, history, partial, init_report, progress and main, say, freeze)
     if main:
         if probs is None:  # resumed a finished run: nothing trained, calibrate anyway
             probs = _holdout_probs(trainer, images, hold_idx)
@@ -191,8 +193,6 @@ def fit(spec, images: np.ndarray, labels: np.ndarray, cfg: TrainConfig, out_dir,
         meta.update(extra_meta or {})
         if name is not None:
             meta["name"] = C.model_file_name(name)
-        from dvt_core.checkpoint.files import write_checkpoint
-
         write_checkpoint(final, trainer.weights(), meta, fmt=trainer.weights_format, force=True)
         say(f"wrote {final} in {time.time() - t0:.0f} s")
         summary = summary_line(meta)
@@ -204,7 +204,7 @@ def fit(spec, images: np.ndarray, labels: np.ndarray, cfg: TrainConfig, out_dir,
 
 def _train_epochs(trainer: Trainer, spec, x_train, y_train, images, labels, hold_idx, cfg: TrainConfig,
                   state_path: Path, step: int, history: list, partial: tuple, init_report, progress: bool,
-                  say) -> Optional[np.ndarray]:
+                  say, freeze: Optional[tuple[list, int]] = None) -> Optional[np.ndarray]:
     """The epochs from ``step`` on (``history`` is extended in place); the last epoch's held-out
     probabilities (None when none was trained or nothing is held out)."""
     from dvt_core.checkpoint.files import atomic_path
@@ -221,6 +221,8 @@ def _train_epochs(trainer: Trainer, spec, x_train, y_train, images, labels, hold
 
     for epoch in range(step // spe, cfg.epochs):
         trainer.train_mode(True)
+        if freeze:
+            trainer.freeze(freeze[0] if epoch < freeze[1] else ())
         started = time.time()
         batches = C.epoch_batches(x_train, y_train, cfg, epoch, spec.mean, spec.std, trainer.rank, trainer.world)
         step, running, seen = C.run_epoch(step_fn, batches, cfg, epoch, step, spe, total, warmup, partial,

@@ -94,12 +94,14 @@ def train_dataset(dataset: Union[str, Path], spec, cfg: TrainConfig, out_dir, ba
                   device: Optional[str] = None, holdout_given: Optional[bool] = None, name: Optional[str] = None,
                   resume: bool = False, force: bool = False, init=None, fixed_classes: bool = False,
                   fixed_normalisation: bool = False, progress: bool = True,
-                  log: Callable[[str], None] = print) -> Path:
+                  log: Callable[[str], None] = print, setup: Optional[Callable[..., dict]] = None) -> Path:
     """Train ``spec`` on ``dataset`` (``fashion-mnist`` or a folder with one sub-folder per class) into
     ``out_dir``; returns the final weights' path. ``cfg.holdout`` None means the data set's default
     (``TrainConfig().holdout`` images of Fashion-MNIST, ``FOLDER_HOLDOUT`` of a folder). A folder's model
     gets its class count, its normalisation (unless ``fixed_normalisation``: the user set mean / std)
-    and, unless ``name`` is given, the folder's name. ``init`` is a checkpoint file or ``"default"``."""
+    and, unless ``name`` is given, the folder's name. ``init`` is a checkpoint file or ``"default"``.
+    ``setup(trainer, spec, images, labels, cfg)``, called once the spec, the split and the trainer are final,
+    returns more keyword arguments for :func:`~dvt_core.training.loop.fit` (``dvt adapt`` starts there)."""
     from dvt_core.data.datasets import is_fashion_mnist, load_dataset
 
     fashion = is_fashion_mnist(dataset)
@@ -137,5 +139,7 @@ def train_dataset(dataset: Union[str, Path], spec, cfg: TrainConfig, out_dir, ba
     if not fashion:
         extra["normalisation"] = {"mean": list(spec.mean), "std": list(spec.std),
                                   "from": "training images" if not fixed_normalisation else "spec"}
+    more = setup(trainer, spec, images, labels, cfg) if setup else {}
+    extra.update(more.pop("extra_meta", {}))
     return fit(spec, images, labels, cfg, out_dir, device=device, resume=resume, progress=progress, init=init_file,
-               dataset=str(dataset), name=model_name, extra_meta=extra, trainer=trainer, log=log)
+               dataset=str(dataset), name=model_name, extra_meta=extra, trainer=trainer, log=log, **more)

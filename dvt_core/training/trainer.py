@@ -7,9 +7,10 @@ supply ``train_step`` under one ``fit``. ``dvt_backends.<name>.train.make_traine
 returns one.
 
 Order of calls the loop makes: the constructor (seeded from ``cfg.seed``, the model built and on its
-device), optionally :meth:`Trainer.load_weights` (``--init``), :meth:`Trainer.prepare` (optimizer,
-data-parallel wrapper), optionally :meth:`Trainer.load_state` (``--resume``), then per epoch
-:meth:`Trainer.train_mode`, :meth:`Trainer.step` per batch, :meth:`Trainer.train_mode` off, the
+device), optionally :meth:`Trainer.load_weights` (``--init``) and :meth:`Trainer.set_teacher` (``dvt
+adapt``), :meth:`Trainer.prepare` (optimizer, data-parallel wrapper), optionally :meth:`Trainer.load_state`
+(``--resume``), then per epoch :meth:`Trainer.train_mode`, :meth:`Trainer.freeze` (when the loop is given
+names to freeze), :meth:`Trainer.step` per batch, :meth:`Trainer.train_mode` off, the
 held-out probabilities through ``self.model`` (the runtime contract), :meth:`Trainer.save_state` on
 rank 0; finally :meth:`Trainer.weights` for the final file (rank 0) and :meth:`Trainer.barrier`.
 """
@@ -88,6 +89,21 @@ class Trainer(ABC):
         """The model tensors a :meth:`save_state` file holds, canonical name -> array (anything with a
         ``shape``), read without changing the model: what the resume check compares with the spec.
         Raises on a file it cannot read."""
+
+    def set_teacher(self, spec, state: dict[str, np.ndarray], temperature: float, weight: float) -> None:
+        """Distil from a frozen static teacher (``spec``, canonical ``state``) from now on: :meth:`step` adds
+        ``weight`` times the exits' temperature-softened divergence from the teacher's prediction, the
+        teacher run once per batch in the model's precision. Called before :meth:`prepare`."""
+        from dvt_core.errors import InputError
+
+        raise InputError(f"the {self.backend} trainer does not distil from a teacher; use the torch backend")
+
+    def freeze(self, names) -> None:
+        """Hold the parameters ``names`` still (no update, no weight decay) until called again; ``()`` frees
+        them. The loop calls it at the start of every epoch."""
+        from dvt_core.errors import InputError
+
+        raise InputError(f"the {self.backend} trainer does not freeze weights; use the torch backend")
 
     def barrier(self) -> None:
         """Wait for every process (the end of a data-parallel run); nothing to wait for when alone."""

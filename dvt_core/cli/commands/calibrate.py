@@ -10,7 +10,10 @@ from dvt_core.model.zoo import get_spec
 from dvt_core.cli.commands._shared import (parse_overrides, add_common_options, emit_json, show_progress, check_limit,
                       is_shipped_file, build_from_args, format_thresholds, format_mmacs, check_budget_option,
                       parse_budget, check_outputs, latency_costs, parse_latency)
+from dvt_core.data.datasets import calibration_set
 from dvt_core.errors import ArgumentError
+from dvt_core.runtime import evaluation, operating_point
+from dvt_core.training.loop import FEW_HOLDOUT
 
 HELP = "store the thresholds for a target average cost in a checkpoint or a `dvt export` folder"
 
@@ -117,10 +120,6 @@ def _read_source(args, src, exported: bool, fmt):
 
 
 def run(args) -> int:
-    from dvt_core.data.datasets import calibration_set
-    from dvt_core.runtime import evaluation
-    from dvt_core.runtime import operating_point
-
     src, shipped, exported = _source(args)
     dst, fmt = _target(args, src, shipped, exported)
     check_outputs(args, args.json)
@@ -135,8 +134,6 @@ def run(args) -> int:
     seconds = None if args.latency_budget is None else \
         latency_costs(meta, args.backend, args.precision, args.profile_batch, str(src))
     images, labels, data_desc = calibration_set(meta, early, args.dataset, limit)
-    from dvt_core.training.loop import FEW_HOLDOUT
-
     if len(labels) < FEW_HOLDOUT and not limit:  # found on a handful of images, they move with every draw
         print(f"# note: calibrating on only {len(labels)} images; below about {FEW_HOLDOUT} the operating point is "
               "noise: pass --dataset DIR with more labelled images the model did not train on", file=sys.stderr)

@@ -10,6 +10,7 @@ import numpy as np
 
 from dvt_core.data.datasets import model_name, trained_on_fashion_mnist
 from dvt_core.errors import ArgumentError
+from dvt_core.runtime import evaluation
 from dvt_core.cli.commands._shared import (add_common_options, resolve_weights, build_from_args, model_meta, model_class_names,
                       exit_names, escape_text, format_thresholds, format_mmacs, parse_thresholds, choose_thresholds,
                       early_spec, check_budget_option, parse_budget, latency_thresholds, parse_latency)
@@ -170,8 +171,6 @@ def _check_counts(args) -> None:
 
 
 def run(args) -> int:
-    from dvt_core.runtime import evaluation
-
     _check_counts(args)
     files, missing = collect_images(input_paths(args))
     early = early_spec(args)

@@ -21,7 +21,7 @@ OPTIONS = {"epochs": "--epochs", "batch_size": "--batch-size", "lr": "--lr", "we
            "warmup_epochs": "--warmup-epochs", "seed": "--seed", "max_steps": "--max-steps", "holdout": "--holdout"}
 
 
-def _holdout(text: str):
+def parse_holdout(text: str):
     """``--holdout``: a count of images (``500``) or a fraction of them (``0.1``)."""
     try:
         value = float(text)
@@ -56,7 +56,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--weight-decay", type=number("float", 0), default=None, help=f"(default {d.weight_decay:g})")
     parser.add_argument("--warmup-epochs", type=number("float", 0, 1e6), default=None,
                         help=f"linear warm-up before the cosine decay (default {d.warmup_epochs:g})")
-    parser.add_argument("--holdout", type=_holdout, default=None,
+    parser.add_argument("--holdout", type=parse_holdout, default=None,
                         help="training images kept out for calibration: a count or a fraction "
                              f"(default: {d.holdout} for fashion-mnist, {FOLDER_HOLDOUT} of a folder)")
     parser.add_argument("--seed", type=number("int", 0, MAX_SEED), default=None, help=f"(default {d.seed})")

@@ -18,7 +18,7 @@ from dvt_core.model.recipe import INIT_STD, TRUNC_BOUND, drop_path_rates
 from dvt_core.errors import InputError, check_images_shape
 from dvt_core.model.specs import CascadeSpec, sinusoid_position_table
 
-from .layers import Block, FeatureReuse, RelationReuse, TokenResize
+from .layers import Block, FeatureReuse, Linear, RelationReuse, TokenResize
 from .tokenizers import build_tokenizer
 
 # dvt_core.runtime.contract.PRECISIONS -> the dtype every weight, buffer and activation is held in
@@ -76,7 +76,7 @@ class Stage(nn.Module):
         if fr:
             self.feature_resize = TokenResize(fr.old_grid, fr.new_grid, "zero")
         self.norm = nn.LayerNorm(st.embed_dim, eps=st.ln_eps)
-        self.head = nn.Linear(st.embed_dim, spec.num_classes)
+        self.head = Linear(st.embed_dim, spec.num_classes)
         self.has_feature_reuse = fr is not None
 
     def _reused_features(self, prev: torch.Tensor) -> torch.Tensor:

@@ -20,14 +20,49 @@ def gelu(flavour: str) -> nn.GELU:
     return nn.GELU(approximate="tanh" if flavour == "tanh" else "none")
 
 
+def _in_graph_capture() -> bool:
+    """Whether torch is tracing, exporting or compiling this code (graphs keep the plain operators)."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
+
+
+# oneDNN's prepacked linear for inference (Linear below); off to time the plain path beside it
+PREPACK = {"enabled": torch.backends.mkldnn.is_available()}
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters, same state dict) that, in inference on the CPU, runs oneDNN's linear on
+    a weight laid out once for it (``mkldnn._reorder_linear_weight``) instead of ``addmm``, which lays the
+    weight out for the matrix units at every call: at the 50 and 101 token rows of a cascade's small stages
+    that work is not amortised (docs/performance.md). The laid-out weight is a cache, never saved: it is
+    rebuilt when the weight changes (the tensor, its storage or its version), and training, autograd, tracing,
+    exporting and compiling take the plain path."""
+
+    _packed = None  # ((weight, its storage, its version), the weight laid out for oneDNN)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if (not PREPACK["enabled"] or torch.is_grad_enabled() or w.device.type != "cpu" or x.dtype != w.dtype
+                or w.dtype not in (torch.float32, torch.bfloat16) or x.dim() < 2 or _in_graph_capture()):
+            return F.linear(x, w, self.bias)
+        key = (w.data_ptr(), w._version)
+        if self._packed is None or self._packed[0][0] is not w or self._packed[0][1:] != key:
+            self._packed = ((w,) + key, torch.ops.mkldnn._reorder_linear_weight(w.detach(), None))
+        return torch.ops.mkldnn._linear_pointwise(x, self._packed[1], self.bias, "none", [], "")
+
+    def __getstate__(self):  # pickles and deep copies leave the cache out (oneDNN tensors do not pickle)
+        state = self.__dict__.copy()
+        state.pop("_packed", None)
+        return state
+
+
 class Mlp(nn.Module):
     """fc1 -> GELU (the spec's flavour) -> fc2 (dropout after each, as in timm)."""
 
     def __init__(self, in_features: int, hidden: int, out_features: int, drop: float = 0.0, gelu_flavour: str = "exact"):
         super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden)
+        self.fc1 = Linear(in_features, hidden)
         self.act = gelu(gelu_flavour)
-        self.fc2 = nn.Linear(hidden, out_features)
+        self.fc2 = Linear(hidden, out_features)
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -54,7 +89,7 @@ def _softmax(logits: torch.Tensor) -> torch.Tensor:
     (5 at 2x2 tokens) costs more than the whole-tensor form: in float32 inference, up to 8 keys, that form
     (max, exp, sum, divide; 2.2x faster on 256 x 5 x 5 logits, same values to 2e-7); elsewhere torch's."""
     if (logits.shape[-1] > 8 or logits.dtype != torch.float32 or torch.is_grad_enabled()
-            or torch.jit.is_tracing() or torch.compiler.is_compiling()):  # exported and compiled graphs keep Softmax
+            or _in_graph_capture()):  # exported and compiled graphs keep Softmax
         return logits.softmax(dim=-1)
     e = (logits - logits.amax(dim=-1, keepdim=True)).exp_()
     return e.div_(e.sum(dim=-1, keepdim=True))
@@ -72,8 +107,8 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads = stage.num_heads
         self.scale = stage.head_dim ** -0.5
-        self.qkv = nn.Linear(stage.embed_dim, 3 * stage.embed_dim, bias=stage.qkv_bias)
-        self.proj = nn.Linear(stage.embed_dim, stage.embed_dim)
+        self.qkv = Linear(stage.embed_dim, 3 * stage.embed_dim, bias=stage.qkv_bias)
+        self.proj = Linear(stage.embed_dim, stage.embed_dim)
 
     def forward(self, x: torch.Tensor, reused_logits: Optional[torch.Tensor] = None, need_logits: bool = True):
         b, n, c = x.shape
@@ -107,9 +142,9 @@ class FeatureReuse(nn.Module):
         super().__init__()
         self.norm = nn.LayerNorm(plan.in_dim, eps=plan.ln_eps)
         self.apply_norm = plan.apply_norm
-        self.fc1 = nn.Linear(plan.in_dim, plan.hidden)
+        self.fc1 = Linear(plan.in_dim, plan.hidden)
         self.act = gelu(plan.gelu)
-        self.fc2 = nn.Linear(plan.hidden, plan.out_dim)
+        self.fc2 = Linear(plan.hidden, plan.out_dim)
 
     def forward(self, prev_tokens: torch.Tensor) -> torch.Tensor:
         x = self.norm(prev_tokens) if self.apply_norm else prev_tokens

@@ -213,3 +213,12 @@ def store_weights_fp16(path: Path) -> None:
     del g.node[:]
     g.node.extend(nodes)
     onnx.save(graph_model, str(path))
+
+
+def _write_pt2(model: DVT, out_dir: Path):
+    from . import export_pt2  # AOTInductor is imported only for this format
+
+    return export_pt2.export_stages(model, out_dir)
+
+
+STAGE_WRITERS = {"onnx": export_stages, "pt2": _write_pt2}  # dvt_core.export.writer picks by format

@@ -215,10 +215,12 @@ def store_weights_fp16(path: Path) -> None:
     onnx.save(graph_model, str(path))
 
 
-def _write_pt2(model: DVT, out_dir: Path):
+def export_pt2_stages(model: DVT, out_dir: Path):
+    """``stage{i}.pt2`` AOTInductor packages for every stage (``export_pt2.export_stages``)."""
     from . import export_pt2  # AOTInductor is imported only for this format
 
     return export_pt2.export_stages(model, out_dir)
 
 
-STAGE_WRITERS = {"onnx": export_stages, "pt2": _write_pt2}  # dvt_core.export.writer picks by format
+# dvt_core.export.writer picks the function by format, by name (looked up when it is called)
+STAGE_WRITERS = {"onnx": "export_stages", "pt2": "export_pt2_stages"}

@@ -65,7 +65,7 @@ def export_model(model, fmt: str, out: Union[str, Path], force: bool = False, op
     if backend_of(model).name != backend:
         raise InputError(f"{fmt} graphs are exported from a {backend} model, not a {backend_of(model).name} one")
     writer = importlib_export(backend)
-    write_stages = getattr(writer, "STAGE_WRITERS", {}).get(fmt, writer.export_stages)  # torch writes two formats
+    write_stages = getattr(writer, getattr(writer, "STAGE_WRITERS", {}).get(fmt, "export_stages"))  # torch: two formats
     with fileio.atomic_dir(out, force=force) as tmp:  # removed on failure, SIGTERM and SIGINT alike
         kwargs = {"opset": int(opset), **form} if fmt == "onnx" else {}
         stages, versions, batch_axes = write_stages(model, tmp, **kwargs)

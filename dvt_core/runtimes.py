@@ -21,6 +21,7 @@ RUNTIMES = {
     "onnx": ("dvt_backends.onnx", "onnxruntime", "export"),
     "mindir": ("dvt_backends.mindir", "mindspore", "export"),
     "openvino": ("dvt_backends.openvino", "openvino", "export"),
+    "pt2": ("dvt_backends.pt2", "torch", "export"),
 }
 
 

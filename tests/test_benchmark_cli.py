@@ -151,7 +151,7 @@ def test_tie_safe_thresholds_keep_the_exits_and_leave_room():
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--backend", "mindspore"], "dvt benchmark times torch, onnx, openvino, not 'mindspore'"),
+    (["--backend", "mindspore"], "dvt benchmark times torch, onnx, openvino, pt2, not 'mindspore'"),
     (["--backend", "onnx", "--compile"], "--compile is for the torch runtime alone"),
     (["--backend", "onnx", "--device", "cuda"], "device 'cuda'"),
     (["--budget", "lots"], "'lots' is not a number of MACs"),

@@ -48,6 +48,34 @@ def test_compiled_stages_give_eager_outputs_and_do_not_recompile_per_batch_size(
             np.testing.assert_allclose(got.logits, want.logits[:n], rtol=0, atol=1e-5)
 
 
+def test_compiled_stages_see_a_symbolic_batch_axis_and_a_fixed_image_size():
+    """What Inductor failed on (``ValueRangeError`` in the patch arithmetic of the shipped model): every axis
+    symbolic. The graphs the compiler receives must vary in the batch axis of the images and the carry, and
+    in nothing else."""
+    from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
+    torch.manual_seed(0)
+    model = dvt_core.build("dvt_deit_tiny", **SMALL).eval()
+    shapes = []
+
+    def recording_backend(gm, example_inputs):
+        shapes.extend(tuple(n.meta["example_value"].shape) for n in gm.graph.nodes
+                      if n.op == "placeholder" and isinstance(n.meta.get("example_value"), torch.Tensor))
+        return gm.forward
+
+    model.compile(backend=recording_backend)
+    x = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        model(x)
+    image_shapes = [s for s in shapes if len(s) == 4 and s[1:] == (3, 32, 32)]
+    assert len(image_shapes) == 3  # one graph per stage, each with its images
+    for shape in shapes:
+        kinds = [not is_concrete_int(d) for d in shape]
+        if len(shape) >= 3 and kinds[0]:  # the images and the carried tensors: batch symbolic, the rest fixed
+            assert not any(kinds[1:]), shape
+    assert not any(is_concrete_int(s[0]) for s in image_shapes)
+
+
 def test_build_compile_flag(monkeypatch):
     from dvt_backends.torch import DVT
 

@@ -20,7 +20,8 @@ from helpers import SMALL, SMALL_T2T, median_thresholds, random_images
 BACKENDS = [pytest.param("torch"), pytest.param("mindspore", marks=pytest.mark.mindspore)]
 RUNTIMES = BACKENDS + [pytest.param("onnx", marks=pytest.mark.export),
                        pytest.param("mindir", marks=[pytest.mark.export, pytest.mark.mindspore]),
-                       pytest.param("openvino", marks=pytest.mark.export)]
+                       pytest.param("openvino", marks=pytest.mark.export),
+                       pytest.param("pt2", marks=pytest.mark.export)]
 # what the contract derives from the primitives: written once in Runtime, never in a runtime
 DERIVED = ("check_precision", "images_in", "forward_numpy", "adaptive", "adaptive_numpy")
 

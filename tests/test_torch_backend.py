@@ -319,3 +319,29 @@ def test_write_checkpoint_unknown_suffix(tmp_path):
     with pytest.raises(CheckpointError, match="suffix"):
         write_checkpoint(tmp_path / "m.weights", {"a": np.zeros(1, np.float32)})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_prepacked_linear_follows_its_weight_and_is_never_saved():
+    """In CPU inference Linear runs on a weight laid out once for oneDNN: same outputs as F.linear, rebuilt when
+    the weight changes in place, absent from the state dict, pickles and copies; autograd takes the plain path."""
+    import copy
+
+    from torch.nn import functional as F
+
+    from dvt_backends.torch.layers import Linear
+
+    torch.manual_seed(0)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
+        lin = Linear(64, 48).to(dtype)
+        x = torch.randn(3, 50, 64).to(dtype)
+        with torch.no_grad():
+            torch.testing.assert_close(lin(x).float(), F.linear(x, lin.weight, lin.bias).float(), rtol=tol, atol=tol)
+            assert lin._packed_weights  # the inference path ran
+            lin.load_state_dict({"weight": torch.ones(48, 64), "bias": torch.full((48,), 2.0)})  # copies in place
+            got = lin(x[:, :1])
+        want = x[:, :1].float().sum(-1, keepdim=True) + 2.0
+        torch.testing.assert_close(got.float(), want.expand_as(got.float()), rtol=tol, atol=tol * 64)
+        assert sorted(lin.state_dict()) == ["bias", "weight"]
+        assert "_packed_weights" not in pickle.loads(pickle.dumps(lin)).__dict__
+        assert "_packed_weights" not in copy.deepcopy(lin).__dict__
+    assert Linear(4, 2)(torch.randn(1, 4)).requires_grad

@@ -18,7 +18,7 @@ from dvt_core.model.recipe import INIT_STD, TRUNC_BOUND, drop_path_rates
 from dvt_core.errors import InputError, check_images_shape
 from dvt_core.model.specs import CascadeSpec, sinusoid_position_table
 
-from .layers import Block, FeatureReuse, RelationReuse, TokenResize
+from .layers import Block, FeatureReuse, Linear, RelationReuse, TokenResize
 from .tokenizers import build_tokenizer
 
 # dvt_core.runtime.contract.PRECISIONS -> the dtype every weight, buffer and activation is held in
@@ -76,7 +76,7 @@ class Stage(nn.Module):
         if fr:
             self.feature_resize = TokenResize(fr.old_grid, fr.new_grid, "zero")
         self.norm = nn.LayerNorm(st.embed_dim, eps=st.ln_eps)
-        self.head = nn.Linear(st.embed_dim, spec.num_classes)
+        self.head = Linear(st.embed_dim, spec.num_classes)
         self.has_feature_reuse = fr is not None
 
     def _reused_features(self, prev: torch.Tensor) -> torch.Tensor:
@@ -117,6 +117,7 @@ class DVT(ModelAPI, nn.Module):
         self.checkpoint_meta: dict = {}
         self.exit_macs = exit_macs(self.spec)  # per image, cumulative; the spec is frozen
         self.precision = "fp32"
+        self._batch_dynamic = False  # compile() without ``dynamic``: the batch axis marked dynamic per call
         self.reset_parameters()
 
     def set_precision(self, precision: str) -> "DVT":
@@ -169,6 +170,8 @@ class DVT(ModelAPI, nn.Module):
         keep = not last and self.spec.relation_reuse
         if images.dtype != self.dtype:  # float32 images into a bf16 / fp16 model
             images = images.to(self.dtype)
+        if self._batch_dynamic:
+            self._mark_batch_dynamic(images, reuse)
         logits, out = self.stages[index](images, reuse, keep_relations=keep)
         if last:
             return logits, None
@@ -186,14 +189,25 @@ class DVT(ModelAPI, nn.Module):
     def compile(self, **kwargs) -> "DVT":
         """Compile every stage with ``torch.compile`` (opt-in; in place; returns the model).
 
-        ``dynamic=True`` unless given: early exit hands each later stage a different number of images,
-        which must not recompile per batch size. Same outputs as eager (to float rounding); the first
-        call of each stage pays the compilation.
+        Unless ``dynamic`` is given, the batch axis of the images and the carried tensors is marked dynamic
+        and nothing else: early exit hands each later stage a different number of images, which must not
+        recompile per batch size, while a symbolic image size makes Inductor fail on the patch arithmetic
+        (``ValueRangeError``). Same outputs as eager (to float rounding); the first call of each stage
+        pays the compilation.
         """
-        kwargs.setdefault("dynamic", True)
         for st in self.stages:
             st.compile(**kwargs)
+        self._batch_dynamic = "dynamic" not in kwargs
         return self
+
+    def _mark_batch_dynamic(self, images: torch.Tensor, reuse: Optional[Reuse]) -> None:
+        """Tells the compiler that the batch axis, and only it, varies (the image size is the spec's)."""
+        from torch import _dynamo
+
+        carried = () if reuse is None else (reuse.features,) + tuple(reuse.relations or ())
+        for t in (images,) + carried:
+            if t is not None:
+                _dynamo.maybe_mark_dynamic(t, 0)
 
     @torch.no_grad()
     @contextmanager

@@ -14,7 +14,7 @@ from torch.nn import functional as F
 from dvt_core.model.recipe import performer_feature_gain
 from dvt_core.model.specs import StageSpec, T2TSpec
 
-from .layers import Mlp
+from .layers import Linear, Mlp
 
 
 class PatchEmbed(nn.Module):
@@ -55,9 +55,9 @@ class TokenPerformer(nn.Module):
         self.emb = emb
         self.m = t2t.performer_features
         self.eps = t2t.performer_eps
-        self.kqv = nn.Linear(dim, 3 * emb)
+        self.kqv = Linear(dim, 3 * emb)
         self.dp = nn.Dropout(t2t.dropout)
-        self.proj = nn.Linear(emb, emb)
+        self.proj = Linear(emb, emb)
         self.norm1 = nn.LayerNorm(dim, eps=ln_eps)
         self.norm2 = nn.LayerNorm(emb, eps=ln_eps)
         self.mlp = Mlp(emb, emb, emb, drop=t2t.dropout)
@@ -90,8 +90,8 @@ class TokenAttention(nn.Module):
     def __init__(self, dim: int, emb: int):
         super().__init__()
         self.scale = dim ** -0.5
-        self.qkv = nn.Linear(dim, 3 * emb, bias=False)
-        self.proj = nn.Linear(emb, emb)
+        self.qkv = Linear(dim, 3 * emb, bias=False)
+        self.proj = Linear(emb, emb)
         self.emb = emb
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -125,7 +125,7 @@ class T2TModule(nn.Module):
         k0, k1, k2 = t2t.kernels
         self.attention1 = block(in_chans * k0 * k0, t2t, t2t.ln_eps)
         self.attention2 = block(t2t.token_dim * k1 * k1, t2t, t2t.ln_eps)
-        self.project = nn.Linear(t2t.token_dim * k2 * k2, stage.embed_dim)
+        self.project = Linear(t2t.token_dim * k2 * k2, stage.embed_dim)
 
     def _split(self, x: torch.Tensor, i: int) -> torch.Tensor:
         """Soft split of a channels-last map (B, H, W, C) -> (B, L, C*k*k), features in F.unfold's order.

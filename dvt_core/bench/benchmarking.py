@@ -310,8 +310,8 @@ def verdict(label: str, row: dict, base: str = "static") -> str:
 
 # ---- what is timed: subjects built through dvt_core.build, images, thresholds --------------------------------
 
-RUNTIMES = ("torch", "onnx", "openvino")
-EXPORT_FORMAT = {"onnx": "onnx", "openvino": "onnx"}  # the export folder each exported runtime runs
+RUNTIMES = ("torch", "onnx", "openvino", "pt2")
+EXPORT_FORMAT = {"onnx": "onnx", "openvino": "onnx", "pt2": "pt2"}  # the export folder each exported runtime runs
 MODES = ("adaptive", "stages", "streaming")
 
 

@@ -23,8 +23,8 @@ from dvt_core.schema import HEX64_RE, MAX_JSON_BYTES, check_name, check_regular_
 MANIFEST = "dvt.json"
 MANIFEST_KIND = "dvt-export"
 MANIFEST_VERSION = 1
-FORMATS = ("onnx", "mindir")
-SOURCE_BACKEND = {"onnx": "torch", "mindir": "mindspore"}  # which backend writes each format
+FORMATS = ("onnx", "mindir", "pt2")
+SOURCE_BACKEND = {"onnx": "torch", "mindir": "mindspore", "pt2": "torch"}  # which backend writes each format
 DEFAULT_OPSET = 17
 SUPPORTED_OPSETS = range(14, 22)  # scaled_dot_product_attention needs 14; each of 14..21 exported and run in ORT
 # ONNX graph forms (dvt_backends.torch.export): the reuse resize as "gather" (its taps: Gather, Mul, ReduceSum)

@@ -22,7 +22,8 @@ def export(name_or_spec=None, weights=None, fmt: str = "onnx", out: Union[str, P
            **overrides) -> Path:
     """Export ``name_or_spec`` with ``weights`` (any checkpoint ``build`` reads) as per-stage graphs.
 
-    ``fmt`` "onnx" traces the torch backend, "mindir" the MindSpore backend. Writes ``out`` atomically;
+    ``fmt`` "onnx" traces the torch backend, "pt2" compiles its stages with AOTInductor, "mindir" exports the
+    MindSpore backend. Writes ``out`` atomically;
     an existing ``out`` is replaced only with ``force``. Returns ``out``. ONNX only: ``resize`` is the form
     of the reuse resize ("gather", "dense", or "auto": the one ONNX Runtime and OpenVINO run fastest) and
     ``precision`` what the weights are stored in ("fp32", or "fp16": half the size; runtimes compute in the
@@ -67,9 +68,10 @@ def export_model(model, fmt: str, out: Union[str, Path], force: bool = False, op
     if backend_of(model).name != backend:
         raise InputError(f"{fmt} graphs are exported from a {backend} model, not a {backend_of(model).name} one")
     writer = importlib_export(backend)
+    write_stages = getattr(writer, getattr(writer, "STAGE_WRITERS", {}).get(fmt, "export_stages"))  # torch: two formats
     with fileio.atomic_dir(out, force=force) as tmp:  # removed on failure, SIGTERM and SIGINT alike
         kwargs = {"opset": int(opset), **form} if fmt == "onnx" else {}
-        stages, versions, batch_axes = writer.export_stages(model, tmp, **kwargs)
+        stages, versions, batch_axes = write_stages(model, tmp, **kwargs)
         for st in stages:
             st["sha256"] = sha256_of(tmp / st["file"])
         versions = {"dvt": __version__, **versions}

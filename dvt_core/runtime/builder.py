@@ -59,7 +59,7 @@ def build(name_or_spec: Union[str, CascadeSpec, None] = None, backend: str = "to
     The model comes back in evaluation mode in every backend (dropout and stochastic depth off):
     call ``model.train()`` (torch) or ``model.set_train(True)`` (MindSpore) to train it.
     ``compile=True`` (torch) compiles the stages after the weights are loaded (``model.compile()``:
-    torch.compile with dynamic batch sizes).
+    torch.compile with a dynamic batch axis).
     """
     runtime = get_backend(backend)
     runtime.check_precision(precision)

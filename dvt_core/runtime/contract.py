@@ -190,7 +190,7 @@ class GraphRuntime(Runtime):
     """A runtime of exported per-stage graphs (``dvt export``): it opens a folder; nothing to build or train."""
 
     graph_format: str = ""
-    """The graph files it reads ("onnx", "mindir"), as the export's manifest names them."""
+    """The graph files it reads ("onnx", "mindir", "pt2"), as the export's manifest names them."""
 
     @abc.abstractmethod
     def open(self, directory, model: Optional[str] = None, device: str = "cpu", precision: str = "fp32",

@@ -1,0 +1,86 @@
+"""``dvt export --format pt2``: one AOTInductor package per stage, and the ``pt2`` runtime that loads them
+without compiling. One small model, exported once for the module (AOTInductor compiles each stage: the
+slow part); parity with eager torch to 1e-4 with identical exits, the export's checks as for ONNX."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+import dvt_core
+from dvt_core.errors import InputError, ManifestError
+from dvt_core.export.manifest import MANIFEST
+
+from helpers import SMALL, random_images
+
+torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.export
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    from dvt_core.export.writer import export_model
+
+    torch.manual_seed(0)
+    model = dvt_core.build("dvt_deit_tiny", **SMALL).eval()
+    out = export_model(model, "pt2", tmp_path_factory.mktemp("pt2") / "dvt")
+    return model, out
+
+
+def test_packages_give_eager_logits_at_every_batch_size(exported):
+    model, out = exported
+    loaded = dvt_core.build(out, backend="pt2")
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["graph_format"] == "pt2" and [st["file"] for st in manifest["stages"]] == \
+        ["stage1.pt2", "stage2.pt2", "stage3.pt2"]
+    x = random_images(model.spec, 5, seed=1)
+    for n in (1, 2, 5):  # one axis, dynamic: the export itself ran at batch 2
+        with torch.no_grad():
+            want = [t.numpy() for t in model(torch.from_numpy(x[:n]))]
+        got = loaded(x[:n])
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w, rtol=0, atol=1e-4)
+
+
+def test_early_exit_leaves_at_the_same_exits(exported):
+    model, out = exported
+    loaded = dvt_core.build(out, backend="pt2")
+    x = random_images(model.spec, 12, seed=2)
+    with torch.no_grad():
+        conf = [np.sort(o.softmax(-1).amax(-1).numpy()) for o in model(torch.from_numpy(x))]
+    thresholds = [float(c[len(c) // 2 - 1:len(c) // 2 + 1].mean()) for c in conf[:2]]  # between two images
+    want = model.adaptive(x, thresholds)
+    got = loaded.adaptive(x, thresholds)
+    assert len(set(want.exit_index.tolist())) > 1
+    np.testing.assert_array_equal(got.exit_index, want.exit_index)
+    np.testing.assert_array_equal(got.prediction, want.prediction)
+    np.testing.assert_allclose(got.logits, want.logits, rtol=0, atol=1e-4)
+
+
+def test_a_modified_package_is_refused_before_it_is_loaded(exported, tmp_path):
+    _, out = exported
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    package = copy / "stage2.pt2"
+    data = bytearray(package.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    package.write_bytes(bytes(data))
+    with pytest.raises(ManifestError, match="SHA-256"):
+        dvt_core.build(copy, backend="pt2")
+    (copy / "stage2.pt2").unlink()
+    shutil.copy(out / "stage2.pt2", copy / "stage2.pt2")
+    (copy / "extra.so").write_bytes(b"\x7fELF")  # a file the manifest does not list
+    with pytest.raises(ManifestError):
+        dvt_core.build(copy, backend="pt2")
+
+
+def test_the_runtime_says_what_it_cannot_do(exported):
+    _, out = exported
+    with pytest.raises(InputError, match="fp32"):
+        dvt_core.build(out, backend="pt2", precision="bf16")
+    with pytest.raises(InputError, match="CPU"):
+        dvt_core.build(out, backend="pt2", device="cuda")
+    with pytest.raises(InputError, match="onnx graphs|pt2 graphs"):
+        dvt_core.build(out, backend="onnx")

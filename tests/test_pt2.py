@@ -13,7 +13,7 @@ import dvt_core
 from dvt_core.errors import InputError, ManifestError
 from dvt_core.export.manifest import MANIFEST
 
-from helpers import SMALL, random_images
+from helpers import SMALL, dvt, random_images
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.export
@@ -31,7 +31,7 @@ def exported(tmp_path_factory):
 
 def test_packages_give_eager_logits_at_every_batch_size(exported):
     model, out = exported
-    loaded = dvt_core.build(out, backend="pt2")
+    loaded = dvt_core.build(out, backend="pt2", trust_native_code=True)
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["graph_format"] == "pt2" and [st["file"] for st in manifest["stages"]] == \
         ["stage1.pt2", "stage2.pt2", "stage3.pt2"]
@@ -46,7 +46,7 @@ def test_packages_give_eager_logits_at_every_batch_size(exported):
 
 def test_early_exit_leaves_at_the_same_exits(exported):
     model, out = exported
-    loaded = dvt_core.build(out, backend="pt2")
+    loaded = dvt_core.build(out, backend="pt2", trust_native_code=True)
     x = random_images(model.spec, 12, seed=2)
     with torch.no_grad():
         conf = [np.sort(o.softmax(-1).amax(-1).numpy()) for o in model(torch.from_numpy(x))]
@@ -68,19 +68,29 @@ def test_a_modified_package_is_refused_before_it_is_loaded(exported, tmp_path):
     data[len(data) // 2] ^= 0xFF
     package.write_bytes(bytes(data))
     with pytest.raises(ManifestError, match="SHA-256"):
-        dvt_core.build(copy, backend="pt2")
+        dvt_core.build(copy, backend="pt2", trust_native_code=True)
     (copy / "stage2.pt2").unlink()
     shutil.copy(out / "stage2.pt2", copy / "stage2.pt2")
     (copy / "extra.so").write_bytes(b"\x7fELF")  # a file the manifest does not list
     with pytest.raises(ManifestError):
-        dvt_core.build(copy, backend="pt2")
+        dvt_core.build(copy, backend="pt2", trust_native_code=True)
 
 
 def test_the_runtime_says_what_it_cannot_do(exported):
     _, out = exported
     with pytest.raises(InputError, match="fp32"):
-        dvt_core.build(out, backend="pt2", precision="bf16")
+        dvt_core.build(out, backend="pt2", precision="bf16", trust_native_code=True)
     with pytest.raises(InputError, match="CPU"):
-        dvt_core.build(out, backend="pt2", device="cuda")
+        dvt_core.build(out, backend="pt2", device="cuda", trust_native_code=True)
     with pytest.raises(InputError, match="onnx graphs|pt2 graphs"):
         dvt_core.build(out, backend="onnx")
+
+
+def test_native_code_is_opened_only_when_trusted(exported, tmp_path):
+    # the folder's hashes say it is unchanged since it was written, not who wrote it: loading runs its code
+    _, out = exported
+    with pytest.raises(InputError, match="trust_native_code=True"):
+        dvt_core.build(out, backend="pt2")
+    (tmp_path / "a.png").write_bytes(b"not read: the folder is refused first")
+    proc = dvt("predict", "--weights", out, "--backend", "pt2", tmp_path / "a.png")
+    assert proc.returncode == 2 and "--trust-native-code" in proc.stderr and "Traceback" not in proc.stderr

@@ -67,6 +67,8 @@ class Pt2DVT(ExportedDVT):
 class Pt2Runtime(GraphRuntimeBase):
     """AOTInductor packages on the CPU (fp32: the packages are compiled for the precision they were exported in)."""
 
+    runs_native_code = True  # build() opens it only with trust_native_code=True
+
     name = "pt2"
     graph_format = "pt2"
     precisions_why = "a package is compiled in the precision it was exported in (fp32)"

@@ -334,7 +334,7 @@ def sibling_export(directory, static_name: str):
 
 def build_subject(runtime: str, precision: str, name: str, weights, overrides: dict, threads: Optional[int],
                   workdir, seed: int = 0, compile: bool = False, no_timm: bool = False,
-                  device: Optional[str] = None) -> Subject:
+                  device: Optional[str] = None, trust_native_code: bool = False) -> Subject:
     """``runtime``'s DVT and static backbone at ``precision``. torch builds both (random weights unless
     ``weights``); an exported runtime loads ``weights`` when it is an export folder (the static model's
     export beside it) and otherwise exports both from torch into ``workdir``."""
@@ -354,7 +354,8 @@ def build_subject(runtime: str, precision: str, name: str, weights, overrides: d
         return Subject(f"torch {precision}", model, static, refs)
     fmt = EXPORT_FORMAT[runtime]
     if weights is not None and _is_dir(weights):
-        model = build(weights, backend=runtime, precision=precision, threads=threads)
+        model = build(weights, backend=runtime, precision=precision, threads=threads,
+                      trust_native_code=trust_native_code)
         static_name = static_spec(model.spec, model.spec.num_exits - 1).name
         static_dir = sibling_export(weights, static_name)
     else:
@@ -367,10 +368,11 @@ def build_subject(runtime: str, precision: str, name: str, weights, overrides: d
         tag.mkdir()  # inside the benchmark's own temporary folder: exports never create folders themselves
         if model is None:
             model = build(export_model(src, fmt, tag / "dvt"), backend=runtime, precision=precision,
-                                   threads=threads)
+                          threads=threads, trust_native_code=True)  # compiled here, just now
         src_static = build(static_spec(src.spec, src.spec.num_exits - 1))
         static_dir = export_model(src_static, fmt, tag / "static")
-    static = build(static_dir, backend=runtime, precision=precision, threads=threads)
+    static = build(static_dir, backend=runtime, precision=precision, threads=threads,
+                   trust_native_code=trust_native_code or Path(static_dir).resolve().is_relative_to(Path(workdir).resolve()))
     if device is not None:
         model, static = (_backend(m).to_device(m, device) for m in (model, static))
     return Subject(f"{runtime} {precision}", model, static)

@@ -101,14 +101,15 @@ def _stored_shares(model, images: np.ndarray) -> Optional[list]:
 
 
 def _open(src: Path, exported: bool, model_name, backend: str, precision: str, threads, overrides: dict,
-          device: Optional[str] = None, allow_lossy_cast: bool = False):
+          device: Optional[str] = None, allow_lossy_cast: bool = False, trust_native_code: bool = False):
     from dvt_core.runtime.contract import GraphRuntime, backend_of, get_backend
 
     if exported:
         if not isinstance(get_backend(backend), GraphRuntime):
             raise InputError(f"{src} is an export folder: profile it with the runtime that runs it "
                              "(--backend onnx or openvino)")
-        return build(src, backend=backend, precision=precision, threads=threads, device=device)
+        return build(src, backend=backend, precision=precision, threads=threads, device=device,
+                     trust_native_code=trust_native_code)
     if isinstance(get_backend(backend), GraphRuntime):
         raise InputError(f"the {backend} runtime runs export folders: `dvt export` the checkpoint, then profile "
                          "the folder")
@@ -140,7 +141,8 @@ def profile_weights(weights, model: Optional[str] = None, backend: str = "torch"
                     threads: Optional[int] = None, batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
                     images: int = 64, repeats: int = 3, warmup: int = 1, out=None, force: bool = False,
                     progress: bool = False, overrides: Optional[dict] = None, seed: int = 0,
-                    device: Optional[str] = None, sha256: Optional[str] = None, allow_lossy_cast: bool = False) -> dict:
+                    device: Optional[str] = None, sha256: Optional[str] = None, allow_lossy_cast: bool = False,
+                    trust_native_code: bool = False) -> dict:
     """Measure and store the cost profile of ``weights`` (a checkpoint, ``"default"`` with ``model``, or an
     export folder run by ``backend``) at ``precision`` with ``threads``, over ``images`` images per batch
     size (at least one batch), on ``device`` (None: the runtime's default); ``sha256`` checks a weights file.
@@ -159,7 +161,8 @@ def profile_weights(weights, model: Optional[str] = None, backend: str = "torch"
         from dvt_core.export.manifest import read_manifest
 
         backend = read_manifest(src, verify=False)["graph_format"]
-    net = _open(src, exported, model, backend, precision, threads, overrides or {}, device, allow_lossy_cast)
+    net = _open(src, exported, model, backend, precision, threads, overrides or {}, device, allow_lossy_cast,
+                trust_native_code)
     static = _static_model(net, src, exported, backend, precision, threads, device)
     count = max(int(images), max(batch_sizes))
     pictures, what = benchmark_images(net, count, seed)

@@ -44,7 +44,8 @@ def check_stage_outputs(runtime: GraphRuntime, model, where) -> None:
 
 def build(name_or_spec: Union[str, CascadeSpec, None] = None, backend: str = "torch",
           weights: Union[str, Path, None] = None, allow_lossy_cast: bool = False, compile: bool = False,
-          precision: str = "fp32", device: Optional[str] = None, threads: Optional[int] = None, **overrides):
+          precision: str = "fp32", device: Optional[str] = None, threads: Optional[int] = None,
+          trust_native_code: bool = False, **overrides):
     """Build a DVT for a framework ("torch", "mindspore"), or open an export folder ("onnx", "mindir", ...).
 
     ``weights`` is a path to an official release ``.pth.tar``, a torch state dict, a ``.safetensors``
@@ -60,6 +61,9 @@ def build(name_or_spec: Union[str, CascadeSpec, None] = None, backend: str = "to
     call ``model.train()`` (torch) or ``model.set_train(True)`` (MindSpore) to train it.
     ``compile=True`` (torch) compiles the stages after the weights are loaded (``model.compile()``:
     torch.compile with a dynamic batch axis).
+    ``trust_native_code=True`` is needed to open a folder whose graphs are native code (``pt2``: loading a
+    package runs it, as loading a shared library would): the folder's hashes show it was not changed since it
+    was written, not who wrote it, so open only folders you made or trust.
     """
     runtime = get_backend(backend)
     runtime.check_precision(precision)
@@ -71,6 +75,9 @@ def build(name_or_spec: Union[str, CascadeSpec, None] = None, backend: str = "to
             raise InputError(f"the {backend} backend runs an export folder: build(DIR, backend={backend!r})")
         if overrides:
             raise InputError(f"an export's spec is fixed; the {backend} backend takes no overrides")
+        if getattr(runtime, "runs_native_code", False) and not trust_native_code:
+            raise InputError(f"{directory}: a {backend} export runs native code from its folder when opened; open only "
+                             "folders you made or trust, with trust_native_code=True (CLI: --trust-native-code)")
         wanted = None if weights is None else getattr(name_or_spec, "name", name_or_spec)
         model = runtime.open(directory, model=wanted, device=device or "cpu", precision=precision, threads=threads)
         check_stage_outputs(runtime, model, directory)

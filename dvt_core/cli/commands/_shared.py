@@ -50,6 +50,9 @@ def add_common_options(p: argparse.ArgumentParser, model: bool = True, weights: 
                        help="refuse --weights FILE unless its SHA-256 is this (shipped weights are always checked)")
         p.add_argument("--allow-lossy-cast", action="store_true",
                        help="accept weights whose dtype cast to float32 changes values (int, out-of-range float64)")
+        p.add_argument("--trust-native-code", action="store_true",
+                       help="open a pt2 export folder given as --weights: its packages run native code when loaded, "
+                            "so only folders you made or trust")
 
 
 def add_precision_option(p: argparse.ArgumentParser) -> None:
@@ -162,7 +165,8 @@ def build_from_args(args, weights=None):
     try:
         model = build(args.model, backend=args.backend, weights=weights,
                       allow_lossy_cast=bool(getattr(args, "allow_lossy_cast", False)),
-                      precision=getattr(args, "precision", None) or "fp32", **overrides)
+                      precision=getattr(args, "precision", None) or "fp32",
+                      trust_native_code=bool(getattr(args, "trust_native_code", False)), **overrides)
     except CheckpointError as exc:
         problems = exc.missing or exc.unexpected or exc.mismatched
         if not problems:

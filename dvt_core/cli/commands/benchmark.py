@@ -42,6 +42,9 @@ def add_arguments(parser) -> None:
                         help="checkpoint (its stored operating point is used), or an export folder for onnx / "
                              "openvino (the static model's export beside it, else exported on the fly); "
                              "default: random weights, timing does not depend on them")
+    parser.add_argument("--trust-native-code", action="store_true",
+                        help="open a pt2 export folder given as --weights (its packages run native code when loaded: "
+                             "only folders you made or trust); folders the benchmark compiles itself need no flag")
     parser.add_argument("--batch-sizes", type=number("int", 1, MAX_BENCH_BATCH), nargs="+", default=[1, 64], metavar="B",
                         help="batch sizes to time, one table each")
     g = parser.add_mutually_exclusive_group()
@@ -295,7 +298,8 @@ def _run_subject(args, runtime, precision, workdir, out) -> dict:
 
     subject = bench.build_subject(runtime, precision, args.model, args.weights, parse_overrides(args.override),
                                   args.threads, workdir, seed=args.seed, compile=args.compile,
-                                  no_timm=args.no_timm, device=None if args.device == "cpu" else args.device)
+                                  no_timm=args.no_timm, device=None if args.device == "cpu" else args.device,
+                                  trust_native_code=args.trust_native_code)
     model = subject.model
     unit = _unit(model.exit_macs)
     thresholds, shares, what = _operating_point(args, model)

@@ -40,7 +40,8 @@ def run(args) -> int:
                              threads=args.threads, batch_sizes=args.batch_sizes, images=args.images,
                              repeats=args.repeats, warmup=args.warmup, out=args.out, force=args.force,
                              progress=show_progress(), overrides=parse_overrides(args.override), device=args.device,
-                             sha256=args.sha256, allow_lossy_cast=args.allow_lossy_cast)
+                             sha256=args.sha256, allow_lossy_cast=args.allow_lossy_cast,
+                             trust_native_code=args.trust_native_code)
     out = sys.stderr if args.json == "-" else sys.stdout
     p, m = result["profile"], result["profile"]["machine"]
     print(f"{escape_text(m['cpu'])} ({'AMX' if m['amx'] else 'no AMX'}), {m['cores']} cores, "

@@ -42,6 +42,23 @@ def check_stage_outputs(runtime: GraphRuntime, model, where) -> None:
                                       f"{PROBE_BATCH} on its axis {axes.get(name, 0)}")
 
 
+def _open_export(runtime, backend: str, name_or_spec, weights, precision: str, device, threads,
+                 trust_native_code: bool, overrides: dict):
+    """``build`` for an export runtime: the folder opened, checked and probed (:func:`check_stage_outputs`)."""
+    directory = weights if weights is not None else name_or_spec
+    if directory is None or isinstance(directory, CascadeSpec):
+        raise InputError(f"the {backend} backend runs an export folder: build(DIR, backend={backend!r})")
+    if overrides:
+        raise InputError(f"an export's spec is fixed; the {backend} backend takes no overrides")
+    if getattr(runtime, "runs_native_code", False) and not trust_native_code:
+        raise InputError(f"{directory}: a {backend} export runs native code from its folder when opened; open only "
+                         "folders you made or trust, with trust_native_code=True (CLI: --trust-native-code)")
+    wanted = None if weights is None else getattr(name_or_spec, "name", name_or_spec)
+    model = runtime.open(directory, model=wanted, device=device or "cpu", precision=precision, threads=threads)
+    check_stage_outputs(runtime, model, directory)
+    return model
+
+
 def build(name_or_spec: Union[str, CascadeSpec, None] = None, backend: str = "torch",
           weights: Union[str, Path, None] = None, allow_lossy_cast: bool = False, compile: bool = False,
           precision: str = "fp32", device: Optional[str] = None, threads: Optional[int] = None,
@@ -70,18 +87,8 @@ def build(name_or_spec: Union[str, CascadeSpec, None] = None, backend: str = "to
     if compile and backend != "torch":
         raise InputError("compile=True is for the torch backend; on MindSpore use model.compiled() (graph mode)")
     if isinstance(runtime, GraphRuntime):
-        directory = weights if weights is not None else name_or_spec
-        if directory is None or isinstance(directory, CascadeSpec):
-            raise InputError(f"the {backend} backend runs an export folder: build(DIR, backend={backend!r})")
-        if overrides:
-            raise InputError(f"an export's spec is fixed; the {backend} backend takes no overrides")
-        if getattr(runtime, "runs_native_code", False) and not trust_native_code:
-            raise InputError(f"{directory}: a {backend} export runs native code from its folder when opened; open only "
-                             "folders you made or trust, with trust_native_code=True (CLI: --trust-native-code)")
-        wanted = None if weights is None else getattr(name_or_spec, "name", name_or_spec)
-        model = runtime.open(directory, model=wanted, device=device or "cpu", precision=precision, threads=threads)
-        check_stage_outputs(runtime, model, directory)
-        return model
+        return _open_export(runtime, backend, name_or_spec, weights, precision, device, threads, trust_native_code,
+                            overrides)
     if threads is not None:
         raise InputError(f"threads= is for export runtimes; set the {backend} framework's own thread count")
     if device is not None:

@@ -213,14 +213,3 @@ def store_weights_fp16(path: Path) -> None:
     del g.node[:]
     g.node.extend(nodes)
     onnx.save(graph_model, str(path))
-
-
-def export_pt2_stages(model: DVT, out_dir: Path):
-    """``stage{i}.pt2`` AOTInductor packages for every stage (``export_pt2.export_stages``)."""
-    from . import export_pt2  # AOTInductor is imported only for this format
-
-    return export_pt2.export_stages(model, out_dir)
-
-
-# dvt_core.export.writer picks the function by format, by name (looked up when it is called)
-STAGE_WRITERS = {"onnx": "export_stages", "pt2": "export_pt2_stages"}

@@ -17,6 +17,9 @@ from dvt_core.export.manifest import (DEFAULT_OPSET, FORMATS, MANIFEST, SOURCE_B
                                       graph_form, make_manifest, sha256_of)
 
 
+# the framework module that writes each format's stages (AOTInductor imported only for pt2)
+STAGE_MODULE = {"pt2": "export_pt2"}
+
 def export(name_or_spec=None, weights=None, fmt: str = "onnx", out: Union[str, Path] = "export",
            force: bool = False, opset: int = DEFAULT_OPSET, resize: str = "auto", precision: str = "fp32",
            **overrides) -> Path:
@@ -67,8 +70,8 @@ def export_model(model, fmt: str, out: Union[str, Path], force: bool = False, op
     backend = SOURCE_BACKEND[fmt]
     if backend_of(model).name != backend:
         raise InputError(f"{fmt} graphs are exported from a {backend} model, not a {backend_of(model).name} one")
-    writer = importlib_export(backend)
-    write_stages = getattr(writer, getattr(writer, "STAGE_WRITERS", {}).get(fmt, "export_stages"))  # torch: two formats
+    # looked up when called (a test patches it); the framework's module per format: torch writes two
+    write_stages = importlib_export(backend, STAGE_MODULE.get(fmt, "export")).export_stages
     with fileio.atomic_dir(out, force=force) as tmp:  # removed on failure, SIGTERM and SIGINT alike
         kwargs = {"opset": int(opset), **form} if fmt == "onnx" else {}
         stages, versions, batch_axes = write_stages(model, tmp, **kwargs)
@@ -90,10 +93,10 @@ def _data_files(folder: Path, stages: list) -> list[dict]:
             for p in sorted(folder.rglob("*")) if p.is_file() and p.relative_to(folder).as_posix() not in graphs]
 
 
-def importlib_export(backend: str):
-    """The ``export`` module of framework ``backend``, reached through the runtime registry."""
+def importlib_export(backend: str, module: str = "export"):
+    """The ``export`` module (or ``module``) of framework ``backend``, reached through the runtime registry."""
     get_backend(backend)
-    return import_runtime(backend, "export")
+    return import_runtime(backend, module)
 
 
 def is_export(path) -> bool:

@@ -77,16 +77,20 @@ class PredictService:
 
     def __init__(self, model, thresholds, limits: Optional[ServeLimits] = None, classes: Optional[list] = None,
                  mac_budget: Optional[float] = None, adapt_budget: bool = False, decode_workers: int = 2):
+        from dvt_core.data.datasets import model_name
         from dvt_core.serve.metrics import ServiceMetrics
         from dvt_core.serve.scheduler import StageScheduler
 
         self.limits = (limits or ServeLimits()).check()
         self.model, self.spec = model, model.spec
-        self.name = self.spec.name  # the model's name in /healthz and /v2/models/{name}
+        self.name = self.spec.name  # the architecture's name: the model's in /v2/models/{name}
+        # the name the weights were trained under (as ``dvt serve`` announces it): /healthz says it
+        self.trained_name = model_name(getattr(model, "checkpoint_meta", None), self.spec.name)
         if self.spec.in_chans not in (1, 3):
             raise InputError(f"{self.spec.name} takes {self.spec.in_chans}-channel images; "
                              "image files give 1 (grey) or 3 (RGB)")
         self.classes = classes
+        self.labels = np.asarray([self.label(k) for k in range(self.spec.num_classes)], dtype=object)
         self.metrics = ServiceMetrics(self.spec.num_exits, self.limits.max_batch, model.exit_macs,
                                       mac_budget=mac_budget)
         if adapt_budget and mac_budget is None:
@@ -95,6 +99,7 @@ class PredictService:
                                         self.limits.queue_limit, observer=self.metrics.stage_ran,
                                         adapt_budget=mac_budget if adapt_budget else None)
         self.metrics.depths = self.scheduler.depths
+        self.metrics.model_cpu = lambda: self.scheduler.model_cpu_s
         self.metrics.thresholds = lambda: self.scheduler.thresholds
         self.thresholds = self.scheduler.thresholds
         self._decoder = ThreadPoolExecutor(max_workers=decode_workers, thread_name_prefix="dvt-serve-decode")
@@ -132,8 +137,8 @@ class PredictService:
         image = await loop.run_in_executor(self._decoder, self.decode, body)
         return self.answer(await self._answered(lambda: self.scheduler.submit(image)))
 
-    async def predict_many(self, images: np.ndarray, thresholds: Optional[np.ndarray] = None) -> list:
-        """The :class:`~dvt_core.serve.scheduler.Prediction` of N normalised images (N, C, H, W), scheduled
+    async def predict_many(self, images: np.ndarray, thresholds: Optional[np.ndarray] = None):
+        """The :class:`~dvt_core.serve.scheduler.Answers` of N normalised images (N, C, H, W), scheduled
         image by image through the stages' queues (``thresholds``: these images' own, else the service's)."""
         return await self._answered(lambda: self.scheduler.submit_many(images, thresholds))
 
@@ -279,7 +284,7 @@ async def _routed(service: PredictService, request, path: str):
         return await infer_response(service, request)
     ok = service.healthy()
     if what == ("healthz",):
-        return _json(200 if ok else 503, {"status": "ok" if ok else "unavailable", "model": service.name})
+        return _json(200 if ok else 503, {"status": "ok" if ok else "unavailable", "model": service.trained_name})
     if what == ("metrics",):
         return PlainTextResponse(service.metrics.render(), media_type=CONTENT_TYPE)
     if what in (("server",), ("model",)):

@@ -24,7 +24,7 @@ def _in_model_shape(service, req) -> np.ndarray:
         if req.shape != (n, chans, size, size):
             raise RequestError(400, f"FP32 images must have shape [N, {chans}, {size}, {size}] (normalised, "
                                      f"channels first); got {list(req.shape)}")
-        x = np.ascontiguousarray(req.data, dtype=np.float32)
+        x = np.array(req.data, dtype=np.float32)  # a copy: the request's data may be a read-only view of its body
         if not np.isfinite(x).all():
             raise RequestError(400, "FP32 images hold NaN or infinite values")
         return x
@@ -84,25 +84,25 @@ def _top_k(service, params: dict) -> int:
     return k
 
 
-def output_tensors(service, predictions: list, req) -> list:
-    """``[(name, datatype, array, binary)]`` of the outputs the request asked for."""
+def output_tensors(service, answers, req) -> list:
+    """``[(name, datatype, array, binary)]`` of the outputs the request asked for, from the scheduler's
+    :class:`~dvt_core.serve.scheduler.Answers` columns (no object per image)."""
     from dvt_core.runtime.policy import softmax
 
-    n, exits = len(predictions), service.spec.num_exits
+    n = len(answers)
     columns = {
-        "label": lambda: np.asarray([service.label(p.class_index) for p in predictions], dtype=object),
-        "class_index": lambda: np.asarray([p.class_index for p in predictions], np.int64),
-        "confidence": lambda: np.asarray([p.confidence for p in predictions], np.float32),
-        "exit": lambda: np.asarray([p.exit for p in predictions], np.int32),
-        "macs": lambda: np.asarray([p.macs for p in predictions], np.int64),
-        "exit_confidences": lambda: np.nan_to_num(np.stack([p.exit_confidences for p in predictions]), nan=-1.0
-                                                  ).astype(np.float32) if n else np.zeros((0, exits), np.float32),
+        "label": lambda: service.labels[answers.class_index],
+        "class_index": lambda: answers.class_index,
+        "confidence": lambda: answers.confidence,
+        "exit": lambda: answers.exit.astype(np.int32),
+        "macs": lambda: answers.macs,
+        "exit_confidences": lambda: np.nan_to_num(answers.exit_confidences, nan=-1.0),
     }
     columns["prediction"] = columns["label"]
     wants_top = any(name.startswith("top_k") for name, _ in req.outputs)
     k = _top_k(service, req.parameters) if wants_top else 0
     if wants_top:
-        probs = softmax(np.stack([p.logits for p in predictions]).astype(np.float64)) if n else np.zeros((0, k))
+        probs = softmax(answers.logits.astype(np.float64)) if n else np.zeros((0, k))
         order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
         columns["top_k_class_index"] = lambda: order.astype(np.int64)
         columns["top_k_probability"] = lambda: np.take_along_axis(probs, order, axis=1).astype(np.float32)
@@ -116,8 +116,8 @@ async def infer(service, body: bytes, header_length: Optional[str]) -> tuple[byt
     if any(name.startswith("top_k") for name, _ in req.outputs):
         _top_k(service, req.parameters)  # refused before any work
     images = await images_of(service, req)
-    predictions = await service.predict_many(images, thresholds)
-    return protocol.encode_response(service.name, req.id, output_tensors(service, predictions, req))
+    answers = await service.predict_many(images, thresholds)
+    return protocol.encode_response(service.name, req.id, output_tensors(service, answers, req))
 
 
 def model_metadata(service) -> dict:

@@ -361,6 +361,7 @@ def run_server(service: PredictService, host: str = "127.0.0.1", port: int = 0, 
     queued and returns (a caller exits 0). ``max_connections`` bounds open connections and requests
     (uvicorn answers 503 past it); idle keep-alive connections close after ``keep_alive_s``.
     """
+    import gc
     import signal
 
     import uvicorn
@@ -383,6 +384,11 @@ def run_server(service: PredictService, host: str = "127.0.0.1", port: int = 0, 
                             limit_concurrency=max_connections, timeout_keep_alive=keep_alive_s,
                             timeout_graceful_shutdown=graceful_s, h11_max_incomplete_event_size=16 * 1024,
                             http="h11", loop="asyncio", ws="none", server_header=False)
+    # the model, the imports and the app are built and live as long as the process: moved out of the
+    # collector's reach, a full collection no longer walks their ~200k objects (100+ ms on a loaded box,
+    # a pause every request in flight then waits out: the service's tail latency)
+    gc.collect()
+    gc.freeze()
     try:
         _Server(config).run(sockets=[sock])
     finally:

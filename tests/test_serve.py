@@ -102,6 +102,41 @@ def test_scheduler_refuses_bad_limits(model):
         StageScheduler(model, [0.5, 0.5], max_batch=0)
 
 
+def test_healthz_names_the_trained_model_and_a_request_is_answered_in_columns(model):
+    """/healthz says the name the weights were trained under (the architecture's stays in the /v2 routes); a
+    many-image request comes back as columns equal to the library's adaptive; the model's CPU is counted."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from dvt_core.runtime.contract import backend_of
+    from dvt_core.serve.app import PredictService, respond
+
+    def get(path):
+        return asyncio.run(respond(service, SimpleNamespace(method="GET", url=SimpleNamespace(path=path), headers={})))
+
+    meta = dict(model.checkpoint_meta)
+    model.checkpoint_meta = {**meta, "name": "shoes_and_shirts"}
+    try:
+        service = PredictService(model, [0.6, 0.8])
+    finally:
+        model.checkpoint_meta = meta
+    try:
+        resp = get("/healthz")
+        assert resp.status_code == 200 and json.loads(resp.body) == {"status": "ok", "model": "shoes_and_shirts"}
+        assert get("/v2/models/dvt_fashion_mnist").status_code == 200
+        assert get("/v2/models/shoes_and_shirts").status_code == 404
+        x = _normalised(model, SUBSET[:40])
+        want = backend_of(model).adaptive_numpy(model, x, [0.6, 0.8])
+        assert 0 < want.exit_counts[0] < 40 and want.exit_counts[1:].sum() > 0
+        got = asyncio.run(service.predict_many(x))
+        assert got.class_index.tolist() == want.prediction.tolist() and got.exit.tolist() == want.exit.tolist()
+        assert [p.exit for p in got] == want.exit.tolist()  # image by image, as Prediction
+        cpu = next(line for line in service.metrics.render().splitlines() if line.startswith("dvt_model_cpu_seconds_total "))
+        assert float(cpu.split()[1]) > 0
+    finally:
+        service.close()
+
+
 # ---- the real service ----------------------------------------------------------------------------
 
 def _write_pngs(folder: Path, images) -> list[Path]:

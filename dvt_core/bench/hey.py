@@ -2,9 +2,11 @@
 on 127.0.0.1 with one-image ``/v1/predict`` requests and many-image ``/v2`` binary-tensor requests,
 bounded in count and time; the server's CPU time is read from /proc around each run.
 
-Reported per run: images per second, p50 / p99 request latency (hey's own per-request times), and the
-server's CPU time per image outside the model (its CPU time over the run, less what the same images
-cost the model in process, :func:`model_cpu_per_image`).
+Reported per run: images per second, p50 / p99 request latency (hey's own per-request times), the server's
+CPU time per image, and its CPU time per image outside the model: the process's CPU time over the run less
+what the server's own scheduler spent in the model's stages (``dvt_model_cpu_seconds_total`` in its
+``/metrics``). The report also sets the server's CPU against the in-process cost of the same images at
+batch 64 (:func:`model_cpu_per_image`), which counts smaller server batches against the service too.
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ from typing import Optional, Sequence
 import numpy as np
 
 from dvt_core.errors import InputError
-from dvt_core.bench.loadtest import VARIANTS, check_loopback, gains, launch, mean_macs, png_bodies, single_call_ms, test_images
+from dvt_core.bench.loadtest import (VARIANTS, Connection, check_loopback, gains, launch, mean_macs, png_bodies,
+                                     single_call_ms, test_images)
 
 HOW_TO_INSTALL = ("the serving load test needs the `hey` load generator: install it with `apt-get install hey` "
                   "(Debian, Ubuntu) or `go install github.com/rakyll/hey@latest`")
@@ -49,6 +52,18 @@ def server_cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def model_cpu_seconds(url: str) -> float:
+    """The CPU seconds the service at ``url`` has spent in the model (``dvt_model_cpu_seconds_total``)."""
+    host, port = check_loopback(url)
+    conn = Connection(host, port, timeout=30)
+    try:
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+    return next(float(line.split()[1]) for line in text.splitlines() if line.startswith("dvt_model_cpu_seconds_total "))
 
 
 def run_hey(url: str, path: str, body: bytes, concurrency: int, requests: int, headers: Optional[dict] = None,
@@ -135,12 +150,15 @@ def _merged(runs: list, images_per_request: int) -> dict:
             "p50_ms": float(np.median(p50)) if p50 else None, "p99_ms": max(p99) if p99 else None}
 
 
-def _measured(proc, run) -> dict:
-    """``run()``'s result with the server's CPU seconds per image answered over it."""
-    c0 = server_cpu_seconds(proc.pid)
+def _measured(url: str, proc, run) -> dict:
+    """``run()``'s result with the server's CPU milliseconds per image answered over it, all of it and outside
+    the model (less what its scheduler spent in the model's stages)."""
+    c0, m0 = server_cpu_seconds(proc.pid), model_cpu_seconds(url)
     res = run()
+    cpu, model = server_cpu_seconds(proc.pid) - c0, model_cpu_seconds(url) - m0
     images = res["statuses"].get("200", 0) * res["images_per_request"]
-    res["server_cpu_ms_per_image"] = (server_cpu_seconds(proc.pid) - c0) * 1000.0 / images if images else None
+    res["server_cpu_ms_per_image"] = cpu * 1000.0 / images if images else None
+    res["outside_model_cpu_ms_per_image"] = (cpu - model) * 1000.0 / images if images else None
     return res
 
 
@@ -166,8 +184,8 @@ def compare(images: np.ndarray, concurrencies=(1, 16), requests: int = 400, roun
             for c in concurrencies:
                 for name, (url, proc) in servers.items():
                     path = f"/v2/models/{VARIANTS[name][1]}/infer"
-                    one = _measured(proc, lambda: _one_image_run(url, bodies, c, requests, max_seconds))
-                    more = _measured(proc, lambda: _merged([run_hey(
+                    one = _measured(url, proc, lambda: _one_image_run(url, bodies, c, requests, max_seconds))
+                    more = _measured(url, proc, lambda: _merged([run_hey(
                         url, path, many, c, many_requests, {"Inference-Header-Content-Length":
                                                                            header_len}, max_seconds)],
                         images_per_request))

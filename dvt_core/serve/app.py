@@ -77,16 +77,20 @@ class PredictService:
 
     def __init__(self, model, thresholds, limits: Optional[ServeLimits] = None, classes: Optional[list] = None,
                  mac_budget: Optional[float] = None, adapt_budget: bool = False, decode_workers: int = 2):
+        from dvt_core.data.datasets import model_name
         from dvt_core.serve.metrics import ServiceMetrics
         from dvt_core.serve.scheduler import StageScheduler
 
         self.limits = (limits or ServeLimits()).check()
         self.model, self.spec = model, model.spec
-        self.name = self.spec.name  # the model's name in /healthz and /v2/models/{name}
+        self.name = self.spec.name  # the architecture's name: the model's in /v2/models/{name}
+        # the name the weights were trained under (as ``dvt serve`` announces it): /healthz says it
+        self.trained_name = model_name(getattr(model, "checkpoint_meta", None), self.spec.name)
         if self.spec.in_chans not in (1, 3):
             raise InputError(f"{self.spec.name} takes {self.spec.in_chans}-channel images; "
                              "image files give 1 (grey) or 3 (RGB)")
         self.classes = classes
+        self.labels = np.asarray([self.label(k) for k in range(self.spec.num_classes)], dtype=object)
         self.metrics = ServiceMetrics(self.spec.num_exits, self.limits.max_batch, model.exit_macs,
                                       mac_budget=mac_budget)
         if adapt_budget and mac_budget is None:
@@ -95,6 +99,7 @@ class PredictService:
                                         self.limits.queue_limit, observer=self.metrics.stage_ran,
                                         adapt_budget=mac_budget if adapt_budget else None)
         self.metrics.depths = self.scheduler.depths
+        self.metrics.model_cpu = lambda: self.scheduler.model_cpu_s
         self.metrics.thresholds = lambda: self.scheduler.thresholds
         self.thresholds = self.scheduler.thresholds
         self._decoder = ThreadPoolExecutor(max_workers=decode_workers, thread_name_prefix="dvt-serve-decode")
@@ -132,8 +137,8 @@ class PredictService:
         image = await loop.run_in_executor(self._decoder, self.decode, body)
         return self.answer(await self._answered(lambda: self.scheduler.submit(image)))
 
-    async def predict_many(self, images: np.ndarray, thresholds: Optional[np.ndarray] = None) -> list:
-        """The :class:`~dvt_core.serve.scheduler.Prediction` of N normalised images (N, C, H, W), scheduled
+    async def predict_many(self, images: np.ndarray, thresholds: Optional[np.ndarray] = None):
+        """The :class:`~dvt_core.serve.scheduler.Answers` of N normalised images (N, C, H, W), scheduled
         image by image through the stages' queues (``thresholds``: these images' own, else the service's)."""
         return await self._answered(lambda: self.scheduler.submit_many(images, thresholds))
 
@@ -279,7 +284,7 @@ async def _routed(service: PredictService, request, path: str):
         return await infer_response(service, request)
     ok = service.healthy()
     if what == ("healthz",):
-        return _json(200 if ok else 503, {"status": "ok" if ok else "unavailable", "model": service.name})
+        return _json(200 if ok else 503, {"status": "ok" if ok else "unavailable", "model": service.trained_name})
     if what == ("metrics",):
         return PlainTextResponse(service.metrics.render(), media_type=CONTENT_TYPE)
     if what in (("server",), ("model",)):
@@ -356,6 +361,7 @@ def run_server(service: PredictService, host: str = "127.0.0.1", port: int = 0, 
     queued and returns (a caller exits 0). ``max_connections`` bounds open connections and requests
     (uvicorn answers 503 past it); idle keep-alive connections close after ``keep_alive_s``.
     """
+    import gc
     import signal
 
     import uvicorn
@@ -378,6 +384,11 @@ def run_server(service: PredictService, host: str = "127.0.0.1", port: int = 0, 
                             limit_concurrency=max_connections, timeout_keep_alive=keep_alive_s,
                             timeout_graceful_shutdown=graceful_s, h11_max_incomplete_event_size=16 * 1024,
                             http="h11", loop="asyncio", ws="none", server_header=False)
+    # the model, the imports and the app are built and live as long as the process: moved out of the
+    # collector's reach, a full collection no longer walks their ~200k objects (100+ ms on a loaded box,
+    # a pause every request in flight then waits out: the service's tail latency)
+    gc.collect()
+    gc.freeze()
     try:
         _Server(config).run(sockets=[sock])
     finally:

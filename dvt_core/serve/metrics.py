@@ -59,6 +59,7 @@ class ServiceMetrics:
         self.thresholds = thresholds  # the thresholds in force, read at exposition (they move with --adapt-budget)
         self.exit_macs = [int(m) for m in exit_macs]
         self.depths = depths
+        self.model_cpu: Optional[Callable[[], float]] = None  # the scheduler's CPU seconds in the model so far
         self.mac_budget = mac_budget
         self._lock = threading.Lock()
         self.requests: dict[int, int] = {}
@@ -88,7 +89,8 @@ class ServiceMetrics:
         depths = list(self.depths()) if self.depths is not None else [0] * self.num_exits
         with self._lock:
             return {"requests": {str(k): v for k, v in self.requests.items()}, "latency": self.latency.state(),
-                    "batch_sizes": [h.state() for h in self.batch_sizes], "exits": list(self.exits), "depths": depths}
+                    "batch_sizes": [h.state() for h in self.batch_sizes], "exits": list(self.exits), "depths": depths,
+                    "model_cpu_s": self.model_cpu() if self.model_cpu is not None else 0.0}
 
     def render_merged(self, states: Sequence[dict]) -> str:
         """The exposition of the sum of several services' :meth:`state` (the replicas of one deployment, each
@@ -96,8 +98,9 @@ class ServiceMetrics:
         total = ServiceMetrics(self.num_exits, 1, self.exit_macs, mac_budget=self.mac_budget,
                                thresholds=self.thresholds)
         total.batch_sizes = [_Histogram(h.buckets) for h in self.batch_sizes]
-        depths = [0] * self.num_exits
+        depths, model_cpu = [0] * self.num_exits, 0.0
         for st in states:
+            model_cpu += st.get("model_cpu_s", 0.0)
             for code, n in st["requests"].items():
                 total.requests[int(code)] = total.requests.get(int(code), 0) + n
             total.latency.add(st["latency"])
@@ -105,7 +108,7 @@ class ServiceMetrics:
                 h.add(hs)
             total.exits = [a + b for a, b in zip(total.exits, st["exits"])]
             depths = [a + b for a, b in zip(depths, st["depths"])]
-        total.depths = lambda: depths
+        total.depths, total.model_cpu = (lambda: depths), (lambda: model_cpu)
         return total.render()
 
     def render(self) -> str:
@@ -139,6 +142,9 @@ class ServiceMetrics:
                       "# TYPE dvt_threshold gauge"]
             lines += [f'dvt_threshold{{exit="{i + 1}"}} {_num(float(t))}'
                       for i, t in enumerate(list(self.thresholds())[:-1])]
+        if self.model_cpu is not None:  # beside the process's own CPU counter: what the service spends outside the model
+            lines += ["# HELP dvt_model_cpu_seconds_total CPU seconds the scheduler's worker spent in the model's stages.",
+                      "# TYPE dvt_model_cpu_seconds_total counter", f"dvt_model_cpu_seconds_total {_num(self.model_cpu())}"]
         lines += ["# HELP dvt_queue_depth Images waiting in each stage's queue.", "# TYPE dvt_queue_depth gauge"]
         lines += [f'dvt_queue_depth{{stage="{i + 1}"}} {d}' for i, d in enumerate(depths)]
         return "\n".join(lines) + "\n"

@@ -114,14 +114,14 @@ def _input_data(spec: dict, datatype: str, shape: tuple, binary: memoryview) -> 
     if size is not None:
         if not isinstance(size, int) or size < 0 or size > len(binary):
             raise RequestError(400, "the input's binary_data_size does not fit the binary part of the body")
-        raw = bytes(binary[:size])
         if datatype == "BYTES":
-            return _bytes_elements(raw, shape), size
+            return _bytes_elements(bytes(binary[:size]), shape), size
         count, item = math.prod(shape), np.dtype(_NUMPY[datatype]).itemsize
         if size != count * item:
             raise RequestError(400, f"binary_data_size is {size} bytes; shape {list(shape)} of {datatype} "
                                      f"needs {count * item}")
-        return np.frombuffer(raw, dtype=np.dtype(_NUMPY[datatype]).newbyteorder("<")).reshape(shape), size
+        # a read-only view of the body, not a copy: the service normalises (UINT8) or copies (FP32) it next
+        return np.frombuffer(binary, dtype=np.dtype(_NUMPY[datatype]).newbyteorder("<"), count=count).reshape(shape), size
     if "data" not in spec:
         raise RequestError(400, "the input has neither 'data' nor binary_data_size")
     if datatype == "BYTES":
@@ -217,6 +217,8 @@ def encode_response(model_name: str, request_id: Optional[str], tensors: list) -
 
 
 def _to_bytes(datatype: str, array: np.ndarray) -> bytes:
-    if datatype == "BYTES":
-        return b"".join(struct.pack("<I", len(e)) + e for e in (s.encode() for s in array.reshape(-1)))
+    if datatype == "BYTES":  # each distinct string encoded once (a request's labels repeat a few class names)
+        flat = array.reshape(-1).tolist()
+        element = {s: struct.pack("<I", len(b)) + b for s in set(flat) for b in (s.encode(),)}
+        return b"".join(map(element.__getitem__, flat))
     return np.ascontiguousarray(array, dtype=np.dtype(_NUMPY[datatype]).newbyteorder("<")).tobytes()

@@ -1,6 +1,6 @@
 """The per-stage batching scheduler behind ``dvt serve``: one queue per stage, one worker thread.
 
-Requests (one normalised image each) wait in stage 1's queue; the worker runs stage 1 on them once
+Requests (N normalised images each, one queue entry per request) wait in stage 1's queue; the worker runs stage 1 on them once
 the queue holds ``max_batch`` images or its oldest image has waited ``max_wait_ms``. The images that
 go on wait in stage 2's queue with their carried features and relation logits, and run when that
 queue is full, its deadline passes, or nothing earlier is left that could join them (waiting longer
@@ -80,54 +80,98 @@ class BudgetController:
 
 @dataclass
 class _Batch:
-    """Images waiting in one stage's queue: their answer slots, their tensor batch and carry (stage 1: one
-    numpy image, no carry), when they entered the queue, their own thresholds (None: the service's; else
-    float32 (B, exits), stage 1: (exits,)) and the confidences seen so far (float32 (B, exits); stage 1: None)."""
+    """Images waiting in one stage's queue, in rows: the requests they belong to (``groups``; row r is image
+    ``position[r]`` of ``groups[member[r]]``), their tensor batch and carry (stage 1: the request's numpy
+    images, no carry), when they entered the queue, their own thresholds (None: the service's; else float32
+    (B, exits), stage 1: (exits,) for the whole request) and the confidences seen so far (float32 (B, exits);
+    stage 1: None). A request enters as one entry: one lock and one wake-up, no object per image."""
 
-    slots: list
+    groups: list
+    member: np.ndarray
+    position: np.ndarray
     images: Any
     carry: Any
     since: float
     thresholds: Optional[np.ndarray] = None
     seen: Optional[np.ndarray] = None
 
+    def __len__(self) -> int:
+        return len(self.member)
+
+
+class Answers:
+    """The answers of one request's N images as columns (what the ``/v2`` answer sends as they are):
+    ``class_index``, ``confidence``, ``stage_index`` (counted from 0), ``macs`` (N,), ``logits`` (N, classes)
+    at the exit taken and ``exit_confidences`` (N, exits; NaN where an image never ran). Indexing gives
+    one image's :class:`Prediction`."""
+
+    def __init__(self, n: int, num_exits: int):
+        self.class_index = np.zeros(n, np.int64)
+        self.stage_index = np.zeros(n, np.int64)
+        self.macs = np.zeros(n, np.int64)
+        self.confidence = np.zeros(n, np.float32)
+        self.exit_confidences = np.full((n, num_exits), np.nan, np.float32)
+        self.logits: Optional[np.ndarray] = None  # (N, classes) once the first image is answered
+
+    @property
+    def exit(self) -> np.ndarray:
+        return self.stage_index + 1
+
+    def __len__(self) -> int:
+        return len(self.class_index)
+
+    def __getitem__(self, k: int) -> Prediction:
+        return Prediction(int(self.class_index[k]), float(self.confidence[k]), int(self.stage_index[k]),
+                          int(self.macs[k]), None if self.logits is None else self.logits[k],
+                          self.exit_confidences[k])
+
+    def __iter__(self):
+        return (self[k] for k in range(len(self)))
+
 
 class _Group:
-    """The answers of one request's images, in order; ``future`` completes once all are in (one wake-up of
-    the caller per request, not per image), or with the first failure."""
+    """The answers of one request's images; ``future`` completes once all are in (one wake-up of the caller
+    per request, not per image) with the :class:`Answers` (``single``: the one image's :class:`Prediction`),
+    or with the first failure. Answered on the worker thread only."""
 
-    def __init__(self, n: int):
+    def __init__(self, n: int, num_exits: int, single: bool = False):
         self.future: Future = Future()
-        self.future.set_running_or_notify_cancel()
-        self.results: list = [None] * n
-        self.left = n
+        self.future.set_running_or_notify_cancel()  # a caller that gives up cannot cancel it under the worker
+        self.answers = Answers(n, num_exits)
+        self.left, self.single = n, single
 
-    def slot(self, k: int) -> "_Slot":
-        return _Slot(self, k)
+    def fill(self, rows: np.ndarray, stage: int, macs: int, pred: np.ndarray, conf: np.ndarray, logits: np.ndarray,
+             seen: np.ndarray) -> None:
+        """Answer the request's images ``rows``: they left at ``stage``."""
+        a = self.answers
+        if a.logits is None:
+            a.logits = np.zeros((len(a), logits.shape[1]), np.float32)
+        a.class_index[rows], a.confidence[rows], a.stage_index[rows], a.macs[rows] = pred, conf, stage, macs
+        a.logits[rows], a.exit_confidences[rows] = logits, seen
+        self.left -= len(rows)
+        if self.left == 0 and not self.future.done():
+            self.future.set_result(a[0] if self.single else a)
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(exc)
 
 
-class _Slot:
-    """One image's place in a :class:`_Group` (answered on the worker thread only, like a Future)."""
-
-    __slots__ = ("group", "k")
-
-    def __init__(self, group: _Group, k: int):
-        self.group, self.k = group, k
-
-    def set_result(self, prediction) -> None:
-        g = self.group
-        g.results[self.k] = prediction
-        g.left -= 1
-        if g.left == 0 and not g.future.done():
-            g.future.set_result(g.results)
-
-    def set_exception(self, exc: BaseException) -> None:
-        if not self.group.future.done():
-            self.group.future.set_exception(exc)
+def _owners(parts: Sequence[_Batch]) -> tuple[list, np.ndarray, np.ndarray]:
+    """(groups, member, position) of the parts' rows as one batch (member renumbered into the joined groups)."""
+    if len(parts) == 1:
+        return parts[0].groups, parts[0].member, parts[0].position
+    groups, members, offset = [], [], 0
+    for p in parts:
+        groups += p.groups
+        members.append(p.member + offset)
+        offset += len(p.groups)
+    return groups, np.concatenate(members), np.concatenate([p.position for p in parts])
 
 
 class StageScheduler:
-    """Batches single images through a model's stages; :meth:`submit` returns a Future of a :class:`Prediction`.
+    """Batches images through a model's stages; :meth:`submit` returns a Future of one image's :class:`Prediction`,
+    :meth:`submit_many` of a request's :class:`Answers`.
 
     ``observer`` (optional) is called on the worker thread as ``observer(stage, batch_size, exits)``
     after each stage run, ``exits`` being the 0-based exits taken by the images that left there
@@ -161,6 +205,8 @@ class StageScheduler:
         self.queues: list[deque] = [deque() for _ in range(self.num_exits)]
         self.waiting = [0] * self.num_exits  # images in each queue (kept, not counted: a request may queue hundreds)
         self.stage_runs = [0] * self.num_exits
+        # CPU seconds of the worker thread inside the model's stages (all of the model's with one torch thread)
+        self.model_cpu_s = 0.0
         self._pending = 0  # images submitted and not answered yet, all stages together
         self._cond = threading.Condition()
         self._closing = False
@@ -170,36 +216,35 @@ class StageScheduler:
 
     # ---- the caller's side -----------------------------------------------------------------------
     def submit(self, image: np.ndarray) -> Future:
-        """Queue one normalised float32 image (C, H, W); QueueFullError at once when ``queue_limit``
-        images are in the service, SchedulerClosedError once :meth:`close` began."""
-        future: Future = Future()
-        future.set_running_or_notify_cancel()  # a caller that gives up cannot cancel it under the worker
-        self._enqueue([future], image[None], None)
-        return future
+        """Queue one normalised float32 image (C, H, W); a Future of its :class:`Prediction`. QueueFullError
+        at once when ``queue_limit`` images are in the service, SchedulerClosedError once :meth:`close` began."""
+        return self._enqueue(image[None], None, single=True)
 
     def submit_many(self, images: np.ndarray, thresholds: Optional[np.ndarray] = None) -> Future:
-        """Queue N normalised float32 images (N, C, H, W) as N entries of stage 1's queue (each image goes
-        on or leaves on its own); a Future of their N :class:`Prediction` in order. ``thresholds`` (from
-        :func:`normalize_thresholds`) apply to these images only. All N fit or none is queued."""
-        group = _Group(len(images))
-        if len(images) == 0:
-            group.future.set_result([])
-            return group.future
-        self._enqueue([group.slot(k) for k in range(len(images))], images, thresholds)
-        return group.future
+        """Queue N normalised float32 images (N, C, H, W) as one entry of stage 1's queue whose images each go
+        on or leave on their own (an entry is split where a batch fills); a Future of their :class:`Answers`.
+        ``thresholds`` (from :func:`normalize_thresholds`) apply to these images only. All N fit or none is queued."""
+        return self._enqueue(images, thresholds)
 
-    def _enqueue(self, slots: list, images: np.ndarray, thresholds: Optional[np.ndarray]) -> None:
+    def _enqueue(self, images: np.ndarray, thresholds: Optional[np.ndarray], single: bool = False) -> Future:
+        n = len(images)
+        group = _Group(n, self.num_exits, single)
+        if n == 0:
+            group.future.set_result(group.answers)
+            return group.future
+        entry = _Batch([group], np.zeros(n, np.intp), np.arange(n), images, None, 0.0, thresholds)
         with self._cond:
             if self._closing or self._failure is not None:
                 raise SchedulerClosedError("the service is shutting down")
-            if self._pending + len(slots) > self.queue_limit:
+            if self._pending + n > self.queue_limit:
                 raise QueueFullError(f"the queue is full ({self.queue_limit} images at most, {self._pending} "
-                                     f"waiting, {len(slots)} sent)")
-            self._pending += len(slots)
-            now = time.monotonic()
-            self.queues[0].extend(_Batch([slot], image, None, now, thresholds) for slot, image in zip(slots, images))
-            self.waiting[0] += len(slots)
+                                     f"waiting, {n} sent)")
+            self._pending += n
+            entry.since = time.monotonic()
+            self.queues[0].append(entry)
+            self.waiting[0] += n
             self._cond.notify()
+        return group.future
 
     def depths(self) -> list[int]:
         """Images waiting in each stage's queue now."""
@@ -241,14 +286,14 @@ class StageScheduler:
         return None, wake
 
     def _take(self, i: int) -> list[_Batch]:
-        """Up to ``max_batch`` images from the head of stage ``i``'s queue (a waiting batch is split
-        when only part of it fits; stage 1's entries hold one image each)."""
+        """Up to ``max_batch`` images from the head of stage ``i``'s queue (a waiting entry is split when
+        only part of it fits)."""
         q, taken, room = self.queues[i], [], self.max_batch
         while q and room:
             head = q[0]
-            if len(head.slots) <= room:
+            if len(head) <= room:
                 taken.append(q.popleft())
-                room -= len(head.slots)
+                room -= len(head)
             else:
                 taken.append(self._rows(head, slice(0, room)))
                 q[0] = self._rows(head, slice(room, None))
@@ -257,10 +302,13 @@ class StageScheduler:
         return taken
 
     def _rows(self, batch: _Batch, rows: slice) -> _Batch:
-        idx = np.arange(len(batch.slots))[rows]
-        images, carry = self.backend.select(batch.images, batch.carry, idx)
-        own = None if batch.thresholds is None else batch.thresholds[rows]
-        return _Batch(batch.slots[rows], images, carry, batch.since, own, batch.seen[rows])
+        if batch.seen is None:  # stage 1: numpy images of one request, its thresholds for all of them
+            images, carry, own, seen = batch.images[rows], None, batch.thresholds, None
+        else:
+            images, carry = self.backend.select(batch.images, batch.carry, np.arange(len(batch))[rows])
+            own = None if batch.thresholds is None else batch.thresholds[rows]
+            seen = batch.seen[rows]
+        return _Batch(batch.groups, batch.member[rows], batch.position[rows], images, carry, batch.since, own, seen)
 
     def _work(self) -> None:
         try:
@@ -284,8 +332,8 @@ class StageScheduler:
             self._failure = exc
             for q in self.queues:
                 for b in q:
-                    for f in b.slots:
-                        f.set_exception(exc)
+                    for g in b.groups:
+                        g.fail(exc)
                 q.clear()
             self.waiting = [0] * self.num_exits
             self._pending = 0
@@ -295,8 +343,9 @@ class StageScheduler:
         (exits,) when no image brought its own, else (exits, B), which exit_step compares row by row."""
         b, model = self.backend, self.model
         if i == 0:
-            images, carry = b.to_tensor(model, np.stack([p.images for p in parts])), None
-            seen = np.full((len(parts), self.num_exits), np.nan, np.float32)
+            images = parts[0].images if len(parts) == 1 else np.concatenate([p.images for p in parts])
+            images, carry = b.to_tensor(model, images), None
+            seen = np.full((sum(len(p) for p in parts), self.num_exits), np.nan, np.float32)
         elif len(parts) == 1:
             images, carry, seen = parts[0].images, parts[0].carry, parts[0].seen
         else:
@@ -305,43 +354,45 @@ class StageScheduler:
         if all(p.thresholds is None for p in parts):
             return images, carry, self.thresholds, seen
         rows = [np.broadcast_to(self.thresholds if p.thresholds is None else p.thresholds,
-                                (len(p.slots), self.num_exits)) for p in parts]
+                                (len(p), self.num_exits)) for p in parts]
         return images, carry, np.concatenate(rows).T, seen
 
     def _run(self, i: int, parts: Sequence[_Batch]) -> None:
-        slots = [f for p in parts for f in p.slots]
+        groups, member, position = _owners(parts)
         try:
             images, carry, t, seen = self._inputs(i, parts)
+            start = time.thread_time()
             lg, conf, leave, images, carry = exit_step(self.backend, self.model, i, images, carry, t, self.confidence)
+            self.model_cpu_s += time.thread_time() - start
         except Exception as exc:  # this batch fails alone; the service goes on
-            self._answer(slots, exc=exc)
+            for g in groups:
+                g.fail(exc)
+            self._answered(len(member))
             return
         self.stage_runs[i] += 1
         seen[:, i] = conf
-        done = np.arange(len(slots)) if leave is True else np.flatnonzero(leave)
+        done = np.arange(len(member)) if leave is True else np.flatnonzero(leave)
         if self.observer is not None:  # counted before anyone is answered: a client then reads it in metrics
-            self.observer(i, len(slots), np.full(len(done), i, np.int64))
+            self.observer(i, len(member), np.full(len(done), i, np.int64))
         if self.controller is not None and len(done):
             adapted = self.controller.observe(self.exit_macs[i], len(done))
             if adapted is not None:
                 self.thresholds = adapted  # the worker alone reads them: the next stage run uses them
-        pred, macs = lg.argmax(axis=1).tolist(), self.exit_macs[i]
-        self._answer([slots[r] for r in done],
-                     [Prediction(pred[r], float(conf[r]), i, macs, lg[r], seen[r]) for r in done])
-        if len(done) < len(slots):
-            stay = np.arange(len(slots)) if leave is False else np.flatnonzero(~leave)
+        pred = lg.argmax(axis=1)
+        # each request's leaving images answered at once: one fill per request in the batch, not one per image
+        for g in (np.unique(member[done]) if len(groups) > 1 else [0] if len(done) else []):
+            rows = done if len(groups) == 1 else done[member[done] == g]
+            groups[g].fill(position[rows], i, self.exit_macs[i], pred[rows], conf[rows], lg[rows], seen[rows])
+        if len(done) < len(member):
+            stay = np.arange(len(member)) if leave is False else np.flatnonzero(~leave)
             own = None if t.ndim == 1 else np.ascontiguousarray(t.T[stay])
             with self._cond:
-                self.queues[i + 1].append(_Batch([slots[r] for r in stay], images, carry, time.monotonic(), own,
-                                                 seen[stay]))
+                self.queues[i + 1].append(_Batch(groups, member[stay], position[stay], images, carry,
+                                                 time.monotonic(), own, seen[stay]))
                 self.waiting[i + 1] += len(stay)
+        self._answered(len(done))
 
-    def _answer(self, slots, results=None, exc: Optional[BaseException] = None) -> None:
-        for k, f in enumerate(slots):
-            if exc is not None:
-                f.set_exception(exc)
-            else:
-                f.set_result(results[k])
+    def _answered(self, count: int) -> None:
         with self._cond:
-            self._pending -= len(slots)
+            self._pending -= count
             self._cond.notify_all()

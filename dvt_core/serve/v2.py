@@ -6,6 +6,7 @@ encodes; dvt_core.serve.app routes). The words are those of ``dvt predict --json
 from __future__ import annotations
 
 import asyncio
+import functools
 from typing import Optional
 
 import numpy as np
@@ -16,15 +17,13 @@ from dvt_core.serve import protocol
 
 def _in_model_shape(service, req) -> np.ndarray:
     """UINT8 pixels or FP32 normalised images as normalised float32 (N, C, H, W), checked against the model."""
-    from dvt_core.data.images import normalize
-
     spec, n = service.spec, req.shape[0]
     size, chans = spec.img_size, spec.in_chans
     if req.datatype == "FP32":
         if req.shape != (n, chans, size, size):
             raise RequestError(400, f"FP32 images must have shape [N, {chans}, {size}, {size}] (normalised, "
                                      f"channels first); got {list(req.shape)}")
-        x = np.ascontiguousarray(req.data, dtype=np.float32)
+        x = np.array(req.data, dtype=np.float32)  # a copy: the request's data may be a read-only view of its body
         if not np.isfinite(x).all():
             raise RequestError(400, "FP32 images hold NaN or infinite values")
         return x
@@ -32,7 +31,21 @@ def _in_model_shape(service, req) -> np.ndarray:
     if req.shape not in pixel_shapes:
         want = " or ".join(str(list(("N",) + s[1:])).replace("'", "") for s in pixel_shapes)
         raise RequestError(400, f"UINT8 images must have shape {want}; got {list(req.shape)}")
-    return normalize(np.asarray(req.data, dtype=np.uint8), spec.mean, spec.std)
+    table = _pixel_table(tuple(np.ravel(spec.mean).tolist()), tuple(np.ravel(spec.std).tolist()), chans)
+    pixels = np.asarray(req.data, dtype=np.uint8)
+    if pixels.ndim == 3:
+        return table[0][pixels][:, None]
+    return np.stack([table[c][pixels[..., c]] for c in range(chans)], axis=1)
+
+
+@functools.lru_cache(maxsize=8)
+def _pixel_table(mean: tuple, std: tuple, chans: int) -> np.ndarray:
+    """float32 (C, 256): what ``dvt_core.data.images.normalize`` makes of each pixel value in each channel, so
+    a request's pixels are normalised by one lookup each (the same numbers, in one pass, no float temporaries)."""
+    from dvt_core.data.images import normalize
+
+    ramp = np.broadcast_to(np.arange(256, dtype=np.uint8)[None, None, :, None], (1, 1, 256, chans))
+    return normalize(ramp, mean, std)[0, :, 0, :]
 
 
 async def images_of(service, req) -> np.ndarray:
@@ -84,25 +97,25 @@ def _top_k(service, params: dict) -> int:
     return k
 
 
-def output_tensors(service, predictions: list, req) -> list:
-    """``[(name, datatype, array, binary)]`` of the outputs the request asked for."""
+def output_tensors(service, answers, req) -> list:
+    """``[(name, datatype, array, binary)]`` of the outputs the request asked for, from the scheduler's
+    :class:`~dvt_core.serve.scheduler.Answers` columns (no object per image)."""
     from dvt_core.runtime.policy import softmax
 
-    n, exits = len(predictions), service.spec.num_exits
+    n = len(answers)
     columns = {
-        "label": lambda: np.asarray([service.label(p.class_index) for p in predictions], dtype=object),
-        "class_index": lambda: np.asarray([p.class_index for p in predictions], np.int64),
-        "confidence": lambda: np.asarray([p.confidence for p in predictions], np.float32),
-        "exit": lambda: np.asarray([p.exit for p in predictions], np.int32),
-        "macs": lambda: np.asarray([p.macs for p in predictions], np.int64),
-        "exit_confidences": lambda: np.nan_to_num(np.stack([p.exit_confidences for p in predictions]), nan=-1.0
-                                                  ).astype(np.float32) if n else np.zeros((0, exits), np.float32),
+        "label": lambda: service.labels[answers.class_index],
+        "class_index": lambda: answers.class_index,
+        "confidence": lambda: answers.confidence,
+        "exit": lambda: answers.exit.astype(np.int32),
+        "macs": lambda: answers.macs,
+        "exit_confidences": lambda: np.nan_to_num(answers.exit_confidences, nan=-1.0),
     }
     columns["prediction"] = columns["label"]
     wants_top = any(name.startswith("top_k") for name, _ in req.outputs)
     k = _top_k(service, req.parameters) if wants_top else 0
     if wants_top:
-        probs = softmax(np.stack([p.logits for p in predictions]).astype(np.float64)) if n else np.zeros((0, k))
+        probs = softmax(answers.logits.astype(np.float64)) if n else np.zeros((0, k))
         order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
         columns["top_k_class_index"] = lambda: order.astype(np.int64)
         columns["top_k_probability"] = lambda: np.take_along_axis(probs, order, axis=1).astype(np.float32)
@@ -116,8 +129,8 @@ async def infer(service, body: bytes, header_length: Optional[str]) -> tuple[byt
     if any(name.startswith("top_k") for name, _ in req.outputs):
         _top_k(service, req.parameters)  # refused before any work
     images = await images_of(service, req)
-    predictions = await service.predict_many(images, thresholds)
-    return protocol.encode_response(service.name, req.id, output_tensors(service, predictions, req))
+    answers = await service.predict_many(images, thresholds)
+    return protocol.encode_response(service.name, req.id, output_tensors(service, answers, req))
 
 
 def model_metadata(service) -> dict:

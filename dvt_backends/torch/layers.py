@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 from torch import nn
 from torch.nn import functional as F
 
@@ -21,8 +22,10 @@ def gelu(flavour: str) -> nn.GELU:
 
 
 def _in_graph_capture() -> bool:
-    """Whether torch is tracing, exporting or compiling this code (graphs keep the plain operators)."""
-    return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
+    """Whether torch is tracing, exporting or compiling this code, or a dispatch mode watches it (FlopCounterMode,
+    fake tensors): graphs and counters see the plain operators."""
+    return (torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
+            or is_in_torch_dispatch_mode())
 
 
 # oneDNN's prepacked linear for inference (Linear, RelationReuse); off to time the plain path beside it

@@ -120,6 +120,26 @@ def _time_static(static, xs: list, rounds: int) -> float:
     return float(_time_cascade(static, xs, rounds).sum())
 
 
+class _TimedRuntime:
+    """``runtime`` with the moment each stage starts (``marks``: (stage, time)) and each exit's logits reach the
+    host (``fetched``) written down; everything else is the runtime's own."""
+
+    def __init__(self, runtime):
+        self._runtime, self.marks, self.fetched = runtime, [], []
+
+    def __getattr__(self, name):
+        return getattr(self._runtime, name)
+
+    def run_stage(self, model, index: int, images, carry=None):
+        self.marks.append((index, time.perf_counter()))
+        return self._runtime.run_stage(model, index, images, carry)
+
+    def to_numpy(self, tensor):
+        out = self._runtime.to_numpy(tensor)
+        self.fetched.append(time.perf_counter())
+        return out
+
+
 def _adaptive_stage_seconds(model, xs: list) -> tuple[np.ndarray, float]:
     """One round of true early exit over the batches ``xs``, every image going through every stage, each
     stage timed where it runs: (seconds of each stage, from its call to the next stage's: its logits to the
@@ -134,20 +154,11 @@ def _adaptive_stage_seconds(model, xs: list) -> tuple[np.ndarray, float]:
     every = [float(NEVER)] * (n - 1) + [float(ALWAYS)]
     secs, calls = np.zeros(n), 0.0
     for x in xs:
-        marks, fetched = [], []
-
-        def run(i, images, carry):
-            marks.append((i, time.perf_counter()))
-            return b.run_stage(model, i, images, carry)
-
-        def to_numpy(logits):
-            out = b.to_numpy(logits)
-            fetched.append(time.perf_counter())
-            return out
-
+        timed = _TimedRuntime(b)
+        marks, fetched = timed.marks, timed.fetched
         start = time.perf_counter()
         with b.inference(model):
-            run_adaptive(run, to_numpy, b.select, b.images_in(model, x), int(x.shape[0]), every, model.exit_macs)
+            run_adaptive(timed, model, b.images_in(model, x), every)
         calls += time.perf_counter() - start
         # the last stage ends with its logits on the host: the results assembled after it are paid by every
         # image whatever its exit, so they count to the call's own time, not to the last stage

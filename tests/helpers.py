@@ -211,13 +211,14 @@ def median_thresholds(conf, gap: float = 2e-6, slack: int = 0) -> list[float]:
     return [split_threshold(c, 0.5, gap, slack=slack or max(1, len(c) // 6)) for c in np.asarray(conf)[:-1]]
 
 
-def spread_thresholds(conf: np.ndarray) -> list[float]:
-    """Thresholds (num_exits - 1) sending about the same share of the images to every exit."""
+def spread_thresholds(conf: np.ndarray, gap: float = 4 * TIE, slack: int = 1) -> list[float]:
+    """Thresholds (num_exits - 1) sending about the same share of the images to every exit (``gap``, ``slack``:
+    :func:`split_threshold`)."""
     n_exits = conf.shape[0]
     left = np.ones(conf.shape[1], bool)
     out = []
     for k in range(n_exits - 1):
-        t = split_threshold(conf[k][left], 1.0 / (n_exits - k))
+        t = split_threshold(conf[k][left], 1.0 / (n_exits - k), gap, slack)
         out.append(t)
         left &= conf[k] < t
     return out

@@ -15,7 +15,7 @@ import dvt_core
 from dvt_core.model.recipe import INIT_STD, TRUNC_BOUND, drop_path_rates
 from dvt_core.runtime import contract
 
-from helpers import SMALL, SMALL_T2T, median_thresholds, random_images
+from helpers import SMALL, SMALL_T2T, random_images, spread_thresholds
 
 BACKENDS = [pytest.param("torch"), pytest.param("mindspore", marks=pytest.mark.mindspore)]
 RUNTIMES = BACKENDS + [pytest.param("onnx", marks=pytest.mark.export),
@@ -130,8 +130,9 @@ def test_early_exit_takes_the_first_confident_exit_of_the_full_cascade(name, arc
     full = mod.forward_numpy(model, x)
     probs = [np.exp(lg - lg.max(1, keepdims=True)) / np.exp(lg - lg.max(1, keepdims=True)).sum(1, keepdims=True)
              for lg in full]
-    # thresholds near the median confidence (none on one): about half the images leave at each exit
-    thresholds = median_thresholds([p.max(axis=1) for p in probs])
+    # about a third of the images leave at each exit, every threshold in a gap between confidences (none on one;
+    # one framework on two batch sizes differs by about 1e-8, and small random models' confidences lie close)
+    thresholds = spread_thresholds(np.array([p.max(axis=1) for p in probs]), gap=2e-6, slack=2)
     want_exit = np.array([next((i for i, p in enumerate(probs[:-1]) if p[k].max() >= thresholds[i]), len(full) - 1)
                           for k in range(len(x))])
     got = model.adaptive(x, thresholds)  # numpy in: the contract converts it

@@ -153,6 +153,7 @@ def serve_deployment(model: str = "dvt_fashion_mnist", weights="default", backen
     @serve.deployment(num_replicas=num_replicas, ray_actor_options=ray_actor_options or {"num_cpus": 1})
     class DVTDeployment:
         def __init__(self):
+            import gc
             import threading
             import uuid
 
@@ -161,6 +162,8 @@ def serve_deployment(model: str = "dvt_fashion_mnist", weights="default", backen
             built, chosen, classes = _load(model, weights, backend, None, thresholds, budget)
             self.service = PredictService(built, chosen, ServeLimits(**(limits or {})), classes=classes,
                                           mac_budget=budget)
+            gc.collect()  # as `dvt serve` does: the start-up objects out of the collector's reach (the tail latency)
+            gc.freeze()
             self.replica, self.board = uuid.uuid4().hex, _metrics_board(serve.get_replica_context().app_name)
             self.stopped = threading.Event()
             threading.Thread(target=self._report, daemon=True, name="dvt-metrics-report").start()

@@ -18,6 +18,7 @@ Ray is imported only inside these functions (the ``ray`` extra); this module imp
 """
 from __future__ import annotations
 
+import gc
 from typing import Optional, Sequence
 
 import numpy as np
@@ -153,7 +154,6 @@ def serve_deployment(model: str = "dvt_fashion_mnist", weights="default", backen
     @serve.deployment(num_replicas=num_replicas, ray_actor_options=ray_actor_options or {"num_cpus": 1})
     class DVTDeployment:
         def __init__(self):
-            import gc
             import threading
             import uuid
 

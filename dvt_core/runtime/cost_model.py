@@ -45,10 +45,6 @@ def parse_latency(text) -> float:
     return seconds
 
 
-def format_ms(seconds: float) -> str:
-    return f"{seconds * 1e3:.3f} ms"
-
-
 # ---- the machine --------------------------------------------------------------------------------------------
 
 def _cpu_info() -> tuple[str, bool]:

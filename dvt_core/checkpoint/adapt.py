@@ -263,9 +263,8 @@ def stage_as_static(state: dict, spec, index: int) -> dict:
     return out
 
 
-def copied_names(report: AdaptReport, index: int) -> list[str]:
-    """Stage ``index``'s tensors that hold the static model's values whole (copied, resized or resampled;
-    not the widened or re-initialised ones): what ``--freeze-epochs`` holds still."""
+def stage_names(names, index: int) -> list[str]:
+    """Every tensor of stage ``index`` among ``names``, copied or new (its reuse modules too): what
+    ``--freeze-epochs`` holds still, so that while it is frozen its exit is exactly the adapted start."""
     prefix = f"stages.{index}."
-    names = report.copied + [r.split()[0] for r in report.resampled]
     return [n for n in names if n.startswith(prefix)]

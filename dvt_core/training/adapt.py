@@ -5,8 +5,8 @@ patch kernels resized, position embeddings resampled, reuse modules neutral). Wi
 initialised cascade is written without reading any data; otherwise it is fine-tuned by the one training
 loop (:func:`dvt_core.training.runs.train_dataset`, then :func:`~dvt_core.training.loop.fit`) on the
 multi-exit loss plus distillation from the frozen static model (the teacher: the static model at the last
-stage's grid, the static model itself when their grids agree), optionally with the last stage's copied
-weights held still for the first epochs, and calibrated at the end as ``dvt train`` is.
+stage's grid, the static model itself when their grids agree), optionally with the last stage held still
+(every one of its tensors) for the first epochs, and calibrated at the end as ``dvt train`` is.
 """
 from __future__ import annotations
 
@@ -109,7 +109,7 @@ def adapt(static_file, spec: Union[str, object], out_dir, cfg: Optional[TrainCon
     """A ``spec`` DVT in ``out_dir`` with every stage from the static model in ``static_file``; the weights'
     path. ``cfg`` None: initialised only (no data read). Otherwise fine-tuned on ``dataset`` with ``cfg``
     (``cfg.holdout`` None: the data set's default), ``distill`` from the static model, the last stage's
-    copied weights frozen for the first ``freeze_epochs`` epochs, and calibrated."""
+    tensors (copied and new) frozen for the first ``freeze_epochs`` epochs, and calibrated."""
     from dvt_core.training.runs import train_dataset
 
     spec = get_spec(spec)
@@ -139,7 +139,7 @@ def adapt(static_file, spec: Union[str, object], out_dir, cfg: Optional[TrainCon
         extra = {"adapt": {**report.to_meta(), "holdout_accuracy_at_init": at_init,
                            "distillation": {"weight": distill.weight, "temperature": distill.temperature},
                            "freeze_epochs": int(freeze_epochs)}}
-        freeze = (adapt_ckpt.copied_names(report, last), freeze_epochs) if freeze_epochs else None
+        freeze = (adapt_ckpt.stage_names(state, last), freeze_epochs) if freeze_epochs else None
         return {"extra_meta": extra, "freeze": freeze}
 
     return train_dataset(dataset, spec, cfg, out_dir, backend=backend, device=device, name=name, force=force,

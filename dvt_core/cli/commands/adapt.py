@@ -37,7 +37,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--temperature", type=number("float", 0, low_open=True), default=2.0,
                         help="softmax temperature of the distillation (default 2)")
     parser.add_argument("--freeze-epochs", type=number("int", 0, 1_000_000), default=0,
-                        help="hold the last stage's copied weights still for this many first epochs (default 0)")
+                        help="hold the last stage still (all its weights) for this many first epochs (default 0)")
     parser.add_argument("--batch-size", type=number("int", 1, 1 << 20), default=None,
                         help=f"global batch size (default {TrainConfig().batch_size})")
     parser.add_argument("--lr", type=number("float", 0, low_open=True), default=LR, help=f"peak AdamW rate (default {LR:g})")

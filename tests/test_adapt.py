@@ -318,3 +318,5 @@ def test_a_short_fine_tune_of_the_shipped_static_model_lifts_the_early_exits(tmp
     static = dvt_core.build("static_fashion_mnist_7x7", weights="default")
     static_acc = 100 * float((exit_probs(static, images[hold])[-1].argmax(-1) == labels[hold]).mean())
     assert after[-1] >= static_acc - 0.5, (static_acc, after)
+    op = meta["default_operating_point"]  # calibrated to keep the static model's accuracy, not the last exit's
+    assert op["holdout_target_accuracy"] == pytest.approx(static_acc) and "static model" in op["rule"]

@@ -6,7 +6,9 @@ initialised cascade is written without reading any data; otherwise it is fine-tu
 loop (:func:`dvt_core.training.runs.train_dataset`, then :func:`~dvt_core.training.loop.fit`) on the
 multi-exit loss plus distillation from the frozen static model (the teacher: the static model at the last
 stage's grid, the static model itself when their grids agree), optionally with the last stage held still
-(every one of its tensors) for the first epochs, and calibrated at the end as ``dvt train`` is.
+(every one of its tensors) for the first epochs, and calibrated at the end as ``dvt train`` is, except that
+the default operating point is the cheapest one reaching the static model's held-out accuracy (what a user
+converting a static model asks: its accuracy for fewer MACs), not the last exit's.
 """
 from __future__ import annotations
 
@@ -48,20 +50,39 @@ def _teacher(spec, state: dict) -> tuple:
     return static_spec(spec, last, name="static_teacher"), adapt_ckpt.stage_as_static(state, spec, last)
 
 
-def init_difference(backend: str, model, spec, state: dict, images: np.ndarray, on: str) -> dict:
-    """The adapted ``model``'s last exit against the static model on uint8 ``images``: the largest logit
-    difference and the share of equal predictions."""
-    from dvt_core.runtime.contract import backend_of, get_backend
+STATIC_RULE = "cheapest budget whose held-out accuracy reaches the static model's"
+
+
+def _teacher_model(backend: str, spec, state: dict):
+    """The static model the adapted ``spec`` started from, built in ``backend`` from the adapted ``state``."""
+    from dvt_core.runtime.contract import get_backend
 
     teacher_spec, teacher_state = _teacher(spec, state)
     runtime = get_backend(backend)
     teacher = runtime.build_model(teacher_spec)
     runtime.load_state(teacher, teacher_state, source="the static model")
+    return teacher
+
+
+def init_difference(backend: str, model, spec, state: dict, images: np.ndarray, on: str) -> dict:
+    """The adapted ``model``'s last exit against the static model on uint8 ``images``: the largest logit
+    difference and the share of equal predictions."""
+    from dvt_core.runtime.contract import backend_of
+
+    teacher = _teacher_model(backend, spec, state)
     x = dvt_data.normalize(images, spec.mean, spec.std)
     last = backend_of(model).forward_numpy(model, x)[-1]
     static = backend_of(teacher).forward_numpy(teacher, x)[0]
     return {"images": int(len(images)), "on": on, "max_abs_logit": float(np.abs(last - static).max()),
             "same_prediction": float((last.argmax(-1) == static.argmax(-1)).mean())}
+
+
+def static_accuracy(backend: str, spec, state: dict, images: np.ndarray, labels: np.ndarray) -> float:
+    """The static model's accuracy (%) on uint8 ``images``: what the default operating point must reach."""
+    from dvt_core.runtime.evaluation import exit_probs
+
+    teacher = _teacher_model(backend, spec, state)
+    return float((exit_probs(teacher, images)[0].argmax(-1) == labels).mean() * 100)
 
 
 def difference_line(diff: dict) -> str:
@@ -130,6 +151,11 @@ def adapt(static_file, spec: Union[str, object], out_dir, cfg: Optional[TrainCon
                                                  "held-out images" if len(hold_idx) else "training images")
         say(difference_line(report.init_difference))
         at_init = _anytime(trainer, final_spec, images, labels, hold_idx, say)
+        more = {}
+        if len(hold_idx):  # the user's static model sets the accuracy the default operating point keeps
+            target = static_accuracy(backend, final_spec, state, images[hold_idx], labels[hold_idx])
+            say(f"the static model on the same held-out images: {target:.1f} %")
+            more = {"calibrate_to": (target, STATIC_RULE)}
         if distill.weight:
             if any(".head." in r for r in report.reinitialised):
                 raise InputError("the static model predicts other classes than the data set: it cannot teach "
@@ -140,7 +166,7 @@ def adapt(static_file, spec: Union[str, object], out_dir, cfg: Optional[TrainCon
                            "distillation": {"weight": distill.weight, "temperature": distill.temperature},
                            "freeze_epochs": int(freeze_epochs)}}
         freeze = (adapt_ckpt.stage_names(state, last), freeze_epochs) if freeze_epochs else None
-        return {"extra_meta": extra, "freeze": freeze}
+        return {"extra_meta": extra, "freeze": freeze, **more}
 
     return train_dataset(dataset, spec, cfg, out_dir, backend=backend, device=device, name=name, force=force,
                          progress=progress, log=log, setup=setup)

@@ -213,12 +213,14 @@ def dataset_record(source, images: int, holdout: int, seed: int) -> dict:
 
 
 def final_meta(spec, cfg: TrainConfig, history: list, images: int, hold_idx, labels, probs, seconds: float,
-               device: str, world: int, backend: str, init=None, dataset=None) -> dict:
+               device: str, world: int, backend: str, init=None, dataset=None,
+               calibrate_to: Optional[tuple] = None) -> dict:
     """The metadata a trainer writes with its final weights, calibrated on the held-out part when there is
     one (``probs``: the exits' probabilities on it), so the default operating point is ready to use.
-    ``dataset`` is where the images came from (see :func:`dataset_record`)."""
+    ``dataset`` is where the images came from (see :func:`dataset_record`); ``calibrate_to`` ``(accuracy,
+    rule)``: the default operating point is the cheapest reaching that held-out accuracy, not the last exit's."""
     from dvt_core.model.macs import exit_macs
-    from dvt_core.runtime.operating_point import calibration_meta
+    from dvt_core.runtime.operating_point import DEFAULT_RULE, calibration_meta
 
     costs = [int(m) for m in exit_macs(spec)]
     meta = {"arch": spec.name, "spec": spec.to_dict(), "exit_macs": costs, "train": cfg.to_dict(),
@@ -229,7 +231,8 @@ def final_meta(spec, cfg: TrainConfig, history: list, images: int, hold_idx, lab
     if init is not None:
         meta["init"] = init if isinstance(init, dict) else init.to_meta()
     if probs is not None and len(hold_idx):
-        meta.update(calibration_meta(probs, labels[hold_idx], costs,
+        target, rule = calibrate_to if calibrate_to else (None, DEFAULT_RULE)
+        meta.update(calibration_meta(probs, labels[hold_idx], costs, target=target, rule=rule,
                                      data={"split": "holdout", "holdout": int(len(hold_idx)), "seed": cfg.seed}))
     return meta
 

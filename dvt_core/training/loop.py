@@ -145,7 +145,8 @@ def fit(spec, images: np.ndarray, labels: np.ndarray, cfg: TrainConfig, out_dir,
         device: Optional[str] = None, resume: bool = False, progress: bool = True, init=None,
         init_state: Optional[dict] = None, dataset=None, name: Optional[str] = None,
         extra_meta: Optional[dict] = None, trainer: Optional[Trainer] = None,
-        log: Callable[[str], None] = print, freeze: Optional[tuple[list, int]] = None) -> Path:
+        log: Callable[[str], None] = print, freeze: Optional[tuple[list, int]] = None,
+        calibrate_to: Optional[tuple[float, str]] = None) -> Path:
     """Train ``spec`` on uint8 ``images`` (N, H, W[, C]) and ``labels``; returns the final weights' path.
 
     ``cfg.holdout`` images (drawn with ``cfg.seed``) are kept out of training, scored after every epoch
@@ -158,8 +159,8 @@ def fit(spec, images: np.ndarray, labels: np.ndarray, cfg: TrainConfig, out_dir,
     :class:`~dvt_core.training.config.TrainingDiverged` before any weights of its epoch are written.
     ``trainer`` (else ``make_trainer(backend, ...)``) is the framework's side; several processes
     started by the framework's launcher each run ``fit`` and split every global batch. ``freeze``
-    ``(names, epochs)`` holds those parameters still for the first ``epochs`` epochs (:meth:`Trainer.freeze`).
-    """
+    ``(names, epochs)`` holds those parameters still for the first ``epochs`` epochs (:meth:`Trainer.freeze`);
+    ``calibrate_to`` ``(accuracy, rule)``: the held-out accuracy the default operating point must reach."""
     cfg = C.resolve_holdout(cfg.validate(), len(images))
     trainer = trainer or make_trainer(backend, spec, cfg, device)
     main = trainer.rank == 0
@@ -189,7 +190,7 @@ def fit(spec, images: np.ndarray, labels: np.ndarray, cfg: TrainConfig, out_dir,
             probs = _holdout_probs(trainer, images, hold_idx)
         meta = C.final_meta(spec, cfg, history, images=len(images), hold_idx=hold_idx, labels=labels, probs=probs,
                             seconds=time.time() - t0, device=trainer.device, world=trainer.world,
-                            backend=trainer.backend, init=init_report, dataset=dataset)
+                            backend=trainer.backend, init=init_report, dataset=dataset, calibrate_to=calibrate_to)
         meta.update(extra_meta or {})
         if name is not None:
             meta["name"] = C.model_file_name(name)

@@ -119,7 +119,7 @@ def replaying(runtime, recorded: list):
     return Replay()
 
 
-def variants(model, static, runtime: str, precision: str, threads: int, images: np.ndarray) -> dict:
+def variants(model, static, runtime: str, precision: str, threads: int, images: np.ndarray) -> tuple:
     b, sb = backend_of(model), backend_of(static)
     man, n_exits = model.manifest, model.spec.num_exits
     thresholds = man["thresholds"]
@@ -134,7 +134,8 @@ def variants(model, static, runtime: str, precision: str, threads: int, images: 
         recorded.append(outs)
     inputs0 = [(xs[0], None)] + [(xs[0], recorded[0][i][1]) for i in range(n_exits - 1)]
     if runtime == "onnx":
-        bare, bare_static = bare_onnx(model.directory, man, threads), bare_onnx(static.directory, static.manifest, threads)
+        bare = bare_onnx(model.directory, man, threads)
+        bare_static = bare_onnx(static.directory, static.manifest, threads)
     else:
         bare = bare_openvino(model.directory, man, threads, precision)
         bare_static = bare_openvino(static.directory, static.manifest, threads, precision)

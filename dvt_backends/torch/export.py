@@ -120,7 +120,7 @@ def _relation_reuse_activation_left(self: RelationReuse, prev_logits) -> torch.T
 
 # The export forms below write every reshape with the batch axis as -1 and the other sizes as numbers (only the
 # batch axis is dynamic). The modules' own forms read the batch size from the tensor, which the trace records as
-# a Shape -> Gather -> Unsqueeze -> Concat chain per reshape: a third of the 2x2 stage's nodes, and at batch 1
+# a Shape -> Gather -> Unsqueeze -> Concat chain per reshape: about half of the 2x2 stage's nodes, and at batch 1
 # each node costs the runtime a fixed time whatever its size. Same arithmetic, same values.
 
 

@@ -282,3 +282,54 @@ def test_bad_graph_options_are_refused(exported, tmp_path):
     with pytest.raises(InputError, match="unknown graph precision 'bf16'"):
         export_model(model, "onnx", tmp_path / "b", precision="bf16")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("backend", ["openvino", "onnx"])
+def test_batch_1_outputs_outlive_the_next_call_and_join_as_streaming_does(exported, backend):
+    """Two images run one at a time through stage 1: the first call's logits and carry stay as they were after
+    the second call (OpenVINO's fixed-shape request reuses its buffers), and the two carries joined (what
+    streaming early exit does) give stage 2 the logits of the two images run as one batch."""
+    from dvt_core.runtime.contract import backend_of
+
+    _, out, images, _, _ = exported
+    model = dvt_core.build(out, backend=backend, threads=1)
+    runtime = backend_of(model)
+    a, b = images[:1], images[1:2]
+    logits_a, carry_a = runtime.run_stage(model, 0, a)
+    kept = np.array(logits_a), {k: np.array(v) for k, v in carry_a.items()}
+    logits_b, carry_b = runtime.run_stage(model, 0, b)
+    assert np.array_equal(logits_a, kept[0]) and not np.allclose(logits_a, logits_b)
+    for k, v in carry_a.items():
+        assert np.array_equal(v, kept[1][k]) and not np.allclose(v, carry_b[k])
+    joined_images, joined = runtime.join([(a, carry_a), (b, carry_b)])
+    logits, _ = runtime.run_stage(model, 1, joined_images, joined)
+    expected, _ = runtime.run_stage(model, 1, images[:2], runtime.run_stage(model, 0, images[:2])[1])
+    np.testing.assert_allclose(logits, expected, atol=1e-5)
+
+
+def test_batch_1_refuses_a_carry_of_another_shape(exported):
+    """A batch-1 call copies into the request's own buffers: a carry of the wrong shape is an InputError,
+    never broadcast into them."""
+    _, out, images, _, _ = exported
+    model = dvt_core.build(out, backend="openvino", threads=1)
+    _, carry = model.run_stage(0, images[:1])
+    key = next(iter(carry))
+    carry[key] = carry[key][:, :1]
+    with pytest.raises(InputError, match="shape"):
+        model.run_stage(1, images[:1], carry)
+
+
+@pytest.mark.parametrize("backend", ["openvino", "onnx"])
+def test_early_exit_one_image_at_a_time_takes_the_batch_exits(exported, backend):
+    """Batch 1 takes the host loop's shortcuts (no masks, slices for the rows): every image's exit, prediction,
+    logits and per-exit confidences are those of the same image in the whole batch."""
+    _, out, images, _, thresholds = exported
+    model = dvt_core.build(out, backend=backend, threads=1)
+    whole = model.adaptive(images, thresholds)
+    assert 0 < whole.exit_counts[0] < len(images)  # the thresholds send images to more than one exit
+    for j in range(len(images)):
+        one = model.adaptive(images[j:j + 1], thresholds)
+        assert one.exit_index[0] == whole.exit_index[j] and one.prediction[0] == whole.prediction[j]
+        assert one.macs[0] == whole.macs[j] and one.exit_counts[one.exit_index[0]] == 1
+        np.testing.assert_allclose(one.logits[0], whole.logits[j], atol=1e-5)
+        np.testing.assert_allclose(one.exit_confidences[0], whole.exit_confidences[j], atol=1e-5)  # NaN alike

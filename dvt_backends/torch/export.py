@@ -18,8 +18,8 @@ from torch.nn import functional as F
 from dvt_core.export.manifest import FEATURES, PREV, RELATIONS, carry_names, stage_entry
 
 from .cascade import DVT, Reuse
-from .layers import RelationReuse, TokenResize
-from .tokenizers import T2TModule
+from .layers import Attention, RelationReuse, TokenResize
+from .tokenizers import PatchEmbed, T2TModule
 
 BATCH_AXES = {FEATURES: 0, RELATIONS: 0}
 
@@ -118,6 +118,52 @@ def _relation_reuse_activation_left(self: RelationReuse, prev_logits) -> torch.T
     return torch.matmul(r.transpose(-2, -1), m_t)  # keys resized: (depth, B, heads, N, N), queries first
 
 
+# The export forms below write every reshape with the batch axis as -1 and the other sizes as numbers (only the
+# batch axis is dynamic). The modules' own forms read the batch size from the tensor, which the trace records as
+# a Shape -> Gather -> Unsqueeze -> Concat chain per reshape: about half of the 2x2 stage's nodes, and at batch 1
+# each node costs the runtime a fixed time whatever its size. Same arithmetic, same values.
+
+
+def _attention_export(self: Attention, x: torch.Tensor, reused_logits=None, need_logits: bool = True):
+    """Attention as reshape, one Split into q, k, v (heads-major), products, softmax: reused + scale * q k^T,
+    the module's order of operations; the logits are returned when asked, as the module does."""
+    n, c = int(x.shape[1]), int(x.shape[2])
+    h = self.num_heads
+    qkv = self.qkv(x).reshape(-1, n, 3 * h, c // h).transpose(1, 2)  # (B, 3 x heads, N, d): q, k, v heads
+    q, k, v = qkv.split(h, dim=1)
+    logits = torch.matmul(q, k.transpose(-2, -1)) * self.scale
+    if reused_logits is not None:
+        logits = reused_logits.to(logits.dtype) + logits
+    y = torch.matmul(logits.softmax(dim=-1), v)  # (B, heads, N, d)
+    return self.proj(y.transpose(1, 2).reshape(-1, n, c)), (logits if need_logits else None)
+
+
+def _patches_export(self: PatchEmbed, x: torch.Tensor) -> torch.Tensor:
+    """PatchEmbed with its reshapes written for a dynamic batch axis only."""
+    if not self.patches:
+        y = self.proj(x)
+        width, gh, gw = (int(v) for v in y.shape[1:])
+        return y.reshape(-1, width, gh * gw).transpose(1, 2)
+    c, h, w = (int(v) for v in x.shape[1:])
+    k = self.proj.kernel_size[0]
+    gh, gw = h // k, w // k
+    if (gh * k, gw * k) != (h, w):
+        x = x[:, :, :gh * k, :gw * k]
+    x = x.reshape(-1, c, gh, k, gw, k).permute(0, 2, 4, 1, 3, 5).reshape(-1, gh * gw, c * k * k)
+    return F.linear(x, self.proj.weight.flatten(1), self.proj.bias)
+
+
+def _relations_mixed_export(self: RelationReuse, prev_logits) -> torch.Tensor:
+    """RelationReuse.mixed with the 1x1 convolutions as products by the (out, in) weight and the reshapes
+    written for a dynamic batch axis only: (depth, B, heads, keys, queries)."""
+    x = torch.cat(tuple(p.transpose(-2, -1) for p in prev_logits), dim=1)  # (B, C, keys, queries)
+    c, n = int(x.shape[1]), int(x.shape[2])
+    x = x.reshape(-1, c, n * n)
+    h = self.act(torch.matmul(self.expand.weight.flatten(1), x) + self.expand.bias[:, None])
+    r = torch.matmul(self.reduce.weight.flatten(1), h) + self.reduce.bias[:, None]
+    return r.reshape(-1, self.depth, self.reduce.out_channels // self.depth, n, n).transpose(0, 1)
+
+
 @contextlib.contextmanager
 def exportable(model: DVT, resize: str = "gather"):
     """Swap in traceable, Loop-free forms of the soft split and the reuse resize (``resize``: "gather",
@@ -136,13 +182,22 @@ def exportable(model: DVT, resize: str = "gather"):
             m.forward = types.MethodType(_resize_by_gather, m)
     for m in relations:
         m.forward = types.MethodType(_relation_reuse_activation_left, m)
+    batch_only = {Attention: _attention_export, PatchEmbed: _patches_export}
+    reshaped = [m for m in model.modules() if type(m) in batch_only]
+    mixers = [m for m in model.modules() if isinstance(m, RelationReuse)]
+    for m in reshaped:
+        m.forward = types.MethodType(batch_only[type(m)], m)
+    for m in mixers:
+        m.mixed = types.MethodType(_relations_mixed_export, m)
     try:
         yield model
     finally:
         for m in splits:
             del m._split
-        for m in resizes + relations:
+        for m in resizes + relations + reshaped:
             del m.forward
+        for m in mixers:
+            del m.mixed
         for m in resizes:
             m.__dict__.pop("_export_taps", None)
             m.__dict__.pop("_export_matrix", None)

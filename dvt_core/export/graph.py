@@ -53,6 +53,7 @@ class ExportedDVT(ModelAPI):
         self.checkpoint_meta = {**dict(manifest.get("checkpoint_meta") or {}),
                                 **{k: manifest[k] for k in ("thresholds",) if manifest.get(k) is not None}}
         self.training = False
+        self._names: dict = {}  # stage index -> what run_stage reads from the manifest (_stage_names)
 
     # the contract's small operations ----------------------------------------------------------------
     def _run_graph(self, index: int, feeds: dict) -> list:
@@ -60,14 +61,24 @@ class ExportedDVT(ModelAPI):
 
     def run_stage(self, index: int, images, carry: Optional[dict] = None):
         """Logits of exit ``index`` and the carry for the next stage (a dict name -> array; None after the last)."""
-        st = self.manifest["stages"][index]
+        reads, names, axes = self._stage_names(index)
         feeds = {"images": images}
-        for name in st["inputs"][1:]:
-            feeds[name] = carry[name[len(PREV):]]
+        for name, key in reads:
+            feeds[name] = carry[key]
         outs = self._run_graph(index, feeds)
-        logits = outs[0]
-        names = st["outputs"][1:]
-        return logits, (Carry(zip(names, outs[1:]), self.manifest.get("batch_axes") or {}) if names else None)
+        return outs[0], (Carry(zip(names, outs[1:]), axes) if names else None)
+
+    def _stage_names(self, index: int) -> tuple:
+        """Stage ``index``'s (graph input, carry key) pairs, carry output names and their batch axes, read from
+        the manifest once (a batch-1 call costs about as much as the manifest look-ups it would repeat)."""
+        cache = self._names
+        if index not in cache:
+            st = self.manifest["stages"][index]
+            names = tuple(st["outputs"][1:])
+            axes = self.manifest.get("batch_axes") or {}
+            cache[index] = (tuple((n, n[len(PREV):]) for n in st["inputs"][1:]), names,
+                            {k: int(axes.get(k, 0)) for k in names})
+        return cache[index]
 
     def to_tensor(self, array) -> np.ndarray:
         """A numpy image batch as this runtime's input (checked against the spec)."""

@@ -102,6 +102,8 @@ def exit_step(runtime, model, index: int, images, carry, thresholds: np.ndarray,
     if index == len(thresholds) - 1:
         return lg, conf, True, images, None
     leave = conf >= thresholds[index]
+    if len(leave) == 1:  # one image: a plain bool, without the two reductions
+        return lg, conf, bool(leave[0]), images, carry
     if leave.all():
         return lg, conf, True, images, carry
     if not leave.any():
@@ -127,11 +129,12 @@ def run_adaptive(runtime, model, images, thresholds, confidence: str = "max_soft
         lg, conf, leave, images, carry = exit_step(runtime, model, i, images, carry, t, confidence)
         if logits_out is None:
             logits_out = np.zeros((batch_size, lg.shape[1]), np.float32)
-        seen_conf[alive, i] = conf
+        everyone = len(alive) == batch_size  # then a slice, not an index array: cheaper at batch 1
+        seen_conf[slice(None) if everyone else alive, i] = conf
         if leave is False:
             continue  # every image goes on, nothing was sliced
         if leave is True:
-            rows, lg_left, conf_left = alive, lg, conf
+            rows, lg_left, conf_left = (slice(None) if everyone else alive), lg, conf
         else:
             rows, lg_left, conf_left = alive[leave], lg[leave], conf[leave]
         pred[rows] = lg_left.argmax(axis=1)

@@ -377,8 +377,7 @@ def test_an_onnx_export_is_served_with_the_same_answers(tmp_path, model):
 
     pytest.importorskip("onnxruntime", reason="needs the onnx extra")
     folder = tmp_path / "onnx"
-    r = subprocess.run([sys.executable, "-m", "dvt_core", "export", "dvt_fashion_mnist", "--weights", "default",
-                        "--format", "onnx", "--out", str(folder)], capture_output=True, text=True, timeout=300)
+    r = cli("export", "dvt_fashion_mnist", "--weights", "default", "--format", "onnx", "--out", folder)
     assert r.returncode == 0, r.stderr[-2000:]
     images = SUBSET[:30]
     want = backend_of(model).adaptive_numpy(model, normalize(images, model.spec.mean, model.spec.std),

@@ -1,6 +1,7 @@
 """Helpers the test modules share (a test module never imports another test module)."""
 from __future__ import annotations
 
+import io
 import os
 import resource
 import subprocess
@@ -72,8 +73,14 @@ def _has_mindspore() -> bool:
 needs_mindspore = pytest.mark.skipif(not _has_mindspore(), reason="mindspore is not installed")
 
 
-def dvt(*args, cwd=None, script: bool = False, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run the CLI in a fresh process: ``python -m dvt_core`` or, with ``script``, the console script."""
+def dvt(*args, cwd=None, script: bool = False, timeout: int = 300,
+        process: bool = False) -> subprocess.CompletedProcess:
+    """Run the CLI: ``dvt_core.cli.main.main(args)`` in this process (:func:`cli`) unless ``process``, then in a
+    fresh process, ``python -m dvt_core`` or, with ``script``, the console script. A fresh process costs
+    seconds (torch and MindSpore imported again); tests of what only a process shows (exit status at the
+    interpreter's exit, signals, closed pipes, the console script) ask for one."""
+    if not (process or script):
+        return cli(*args, cwd=cwd)
     if script:
         exe = Path(sys.executable).with_name("dvt")
         if not exe.exists():
@@ -83,6 +90,59 @@ def dvt(*args, cwd=None, script: bool = False, timeout: int = 300) -> subprocess
         cmd = [sys.executable, "-m", "dvt_core", *map(str, args)]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONPATH=str(ROOT))
     return subprocess.run(cmd, cwd=cwd or os.getcwd(), env=env, capture_output=True, text=True, timeout=timeout)
+
+
+class _CapturedText(io.TextIOWrapper):
+    """A text stream over bytes (``.buffer`` works, as on a real stdout) that reads back what was written."""
+
+    def __init__(self):
+        super().__init__(io.BytesIO(), encoding="utf-8", errors="backslashreplace", newline="\n", write_through=True)
+
+    def isatty(self) -> bool:
+        return False
+
+    def text(self) -> str:
+        self.flush()
+        return self.buffer.getvalue().decode("utf-8", "replace")
+
+
+def cli(*args, cwd=None, stdin=None) -> subprocess.CompletedProcess:
+    """``dvt ARGS`` through ``dvt_core.cli.main.main`` in this process, stdout and stderr captured: the
+    status main returns (an argparse exit's code; 1 and the traceback for an exception escaping main, as
+    the interpreter would); ``stdin``: the text on its standard input. The working folder, the environment
+    and torch's thread count are restored."""
+    import contextlib
+    import traceback
+
+    from dvt_core.cli.main import main
+
+    argv = [str(a) for a in args]
+    out, err = _CapturedText(), _CapturedText()
+    before_cwd, before_env = os.getcwd(), dict(os.environ)
+    torch = sys.modules.get("torch")
+    threads = torch.get_num_threads() if torch is not None else None
+    before_stdin = sys.stdin
+    try:
+        os.chdir(cwd or before_cwd)
+        sys.stdin = io.TextIOWrapper(io.BytesIO((stdin or "").encode("utf-8")), encoding="utf-8")
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                status = main(argv)
+            except SystemExit as exc:
+                status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+                if exc.code is not None and not isinstance(exc.code, int):
+                    sys.stderr.write(f"{exc.code}\n")
+            except Exception:  # noqa: BLE001 - what the interpreter prints for an uncaught exception
+                sys.stderr.write(traceback.format_exc())
+                status = 1
+    finally:
+        sys.stdin = before_stdin
+        os.chdir(before_cwd)
+        os.environ.clear()
+        os.environ.update(before_env)
+        if threads is not None:
+            sys.modules["torch"].set_num_threads(threads)
+    return subprocess.CompletedProcess(["dvt", *argv], int(status or 0), out.text(), err.text())
 
 
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -344,8 +404,11 @@ sys.meta_path.insert(0, _Block())
 
 
 def run_dvt(*args, cwd=None, stdin=None, block=(), timeout: int = 300, env=None) -> subprocess.CompletedProcess:
-    """The CLI in a fresh process (one intra-op thread unless ``env`` says otherwise) fed ``stdin``, with the
-    top-level modules in ``block`` unimportable (as if not installed); ``env``: its own environment."""
+    """The CLI fed ``stdin``: in this process (:func:`cli`) unless it needs its own: with the top-level modules
+    in ``block`` unimportable (as if not installed) or ``env``, its own environment, it runs in a fresh process
+    (one intra-op thread unless ``env`` says otherwise)."""
+    if not block and env is None:
+        return cli(*args, cwd=cwd, stdin=stdin)
     env = dict(os.environ if env is None else env, PYTHONPATH=str(ROOT))
     env.setdefault("OMP_NUM_THREADS", "1")
     code = BLOCK_IMPORTS.format(blocked=set(block)) if block else ""

@@ -1,4 +1,6 @@
-"""The ``dvt`` command line, run as a user runs it: ``python -m dvt_core ...`` (and the ``dvt`` script).
+"""The ``dvt`` command line, run as a user runs it: ``dvt_core.cli.main`` with its output captured (what
+``python -m dvt_core ...`` runs; a fresh process only where the process is what is checked: the ``dvt``
+script, a user error's exit status).
 
 Success paths check what each subcommand writes (text, JSON, PNG, checkpoints); user errors must exit
 with status 2 and exactly one line on stderr, never a traceback. Tests that need the Fashion-MNIST
@@ -324,8 +326,8 @@ def test_user_errors(files, tmp_path):
     shutil.copy(SHIPPED, tmp_path / "copy.safetensors")
     (tmp_path / "exists.pth").write_bytes(b"keep me")
     failures = []
-    for args, fragments in _error_cases(files, tmp_path):
-        proc = dvt(*args, cwd=tmp_path)
+    for k, (args, fragments) in enumerate(_error_cases(files, tmp_path)):
+        proc = dvt(*args, cwd=tmp_path, process=k == 0)  # the first as a process exits: status 2 at its end
         try:
             user_error(proc, *fragments)
         except AssertionError as exc:

@@ -1,4 +1,5 @@
-"""Mistakes a newcomer makes with the ``dvt`` command line, run as a user runs it (a fresh process).
+"""Mistakes a newcomer makes with the ``dvt`` command line, through ``dvt_core.cli.main`` with its output
+captured (test_cli.py and test_newcomer.py check status 2 and the single line at a real process's exit).
 
 Each gets status 2 and one line on stderr naming the problem, or the right behaviour. Fast: `dvt flops`,
 the shipped tiny Fashion-MNIST model, a few image files made here; nothing trains.

@@ -15,7 +15,7 @@ import dvt_core
 from dvt_core.errors import CheckpointError, InputError
 from dvt_core.export.manifest import MANIFEST, read_manifest, sha256_of
 from dvt_core.export.writer import export_model
-from helpers import BLOCK_IMPORTS, median_thresholds
+from helpers import BLOCK_IMPORTS, cli, median_thresholds
 
 pytest.importorskip("onnxruntime")
 torch = pytest.importorskip("torch")
@@ -255,6 +255,9 @@ except dvt_core.InputError as exc:
 
 
 def dvt(*args, cwd, extra_path: str = "") -> subprocess.CompletedProcess:
+    """The CLI in this process; with ``extra_path`` (modules that shadow installed ones) in a fresh one."""
+    if not extra_path:
+        return cli(*args, cwd=cwd)
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join(p for p in (extra_path, str(ROOT)) if p))
     return subprocess.run([sys.executable, "-m", "dvt_core", *map(str, args)], cwd=cwd, env=env,

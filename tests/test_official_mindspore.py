@@ -26,6 +26,7 @@ from dvt_core import CheckpointError  # noqa: E402
 from dvt_core.checkpoint.files import read_checkpoint  # noqa: E402
 from dvt_core.checkpoint.convert import convert  # noqa: E402
 from dvt_core.checkpoint.naming import canonical_to_ms_official, ms_official_to_canonical  # noqa: E402
+from helpers import cli  # noqa: E402
 from official import assert_exits_close, conformance_dir  # noqa: E402
 
 pytestmark = [pytest.mark.mindspore, pytest.mark.conformance]
@@ -251,20 +252,13 @@ def test_gelu_flavour_reaches_every_mlp():
 
 @pytest.mark.convert
 def test_cli_converts_there_and_back(tmp_path):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     small = dict(SMALL)
     spec = dvt_core.get_spec(NAME, **small)
     src, state = save_official_ckpt(tmp_path / "train.ckpt", R.ms_official_shapes(spec))
     plain, _ = save_official_ckpt(tmp_path / "plain.ckpt", R.ms_official_shapes(spec), training_state=False)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
 
     def dvt(*args):
-        return subprocess.run([sys.executable, "-m", "dvt_core", *map(str, args)], env=env, cwd=tmp_path,
-                              capture_output=True, text=True, timeout=300)
+        return cli(*args, cwd=tmp_path)
 
     opts = [x for k, v in small.items() for x in ("-O", f"{k}={list(v) if isinstance(v, tuple) else v}")]
     r = dvt("convert", src, tmp_path / "m.safetensors", "--arch", NAME, *opts)

@@ -24,6 +24,8 @@ from dvt_core.bench import loadtest
 from dvt_core.errors import QueueFullError
 from dvt_core.serve.scheduler import StageScheduler
 
+from helpers import cli
+
 REPO = Path(__file__).resolve().parents[1]
 SUBSET = np.load(REPO / "dvt_core" / "assets" / "fashion_mnist_test_subset.npz")["images"]
 
@@ -180,8 +182,7 @@ def server():
 def test_answers_are_dvt_predicts_also_under_concurrency(server, tmp_path):
     url, _ = server
     paths = _write_pngs(tmp_path, SUBSET[:24])
-    r = subprocess.run([sys.executable, "-m", "dvt_core", "predict", "--model", "dvt_fashion_mnist", "--json",
-                        *map(str, paths)], capture_output=True, text=True, timeout=300)
+    r = cli("predict", "--model", "dvt_fashion_mnist", "--json", *paths)
     assert r.returncode == 0, r.stderr
     want = {Path(d["path"]).name: d for d in map(json.loads, r.stdout.splitlines())}
     assert {d["exit"] for d in want.values()} >= {1, 2}
@@ -376,8 +377,7 @@ def test_an_onnx_export_is_served_with_the_same_answers(tmp_path, model):
 
     pytest.importorskip("onnxruntime", reason="needs the onnx extra")
     folder = tmp_path / "onnx"
-    r = subprocess.run([sys.executable, "-m", "dvt_core", "export", "dvt_fashion_mnist", "--weights", "default",
-                        "--format", "onnx", "--out", str(folder)], capture_output=True, text=True, timeout=300)
+    r = cli("export", "dvt_fashion_mnist", "--weights", "default", "--format", "onnx", "--out", folder)
     assert r.returncode == 0, r.stderr[-2000:]
     images = SUBSET[:30]
     want = backend_of(model).adaptive_numpy(model, normalize(images, model.spec.mean, model.spec.std),

@@ -20,6 +20,8 @@ import dvt_core
 from dvt_core.data.sources import normalize
 from dvt_core.bench import loadtest
 
+from helpers import cli
+
 REPO = Path(__file__).resolve().parents[1]
 SUBSET = np.load(REPO / "dvt_core" / "assets" / "fashion_mnist_test_subset.npz")["images"]
 IMAGES = SUBSET[::7][:40]  # every class, easy and hard images
@@ -45,8 +47,7 @@ def predicted(tmp_path_factory):
     for k, body in enumerate(loadtest.png_bodies(IMAGES)):
         paths.append(folder / f"img{k:03d}.png")
         paths[-1].write_bytes(body)
-    r = subprocess.run([sys.executable, "-m", "dvt_core", "predict", "--model", MODEL, "--json", *map(str, paths)],
-                       capture_output=True, text=True, timeout=300)
+    r = cli("predict", "--model", MODEL, "--json", *paths)
     assert r.returncode == 0, r.stderr
     want = [json.loads(line) for line in r.stdout.splitlines()]
     assert [Path(w["path"]).name for w in want] == [p.name for p in paths]

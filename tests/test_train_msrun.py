@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from dvt_core.checkpoint.files import read_checkpoint
-from helpers import ROOT as REPO, TINY, _write_image_folder as write_image_folder, free_port, run_dvt, synthetic
+from helpers import ROOT as REPO, TINY, _write_image_folder as write_image_folder, cli, free_port, synthetic
 
 pytestmark = pytest.mark.mindspore
 
@@ -62,7 +62,7 @@ def test_two_msrun_workers_match_one_process(tmp_path):
     assert dp.meta["world_size"] == 2 and dp.meta["backend"] == "mindspore"
 
     single_out = tmp_path / "single"
-    single = run_dvt(*ARGS, "--dataset", dataset, "--out", single_out, env=_env(), timeout=300)
+    single = cli(*ARGS, "--dataset", dataset, "--out", single_out)  # one process: this one
     assert single.returncode == 0, single.stderr[-2000:]
     one = read_checkpoint(single_out / "images.ckpt")
     assert one.meta["world_size"] == 1 and one.meta["train"] == dp.meta["train"]
@@ -82,11 +82,12 @@ def test_two_msrun_workers_match_one_process(tmp_path):
     assert max(diff.values()) < TOLERANCE, f"msrun's 2 workers and 1 process differ: {worst}"
 
 
-def test_another_launchers_processes_are_refused(tmp_path):
+def test_another_launchers_processes_are_refused(tmp_path, monkeypatch):
     images, labels = synthetic(40, seed=3)
     write_image_folder(tmp_path / "images", images, labels)
-    env = dict(_env(), WORLD_SIZE="2", RANK="0", LOCAL_RANK="0")
-    proc = run_dvt(*ARGS, "--dataset", tmp_path / "images", "--out", tmp_path / "out", env=env, timeout=300)
+    for k, v in dict(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0").items():
+        monkeypatch.setenv(k, v)
+    proc = cli(*ARGS, "--dataset", tmp_path / "images", "--out", tmp_path / "out")
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr

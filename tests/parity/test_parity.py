@@ -11,7 +11,8 @@ the torch model's weights go to ``.safetensors`` with ``write_checkpoint``, are 
 * bit-identical tensors after torch -> MindSpore .ckpt -> torch.
 
 The MindSpore backend also reproduces the official release (../shared/conformance) straight from its
-``.pth.tar`` layout. Small models get O(1) weights from the conformance README's per-key rule
+``.pth.tar`` layout (DVT-T2T-ViT-12's in test_export_parity.py, on the model its MindIR export starts
+from). Small models get O(1) weights from the conformance README's per-key rule
 (tests/official.py), so logits and confidences spread like a trained model's rather than sitting at
 chance level as a fresh initialisation's do.
 """
@@ -260,12 +261,13 @@ def test_full_size(full_pair):
     check_round_trip(full_pair)
 
 
-# ---- the official release, straight from its layout ------------------------------------------------------
+# ---- the official release, straight from its layout (DVT-T2T-ViT-12's: test_export_parity.py's
+# test_mindir_full_size_official_weights, on the model its MindIR export starts from) -------------------------
 
+@pytest.mark.slow
 @pytest.mark.conformance
-@pytest.mark.parametrize("name", [pytest.param("dvt_t2t_vit_12", marks=pytest.mark.slow),
-                                  pytest.param("dvt_deit_small", marks=pytest.mark.slow)])
-def test_official_release_reproduced(name, tmp_path):
+def test_official_release_reproduced(tmp_path):
+    name = "dvt_deit_small"
     data = np.load(conformance_dir() / f"official_{name}.npz")
     path = write_official_release(tmp_path / f"{name}.pth.tar", official_state_from_shapes(official_keys(name)))
     model = dvt_core.build(name, backend="mindspore", weights=path)

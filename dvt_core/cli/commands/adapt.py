@@ -12,12 +12,12 @@ from dvt_core.cli.commands.train import parse_holdout, config_from_args, option_
 from dvt_core.errors import ConfigError
 from dvt_core.model.zoo import get_spec
 from dvt_core.schema import MAX_SEED, number
+from dvt_core.training.adapt import FREEZE_EPOCHS, RECIPE
 from dvt_core.training.config import TrainConfig
 
 HELP = "make a static ViT adaptive: a DVT with every stage from one static checkpoint, fine-tuned with distillation"
 
-# the fine-tuning recipe's defaults (a start from trained weights: a lower rate, a short warm-up)
-EPOCHS, LR, WARMUP = 5, 5e-4, 0.5
+EPOCHS, BATCH, LR, WARMUP = (RECIPE[k] for k in ("epochs", "batch_size", "lr", "warmup_epochs"))
 
 
 def add_arguments(parser) -> None:
@@ -36,10 +36,11 @@ def add_arguments(parser) -> None:
                         help="weight of the distillation from the frozen static model (default 1; 0: none)")
     parser.add_argument("--temperature", type=number("float", 0, low_open=True), default=2.0,
                         help="softmax temperature of the distillation (default 2)")
-    parser.add_argument("--freeze-epochs", type=number("int", 0, 1_000_000), default=0,
-                        help="hold the last stage still (all its weights) for this many first epochs (default 0)")
-    parser.add_argument("--batch-size", type=number("int", 1, 1 << 20), default=None,
-                        help=f"global batch size (default {TrainConfig().batch_size})")
+    parser.add_argument("--freeze-epochs", type=number("int", 0, 1_000_000), default=FREEZE_EPOCHS,
+                        help="hold the last stage still (all its weights) for this many first epochs "
+                             f"(default {FREEZE_EPOCHS}; at most --epochs)")
+    parser.add_argument("--batch-size", type=number("int", 1, 1 << 20), default=BATCH,
+                        help=f"global batch size (default {BATCH})")
     parser.add_argument("--lr", type=number("float", 0, low_open=True), default=LR, help=f"peak AdamW rate (default {LR:g})")
     parser.add_argument("--weight-decay", type=number("float", 0), default=None,
                         help=f"(default {TrainConfig().weight_decay:g})")

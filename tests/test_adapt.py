@@ -320,3 +320,19 @@ def test_a_short_fine_tune_of_the_shipped_static_model_lifts_the_early_exits(tmp
     assert after[-1] >= static_acc - 0.5, (static_acc, after)
     op = meta["default_operating_point"]  # calibrated to keep the static model's accuracy, not the last exit's
     assert op["holdout_target_accuracy"] == pytest.approx(static_acc) and "static model" in op["rule"]
+
+
+@needs_fashion
+@pytest.mark.parametrize("flag,augment", [(None, False), ("--augment", True)])
+def test_cli_fine_tunes_with_the_measured_recipe(static_file, tmp_path, flag, augment):
+    """`dvt adapt` without options trains with the recipe README measured (batch 128, lr 1e-3, the last stage
+    frozen for an epoch, no crops or flips); `--augment` turns the crops and flips back on."""
+    path, _, _ = static_file
+    args = ["adapt", "--model", "dvt_fashion_mnist", "-O", "depth=2", "-O", "embed_dim=16", "-O", "num_heads=2",
+            "-O", "feature_reuse_dim=4", "-O", "feature_reuse_hidden=8", "--static", str(path), "--max-steps", "1",
+            "--holdout", "40", "--out", str(tmp_path / "out"), "--no-progress"] + ([flag] if flag else [])
+    assert main(args) == 0
+    meta = dvt_core.build(weights=str(tmp_path / "out" / "dvt_fashion_mnist.safetensors")).checkpoint_meta
+    assert meta["train"]["augment"] is augment
+    assert (meta["train"]["batch_size"], meta["train"]["lr"], meta["train"]["epochs"]) == (128, 1e-3, 5)
+    assert meta["adapt"]["freeze_epochs"] == 1

@@ -4,6 +4,7 @@ The command parses its options and calls :func:`dvt_core.training.adapt.adapt`, 
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 
 from dvt_core.cli.commands._shared import add_common_options, check_device, parse_overrides, show_progress
@@ -49,7 +50,8 @@ def add_arguments(parser) -> None:
                         help="training images kept out for calibration: a count or a fraction (default as dvt train)")
     parser.add_argument("--seed", type=number("int", 0, MAX_SEED), default=None, help=f"(default {TrainConfig().seed})")
     parser.add_argument("--max-steps", type=number("int", 1, 1 << 40), default=None, help="stop after this many steps")
-    parser.add_argument("--no-augment", action="store_true", help="no random crops and flips")
+    parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=RECIPE["augment"],
+                        help="random crops and flips (default: --no-augment, the measured recipe)")
     parser.add_argument("--force", action="store_true", help="write into an --out folder that holds a model")
     parser.add_argument("--no-progress", action="store_true")
 
@@ -65,7 +67,7 @@ def run(args) -> int:
     check_device(args.backend, args.device)
     cfg = None
     if args.epochs:
-        cfg = config_from_args(args)
+        cfg = config_from_args(argparse.Namespace(**vars(args), no_augment=not args.augment))
         try:
             dataclasses.replace(cfg, holdout=cfg.holdout or 0).validate()  # option ranges, before any data is read
         except ConfigError as exc:

@@ -75,12 +75,11 @@ def _teacher_model(backend: str, spec, state: dict):
     return teacher
 
 
-def init_difference(backend: str, model, spec, state: dict, images: np.ndarray, on: str) -> dict:
-    """The adapted ``model``'s last exit against the static model on uint8 ``images``: the largest logit
-    difference and the share of equal predictions."""
+def init_difference(model, teacher, spec, images: np.ndarray, on: str) -> dict:
+    """The adapted ``model``'s last exit against the static model ``teacher`` on uint8 ``images``: the largest
+    logit difference and the share of equal predictions."""
     from dvt_core.runtime.contract import backend_of
 
-    teacher = _teacher_model(backend, spec, state)
     x = dvt_data.normalize(images, spec.mean, spec.std)
     last = backend_of(model).forward_numpy(model, x)[-1]
     static = backend_of(teacher).forward_numpy(teacher, x)[0]
@@ -88,11 +87,10 @@ def init_difference(backend: str, model, spec, state: dict, images: np.ndarray, 
             "same_prediction": float((last.argmax(-1) == static.argmax(-1)).mean())}
 
 
-def static_accuracy(backend: str, spec, state: dict, images: np.ndarray, labels: np.ndarray) -> float:
+def static_accuracy(teacher, images: np.ndarray, labels: np.ndarray) -> float:
     """The static model's accuracy (%) on uint8 ``images``: what the default operating point must reach."""
     from dvt_core.runtime.evaluation import exit_probs
 
-    teacher = _teacher_model(backend, spec, state)
     return float((exit_probs(teacher, images)[0].argmax(-1) == labels).mean() * 100)
 
 
@@ -125,7 +123,8 @@ def write_initialised(static, spec, out_dir, backend: str = "torch", device: Opt
     state, report = _start(static, spec, trainer, source, log)
     probe = np.random.default_rng(0).integers(0, 256, (PROBE_IMAGES, spec.img_size, spec.img_size)
                                               + ((spec.in_chans,) if spec.in_chans > 1 else ()), dtype=np.uint8)
-    report.init_difference = init_difference(backend, trainer.model, spec, state, probe, "random images")
+    report.init_difference = init_difference(trainer.model, _teacher_model(backend, spec, state), spec, probe,
+                                             "random images")
     log(difference_line(report.init_difference))
     meta = {"arch": spec.name, "spec": spec.to_dict(), "exit_macs": [int(m) for m in exit_macs(spec)],
             "backend": trainer.backend, "adapt": report.to_meta()}
@@ -158,13 +157,14 @@ def adapt(static_file, spec: Union[str, object], out_dir, cfg: Optional[TrainCon
         state, report = _start(static, final_spec, trainer, source, say)
         _, hold_idx = dvt_data.split_holdout(len(images), final_cfg.holdout, final_cfg.seed)
         probe = images[hold_idx[:1000]] if len(hold_idx) else images[:PROBE_IMAGES]
-        report.init_difference = init_difference(backend, trainer.model, final_spec, state, probe,
+        teacher = _teacher_model(backend, final_spec, state)  # built once: the difference and the target
+        report.init_difference = init_difference(trainer.model, teacher, final_spec, probe,
                                                  "held-out images" if len(hold_idx) else "training images")
         say(difference_line(report.init_difference))
         at_init = _anytime(trainer, final_spec, images, labels, hold_idx, say)
         more = {}
         if len(hold_idx):  # the user's static model sets the accuracy the default operating point keeps
-            target = static_accuracy(backend, final_spec, state, images[hold_idx], labels[hold_idx])
+            target = static_accuracy(teacher, images[hold_idx], labels[hold_idx])
             say(f"the static model on the same held-out images: {target:.1f} %")
             more = {"calibrate_to": (target, STATIC_RULE)}
         if distill.weight:

@@ -72,14 +72,14 @@ def _other_point(model, images):
     """Thresholds sending about 40 / 40 / 20 % of ``images`` to the exits: an operating point the profile was
     not measured at."""
     from dvt_core.runtime import policy
-    from dvt_core.runtime.benchmarking import exit_probs, tie_safe_thresholds
+    from dvt_core.bench.benchmarking import exit_probs, tie_safe_thresholds
 
     probs = exit_probs(model, [images[i:i + 64] for i in range(0, len(images), 64)])
     return tie_safe_thresholds(probs, policy.find_thresholds(probs, np.float32([0.4, 0.4, 0.2])))
 
 
 def main(argv=None) -> int:
-    from dvt_core.runtime.benchmarking import benchmark_images
+    from dvt_core.bench.benchmarking import benchmark_images
     from dvt_core.runtime.cost_model import machine_record
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

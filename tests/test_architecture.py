@@ -76,3 +76,38 @@ def test_no_library_function_is_longer_than_60_lines():
                 long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} "
                             f"({node.end_lineno - node.lineno + 1} lines)")
     assert not long, "functions over 60 lines: " + "; ".join(long)
+
+
+def _script_imports() -> list[tuple[str, str, str]]:
+    """``(script, module, name)`` for every ``from dvt_... import name`` in ``benchmarks/`` and ``tools/``, those
+    inside functions included."""
+    import ast
+
+    found = []
+    for script in sorted([*ROOT.glob("benchmarks/*.py"), *ROOT.glob("tools/*.py")]):
+        for node in ast.walk(ast.parse(script.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in {"dvt_core", "dvt_backends"}:
+                found += [(script.name, node.module, alias.name) for alias in node.names]
+    return found
+
+
+def test_the_scripts_import_what_the_library_has():
+    # The scripts import inside their functions and no test runs them end to end, so a module that moves
+    # would leave them broken until someone measures again: resolve every name they import.
+    import importlib
+
+    found = _script_imports()
+    assert len(found) > 20, found
+    missing = []
+    for script, module, name in found:
+        try:
+            owner = importlib.import_module(module)
+        except ImportError as exc:
+            missing.append(f"{script}: {module} ({exc})")
+            continue
+        if not hasattr(owner, name):
+            try:
+                importlib.import_module(f"{module}.{name}")
+            except ImportError:
+                missing.append(f"{script}: {module}.{name}")
+    assert not missing, missing

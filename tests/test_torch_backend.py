@@ -332,16 +332,38 @@ def test_prepacked_linear_follows_its_weight_and_is_never_saved():
 
     torch.manual_seed(0)
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
-        lin = Linear(64, 48).to(dtype)
-        x = torch.randn(3, 50, 64).to(dtype)
+        lin = Linear(384, 256).to(dtype)
+        x = torch.randn(3, 50, 384).to(dtype)  # 14.7 M multiply-adds: above both dtypes' prepacking threshold
         with torch.no_grad():
             torch.testing.assert_close(lin(x).float(), F.linear(x, lin.weight, lin.bias).float(), rtol=tol, atol=tol)
             assert lin._packed_weights  # the inference path ran
-            lin.load_state_dict({"weight": torch.ones(48, 64), "bias": torch.full((48,), 2.0)})  # copies in place
+            lin.load_state_dict({"weight": torch.ones(256, 384), "bias": torch.full((256,), 2.0)})  # copies in place
             got = lin(x[:, :1])
         want = x[:, :1].float().sum(-1, keepdim=True) + 2.0
-        torch.testing.assert_close(got.float(), want.expand_as(got.float()), rtol=tol, atol=tol * 64)
+        torch.testing.assert_close(got.float(), want.expand_as(got.float()), rtol=tol, atol=tol * 384)
         assert sorted(lin.state_dict()) == ["bias", "weight"]
         assert "_packed_weights" not in pickle.loads(pickle.dumps(lin)).__dict__
         assert "_packed_weights" not in copy.deepcopy(lin).__dict__
     assert Linear(4, 2)(torch.randn(1, 4)).requires_grad
+
+
+def test_small_products_skip_the_prepacked_weight():
+    """Below ``PREPACK_MIN_MACS`` a product's fixed cost outweighs the prepacked layout: float32 runs F.linear,
+    bfloat16 a float32 product on a float32 copy of the weight (rebuilt when the weight changes) rounded once."""
+    from torch.nn import functional as F
+
+    from dvt_backends.torch.layers import Linear
+
+    torch.manual_seed(0)
+    lin = Linear(64, 192)
+    x = torch.randn(1, 5, 64)  # 61,440 multiply-adds: a batch-1 product of the shipped model's first stage
+    with torch.no_grad():
+        assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))
+        assert not getattr(lin, "_packed_weights", None)  # nothing laid out for oneDNN
+        lin.to(torch.bfloat16)
+        xb = x.to(torch.bfloat16)
+        want = F.linear(xb.float(), lin.weight.float(), lin.bias.float()).to(torch.bfloat16)
+        assert torch.equal(lin(xb), want)
+        assert lin(xb).dtype == torch.bfloat16
+        lin.weight.mul_(2.0)  # in place: the float32 copy follows
+        assert torch.equal(lin(xb), F.linear(xb.float(), lin.weight.float(), lin.bias.float()).to(torch.bfloat16))

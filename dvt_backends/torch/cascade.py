@@ -209,17 +209,29 @@ class DVT(ModelAPI, nn.Module):
             if t is not None:
                 _dynamo.maybe_mark_dynamic(t, 0)
 
-    @torch.no_grad()
     @contextmanager
     def inference(self):
-        """Evaluation mode (dropout and stochastic depth off) without gradients; restores the mode."""
-        was_training = self.training
-        self.eval()
+        """Evaluation mode (dropout and stochastic depth off) without gradients; restores each module's mode.
+
+        Only the modules in training mode are switched: ``eval()`` and ``train()`` walk all the model's
+        modules (about 0.7 ms each for the shipped model), which at batch 1 cost more than a small stage.
+        """
+        training = [m for m in self._all_modules() if m.training]
+        for m in training:
+            m.training = False
         try:
             with torch.no_grad():
                 yield
         finally:
-            self.train(was_training)
+            for m in training:
+                m.training = True
+
+    def _all_modules(self) -> tuple:
+        """Every module of the model, listed once (a cascade's modules are fixed by its spec)."""
+        listed = self.__dict__.get("_module_list")
+        if listed is None or listed[0] is not self:
+            listed = self.__dict__["_module_list"] = tuple(self.modules())
+        return listed
 
     # ---- training ----------------------------------------------------------------------------------
     @staticmethod

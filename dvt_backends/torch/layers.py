@@ -39,17 +39,29 @@ def _can_prepack(x: torch.Tensor, w: torch.Tensor) -> bool:
             and w.dtype in (torch.float32, torch.bfloat16) and x.dim() >= 2 and not _in_graph_capture())
 
 
-class PrepackCache:
-    """Mixin: weights laid out once for oneDNN's linear (``mkldnn._reorder_linear_weight``), kept beside the
-    module and never saved. An entry is rebuilt when its weight changes (another tensor, storage or version)."""
+# The smallest product (rows x in x out multiply-adds) that runs on a prepacked weight, per dtype. oneDNN's
+# prepacked linear costs about 20 us a call before any arithmetic (Intel Xeon with AMX, one thread), more than a
+# small product takes: in float32 ``F.linear`` is faster below about 8 M (6 against 25 us on 5 x 64 x 192). In
+# bfloat16 every small product pays oneDNN's fixed cost either way (``F.linear`` 35 us there), so below 0.5 M it
+# runs in float32 on a float32 copy of the weight (11 us; the same products, rounded to bfloat16 once at the end).
+PREPACK_MIN_MACS = {torch.float32: 1 << 23, torch.bfloat16: 1 << 19}
 
-    def packed(self, name: str, w: torch.Tensor) -> torch.Tensor:
+
+class PrepackCache:
+    """Mixin: weights laid out once for oneDNN's linear (``mkldnn._reorder_linear_weight``) or copied once to
+    float32, kept beside the module and never saved. An entry is rebuilt when its tensor changes (another
+    tensor, storage or version)."""
+
+    def cached(self, name: str, t: torch.Tensor, make) -> torch.Tensor:
         cache = self.__dict__.setdefault("_packed_weights", {})
         entry = cache.get(name)
-        if entry is None or entry[0] is not w or entry[1] != (w.data_ptr(), w._version):
-            plain = w.detach().reshape(w.shape[0], -1)  # a 1x1 convolution's (out, in, 1, 1) as (out, in)
-            entry = cache[name] = (w, (w.data_ptr(), w._version), torch.ops.mkldnn._reorder_linear_weight(plain, None))
+        if entry is None or entry[0] is not t or entry[1] != (t.data_ptr(), t._version):
+            entry = cache[name] = (t, (t.data_ptr(), t._version), make(t.detach()))
         return entry[2]
+
+    def packed(self, name: str, w: torch.Tensor) -> torch.Tensor:
+        # a 1x1 convolution's (out, in, 1, 1) as (out, in)
+        return self.cached(name, w, lambda t: torch.ops.mkldnn._reorder_linear_weight(t.reshape(t.shape[0], -1), None))
 
     def __getstate__(self):  # pickles and deep copies leave the cache out (oneDNN tensors do not pickle)
         state = self.__dict__.copy()
@@ -60,12 +72,18 @@ class PrepackCache:
 class Linear(PrepackCache, nn.Linear):
     """``nn.Linear`` (same parameters, same state dict) that, in CPU inference, runs oneDNN's linear on a weight
     laid out once for it instead of ``addmm``, which lays the weight out for the matrix units at every call: at
-    the 50 and 101 token rows of a cascade's small stages that work is not amortised (docs/performance.md)."""
+    the 50 and 101 token rows of a cascade's small stages that work is not amortised (docs/performance.md).
+    Products too small to gain from it take the path with the least fixed cost (``PREPACK_MIN_MACS``)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _can_prepack(x, self.weight):
             return F.linear(x, self.weight, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed("weight", self.weight), self.bias, "none", [], "")
+        if x.numel() * self.out_features >= PREPACK_MIN_MACS[x.dtype]:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed("weight", self.weight), self.bias, "none", [], "")
+        if x.dtype == torch.float32:
+            return F.linear(x, self.weight, self.bias)
+        bias = None if self.bias is None else self.cached("bias32", self.bias, lambda t: t.float())
+        return F.linear(x.float(), self.cached("weight32", self.weight, lambda t: t.float()), bias).to(x.dtype)
 
 
 class Mlp(nn.Module):

@@ -367,3 +367,30 @@ def test_small_products_skip_the_prepacked_weight():
         assert lin(xb).dtype == torch.bfloat16
         lin.weight.mul_(2.0)  # in place: the float32 copy follows
         assert torch.equal(lin(xb), F.linear(xb.float(), lin.weight.float(), lin.bias.float()).to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_inference_paths_give_the_plain_operators_values(approximate):
+    """The MLP with its GELU fused into the prepacked product and the patch embedding as a prepacked product
+    give what the plain operators give (F.linear, GELU, the strided convolution) in float32."""
+    from torch.nn import functional as F
+
+    from dvt_backends.torch.layers import Mlp
+    from dvt_backends.torch.tokenizers import PatchEmbed
+    from dvt_core.model.zoo import get_spec
+
+    torch.manual_seed(0)
+    mlp = Mlp(384, 1536, 384, gelu_flavour="exact" if approximate == "none" else "tanh").eval()
+    x = torch.randn(1, 50, 384)  # 29 M multiply-adds in fc1: the prepacked path
+    with torch.no_grad():
+        want = F.linear(F.gelu(F.linear(x, mlp.fc1.weight, mlp.fc1.bias), approximate=approximate),
+                        mlp.fc2.weight, mlp.fc2.bias)
+        torch.testing.assert_close(mlp(x), want, rtol=1e-5, atol=1e-5)
+        assert "weight" in mlp.fc1._packed_weights
+    stage = get_spec("dvt_deit_small").stages[0]  # 32 x 32 patches, no overlap: the product form
+    embed = PatchEmbed(stage, 3).eval()
+    images = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        want = F.conv2d(images, embed.proj.weight, embed.proj.bias, stride=stage.patch_stride).flatten(2).transpose(1, 2)
+        torch.testing.assert_close(embed(images), want, rtol=1e-4, atol=1e-4)
+        assert "proj" in embed._packed_weights

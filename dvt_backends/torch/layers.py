@@ -39,12 +39,15 @@ def _can_prepack(x: torch.Tensor, w: torch.Tensor) -> bool:
             and w.dtype in (torch.float32, torch.bfloat16) and x.dim() >= 2 and not _in_graph_capture())
 
 
-# The smallest product (rows x in x out multiply-adds) that runs on a prepacked weight, per dtype. oneDNN's
-# prepacked linear costs about 20 us a call before any arithmetic (Intel Xeon with AMX, one thread), more than a
-# small product takes: in float32 ``F.linear`` is faster below about 8 M (6 against 25 us on 5 x 64 x 192). In
-# bfloat16 every small product pays oneDNN's fixed cost either way (``F.linear`` 35 us there), so below 0.5 M it
-# runs in float32 on a float32 copy of the weight (11 us; the same products, rounded to bfloat16 once at the end).
+# When a product runs on a prepacked weight (CPU inference), per dtype. oneDNN's prepacked linear costs about 20 us
+# a call before any arithmetic (Intel Xeon with AMX, one thread), more than a small product takes: in float32
+# ``F.linear`` is faster below about 8 M multiply-adds (rows x in x out; 6 against 25 us on 5 x 64 x 192). In
+# bfloat16 every small product pays oneDNN's fixed cost either way (``F.linear`` 35 us there), so it runs in
+# float32 on a float32 copy of the weight (11 us; the same products, rounded to bfloat16 once at the end). Both
+# only for small weights: a large one read for a few rows costs its bytes (DeiT-S's 384 x 1000 head: 0.9 ms in
+# float32 from a cold cache), which the prepacked bfloat16 layout halves.
 PREPACK_MIN_MACS = {torch.float32: 1 << 23, torch.bfloat16: 1 << 19}
+SMALL_WEIGHT = 1 << 17  # elements
 
 
 class PrepackCache:
@@ -60,8 +63,27 @@ class PrepackCache:
         return entry[2]
 
     def packed(self, name: str, w: torch.Tensor) -> torch.Tensor:
-        # a 1x1 convolution's (out, in, 1, 1) as (out, in)
+        # a convolution's (out, in, kh, kw) as (out, in x kh x kw)
         return self.cached(name, w, lambda t: torch.ops.mkldnn._reorder_linear_weight(t.reshape(t.shape[0], -1), None))
+
+    def linear(self, name: str, x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor],
+               gelu_approximate: Optional[str] = None) -> torch.Tensor:
+        """``x @ w.T + bias`` (``w`` may be a convolution's weight: its trailing axes are flattened), then
+        GELU where ``gelu_approximate`` says which ("none": erf, "tanh"), by the path with the least fixed cost
+        for its size (``PREPACK_MIN_MACS``): on the prepacked weight, GELU fused in, in CPU inference."""
+        if not _can_prepack(x, w):
+            y = F.linear(x, w.flatten(1), bias)
+            return y if gelu_approximate is None else F.gelu(y, approximate=gelu_approximate)
+        if w.numel() >= SMALL_WEIGHT or x.numel() * w.shape[0] >= PREPACK_MIN_MACS[x.dtype]:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed(name, w), bias, "none" if gelu_approximate
+                                                      is None else "gelu", [], gelu_approximate or "")
+        if x.dtype == torch.float32:
+            y = F.linear(x, w.flatten(1), bias)
+        else:
+            b32 = None if bias is None else self.cached(name + ".bias32", bias, lambda t: t.float())
+            y = F.linear(x.float(), self.cached(name + ".32", w, lambda t: t.flatten(1).float()), b32)
+        y = y if gelu_approximate is None else F.gelu(y, approximate=gelu_approximate)
+        return y.to(x.dtype)
 
     def __getstate__(self):  # pickles and deep copies leave the cache out (oneDNN tensors do not pickle)
         state = self.__dict__.copy()
@@ -73,17 +95,10 @@ class Linear(PrepackCache, nn.Linear):
     """``nn.Linear`` (same parameters, same state dict) that, in CPU inference, runs oneDNN's linear on a weight
     laid out once for it instead of ``addmm``, which lays the weight out for the matrix units at every call: at
     the 50 and 101 token rows of a cascade's small stages that work is not amortised (docs/performance.md).
-    Products too small to gain from it take the path with the least fixed cost (``PREPACK_MIN_MACS``)."""
+    Products too small to gain from it take the path with the least fixed cost (``PrepackCache.linear``)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _can_prepack(x, self.weight):
-            return F.linear(x, self.weight, self.bias)
-        if x.numel() * self.out_features >= PREPACK_MIN_MACS[x.dtype]:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed("weight", self.weight), self.bias, "none", [], "")
-        if x.dtype == torch.float32:
-            return F.linear(x, self.weight, self.bias)
-        bias = None if self.bias is None else self.cached("bias32", self.bias, lambda t: t.float())
-        return F.linear(x.float(), self.cached("weight32", self.weight, lambda t: t.float()), bias).to(x.dtype)
+    def forward(self, x: torch.Tensor, gelu_approximate: Optional[str] = None) -> torch.Tensor:
+        return self.linear("weight", x, self.weight, self.bias, gelu_approximate)
 
 
 class Mlp(nn.Module):
@@ -97,6 +112,8 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.act, nn.GELU):  # the GELU rides in fc1's product where that runs prepacked
+            return self.drop(self.fc2(self.drop(self.fc1(x, self.act.approximate))))
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 

@@ -109,9 +109,8 @@ def _relation_reuse_activation_left(self: RelationReuse, prev_logits) -> torch.T
     transpose between them) instead of ``M @ x`` twice. Same values as the module's own forward. Why: OpenVINO's
     CPU plugin turns a MatMul whose second input is constant into a FullyConnected, which its bf16 hint runs in
     bf16, while a MatMul with a constant first input stays f32 with reorders around it (DeiT-S stage 3 under the
-    bf16 hint: 0.95 of the time; fp32 and ONNX Runtime unchanged; docs/deploy.md). The 1x1 mixing keeps the
-    module's form: written channels-last (activation-left too) it gained OpenVINO bf16 another 3 % but cost
-    ONNX Runtime 4 %, the transposes it needs."""
+    bf16 hint: 0.95 of the time; fp32 and ONNX Runtime unchanged; docs/deploy.md). The 1x1 mixing before it is
+    activation x constant too (:func:`_relations_mixed_export`)."""
     r = self.mixed(prev_logits)  # (depth, B, heads, keys, queries), small grid
     m_t = self.resize._export_matrix.t().to(r.dtype)  # (n, N)
     r = torch.matmul(r, m_t)  # queries resized: (depth, B, heads, keys, N)
@@ -154,14 +153,17 @@ def _patches_export(self: PatchEmbed, x: torch.Tensor) -> torch.Tensor:
 
 
 def _relations_mixed_export(self: RelationReuse, prev_logits) -> torch.Tensor:
-    """RelationReuse.mixed with the 1x1 convolutions as products by the (out, in) weight and the reshapes
-    written for a dynamic batch axis only: (depth, B, heads, keys, queries)."""
-    x = torch.cat(tuple(p.transpose(-2, -1) for p in prev_logits), dim=1)  # (B, C, keys, queries)
-    c, n = int(x.shape[1]), int(x.shape[2])
-    x = x.reshape(-1, c, n * n)
-    h = self.act(torch.matmul(self.expand.weight.flatten(1), x) + self.expand.bias[:, None])
-    r = torch.matmul(self.reduce.weight.flatten(1), h) + self.reduce.bias[:, None]
-    return r.reshape(-1, self.depth, self.reduce.out_channels // self.depth, n, n).transpose(0, 1)
+    """RelationReuse.mixed with the 1x1 convolutions as channels-last products of the positions (rows) by the
+    (out, in) weight, each a 2-D Gemm with its bias, and the reshapes written for a dynamic batch axis only:
+    (depth, B, heads, keys, queries), a view of the channels-last result. Why channels last: a product by a
+    constant on the right (activation x weight) is what OpenVINO's CPU plugin turns into a FullyConnected, which
+    its bf16 hint runs on the matrix units; the weight on the left (``W @ x``) stayed an f32 MatMul with reorders
+    around it (DeiT-S under the bf16 hint, batch 8: stage 3 from 54 to 39 ms per image, docs/deploy.md)."""
+    x = torch.cat(tuple(p.permute(0, 3, 2, 1) for p in prev_logits), dim=-1)  # (B, keys, queries, C)
+    c, n = int(x.shape[-1]), int(x.shape[1])
+    h = self.act(F.linear(x.reshape(-1, c), self.expand.weight.flatten(1), self.expand.bias))
+    r = F.linear(h, self.reduce.weight.flatten(1), self.reduce.bias)  # (B x keys x queries, C)
+    return r.reshape(-1, n, n, self.depth, self.reduce.out_channels // self.depth).permute(3, 0, 4, 1, 2)
 
 
 @contextlib.contextmanager

@@ -223,8 +223,8 @@ def measure(model, images: np.ndarray, batch_sizes: Sequence[int], repeats: int 
                     for size in (batch, thin_batch))
         xs_static = None if static is None else [backend_of(static).to_tensor(static, images[i:i + batch])
                                                  for i in range(0, count, batch)]
-        for _ in range(warmup):
-            _adaptive_stage_seconds(model, xs), _hot_seconds(model, xs)
+        for _ in range(warmup):  # the hot rounds run the same stages on the same shapes: warmed by these
+            _adaptive_stage_seconds(model, xs)
         full, slim, hot, static_best = (np.inf, np.inf), None, np.inf, np.inf
         for _ in range(repeats):  # a round of each at a time, so that load hits them alike
             full = min(full, _adaptive_stage_seconds(model, xs), key=lambda r: r[1])

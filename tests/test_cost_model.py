@@ -140,6 +140,37 @@ def test_expected_time_charges_a_stage_fixed_cost_per_batch_that_reaches_it():
         pytest.approx(0.25 + 1.0 + 0.5 * 2.0)
 
 
+def test_expected_time_mixes_hot_and_all_through_stage_times_at_batch_1():
+    from dvt_core.runtime.cost_model import exit_seconds, expected_seconds
+
+    row = {"batch": 1, "stage_ms": [1.0, 2.0, 4.0], "stage_hot_ms": [0.5, 1.5, 4.0], "overhead_ms": 0.25}
+    # exits 60 / 30 / 10 %: at batch 1 a stage is hot with the chance that the image before left at its exit,
+    # stage 1: 0.6 * 0.5 + 0.4 * 1 = 0.7; stage 2 (reached by 0.4): 0.3 * 1.5 + 0.7 * 2 = 1.85; stage 3: 4
+    assert expected_seconds(row, [0.6, 0.3, 0.1]) * 1e3 == pytest.approx(0.25 + 0.7 + 0.4 * 1.85 + 0.1 * 4.0)
+    # without hot times (a profile measured before them) the all-through result: 0.25 + 1 + 0.4 * 2 + 0.1 * 4
+    old = {k: v for k, v in row.items() if k != "stage_hot_ms"}
+    assert expected_seconds(old, [0.6, 0.3, 0.1]) * 1e3 == pytest.approx(2.45)
+    # every image leaving at exit k: the stages before it all-through, its own hot
+    assert exit_seconds(row) * 1e3 == pytest.approx([0.75, 2.75, 7.25])
+    for k in range(3):
+        assert expected_seconds(row, np.eye(3)[k]) == pytest.approx(exit_seconds(row)[k])
+
+
+def test_expected_time_at_a_larger_batch_is_hot_only_when_the_whole_batch_before_was():
+    from dvt_core.runtime.cost_model import expected_seconds, hot_chances
+
+    # F = 0.5 / 1 / 1: the batch of 4 before left all at exit 1 with chance 0.5 ** 4, else went to stage 2
+    assert hot_chances([0.5, 0.5, 0.0], 4) == pytest.approx([0.0625, 0.9375, 0.0])
+    assert hot_chances([0.68, 0.27, 0.05], 64)[0] < 1e-9  # at batch 64 stage 1 is practically never hot
+    assert hot_chances([0.68, 0.27, 0.05], 1) == pytest.approx([0.68, 0.27, 0.05])
+    row = {"batch": 4, "stage_ms": [1.0, 2.0, 4.0], "stage_hot_ms": [0.5, 1.0, 4.0], "stage_call_ms": [0.0, 4.0, 8.0],
+           "overhead_ms": 0.25}
+    # stage 1: 0.0625 * 0.5 + 0.9375 * 1 = 0.96875; stage 2 per image 0.9375 * 1 + 0.0625 * 2 = 1.0625, less
+    # its fixed 4 / 4, for the half reaching it, plus 4 ms for the (1 - 0.5 ** 4) of the batches reaching it
+    assert expected_seconds(row, [0.5, 0.5, 0.0]) * 1e3 == pytest.approx(0.25 + 0.96875 + 0.5 * 0.0625 + 0.9375)
+    assert expected_seconds(row, [0.5, 0.5, 0.0]) * 1e3 == pytest.approx(2.1875)
+
+
 def test_payoff_says_from_which_batch_size_early_exit_pays():
     from dvt_core.runtime.cost_model import payoff, payoff_lines
 
@@ -163,6 +194,10 @@ def test_payoff_says_from_which_batch_size_early_exit_pays():
     (lambda p: p.update(version=7), "cost_profile.version"),
     (lambda p: p["batches"][0].update(overhead_ms="fast"), "cost_profile.batches[0].overhead_ms"),
     (lambda p: p["batches"][1].update(stage_call_ms=[0.0, 0.0, 500.0]), "cost_profile.batches[1].stage_call_ms[2]"),
+    (lambda p: p["batches"][0].update(stage_hot_ms=[1.0, 0.0, 4.0]), "cost_profile.batches[0].stage_hot_ms[1]"),
+    (lambda p: p["batches"][1].update(stage_hot_ms=[0.1, 0.4, 1e9]), "cost_profile.batches[1].stage_hot_ms[2]"),
+    (lambda p: p["batches"][0].update(stage_hot_ms=[1.0, 2.0]), "cost_profile.batches[0].stage_hot_ms"),
+    (lambda p: p["batches"][0].update(stage_hot_ms="hot"), "cost_profile.batches[0].stage_hot_ms"),
 ])
 def test_a_tampered_profile_is_refused_by_name(tmp_path, change, fragment):
     from dvt_core.checkpoint.files import read_checkpoint
@@ -203,6 +238,9 @@ def test_profile_stores_a_checked_profile_with_its_machine(profiled):
     assert (profile["runtime"], profile["precision"]) == ("torch", "fp32")
     assert [b["batch"] for b in profile["batches"]] == [1, 4]
     assert all(len(b["stage_ms"]) == 3 and min(b["stage_ms"]) > 0 and b["static_ms"] > 0 for b in profile["batches"])
+    for b in profile["batches"]:  # each stage's time when the batch before left at its exit; the last's all-through
+        assert len(b["stage_hot_ms"]) == 3 and min(b["stage_hot_ms"]) > 0
+        assert b["stage_hot_ms"][2] == b["stage_ms"][2] and b["stage_hot_ms"][:2] != b["stage_ms"][:2]
     assert all(0 <= f <= ms * 4 for f, ms in zip(profile["batches"][1]["stage_call_ms"], profile["batches"][1]["stage_ms"]))
     assert profile["machine"]["cpu"] and isinstance(profile["machine"]["amx"], bool)
     assert "torch" in profile["machine"]["versions"]

@@ -77,27 +77,35 @@ def check_cost_profile(value, where: str, error, exits: Optional[int]) -> dict:
     seen = set()
     for i, row in enumerate(want_list(value.get("batches"), f"{where}.batches", max_len=MAX_PROFILE_BATCHES,
                                       error=error)):
-        here = f"{where}.batches[{i}]"
-        want_dict(row, here, error)
-        batch = want_int(row.get("batch"), f"{here}.batch", 1, MAX_BENCH_BATCH, error)
+        batch = _check_profile_row(row, f"{where}.batches[{i}]", error, exits)
         if batch in seen:
-            raise error(f"{here}.batch {batch} is measured twice")
+            raise error(f"{where}.batches[{i}].batch {batch} is measured twice")
         seen.add(batch)
-        for j, ms in enumerate(want_list(row.get("stage_ms"), f"{here}.stage_ms", exits, error=error)):
-            want_float(ms, f"{here}.stage_ms[{j}]", 0.0, MAX_STAGE_MS, low_open=True, error=error)
-        if row.get("static_ms") is not None:
-            want_float(row["static_ms"], f"{here}.static_ms", 0.0, MAX_STAGE_MS, low_open=True, error=error)
-        for key in ("overhead_ms", "total_ms"):
-            if row.get(key) is not None:
-                want_float(row[key], f"{here}.{key}", 0.0, MAX_STAGE_MS, error=error)
-        if row.get("stage_call_ms") is not None:  # a fixed cost per call is at most the stage's whole call
-            for j, ms in enumerate(want_list(row["stage_call_ms"], f"{here}.stage_call_ms", len(row["stage_ms"]),
-                                             error=error)):
-                want_float(ms, f"{here}.stage_call_ms[{j}]", 0.0, row["stage_ms"][j] * batch * (1 + 1e-9),
-                           error=error)
     if not seen:
         raise error(f"{where}.batches is empty: no batch size was measured")
     return value
+
+
+def _check_profile_row(row, here: str, error, exits: Optional[int]) -> int:
+    """One batch size's row of a cost profile checked field by field; its batch size."""
+    want_dict(row, here, error)
+    batch = want_int(row.get("batch"), f"{here}.batch", 1, MAX_BENCH_BATCH, error)
+    stage_ms = want_list(row.get("stage_ms"), f"{here}.stage_ms", exits, error=error)
+    for j, ms in enumerate(stage_ms):
+        want_float(ms, f"{here}.stage_ms[{j}]", 0.0, MAX_STAGE_MS, low_open=True, error=error)
+    if row.get("stage_hot_ms") is not None:  # optional: a profile without it means hot == all-through
+        for j, ms in enumerate(want_list(row["stage_hot_ms"], f"{here}.stage_hot_ms", len(stage_ms), error=error)):
+            want_float(ms, f"{here}.stage_hot_ms[{j}]", 0.0, MAX_STAGE_MS, low_open=True, error=error)
+    if row.get("static_ms") is not None:
+        want_float(row["static_ms"], f"{here}.static_ms", 0.0, MAX_STAGE_MS, low_open=True, error=error)
+    for key in ("overhead_ms", "total_ms"):
+        if row.get(key) is not None:
+            want_float(row[key], f"{here}.{key}", 0.0, MAX_STAGE_MS, error=error)
+    if row.get("stage_call_ms") is not None:  # a fixed cost per call is at most the stage's whole call
+        for j, ms in enumerate(want_list(row["stage_call_ms"], f"{here}.stage_call_ms", len(stage_ms),
+                                         error=error)):
+            want_float(ms, f"{here}.stage_call_ms[{j}]", 0.0, stage_ms[j] * batch * (1 + 1e-9), error=error)
+    return batch
 
 
 META_RULES: dict[str, Callable] = {

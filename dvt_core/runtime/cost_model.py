@@ -11,9 +11,12 @@ read back through :func:`dvt_core.checkpoint.metadata.check_cost_profile` (untru
 The expected time per image of an operating point at batch size ``b`` is
 ``overhead_ms(b) + sum_k reaching_k * stage_ms_k(b)``, ``reaching_k`` the share of the images that run stage
 ``k`` and ``overhead_ms`` the host's part of an adaptive call per image (an adaptive call that sends every image
-through every stage, less its stages), with one refinement at ``b > 1``: a stage's fixed cost per call
-(``stage_call_ms``, measured at ``b // 8``) is paid by every batch that any image carries to it, not in
-proportion to the images (:func:`expected_seconds`). The budget machinery
+through every stage, less its stages), with two refinements. A stage's fixed cost per call (``stage_call_ms``,
+measured at ``b // 8``) is paid by every batch that any image carries to it, not in proportion to the images.
+And a stage whose weights the batch before left in cache costs less (``stage_hot_ms``: measured with every
+image leaving at its exit): at batch 1 most images leave at exit 1, so the next image's stage 1 usually finds
+its weights where the last one left them, which the all-through ``stage_ms`` never sees
+(:func:`expected_seconds`). The budget machinery
 (:mod:`dvt_core.runtime.operating_point`) prices every calibrated operating point by its exit shares with it
 and chooses for seconds as it does for MACs. Everything runs through the runtime contract; no framework is imported here.
 """
@@ -136,18 +139,19 @@ class _TimedRuntime:
         return out
 
 
-def _adaptive_stage_seconds(model, xs: list) -> tuple[np.ndarray, float]:
-    """One round of true early exit over the batches ``xs``, every image going through every stage, each
-    stage timed where it runs: (seconds of each stage, from its call to the next stage's: its logits to the
-    host and the confidences included; the last one's until its logits are on the host; seconds of the whole
-    calls, inference context and results included).
+def _adaptive_stage_seconds(model, xs: list, deepest: Optional[int] = None) -> tuple[np.ndarray, float]:
+    """One round of true early exit over the batches ``xs``, every image going on to exit ``deepest`` (the
+    last by default) and leaving there, each stage timed where it runs: (seconds of each stage, from its call
+    to the next stage's: its logits to the host and the confidences included; the deepest one's until its
+    logits are on the host; seconds of the whole calls, inference context and results included).
     Through the runtime contract, as ``model.adaptive`` runs."""
     from dvt_core.runtime.contract import backend_of
     from dvt_core.runtime.early_exit import run_adaptive
     from dvt_core.runtime.policy import ALWAYS, NEVER
 
     b, n = backend_of(model), model.spec.num_exits
-    every = [float(NEVER)] * (n - 1) + [float(ALWAYS)]
+    deepest = n - 1 if deepest is None else deepest
+    every = [float(NEVER)] * deepest + [float(ALWAYS)] * (n - deepest)
     secs, calls = np.zeros(n), 0.0
     for x in xs:
         timed = _TimedRuntime(b)
@@ -156,25 +160,30 @@ def _adaptive_stage_seconds(model, xs: list) -> tuple[np.ndarray, float]:
         with b.inference(model):
             run_adaptive(timed, model, b.images_in(model, x), every)
         calls += time.perf_counter() - start
-        # the last stage ends with its logits on the host: the results assembled after it are paid by every
-        # image whatever its exit, so they count to the call's own time, not to the last stage
+        # the deepest stage ends with its logits on the host: the results assembled after it are paid by every
+        # image whatever its exit, so they count to the call's own time, not to that stage
         for k, (i, t) in enumerate(marks):
             secs[i] += (marks[k + 1][1] if k + 1 < len(marks) else fetched[-1]) - t
     return secs, calls
 
 
-def _best_round(model, xs: list, rounds: int) -> tuple[np.ndarray, float]:
-    """:func:`_adaptive_stage_seconds` of the fastest whole round of ``rounds`` (whole rounds, as a realised
-    time is the best of whole rounds: the best of each stage on its own, on a loaded machine, adds up to less
-    than any round took)."""
-    return min((_adaptive_stage_seconds(model, xs) for _ in range(rounds)), key=lambda r: r[1])
+def _hot_seconds(model, xs: list) -> np.ndarray:
+    """Seconds of each stage ``k`` before the last over the batches ``xs`` when the batch before was the
+    deepest at ``k`` too (every image leaving at exit ``k``, so the weights stage ``k`` read last time may
+    still be in cache); the last stage's entry is 0 (its hot time is the all-through one)."""
+    hot = np.zeros(model.spec.num_exits)
+    for k in range(model.spec.num_exits - 1):
+        hot[k] = _adaptive_stage_seconds(model, xs, deepest=k)[0][k]
+    return hot
 
 
-def _row(batch: int, count: int, full: tuple, thin: Optional[tuple], thin_batch: int) -> dict:
+def _row(batch: int, count: int, full: tuple, thin: Optional[tuple], thin_batch: int,
+         hot: Optional[np.ndarray] = None) -> dict:
     """A profile row from the best round at ``batch`` (``full``) and at ``thin_batch`` (``thin``, a smaller
     batch of the same images): each stage's ms per image, its fixed ms per call (the intercept of its time
     per call against the rows it runs: what a stage costs a batch even when few of its images reach it), and
-    the calls' own ms per image."""
+    the calls' own ms per image; with ``hot`` (:func:`_hot_seconds`), each stage's ms per image when the batch
+    before was the deepest at it (the last stage's: its all-through time)."""
     (secs, calls), calls_per_stage = full, count / batch
     per_call = secs / calls_per_stage
     fixed = np.zeros_like(per_call)
@@ -182,9 +191,12 @@ def _row(batch: int, count: int, full: tuple, thin: Optional[tuple], thin_batch:
         thin_per_call = thin[0] / (count / thin_batch)
         slope = (per_call - thin_per_call) / (batch - thin_batch)
         fixed = np.clip(per_call - slope * batch, 0.0, per_call)
-    return {"batch": batch, "images": count, "stage_ms": [float(v) for v in secs / count * 1e3],
-            "stage_call_ms": [float(v) for v in fixed * 1e3],
-            "overhead_ms": max(calls - float(secs.sum()), 0.0) / count * 1e3, "total_ms": calls / count * 1e3}
+    row = {"batch": batch, "images": count, "stage_ms": [float(v) for v in secs / count * 1e3],
+           "stage_call_ms": [float(v) for v in fixed * 1e3],
+           "overhead_ms": max(calls - float(secs.sum()), 0.0) / count * 1e3, "total_ms": calls / count * 1e3}
+    if hot is not None:
+        row["stage_hot_ms"] = [float(v) for v in hot[:-1] / count * 1e3] + row["stage_ms"][-1:]
+    return row
 
 
 def measure(model, images: np.ndarray, batch_sizes: Sequence[int], repeats: int = 3, warmup: int = 1,
@@ -194,8 +206,10 @@ def measure(model, images: np.ndarray, batch_sizes: Sequence[int], repeats: int 
     whole batches as they fill; at least one), true early exit with every image through every stage, the
     fastest of ``repeats`` rounds after ``warmup``: each stage's ms per image (``stage_ms``), its fixed ms per
     call (``stage_call_ms``, from the same images at batch ``b // 8``), the calls' own ms per image
-    (``overhead_ms``) and, with ``static``, the same runtime's static model's ms per image, its rounds
-    interleaved with the cascade's so that load hits both alike. ``step`` is called once per batch size."""
+    (``overhead_ms``), each stage's ms per image with its weights left hot by a batch before that was the
+    deepest at it (``stage_hot_ms``, the fastest of ``repeats`` rounds of every image leaving at its exit)
+    and, with ``static``, the same runtime's static model's ms per image, its rounds interleaved with the
+    cascade's so that load hits both alike. ``step`` is called once per batch size."""
     from dvt_core.runtime.contract import backend_of
 
     runtime = backend_of(model)
@@ -209,16 +223,17 @@ def measure(model, images: np.ndarray, batch_sizes: Sequence[int], repeats: int 
                     for size in (batch, thin_batch))
         xs_static = None if static is None else [backend_of(static).to_tensor(static, images[i:i + batch])
                                                  for i in range(0, count, batch)]
-        if warmup:
-            _best_round(model, xs, warmup)
-        full, slim, static_best = (np.inf, np.inf), None, np.inf
+        for _ in range(warmup):  # the hot rounds run the same stages on the same shapes: warmed by these
+            _adaptive_stage_seconds(model, xs)
+        full, slim, hot, static_best = (np.inf, np.inf), None, np.inf, np.inf
         for _ in range(repeats):  # a round of each at a time, so that load hits them alike
             full = min(full, _adaptive_stage_seconds(model, xs), key=lambda r: r[1])
+            hot = np.minimum(hot, _hot_seconds(model, xs))
             if batch > 1:
                 slim = min(slim or (np.inf, np.inf), _adaptive_stage_seconds(model, thin), key=lambda r: r[1])
             if static is not None:
                 static_best = min(static_best, _time_static(static, xs_static, 1))
-        row = _row(batch, count, full, slim, thin_batch)
+        row = _row(batch, count, full, slim, thin_batch, hot)
         if static is not None:
             row["static_ms"] = float(static_best / count * 1e3)
         rows.append(row)
@@ -261,22 +276,48 @@ def batch_row(profile: dict, batch: int, source: str = "the cost profile") -> di
 
 
 def exit_seconds(row: dict) -> np.ndarray:
-    """Seconds per image of an image that leaves at each exit when every image of the batch does: its
-    stages' times added up, plus the calls' own time (what "every image leaves at exit k" costs)."""
-    return (np.cumsum(np.asarray(row["stage_ms"], np.float64)) + float(row.get("overhead_ms") or 0.0)) * 1e-3
+    """Seconds per image of an image that leaves at each exit when every image of the batch does (and of the
+    batch before: the exit's own stage hot): the stages before it all-through, its own hot, plus the calls'
+    own time (what "every image leaves at exit k" costs; :func:`expected_seconds` of that exit alone)."""
+    cold = np.asarray(row["stage_ms"], np.float64)
+    hot = np.asarray(row.get("stage_hot_ms") or cold, np.float64)
+    before = np.concatenate([[0.0], np.cumsum(cold)[:-1]])
+    return (before + hot + float(row.get("overhead_ms") or 0.0)) * 1e-3
+
+
+def hot_chances(exit_shares: Sequence[float], batch: int) -> np.ndarray:
+    """``q_k``: the chance that the batch before (of ``batch`` images, each leaving at exit ``k`` with chance
+    ``exit_shares[k]``) went no deeper than stage ``k`` and reached it, ``F_k ** b - F_(k-1) ** b`` with
+    ``F_k`` the share leaving at exit ``k`` or before (``F_0 = 0``): the exit share itself at batch 1."""
+    left = np.clip(np.cumsum(np.asarray(exit_shares, np.float64)), 0.0, 1.0)
+    deepest_at_most = left ** int(batch)
+    return np.diff(deepest_at_most, prepend=0.0)
 
 
 def expected_seconds(row: dict, exit_shares: Sequence[float]) -> float:
     """Expected seconds per image at the row's batch size ``b`` when ``exit_shares[k]`` of the images leave at
-    exit ``k``: the calls' own time, plus for each stage the share ``r`` of the images reaching it times its
-    time per image without its fixed part, plus its fixed time per call times the calls per image that run
-    it (``(1 - (1 - r) ** b) / b``: a batch runs the stage when any of its images reaches it). With no fixed
-    part this is ``sum_k r_k * stage_ms_k``; at batch 1 it is exactly that."""
+    exit ``k``; in ms:
+
+        overhead + sum_k [ r_k * (t_k - c_k / b) + (1 - (1 - r_k) ** b) / b * c_k ],
+        t_k = q_k * hot_k + (1 - q_k) * stage_k,
+
+    ``r_k`` the share of the images reaching stage ``k``; ``stage_k`` its all-through ms per image (the batch
+    before went through every stage, pushing stage ``k``'s weights out of cache), ``hot_k`` its ms per image
+    when the batch before was the deepest at ``k`` (``stage_hot_ms``; without it hot is all-through),
+    ``q_k`` the chance of that (:func:`hot_chances`: the exit share at batch 1, about 0 at batch 64 with most
+    images leaving at exit 1); ``c_k`` its fixed ms per call (``stage_call_ms``, measured all-through), paid
+    by every batch that carries any image to the stage, ``(1 - (1 - r_k) ** b) / b`` calls per image. The
+    hot/cold mix is applied to the per-image part only: the fixed part was fitted from all-through calls, and
+    one hot batch size cannot split a hot saving into per call and per row; at batch 1 the two are the same.
+    With no fixed part and no hot times this is ``sum_k r_k * stage_k``."""
     shares = np.asarray(exit_shares, np.float64)
     reaching = np.clip(np.cumsum(shares[::-1])[::-1], 0.0, 1.0)
     b = int(row["batch"])
-    stage = np.asarray(row["stage_ms"], np.float64)
-    fixed = np.asarray(row.get("stage_call_ms") or np.zeros_like(stage), np.float64)
+    cold = np.asarray(row["stage_ms"], np.float64)
+    hot = np.asarray(row.get("stage_hot_ms") or cold, np.float64)
+    q = hot_chances(shares, b)
+    stage = q * hot + (1.0 - q) * cold
+    fixed = np.asarray(row.get("stage_call_ms") or np.zeros_like(cold), np.float64)
     calls = (1.0 - (1.0 - reaching) ** b) / b
     return float((row.get("overhead_ms") or 0.0) + reaching @ (stage - fixed / b) + calls @ fixed) * 1e-3
 

@@ -46,11 +46,13 @@ def run(args) -> int:
     p, m = result["profile"], result["profile"]["machine"]
     print(f"{escape_text(m['cpu'])} ({'AMX' if m['amx'] else 'no AMX'}), {m['cores']} cores, "
           f"{p['threads'] or 'default'} threads; {p['runtime']} {p['precision']}; {result['images']}", file=out)
-    print(f"  {'batch':>5}  {'ms/img per stage, in the cascade':34}  call overhead  static ms/img", file=out)
+    print(f"  {'batch':>5}  {'ms/img per stage, in the cascade':34}  {'... cache warm (exit there before)':34}  "
+          f"call overhead  static ms/img", file=out)
     for row in p["batches"]:
         stages = " / ".join(f"{ms:.3f}" for ms in row["stage_ms"])
+        hot = " / ".join(f"{ms:.3f}" for ms in row.get("stage_hot_ms") or ()) or "-"
         static = f"{row['static_ms']:.3f}" if row.get("static_ms") is not None else "-"
-        print(f"  {row['batch']:>5}  {stages:34}  {row['overhead_ms']:13.3f}  {static}", file=out)
+        print(f"  {row['batch']:>5}  {stages:34}  {hot:34}  {row['overhead_ms']:13.3f}  {static}", file=out)
     if result["exit_shares"] is not None:
         shares = " / ".join(f"{s:.0%}" for s in result["exit_shares"])
         print(f"at the stored operating point (exits taken {shares} on these images):", file=out)

@@ -22,6 +22,11 @@ def test_benchmark_prints_every_variant_and_writes_json(tmp_path):
             "--modes", "adaptive", "stages", "streaming", "--threads", "1")
     assert r.returncode == 0, r.stderr
     assert "1 thread," in r.stdout and "1 threads" not in r.stdout  # text, not Python's list repr
+    # the figures say which CPU they come from and whether it has AMX, as /proc/cpuinfo says
+    flags = next((ln for ln in open("/proc/cpuinfo", encoding="utf-8") if ln.startswith("flags")), "")
+    amx = "amx_tile" in flags.split()
+    first = r.stdout.splitlines()[0]
+    assert first.startswith("machine: ") and (", with AMX," in first) == amx and (", without AMX," in first) != amx, first
     assert "exit MACs " in r.stdout and "exit MACs [" not in r.stdout and " / " in r.stdout.split("exit MACs ")[1]
     for word in ("adaptive", "all exits", "static", "predicted", "realised", "torch fp32, batch 1:",
                  "torch fp32, batch 4:", "each stage alone", "GMAC/s", "streaming", "same exits as per-batch: yes"):

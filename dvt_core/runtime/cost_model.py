@@ -50,7 +50,7 @@ def parse_latency(text) -> float:
 
 # ---- the machine --------------------------------------------------------------------------------------------
 
-def _cpu_info() -> tuple[str, bool]:
+def cpu_info() -> tuple[str, bool]:
     """(the CPU's model name, whether it has AMX) from /proc/cpuinfo where there is one."""
     name, amx = platform.processor() or platform.machine(), False
     try:
@@ -73,7 +73,7 @@ def machine_record(runtime: str, precision: str, threads: Optional[int]) -> dict
 
     from dvt_core.runtime.contract import RUNTIMES
 
-    cpu, amx = _cpu_info()
+    cpu, amx = cpu_info()
     versions = {}
     for package in ("dvt", RUNTIMES[runtime][1]):
         try:

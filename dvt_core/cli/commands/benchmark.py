@@ -19,10 +19,11 @@ import tempfile
 
 import numpy as np
 
-from dvt_core.cli.commands._shared import (add_force_option, check_outputs, emit_json, parse_budget,
+from dvt_core.cli.commands._shared import (add_force_option, check_outputs, emit_json, escape_text, parse_budget,
                                            parse_overrides)
 from dvt_core.errors import ArgumentError
 from dvt_core.bench.benchmarking import MODES, RUNTIMES
+from dvt_core.runtime.cost_model import cpu_info
 from dvt_core.schema import MAX_BENCH_BATCH, MAX_SEED, number
 
 HELP = ("does early exit pay? adaptive inference against the same runtime's static backbone, per runtime and "
@@ -241,13 +242,14 @@ def run(args) -> int:
     if args.weights not in (None, "default") and not os.path.exists(args.weights):
         raise ArgumentError(f"weights file or folder not found: {args.weights}")
     out = sys.stdout if args.json != "-" else sys.stderr
-    machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-               "cpu_count": os.cpu_count(), "threads": args.threads}
+    cpu, amx = cpu_info()  # which CPU, and whether it has AMX: figures on AMX and without it differ in kind
+    machine = {"platform": platform.platform(), "processor": cpu, "amx": amx, "cpu_count": os.cpu_count(),
+               "threads": args.threads}
     if "torch" in args.backend or any(b in bench.EXPORT_FORMAT for b in args.backend):
         machine.update(bench.setup_framework("torch", args.device, args.threads))
     report = {"model": spec.name, "weights": args.weights, "machine": machine, "runs": []}
     threads = "default threads" if args.threads is None else f"{args.threads} thread{'s' * (args.threads != 1)}"
-    print(f"machine: {machine['processor']}, {machine['cpu_count']} cores, {threads}, "
+    print(f"machine: {escape_text(cpu)}, {'with' if amx else 'without'} AMX, {machine['cpu_count']} cores, {threads}, "
           f"device {machine.get('device', args.device)}", file=out)
     pairs, report["left_out"] = _offered(args.backend, args.precision)
     for note in report["left_out"]:

@@ -11,7 +11,7 @@ HELP = "export one graph per stage (ONNX or MindIR) and a dvt.json manifest, for
 
 
 def add_arguments(parser) -> None:
-    from dvt_core.export.manifest import DEFAULT_OPSET, FORMATS, GRAPH_PRECISIONS, RESIZE_FORMS
+    from dvt_core.export.manifest import DEFAULT_OPSET, EXPORT_PRECISIONS, FORMATS, RESIZE_FORMS
 
     parser.add_argument("model", nargs="?", default=None,
                         help="zoo model name (see `dvt flops --list`); optional when --weights FILE names its "
@@ -26,9 +26,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--resize", default="auto", choices=RESIZE_FORMS,
                         help="onnx: the reuse resize as gather (Gather, Mul, ReduceSum over its taps), dense (one "
                              "MatMul) or auto (the form ONNX Runtime and OpenVINO run fastest; see docs/deploy.md)")
-    parser.add_argument("--precision", default="fp32", choices=GRAPH_PRECISIONS,
-                        help="onnx: what the weights are stored in (fp16: half the size; the runtime computes in "
-                             "the precision it is given)")
+    parser.add_argument("--precision", default="fp32", choices=EXPORT_PRECISIONS,
+                        help="onnx: what the weights are stored in (fp32 or fp16: half the size; the runtime "
+                             "computes in the precision it is given); pt2: what the packages are compiled and run "
+                             "in (fp32, bf16, fp16); mindir: fp32")
     parser.add_argument("--override", "-O", action="append", metavar="KEY=VALUE", help="spec override (repeatable)")
 
 

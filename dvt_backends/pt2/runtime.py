@@ -102,16 +102,20 @@ class Pt2Runtime(GraphRuntimeBase):
             {k: torch.cat([p[1][k] for p in parts], dim=first.axes[k]) for k in first}, first.axes)
         return self.concatenate([p[0] for p in parts], 0), carry
 
+    def folder_precision(self, directory: Union[str, Path]) -> str:
+        """The precision the packages in ``directory`` were compiled in (what ``build`` opens them in when no
+        precision is named)."""
+        return manifest_precision(read_manifest(directory, fmt="pt2", verify=False))
+
     def open(self, directory: Union[str, Path], model: Optional[str] = None, device: str = "cpu",
-             precision: Optional[str] = None, threads: Optional[int] = None) -> Pt2DVT:
-        """The packages in ``directory``, run in the precision they were compiled in; ``precision`` (None: that
-        one) names it, and another is refused."""
-        if precision is not None:
-            self.check_precision(precision)
+             precision: str = "fp32", threads: Optional[int] = None) -> Pt2DVT:
+        """The packages in ``directory``, which run only in the precision they were compiled in: another
+        ``precision`` is refused, naming both."""
+        self.check_precision(precision)
         self.device_for(device)
         manifest = read_manifest(directory, fmt="pt2", model=model)  # every file checked before any is loaded
         compiled = manifest_precision(manifest)
-        if precision is not None and precision != compiled:
+        if precision != compiled:
             raise InputError(f"{directory}: its pt2 packages were compiled in {compiled}, not {precision}; run them "
                              f"in {compiled} (precision={compiled!r}, --precision {compiled}) or export again with "
                              f"--precision {precision}")

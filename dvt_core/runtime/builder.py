@@ -54,8 +54,10 @@ def _open_export(runtime, backend: str, name_or_spec, weights, precision: Option
         raise InputError(f"{directory}: a {backend} export runs native code from its folder when opened; open only "
                          "folders you made or trust, with trust_native_code=True (CLI: --trust-native-code)")
     wanted = None if weights is None else getattr(name_or_spec, "name", name_or_spec)
-    chosen = {} if precision is None else {"precision": precision}  # None: the runtime's default for the folder
-    model = runtime.open(directory, model=wanted, device=device or "cpu", threads=threads, **chosen)
+    if precision is None:  # a folder compiled in one precision (pt2) runs in it; other exports in fp32
+        folder_precision = getattr(runtime, "folder_precision", None)
+        precision = "fp32" if folder_precision is None else folder_precision(directory)
+    model = runtime.open(directory, model=wanted, device=device or "cpu", precision=precision, threads=threads)
     check_stage_outputs(runtime, model, directory)
     return model
 

@@ -19,7 +19,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--weights", required=True,
                         help="checkpoint (.pth.tar, .pth, .safetensors, .ckpt) or 'default' (the shipped weights)")
     parser.add_argument("--format", required=True, choices=FORMATS,
-                        help="onnx (traced from the torch backend) or mindir (from the MindSpore backend)")
+                        help="onnx (traced from the torch backend), pt2 (AOTInductor packages compiled from the torch "
+                             "backend) or mindir (from the MindSpore backend)")
     parser.add_argument("--out", required=True, help="folder to write (graphs and dvt.json)")
     parser.add_argument("--force", action="store_true", help="replace an existing export folder")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset")

@@ -279,8 +279,10 @@ def test_bad_graph_options_are_refused(exported, tmp_path):
     model, _, _, _, _ = exported
     with pytest.raises(InputError, match="unknown resize form 'sparse'"):
         export_model(model, "onnx", tmp_path / "a", resize="sparse")
-    with pytest.raises(InputError, match="unknown graph precision 'bf16'"):
-        export_model(model, "onnx", tmp_path / "b", precision="bf16")
+    with pytest.raises(InputError, match="onnx exports are written in fp32 or fp16, not bf16"):
+        export_model(model, "onnx", tmp_path / "b", precision="bf16")  # OpenVINO's bf16 is a runtime choice
+    with pytest.raises(InputError, match="unknown export precision 'fp64'"):
+        export_model(model, "onnx", tmp_path / "c", precision="fp64")
     assert list(tmp_path.iterdir()) == []
 
 

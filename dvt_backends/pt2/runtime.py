@@ -7,6 +7,9 @@ trust as you would trust a shared library. The carry between stages stays a torc
 only each exit's logits are converted. A stage is called through the package loader's flat entry point: the
 runner's own ``__call__`` parses its input and output tree specs from text at every call (about 80 of 650 us
 of CPU time per batch-1 call of the shipped model's first stage, on the loaded AMX machine).
+
+A package runs in the precision it was compiled in (the manifest's ``precision``: fp32, bf16 or fp16): float32
+images go in, the carry stays in that dtype, the logits are converted to float32 here.
 """
 from __future__ import annotations
 
@@ -18,11 +21,11 @@ import torch
 
 from dvt_core.errors import CheckpointError, InputError
 from dvt_core.export.graph import Carry, ExportedDVT, GraphRuntimeBase
-from dvt_core.export.manifest import read_manifest
+from dvt_core.export.manifest import manifest_precision, read_manifest
 
 
 class Pt2DVT(ExportedDVT):
-    """A pt2 export: one loaded AOTInductor runner per stage, fp32, CPU."""
+    """A pt2 export: one loaded AOTInductor runner per stage, in the precision it was compiled in, CPU."""
 
     backend_name = "pt2"
     graph_format = "pt2"
@@ -38,6 +41,7 @@ class Pt2DVT(ExportedDVT):
                 raise CheckpointError(f"{path}: not a loadable AOTInductor package "
                                       f"({str(exc).strip().splitlines()[0][:160]})") from None
         self.device = "cpu"
+        self.precision = manifest_precision(manifest)
         if threads is not None:
             self.set_threads(threads)
 
@@ -65,13 +69,14 @@ class Pt2DVT(ExportedDVT):
 
 
 class Pt2Runtime(GraphRuntimeBase):
-    """AOTInductor packages on the CPU (fp32: the packages are compiled for the precision they were exported in)."""
+    """AOTInductor packages on the CPU, each export in the one precision it was compiled in."""
 
     runs_native_code = True  # build() opens it only with trust_native_code=True
 
     name = "pt2"
     graph_format = "pt2"
-    precisions_why = "a package is compiled in the precision it was exported in (fp32)"
+    precisions = ("fp32", "bf16", "fp16")  # what packages can be compiled in; a folder runs only its own
+    precisions_why = "a package is compiled in the precision it was exported in (dvt export --format pt2 --precision)"
 
     def device_for(self, device) -> str:
         kind = str(device or "cpu").split(":")[0].lower()
@@ -97,11 +102,23 @@ class Pt2Runtime(GraphRuntimeBase):
             {k: torch.cat([p[1][k] for p in parts], dim=first.axes[k]) for k in first}, first.axes)
         return self.concatenate([p[0] for p in parts], 0), carry
 
+    def folder_precision(self, directory: Union[str, Path]) -> str:
+        """The precision the packages in ``directory`` were compiled in (what ``build`` opens them in when no
+        precision is named)."""
+        return manifest_precision(read_manifest(directory, fmt="pt2", verify=False))
+
     def open(self, directory: Union[str, Path], model: Optional[str] = None, device: str = "cpu",
              precision: str = "fp32", threads: Optional[int] = None) -> Pt2DVT:
+        """The packages in ``directory``, which run only in the precision they were compiled in: another
+        ``precision`` is refused, naming both."""
         self.check_precision(precision)
         self.device_for(device)
         manifest = read_manifest(directory, fmt="pt2", model=model)  # every file checked before any is loaded
+        compiled = manifest_precision(manifest)
+        if precision != compiled:
+            raise InputError(f"{directory}: its pt2 packages were compiled in {compiled}, not {precision}; run them "
+                             f"in {compiled} (precision={compiled!r}, --precision {compiled}) or export again with "
+                             f"--precision {precision}")
         return Pt2DVT(directory, manifest, threads=threads)
 
 

@@ -363,14 +363,16 @@ def build_subject(runtime: str, precision: str, name: str, weights, overrides: d
     if model is None or static_dir is None:
         from dvt_core.export.writer import export_model
 
+        # pt2 packages are compiled in the precision they run in; ONNX graphs stay fp32 (the runtime casts)
+        form = {"precision": precision} if fmt == "pt2" else {}
         src = _seeded_torch(name, weights, overrides, seed, "fp32")
         tag = Path(workdir) / f"{fmt}-{id(src)}"
         tag.mkdir()  # inside the benchmark's own temporary folder: exports never create folders themselves
         if model is None:
-            model = build(export_model(src, fmt, tag / "dvt"), backend=runtime, precision=precision,
+            model = build(export_model(src, fmt, tag / "dvt", **form), backend=runtime, precision=precision,
                           threads=threads, trust_native_code=True)  # compiled here, just now
         src_static = build(static_spec(src.spec, src.spec.num_exits - 1))
-        static_dir = export_model(src_static, fmt, tag / "static")
+        static_dir = export_model(src_static, fmt, tag / "static", **form)
     static = build(static_dir, backend=runtime, precision=precision, threads=threads,
                    trust_native_code=trust_native_code or Path(static_dir).resolve().is_relative_to(Path(workdir).resolve()))
     if device is not None:

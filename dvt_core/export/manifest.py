@@ -33,6 +33,10 @@ SUPPORTED_OPSETS = range(14, 22)  # scaled_dot_product_attention needs 14; each 
 RESIZE_FORMS = ("gather", "dense", "auto")
 AUTO_RESIZE = "dense"
 GRAPH_PRECISIONS = ("fp32", "fp16")  # what ONNX graphs store their weights in
+PT2_PRECISIONS = ("fp32", "bf16", "fp16")  # what a pt2 package is compiled in (its weights and arithmetic)
+# the precisions each format writes (the manifest's "precision"; absent: fp32)
+FORMAT_PRECISIONS = {"onnx": GRAPH_PRECISIONS, "pt2": PT2_PRECISIONS, "mindir": ("fp32",)}
+EXPORT_PRECISIONS = tuple(dict.fromkeys(p for ps in FORMAT_PRECISIONS.values() for p in ps))
 FEATURES, RELATIONS = "features", "relations"
 PREV = "prev_"  # a graph's input for a carried tensor is named PREV + the output's name
 # meta keys copied to the manifest's top level (what serving needs); the whole metadata is kept too
@@ -88,16 +92,27 @@ def make_manifest(spec, fmt: str, stages: list[dict], meta: dict, versions: dict
 
 
 def graph_form(fmt: str, resize: str = "auto", precision: str = "fp32") -> dict:
-    """The checked graph options of an ``fmt`` export, as the manifest records them; InputError for bad ones."""
+    """The checked graph options of an ``fmt`` export, as the manifest records them; InputError for bad ones.
+    ONNX: the resize form and the weights' precision; pt2: the precision the packages are compiled in."""
     if resize not in RESIZE_FORMS:
         raise InputError(f"unknown resize form {resize!r}; choose one of {', '.join(RESIZE_FORMS)}")
-    if precision not in GRAPH_PRECISIONS:
-        raise InputError(f"unknown graph precision {precision!r}; choose one of {', '.join(GRAPH_PRECISIONS)}")
-    if fmt != "onnx":
-        if resize != "auto" or precision != "fp32":
-            raise InputError(f"resize and precision are options of ONNX graphs; {fmt} graphs have one form")
-        return {}
-    return {"resize": AUTO_RESIZE if resize == "auto" else resize, "precision": precision}
+    if precision not in EXPORT_PRECISIONS:
+        raise InputError(f"unknown export precision {precision!r}; choose one of {', '.join(EXPORT_PRECISIONS)}")
+    offered = FORMAT_PRECISIONS.get(fmt, ("fp32",))
+    if precision not in offered:
+        raise InputError(f"{fmt} exports are written in {' or '.join(offered)}, not {precision}"
+                         + ("" if fmt != "onnx" else " (bf16 is a runtime's choice: build(DIR, backend='openvino', "
+                                                     "precision='bf16'))"))
+    if fmt != "onnx" and resize != "auto":
+        raise InputError(f"resize is an option of ONNX graphs; {fmt} graphs have one form")
+    if fmt == "onnx":
+        return {"resize": AUTO_RESIZE if resize == "auto" else resize, "precision": precision}
+    return {"precision": precision} if fmt == "pt2" else {}
+
+
+def manifest_precision(m: dict) -> str:
+    """The precision an export's graphs were written in (a checked manifest; absent: fp32)."""
+    return m.get("precision") or "fp32"
 
 
 def stage_entry(index: int, file: str, inputs: list[str], outputs: list[str]) -> dict:
@@ -163,6 +178,9 @@ def check_manifest(m, directory, where: str, formats, kind: str, version: int) -
                       ("mean", list(spec.mean)), ("std", list(spec.std))):
         if key in m and m[key] != want:
             raise ManifestError(f"{where}: {key} is {show_value(m[key])}, the spec says {want}")
+    if "precision" in m and m["precision"] not in FORMAT_PRECISIONS[m["graph_format"]]:
+        raise ManifestError(f"{where}: precision {show_value(m['precision'])} is not one {m['graph_format']} exports "
+                            f"are written in ({', '.join(FORMAT_PRECISIONS[m['graph_format']])})")
     axes = want_dict(m.get("batch_axes") or {}, f"{where}: batch_axes", ManifestError)
     for key, axis in axes.items():
         if key not in (FEATURES, RELATIONS):

@@ -28,9 +28,10 @@ def export(name_or_spec=None, weights=None, fmt: str = "onnx", out: Union[str, P
     ``fmt`` "onnx" traces the torch backend, "pt2" compiles its stages with AOTInductor, "mindir" exports the
     MindSpore backend. Writes ``out`` atomically;
     an existing ``out`` is replaced only with ``force``. Returns ``out``. ONNX only: ``resize`` is the form
-    of the reuse resize ("gather", "dense", or "auto": the one ONNX Runtime and OpenVINO run fastest) and
-    ``precision`` what the weights are stored in ("fp32", or "fp16": half the size; runtimes compute in the
-    precision they are asked for). Both are recorded in the manifest.
+    of the reuse resize ("gather", "dense", or "auto": the one ONNX Runtime and OpenVINO run fastest).
+    ``precision``: ONNX, what the weights are stored in ("fp32", or "fp16": half the size; runtimes compute in
+    the precision they are asked for); pt2, what the packages are compiled and run in ("fp32", "bf16",
+    "fp16"); MindIR, fp32. Both are recorded in the manifest.
     """
     from dvt_core.runtime.builder import build
 
@@ -73,7 +74,7 @@ def export_model(model, fmt: str, out: Union[str, Path], force: bool = False, op
     # looked up when called (a test patches it); the framework's module per format: torch writes two
     write_stages = importlib_export(backend, STAGE_MODULE.get(fmt, "export")).export_stages
     with fileio.atomic_dir(out, force=force) as tmp:  # removed on failure, SIGTERM and SIGINT alike
-        kwargs = {"opset": int(opset), **form} if fmt == "onnx" else {}
+        kwargs = {"opset": int(opset), **form} if fmt == "onnx" else form  # pt2: the precision compiled in
         stages, versions, batch_axes = write_stages(model, tmp, **kwargs)
         for st in stages:
             st["sha256"] = sha256_of(tmp / st["file"])

@@ -42,7 +42,7 @@ def check_stage_outputs(runtime: GraphRuntime, model, where) -> None:
                                       f"{PROBE_BATCH} on its axis {axes.get(name, 0)}")
 
 
-def _open_export(runtime, backend: str, name_or_spec, weights, precision: str, device, threads,
+def _open_export(runtime, backend: str, name_or_spec, weights, precision: Optional[str], device, threads,
                  trust_native_code: bool, overrides: dict):
     """``build`` for an export runtime: the folder opened, checked and probed (:func:`check_stage_outputs`)."""
     directory = weights if weights is not None else name_or_spec
@@ -54,6 +54,9 @@ def _open_export(runtime, backend: str, name_or_spec, weights, precision: str, d
         raise InputError(f"{directory}: a {backend} export runs native code from its folder when opened; open only "
                          "folders you made or trust, with trust_native_code=True (CLI: --trust-native-code)")
     wanted = None if weights is None else getattr(name_or_spec, "name", name_or_spec)
+    if precision is None:  # a folder compiled in one precision (pt2) runs in it; other exports in fp32
+        folder_precision = getattr(runtime, "folder_precision", None)
+        precision = "fp32" if folder_precision is None else folder_precision(directory)
     model = runtime.open(directory, model=wanted, device=device or "cpu", precision=precision, threads=threads)
     check_stage_outputs(runtime, model, directory)
     return model
@@ -61,7 +64,7 @@ def _open_export(runtime, backend: str, name_or_spec, weights, precision: str, d
 
 def build(name_or_spec: Union[str, CascadeSpec, None] = None, backend: str = "torch",
           weights: Union[str, Path, None] = None, allow_lossy_cast: bool = False, compile: bool = False,
-          precision: str = "fp32", device: Optional[str] = None, threads: Optional[int] = None,
+          precision: Optional[str] = None, device: Optional[str] = None, threads: Optional[int] = None,
           trust_native_code: bool = False, **overrides):
     """Build a DVT for a framework ("torch", "mindspore"), or open an export folder ("onnx", "mindir", ...).
 
@@ -72,8 +75,8 @@ def build(name_or_spec: Union[str, CascadeSpec, None] = None, backend: str = "to
     casts (int to float, float64 beyond tolerance) are refused unless ``allow_lossy_cast``.
     An export runtime opens ``build(DIR, backend=...)`` (or ``build(NAME, backend=..., weights=DIR)``).
 
-    ``precision`` ("fp32", "bf16", "fp16": what the runtime offers) and ``device`` (None: the runtime's
-    default) are checked before any work; ``threads`` sets an export runtime's intra-op threads.
+    ``precision`` ("fp32", "bf16", "fp16": what the runtime offers; None: fp32, or for a pt2 export the precision
+    its packages were compiled in) and ``device`` (None: the runtime's default) are checked before any work; ``threads`` sets an export runtime's intra-op threads.
     The model comes back in evaluation mode in every backend (dropout and stochastic depth off):
     call ``model.train()`` (torch) or ``model.set_train(True)`` (MindSpore) to train it.
     ``compile=True`` (torch) compiles the stages after the weights are loaded (``model.compile()``:
@@ -83,7 +86,7 @@ def build(name_or_spec: Union[str, CascadeSpec, None] = None, backend: str = "to
     was written, not who wrote it, so open only folders you made or trust.
     """
     runtime = get_backend(backend)
-    runtime.check_precision(precision)
+    runtime.check_precision(precision or "fp32")
     if compile and backend != "torch":
         raise InputError("compile=True is for the torch backend; on MindSpore use model.compiled() (graph mode)")
     if isinstance(runtime, GraphRuntime):
@@ -111,7 +114,7 @@ def build(name_or_spec: Union[str, CascadeSpec, None] = None, backend: str = "to
         model.checkpoint_meta = dict(ckpt.meta)
     if device is not None:
         model = runtime.to_device(model, device)
-    model = runtime.set_precision(model, precision)
+    model = runtime.set_precision(model, precision or "fp32")
     if compile:
         model.compile()
     return model

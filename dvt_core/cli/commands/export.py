@@ -11,7 +11,7 @@ HELP = "export one graph per stage (ONNX or MindIR) and a dvt.json manifest, for
 
 
 def add_arguments(parser) -> None:
-    from dvt_core.export.manifest import DEFAULT_OPSET, FORMATS, GRAPH_PRECISIONS, RESIZE_FORMS
+    from dvt_core.export.manifest import DEFAULT_OPSET, EXPORT_PRECISIONS, FORMATS, RESIZE_FORMS
 
     parser.add_argument("model", nargs="?", default=None,
                         help="zoo model name (see `dvt flops --list`); optional when --weights FILE names its "
@@ -19,16 +19,18 @@ def add_arguments(parser) -> None:
     parser.add_argument("--weights", required=True,
                         help="checkpoint (.pth.tar, .pth, .safetensors, .ckpt) or 'default' (the shipped weights)")
     parser.add_argument("--format", required=True, choices=FORMATS,
-                        help="onnx (traced from the torch backend) or mindir (from the MindSpore backend)")
+                        help="onnx (traced from the torch backend), pt2 (AOTInductor packages compiled from the torch "
+                             "backend) or mindir (from the MindSpore backend)")
     parser.add_argument("--out", required=True, help="folder to write (graphs and dvt.json)")
     parser.add_argument("--force", action="store_true", help="replace an existing export folder")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset")
     parser.add_argument("--resize", default="auto", choices=RESIZE_FORMS,
                         help="onnx: the reuse resize as gather (Gather, Mul, ReduceSum over its taps), dense (one "
                              "MatMul) or auto (the form ONNX Runtime and OpenVINO run fastest; see docs/deploy.md)")
-    parser.add_argument("--precision", default="fp32", choices=GRAPH_PRECISIONS,
-                        help="onnx: what the weights are stored in (fp16: half the size; the runtime computes in "
-                             "the precision it is given)")
+    parser.add_argument("--precision", default="fp32", choices=EXPORT_PRECISIONS,
+                        help="onnx: what the weights are stored in (fp32 or fp16: half the size; the runtime "
+                             "computes in the precision it is given); pt2: what the packages are compiled and run "
+                             "in (fp32, bf16, fp16); mindir: fp32")
     parser.add_argument("--override", "-O", action="append", metavar="KEY=VALUE", help="spec override (repeatable)")
 
 

@@ -70,7 +70,8 @@ def compare(model, images: np.ndarray, batch: int, rounds: int, precision: str, 
         predicted, real = cost_model.expected_seconds(best, shares) * 1e3, realised[name] / count * 1e3
         before = cost_model.expected_seconds(cold, shares) * 1e3
         out.append({"point": name, "batch": batch, "stage_ms": best["stage_ms"], "overhead_ms": best["overhead_ms"],
-                    "stage_hot_ms": best["stage_hot_ms"], "shares": shares.tolist(), "predicted_ms": predicted,
+                    "stage_hot_ms": best["stage_hot_ms"], "stage_shape_ms": best.get("stage_shape_ms") or [],
+                    "shares": shares.tolist(), "predicted_ms": predicted,
                     "realised_ms": real, "error": predicted / real - 1, "all_through_ms": before,
                     "all_through_error": before / real - 1})
     return out
@@ -109,7 +110,9 @@ def main(argv=None) -> int:
             for batch in args.batch_sizes:
                 for c in compare(model, images, batch, args.rounds, args.precision, args.threads, others):
                     print(f"  batch {batch:3}, {c['point']:8}: stages {' / '.join(f'{s:.3f}' for s in c['stage_ms'])} "
-                          f"(hot {' / '.join(f'{s:.3f}' for s in c['stage_hot_ms'][:-1])}) "
+                          f"(hot {' / '.join(f'{s:.3f}' for s in c['stage_hot_ms'][:-1])}"
+                          + (f"; count change +{' / +'.join(f'{s:.3f}' for s in c['stage_shape_ms'][1:])} ms/call"
+                             if c["stage_shape_ms"] else "") + ") "
                           f"+ call {c['overhead_ms']:.3f} ms/img, exits "
                           f"{' / '.join(f'{s:.0%}' for s in c['shares'])}: predicted {c['predicted_ms']:.3f} "
                           f"(all-through only {c['all_through_ms']:.3f}), realised {c['realised_ms']:.3f} ms/img "

@@ -171,6 +171,21 @@ def test_expected_time_at_a_larger_batch_is_hot_only_when_the_whole_batch_before
     assert expected_seconds(row, [0.5, 0.5, 0.0]) * 1e3 == pytest.approx(2.1875)
 
 
+def test_a_stage_pays_its_shape_change_cost_on_the_calls_whose_image_count_changes():
+    from dvt_core.runtime.cost_model import count_change_chances, expected_seconds
+
+    # 2 images, each reaching the stage with chance 0.5: counts 0 / 1 / 2 with 1/4, 1/2, 1/4; of the calls
+    # (count 1 or 2, chances 2/3 and 1/3) two in a row have the same count with 4/9 + 1/9 = 5/9
+    assert count_change_chances([1.0, 0.5, 0.0], 2) == pytest.approx([0.0, 4 / 9, 0.0])
+    assert count_change_chances([1.0, 0.3, 0.05], 1) == pytest.approx([0.0, 0.0, 0.0])  # batch 1: always one image
+    assert count_change_chances([1.0, 0.32, 0.05], 64)[1] > 0.9  # at batch 64 nearly every call changes count
+    row = {"batch": 2, "stage_ms": [1.0, 2.0, 4.0], "stage_shape_ms": [0.0, 3.0, 5.0], "overhead_ms": 0.25}
+    # stage 2 is called by (1 - 0.5 ** 2) / 2 = 3/8 of a call per image, 4/9 of those after another count
+    assert expected_seconds(row, [0.5, 0.5, 0.0]) * 1e3 == pytest.approx(0.25 + 1.0 + 0.5 * 2.0 + 3 / 8 * 4 / 9 * 3.0)
+    without = {k: v for k, v in row.items() if k != "stage_shape_ms"}
+    assert expected_seconds(without, [0.5, 0.5, 0.0]) * 1e3 == pytest.approx(2.25)
+
+
 def test_payoff_says_from_which_batch_size_early_exit_pays():
     from dvt_core.runtime.cost_model import payoff, payoff_lines
 
@@ -198,6 +213,8 @@ def test_payoff_says_from_which_batch_size_early_exit_pays():
     (lambda p: p["batches"][1].update(stage_hot_ms=[0.1, 0.4, 1e9]), "cost_profile.batches[1].stage_hot_ms[2]"),
     (lambda p: p["batches"][0].update(stage_hot_ms=[1.0, 2.0]), "cost_profile.batches[0].stage_hot_ms"),
     (lambda p: p["batches"][0].update(stage_hot_ms="hot"), "cost_profile.batches[0].stage_hot_ms"),
+    (lambda p: p["batches"][1].update(stage_shape_ms=[0.0, -1.0, 0.0]), "cost_profile.batches[1].stage_shape_ms[1]"),
+    (lambda p: p["batches"][1].update(stage_shape_ms=[0.0, 1.0]), "cost_profile.batches[1].stage_shape_ms"),
 ])
 def test_a_tampered_profile_is_refused_by_name(tmp_path, change, fragment):
     from dvt_core.checkpoint.files import read_checkpoint
@@ -242,6 +259,10 @@ def test_profile_stores_a_checked_profile_with_its_machine(profiled):
         assert len(b["stage_hot_ms"]) == 3 and min(b["stage_hot_ms"]) > 0
         assert b["stage_hot_ms"][2] == b["stage_ms"][2] and b["stage_hot_ms"][:2] != b["stage_ms"][:2]
     assert all(0 <= f <= ms * 4 for f, ms in zip(profile["batches"][1]["stage_call_ms"], profile["batches"][1]["stage_ms"]))
+    # at batch 4 each later stage's extra cost after a call with another image count; none at batch 1
+    assert "stage_shape_ms" not in profile["batches"][0]
+    shape = profile["batches"][1]["stage_shape_ms"]
+    assert len(shape) == 3 and shape[0] == 0.0 and min(shape) >= 0.0
     assert profile["machine"]["cpu"] and isinstance(profile["machine"]["amx"], bool)
     assert "torch" in profile["machine"]["versions"]
     assert meta["thresholds"] == read_checkpoint(SHIPPED).meta["thresholds"]  # the rest of the metadata is kept

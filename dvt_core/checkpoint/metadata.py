@@ -96,6 +96,10 @@ def _check_profile_row(row, here: str, error, exits: Optional[int]) -> int:
     if row.get("stage_hot_ms") is not None:  # optional: a profile without it means hot == all-through
         for j, ms in enumerate(want_list(row["stage_hot_ms"], f"{here}.stage_hot_ms", len(stage_ms), error=error)):
             want_float(ms, f"{here}.stage_hot_ms[{j}]", 0.0, MAX_STAGE_MS, low_open=True, error=error)
+    if row.get("stage_shape_ms") is not None:  # optional: a call's extra ms after one with another image count
+        for j, ms in enumerate(want_list(row["stage_shape_ms"], f"{here}.stage_shape_ms", len(stage_ms),
+                                         error=error)):
+            want_float(ms, f"{here}.stage_shape_ms[{j}]", 0.0, MAX_STAGE_MS, error=error)
     if row.get("static_ms") is not None:
         want_float(row["static_ms"], f"{here}.static_ms", 0.0, MAX_STAGE_MS, low_open=True, error=error)
     for key in ("overhead_ms", "total_ms"):

@@ -22,6 +22,7 @@ and chooses for seconds as it does for MACs. Everything runs through the runtime
 """
 from __future__ import annotations
 
+import math
 import os
 import platform
 import re
@@ -177,13 +178,50 @@ def _hot_seconds(model, xs: list) -> np.ndarray:
     return hot
 
 
+def _shape_change_seconds(model, images: np.ndarray, size: int, rounds: int) -> np.ndarray:
+    """Per stage, the seconds a call costs beyond its own when the call before it at that stage ran another
+    number of images: early exit hands every stage after the first a different count at nearly every call, and
+    a runtime with dynamically shaped graphs (OpenVINO) prepares its nodes anew at each change. Each stage runs
+    on ``size`` and ``size + 1`` images alternating, less the same four calls at a steady count, the fastest of
+    ``rounds``; 0 for the first stage (it always runs the whole batch) and where no cost shows."""
+    from dvt_core.runtime.contract import backend_of
+
+    b, n = backend_of(model), model.spec.num_exits
+    inputs = []  # per count: the images and, per stage, the carry it reads
+    with b.inference(model):
+        for count in (size, size + 1):
+            x, carry, carries = b.to_tensor(model, images[:count]), None, []
+            for i in range(n):
+                carries.append(carry)
+                carry = b.run_stage(model, i, x, carry)[1]
+            inputs.append((x, carries))
+
+        def timed(i: int, order: list, settle: bool) -> float:
+            if settle:  # one untimed call, so that the first timed one finds the same count before it
+                b.to_numpy(b.run_stage(model, i, inputs[order[0]][0], inputs[order[0]][1][i])[0])
+            start = time.perf_counter()
+            for k in order:
+                b.to_numpy(b.run_stage(model, i, inputs[k][0], inputs[k][1][i])[0])
+            return time.perf_counter() - start
+
+        extra = np.zeros(n)
+        for i in range(1, n):
+            steady = alternating = np.inf
+            for _ in range(rounds):  # the steady block ends on size + 1, so the alternating one starts on a change
+                steady = min(steady, timed(i, [0, 0], True) + timed(i, [1, 1], True))
+                alternating = min(alternating, timed(i, [0, 1, 0, 1], False))
+            extra[i] = max(alternating - steady, 0.0) / 4
+    return extra
+
+
 def _row(batch: int, count: int, full: tuple, thin: Optional[tuple], thin_batch: int,
-         hot: Optional[np.ndarray] = None) -> dict:
+         hot: Optional[np.ndarray] = None, shape: Optional[np.ndarray] = None) -> dict:
     """A profile row from the best round at ``batch`` (``full``) and at ``thin_batch`` (``thin``, a smaller
     batch of the same images): each stage's ms per image, its fixed ms per call (the intercept of its time
     per call against the rows it runs: what a stage costs a batch even when few of its images reach it), and
     the calls' own ms per image; with ``hot`` (:func:`_hot_seconds`), each stage's ms per image when the batch
-    before was the deepest at it (the last stage's: its all-through time)."""
+    before was the deepest at it (the last stage's: its all-through time); with ``shape``
+    (:func:`_shape_change_seconds`), each stage's extra ms per call after a call with another image count."""
     (secs, calls), calls_per_stage = full, count / batch
     per_call = secs / calls_per_stage
     fixed = np.zeros_like(per_call)
@@ -196,6 +234,8 @@ def _row(batch: int, count: int, full: tuple, thin: Optional[tuple], thin_batch:
            "overhead_ms": max(calls - float(secs.sum()), 0.0) / count * 1e3, "total_ms": calls / count * 1e3}
     if hot is not None:
         row["stage_hot_ms"] = [float(v) for v in hot[:-1] / count * 1e3] + row["stage_ms"][-1:]
+    if shape is not None:
+        row["stage_shape_ms"] = [float(v) for v in shape * 1e3]
     return row
 
 
@@ -207,8 +247,9 @@ def measure(model, images: np.ndarray, batch_sizes: Sequence[int], repeats: int 
     fastest of ``repeats`` rounds after ``warmup``: each stage's ms per image (``stage_ms``), its fixed ms per
     call (``stage_call_ms``, from the same images at batch ``b // 8``), the calls' own ms per image
     (``overhead_ms``), each stage's ms per image with its weights left hot by a batch before that was the
-    deepest at it (``stage_hot_ms``, the fastest of ``repeats`` rounds of every image leaving at its exit)
-    and, with ``static``, the same runtime's static model's ms per image, its rounds interleaved with the
+    deepest at it (``stage_hot_ms``, the fastest of ``repeats`` rounds of every image leaving at its exit),
+    at ``b > 1`` each stage's extra ms per call when the count of images it runs changes from the call before
+    (``stage_shape_ms``, :func:`_shape_change_seconds` at ``b // 8`` images) and, with ``static``, the same runtime's static model's ms per image, its rounds interleaved with the
     cascade's so that load hits both alike. ``step`` is called once per batch size."""
     from dvt_core.runtime.contract import backend_of
 
@@ -233,7 +274,8 @@ def measure(model, images: np.ndarray, batch_sizes: Sequence[int], repeats: int 
                 slim = min(slim or (np.inf, np.inf), _adaptive_stage_seconds(model, thin), key=lambda r: r[1])
             if static is not None:
                 static_best = min(static_best, _time_static(static, xs_static, 1))
-        row = _row(batch, count, full, slim, thin_batch, hot)
+        shape = None if batch == 1 else _shape_change_seconds(model, images, thin_batch, repeats)
+        row = _row(batch, count, full, slim, thin_batch, hot, shape)
         if static is not None:
             row["static_ms"] = float(static_best / count * 1e3)
         rows.append(row)
@@ -309,7 +351,9 @@ def expected_seconds(row: dict, exit_shares: Sequence[float]) -> float:
     by every batch that carries any image to the stage, ``(1 - (1 - r_k) ** b) / b`` calls per image. The
     hot/cold mix is applied to the per-image part only: the fixed part was fitted from all-through calls, and
     one hot batch size cannot split a hot saving into per call and per row; at batch 1 the two are the same.
-    With no fixed part and no hot times this is ``sum_k r_k * stage_k``."""
+    A stage's calls also pay ``u_k * s_k``, its extra ms per call after a call with another image count
+    (``stage_shape_ms``) times the chance of that (:func:`count_change_chances`; 0 at batch 1).
+    With no fixed part, no hot times and no shape costs this is ``sum_k r_k * stage_k``."""
     shares = np.asarray(exit_shares, np.float64)
     reaching = np.clip(np.cumsum(shares[::-1])[::-1], 0.0, 1.0)
     b = int(row["batch"])
@@ -318,8 +362,28 @@ def expected_seconds(row: dict, exit_shares: Sequence[float]) -> float:
     q = hot_chances(shares, b)
     stage = q * hot + (1.0 - q) * cold
     fixed = np.asarray(row.get("stage_call_ms") or np.zeros_like(cold), np.float64)
+    shape = np.asarray(row.get("stage_shape_ms") or np.zeros_like(cold), np.float64)
     calls = (1.0 - (1.0 - reaching) ** b) / b
-    return float((row.get("overhead_ms") or 0.0) + reaching @ (stage - fixed / b) + calls @ fixed) * 1e-3
+    per_call = fixed + count_change_chances(reaching, b) * shape
+    return float((row.get("overhead_ms") or 0.0) + reaching @ (stage - fixed / b) + calls @ per_call) * 1e-3
+
+
+def count_change_chances(reaching: Sequence[float], batch: int) -> np.ndarray:
+    """Per stage, the chance that a call runs another number of images than the call before it at that stage,
+    when each of ``batch`` images reaches it with chance ``reaching[k]`` (binomial counts, two calls apart
+    independent, counts of 0 skipped): ``1 - sum_j p_j ** 2 / (1 - p_0) ** 2``. 0 at batch 1 and for a stage
+    every image reaches; near 1 at batch 64 for a stage a third of the images reach."""
+    b = int(batch)
+    j = np.arange(b + 1, dtype=np.float64)
+    log_choose = np.array([math.lgamma(b + 1) - math.lgamma(k + 1) - math.lgamma(b - k + 1) for k in range(b + 1)])
+    out = []
+    for r in np.asarray(reaching, np.float64):
+        if r <= 0.0 or r >= 1.0:
+            out.append(0.0)
+            continue
+        pmf = np.exp(log_choose + j * math.log(r) + (b - j) * math.log1p(-r))
+        out.append(float(max(0.0, 1.0 - (pmf[1:] ** 2).sum() / (1.0 - pmf[0]) ** 2)))
+    return np.asarray(out)
 
 
 def payoff(profile: dict, exit_shares: Sequence[float]) -> list[dict]:

@@ -11,12 +11,13 @@ read back through :func:`dvt_core.checkpoint.metadata.check_cost_profile` (untru
 The expected time per image of an operating point at batch size ``b`` is
 ``overhead_ms(b) + sum_k reaching_k * stage_ms_k(b)``, ``reaching_k`` the share of the images that run stage
 ``k`` and ``overhead_ms`` the host's part of an adaptive call per image (an adaptive call that sends every image
-through every stage, less its stages), with two refinements. A stage's fixed cost per call (``stage_call_ms``,
+through every stage, less its stages), with three refinements. A stage's fixed cost per call (``stage_call_ms``,
 measured at ``b // 8``) is paid by every batch that any image carries to it, not in proportion to the images.
-And a stage whose weights the batch before left in cache costs less (``stage_hot_ms``: measured with every
-image leaving at its exit): at batch 1 most images leave at exit 1, so the next image's stage 1 usually finds
-its weights where the last one left them, which the all-through ``stage_ms`` never sees
-(:func:`expected_seconds`). The budget machinery
+A stage whose weights the batch before left in cache costs less (``stage_hot_ms``: measured with every image
+leaving at its exit): at batch 1 most images leave at exit 1, so the next image's stage 1 usually finds its
+weights where the last one left them, which the all-through ``stage_ms`` never sees. And a call that runs
+another number of images than the call before it at that stage may cost more (``stage_shape_ms``: OpenVINO's
+dynamically shaped graphs), which early exit at ``b > 1`` does at nearly every call (:func:`expected_seconds`). The budget machinery
 (:mod:`dvt_core.runtime.operating_point`) prices every calibrated operating point by its exit shares with it
 and chooses for seconds as it does for MACs. Everything runs through the runtime contract; no framework is imported here.
 """
@@ -249,8 +250,9 @@ def measure(model, images: np.ndarray, batch_sizes: Sequence[int], repeats: int 
     (``overhead_ms``), each stage's ms per image with its weights left hot by a batch before that was the
     deepest at it (``stage_hot_ms``, the fastest of ``repeats`` rounds of every image leaving at its exit),
     at ``b > 1`` each stage's extra ms per call when the count of images it runs changes from the call before
-    (``stage_shape_ms``, :func:`_shape_change_seconds` at ``b // 8`` images) and, with ``static``, the same runtime's static model's ms per image, its rounds interleaved with the
-    cascade's so that load hits both alike. ``step`` is called once per batch size."""
+    (``stage_shape_ms``, :func:`_shape_change_seconds` at ``b // 8`` images) and, with ``static``, the same
+    runtime's static model's ms per image, its rounds interleaved with the cascade's so that load hits both
+    alike. ``step`` is called once per batch size."""
     from dvt_core.runtime.contract import backend_of
 
     runtime = backend_of(model)
@@ -364,7 +366,7 @@ def expected_seconds(row: dict, exit_shares: Sequence[float]) -> float:
     fixed = np.asarray(row.get("stage_call_ms") or np.zeros_like(cold), np.float64)
     shape = np.asarray(row.get("stage_shape_ms") or np.zeros_like(cold), np.float64)
     calls = (1.0 - (1.0 - reaching) ** b) / b
-    per_call = fixed + count_change_chances(reaching, b) * shape
+    per_call = fixed + (count_change_chances(reaching, b) * shape if shape.any() else 0.0)
     return float((row.get("overhead_ms") or 0.0) + reaching @ (stage - fixed / b) + calls @ per_call) * 1e-3
 
 

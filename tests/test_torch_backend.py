@@ -394,3 +394,34 @@ def test_inference_paths_give_the_plain_operators_values(approximate):
         want = F.conv2d(images, embed.proj.weight, embed.proj.bias, stride=stage.patch_stride).flatten(2).transpose(1, 2)
         torch.testing.assert_close(embed(images), want, rtol=1e-4, atol=1e-4)
         assert "proj" in embed._packed_weights
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_factored_reused_logits_equal_the_resized_ones(monkeypatch, dtype):
+    """A stage that hands its logits on takes the reused ones factored in CPU inference (``scale q k^T +
+    left right^T`` as one product, never resizing along the queries); its exit logits and the logits it hands
+    on equal those of the resized path (3x3 grid from 2x2: weighted taps, not copies)."""
+    from dvt_backends.torch import layers
+
+    model = small("dvt_deit_small", depth=2, grids=(2, 3, 4)).eval().to(dtype)
+    x = images(model, n=3).to(dtype)
+    calls = []
+    factored = layers.Attention._factored_logits
+    monkeypatch.setattr(layers.Attention, "_factored_logits",
+                        lambda self, q, k, r: calls.append(q.shape) or factored(self, q, k, r))
+
+    def middle_stage(factored_reuse: bool):
+        model.stages[1].factored_reuse = factored_reuse
+        with torch.no_grad():
+            _, carry = model.run_stage(0, x)
+            return model.run_stage(1, x, carry)
+
+    logits, carry = middle_stage(True)
+    assert len(calls) == 2  # both blocks of the middle stage, not the last stage (it runs the fused attention)
+    want_logits, want_carry = middle_stage(False)
+    assert len(calls) == 2
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=0.05, atol=0.05)
+    torch.testing.assert_close(logits, want_logits, **tol)
+    for got, want in zip(carry.relations, want_carry.relations):
+        torch.testing.assert_close(got, want, **tol)
+    del model.stages[1].factored_reuse

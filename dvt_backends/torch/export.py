@@ -17,7 +17,7 @@ from torch.nn import functional as F
 
 from dvt_core.export.manifest import FEATURES, PREV, RELATIONS, carry_names, stage_entry
 
-from .cascade import DVT, Reuse
+from .cascade import DVT, Reuse, Stage
 from .layers import Attention, RelationReuse, TokenResize
 from .tokenizers import PatchEmbed, T2TModule
 
@@ -191,6 +191,9 @@ def exportable(model: DVT, resize: str = "gather"):
         m.forward = types.MethodType(batch_only[type(m)], m)
     for m in mixers:
         m.mixed = types.MethodType(_relations_mixed_export, m)
+    stages = [m for m in model.modules() if isinstance(m, Stage)]
+    for m in stages:  # the export's Attention takes the reused logits resized
+        m.factored_reuse = False
     try:
         yield model
     finally:
@@ -200,6 +203,8 @@ def exportable(model: DVT, resize: str = "gather"):
             del m.forward
         for m in mixers:
             del m.mixed
+        for m in stages:
+            del m.factored_reuse
         for m in resizes:
             m.__dict__.pop("_export_taps", None)
             m.__dict__.pop("_export_matrix", None)

@@ -5,14 +5,14 @@ matrices come from :mod:`dvt_core.model.resample`. Mirrors ``dvt_backends/mindsp
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 from torch import nn
 from torch.nn import functional as F
 
-from dvt_core.model.resample import token_resize_taps
+from dvt_core.model.resample import token_resize_matrix, token_resize_taps
 from dvt_core.model.specs import FeatureReusePlan, RelationReusePlan, StageSpec
 
 
@@ -143,6 +143,24 @@ def _softmax(logits: torch.Tensor) -> torch.Tensor:
     return e.div_(e.sum(dim=-1, keepdim=True))
 
 
+class FactoredLogits(NamedTuple):
+    """A block's reused logits left as the factors of their product, ``left @ right^T`` (N x N per image and
+    head), so that the resize along the queries is never written out: the attention's explicit logits take
+    them as extra columns of one product, ``[scale q, left] @ [k, right]^T`` = ``scale q k^T + left right^T``.
+    ``left`` is the resize matrix (N x n), the same for every block; ``right`` the block's mixed logits
+    resized along the keys (B, heads, N, n)."""
+
+    left: torch.Tensor
+    right: torch.Tensor
+
+
+def _with_columns(a: torch.Tensor, extra: torch.Tensor, pad: int) -> torch.Tensor:
+    """``[a, extra, 0 x pad]`` along the last axis: (rows, N, d) and (rows or 1, N, n) -> (rows, N, d + n + pad)."""
+    extra = extra.expand(a.shape[0], -1, -1)
+    parts = (a, extra) if not pad else (a, extra, a.new_zeros(()).expand(a.shape[0], a.shape[1], pad))
+    return torch.cat(parts, dim=-1)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention that returns its pre-softmax logits when asked (relation reuse carries them).
 
@@ -171,12 +189,26 @@ class Attention(nn.Module):
         # order of operations), and the softmax-weighted sum is one bmm
         h, d = self.num_heads, c // self.num_heads
         q, k, v = qkv.reshape(3, b * h, n, d).unbind(0)
-        if reused_logits is None:
+        if isinstance(reused_logits, FactoredLogits):
+            logits = self._factored_logits(q, k, reused_logits)
+        elif reused_logits is None:
             logits = torch.bmm(q, k.transpose(1, 2)).mul_(self.scale)
         else:  # (B, heads, N, N), contiguous per block (RelationReuse lays the blocks out first)
             logits = torch.baddbmm(reused_logits.reshape(b * h, n, n), q, k.transpose(1, 2), alpha=self.scale)
         x = torch.bmm(_softmax(logits), v).view(b, h, n, d).transpose(1, 2).reshape(b, n, c)
         return self.proj(x), logits.view(b, h, n, n)
+
+    def _factored_logits(self, q: torch.Tensor, k: torch.Tensor, reused: FactoredLogits) -> torch.Tensor:
+        """``scale q k^T + left right^T`` as one batched product over the joined columns; in bfloat16 / float16
+        the joined inner size is padded with zero columns to a multiple of 32 (the matrix units' step), which
+        adds nothing to any sum. The scale multiplies q, exact where it is a power of two (head sizes 16, 64)."""
+        rows, n, d = q.shape
+        width = d + reused.left.shape[-1]
+        pad = 0 if q.dtype == torch.float32 else -width % 32
+        qa = _with_columns(q, reused.left.to(q.dtype)[None], pad)
+        qa[..., :d].mul_(self.scale)
+        ka = _with_columns(k, reused.right.reshape(rows, n, -1), pad)
+        return torch.bmm(qa, ka.transpose(1, 2))
 
 
 class FeatureReuse(nn.Module):
@@ -241,6 +273,8 @@ class TokenResize(nn.Module):
         self.register_buffer("indices", torch.from_numpy(taps.indices), persistent=False)
         self.register_buffer("offsets", torch.from_numpy(taps.indptr[:-1].copy()), persistent=False)
         self.register_buffer("weights", torch.from_numpy(taps.weights), persistent=False)
+        # the same resize as an (n_new, n_old) matrix: the left factor of relation reuse's FactoredLogits
+        self.register_buffer("matrix", torch.from_numpy(token_resize_matrix(old, new, class_token)), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., n_old, C) -> (..., n_new, C)."""
@@ -287,6 +321,13 @@ class RelationReuse(PrepackCache, nn.Module):
         r = self.mixed(prev_logits)  # (depth, B, heads, keys, queries)
         r = self.resize(r)  # keys axis: (depth, B, heads, N, n)
         return self.resize(r.transpose(-2, -1))  # queries axis: (depth, B, heads, N, N), contiguous
+
+    def factored(self, prev_logits: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward` left unmultiplied (:class:`FactoredLogits`): the resize matrix (N, n) and the mixed
+        logits resized along the keys, (depth, B, heads, N keys, n queries). Skipping the second resize and the
+        (N x N) tensors it writes took DeiT-S stage 2 in bfloat16 from 283 to 57 ms at 64 images (with the
+        logits' product; docs/performance.md)."""
+        return self.resize.matrix, self.resize(self.mixed(prev_logits))
 
     def mixed(self, prev_logits: Sequence[torch.Tensor]) -> torch.Tensor:
         """The mixed logits on the small grid, block by block: (depth, B, heads, keys, queries)."""

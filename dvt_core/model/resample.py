@@ -78,8 +78,9 @@ def token_resize_matrix(old: int, new: int, class_token: str = "keep", dtype=np.
 
     ``class_token="keep"`` carries the class token over unchanged (relation reuse: its row and column
     of the attention logits are kept apart from the resize); ``"zero"`` gives it a zero row (feature
-    reuse: the official model appends zeros for the class token). The backends apply its non-zero
-    entries (:func:`token_resize_taps`), not the dense matrix.
+    reuse: the official model appends zeros for the class token). The backends resize by its non-zero
+    entries (:func:`token_resize_taps`); torch's relation reuse also multiplies by it where it leaves the
+    reused logits factored.
     """
     if class_token not in ("keep", "zero"):
         raise ArgumentError(f"class_token must be 'keep' or 'zero', got {class_token!r}")

@@ -18,7 +18,7 @@ from dvt_core.model.recipe import INIT_STD, TRUNC_BOUND, drop_path_rates
 from dvt_core.errors import InputError, check_images_shape
 from dvt_core.model.specs import CascadeSpec, sinusoid_position_table
 
-from .layers import Block, FactoredLogits, FeatureReuse, Linear, RelationReuse, TokenResize, _in_graph_capture
+from .layers import Block, FeatureReuse, Linear, RelationReuse, TokenResize, _in_graph_capture
 from .tokenizers import build_tokenizer
 
 # dvt_core.runtime.contract.PRECISIONS -> the dtype every weight, buffer and activation is held in
@@ -52,16 +52,9 @@ def join(parts) -> tuple[torch.Tensor, Reuse]:
     return images, Reuse(features, relations)
 
 
-def _factored_reuse(images: torch.Tensor) -> bool:
-    """Whether relation reuse leaves the reused logits factored (:class:`FactoredLogits`): in CPU inference
-    (where it was measured), not under autograd or any graph capture."""
-    return images.device.type == "cpu" and not torch.is_grad_enabled() and not _in_graph_capture()
-
-
 class Stage(nn.Module):
     """One exit: a ViT / T2T-ViT at its own grid, reading what the previous stage left for reuse."""
 
-    factored_reuse = True  # off while the export's forms are swapped in (they take resized logits)
 
     def __init__(self, spec: CascadeSpec, index: int):
         super().__init__()
@@ -96,6 +89,14 @@ class Stage(nn.Module):
         f = torch.stack([blk.feature_reuse(prev) for blk in self.blocks])  # (D, B, n, r)
         return self.feature_resize(f)  # (D, B, N, r), class-token row zero
 
+    def _factored_reuse(self, images: torch.Tensor, keep_relations: bool) -> bool:
+        """Whether the reused logits stay factored (:class:`FactoredLogits`): where this stage hands its logits on
+        (it computes them explicitly; the last stage runs the fused attention, which takes them resized), in CPU
+        inference, where it was measured. Training and graph capture take them resized; an export swaps in its own
+        rule and forms (dvt_backends.torch.export)."""
+        return (keep_relations and images.device.type == "cpu" and not torch.is_grad_enabled()
+                and not _in_graph_capture())
+
     def forward(self, images: torch.Tensor, reuse: Optional[Reuse] = None, keep_relations: bool = True):
         b = images.shape[0]
         x = self.tokenizer(images)
@@ -105,15 +106,13 @@ class Stage(nn.Module):
             feats = self._reused_features(reuse.features)
         factored = False
         if reuse is not None and self.relation_reuse is not None:
-            # a stage that hands its logits on computes them explicitly: there the reused ones stay factored
-            # (CPU inference, outside graph capture: exported graphs and training keep the resized tensors)
-            factored = keep_relations and self.factored_reuse and _factored_reuse(images)
+            factored = self._factored_reuse(images, keep_relations)
             rels = (self.relation_reuse.factored(reuse.relations) if factored
                     else self.relation_reuse(reuse.relations))
         logits_per_block = []
         for j, blk in enumerate(self.blocks):
-            reused = None if rels is None else FactoredLogits(rels[0], rels[1][j]) if factored else rels[j]
-            x, logits = blk(x, None if feats is None else feats[j], reused, keep_relations)
+            x, logits = blk(x, None if feats is None else feats[j], None if rels is None else rels[j],
+                            keep_relations)
             if keep_relations:
                 logits_per_block.append(logits)
         out = self.head(self.norm(x)[:, 0])

@@ -18,7 +18,7 @@ from torch.nn import functional as F
 from dvt_core.export.manifest import FEATURES, PREV, RELATIONS, carry_names, stage_entry
 
 from .cascade import DVT, Reuse, Stage
-from .layers import Attention, RelationReuse, TokenResize
+from .layers import Attention, FactoredLogits, RelationReuse, TokenResize
 from .tokenizers import PatchEmbed, T2TModule
 
 BATCH_AXES = {FEATURES: 0, RELATIONS: 0}
@@ -117,6 +117,19 @@ def _relation_reuse_activation_left(self: RelationReuse, prev_logits) -> torch.T
     return torch.matmul(r.transpose(-2, -1), m_t)  # keys resized: (depth, B, heads, N, N), queries first
 
 
+def _relation_reuse_factored_export(self: RelationReuse, prev_logits) -> tuple:
+    """RelationReuse.factored for an export with the dense resize: per block, the mixed logits resized along the
+    queries (``R M``, one product activation x constant, as :func:`_relation_reuse_activation_left`) and the resize
+    matrix, repeated per image and head, as the keys' extra columns (:class:`FactoredLogits`): the second resize
+    and its (N x N) tensors are never written. The repeat is written as ``R + 0 x`` a slice of the activation, so
+    that no node computes a shape from the batch size."""
+    r = self.mixed(prev_logits)  # (depth, B, heads, keys, queries), small grid
+    m_t = self.resize._export_matrix.t().to(r.dtype)  # (n, N)
+    queries_resized = torch.matmul(r, m_t).transpose(-2, -1)  # (depth, B, heads, N queries, n keys): R M
+    matrix = m_t.t() + queries_resized[0, :, :, :1, :1] * 0  # (B, heads, N keys, n)
+    return tuple(FactoredLogits(left, matrix) for left in queries_resized)
+
+
 # The export forms below write every reshape with the batch axis as -1 and the other sizes as numbers (only the
 # batch axis is dynamic). The modules' own forms read the batch size from the tensor, which the trace records as
 # a Shape -> Gather -> Unsqueeze -> Concat chain per reshape: about half of the 2x2 stage's nodes, and at batch 1
@@ -130,8 +143,12 @@ def _attention_export(self: Attention, x: torch.Tensor, reused_logits=None, need
     h = self.num_heads
     qkv = self.qkv(x).reshape(-1, n, 3 * h, c // h).transpose(1, 2)  # (B, 3 x heads, N, d): q, k, v heads
     q, k, v = qkv.split(h, dim=1)
-    logits = torch.matmul(q, k.transpose(-2, -1)) * self.scale
-    if reused_logits is not None:
+    if isinstance(reused_logits, FactoredLogits):  # [scale q, left] @ [k, right]^T = scale q k^T + left right^T
+        qa = torch.cat((q * self.scale, reused_logits.left.to(q.dtype)), dim=-1)
+        logits = torch.matmul(qa, torch.cat((k, reused_logits.right.to(k.dtype)), dim=-1).transpose(-2, -1))
+    else:
+        logits = torch.matmul(q, k.transpose(-2, -1)) * self.scale
+    if reused_logits is not None and not isinstance(reused_logits, FactoredLogits):
         logits = reused_logits.to(logits.dtype) + logits
     y = torch.matmul(logits.softmax(dim=-1), v)  # (B, heads, N, d)
     return self.proj(y.transpose(1, 2).reshape(-1, n, c)), (logits if need_logits else None)
@@ -192,8 +209,10 @@ def exportable(model: DVT, resize: str = "gather"):
     for m in mixers:
         m.mixed = types.MethodType(_relations_mixed_export, m)
     stages = [m for m in model.modules() if isinstance(m, Stage)]
-    for m in stages:  # the export's Attention takes the reused logits resized
-        m.factored_reuse = False
+    for m in stages:  # with the dense resize every stage takes its reused logits factored, the last one too
+        m._factored_reuse = types.MethodType(lambda self, images, keep: resize == "dense", m)
+    for m in relations:
+        m.factored = types.MethodType(_relation_reuse_factored_export, m)
     try:
         yield model
     finally:
@@ -204,7 +223,9 @@ def exportable(model: DVT, resize: str = "gather"):
         for m in mixers:
             del m.mixed
         for m in stages:
-            del m.factored_reuse
+            del m._factored_reuse
+        for m in relations:
+            del m.factored
         for m in resizes:
             m.__dict__.pop("_export_taps", None)
             m.__dict__.pop("_export_matrix", None)

@@ -145,18 +145,20 @@ def _softmax(logits: torch.Tensor) -> torch.Tensor:
 
 class FactoredLogits(NamedTuple):
     """A block's reused logits left as the factors of their product, ``left @ right^T`` (N x N per image and
-    head), so that the resize along the queries is never written out: the attention's explicit logits take
-    them as extra columns of one product, ``[scale q, left] @ [k, right]^T`` = ``scale q k^T + left right^T``.
-    ``left`` is the resize matrix (N x n), the same for every block; ``right`` the block's mixed logits
-    resized along the keys (B, heads, N, n)."""
+    head), so that the second resize is never written out: the attention's explicit logits take them as extra
+    columns of one product, ``[scale q, left] @ [k, right]^T`` = ``scale q k^T + left right^T``. In torch's own
+    forward ``left`` is the resize matrix (N x n), the same for every block, and ``right`` the block's mixed
+    logits resized along the keys (B, heads, N, n); an export's form may hold them the other way round."""
 
     left: torch.Tensor
     right: torch.Tensor
 
 
 def _with_columns(a: torch.Tensor, extra: torch.Tensor, pad: int) -> torch.Tensor:
-    """``[a, extra, 0 x pad]`` along the last axis: (rows, N, d) and (rows or 1, N, n) -> (rows, N, d + n + pad)."""
-    extra = extra.expand(a.shape[0], -1, -1)
+    """``[a, extra, 0 x pad]`` along the last axis: (rows, N, d) and (N, n) or (..., N, n) holding ``rows``
+    matrices -> (rows, N, d + n + pad)."""
+    rows, n = a.shape[0], a.shape[1]
+    extra = extra.to(a.dtype).expand(rows, -1, -1) if extra.dim() == 2 else extra.reshape(rows, n, -1)
     parts = (a, extra) if not pad else (a, extra, a.new_zeros(()).expand(a.shape[0], a.shape[1], pad))
     return torch.cat(parts, dim=-1)
 
@@ -205,9 +207,9 @@ class Attention(nn.Module):
         rows, n, d = q.shape
         width = d + reused.left.shape[-1]
         pad = 0 if q.dtype == torch.float32 else -width % 32
-        qa = _with_columns(q, reused.left.to(q.dtype)[None], pad)
+        qa = _with_columns(q, reused.left, pad)
         qa[..., :d].mul_(self.scale)
-        ka = _with_columns(k, reused.right.reshape(rows, n, -1), pad)
+        ka = _with_columns(k, reused.right, pad)
         return torch.bmm(qa, ka.transpose(1, 2))
 
 
@@ -322,12 +324,13 @@ class RelationReuse(PrepackCache, nn.Module):
         r = self.resize(r)  # keys axis: (depth, B, heads, N, n)
         return self.resize(r.transpose(-2, -1))  # queries axis: (depth, B, heads, N, N), contiguous
 
-    def factored(self, prev_logits: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`forward` left unmultiplied (:class:`FactoredLogits`): the resize matrix (N, n) and the mixed
-        logits resized along the keys, (depth, B, heads, N keys, n queries). Skipping the second resize and the
-        (N x N) tensors it writes took DeiT-S stage 2 in bfloat16 from 283 to 57 ms at 64 images (with the
-        logits' product; docs/performance.md)."""
-        return self.resize.matrix, self.resize(self.mixed(prev_logits))
+    def factored(self, prev_logits: Sequence[torch.Tensor]) -> tuple[FactoredLogits, ...]:
+        """:meth:`forward` left unmultiplied, one :class:`FactoredLogits` per block: the resize matrix (N, n) and
+        the block's mixed logits resized along the keys, (B, heads, N keys, n queries). Skipping the second
+        resize and the (N x N) tensors it writes took DeiT-S stage 2 in bfloat16 from 283 to 57 ms at 64 images
+        (with the logits' product; docs/performance.md)."""
+        keys_resized = self.resize(self.mixed(prev_logits))  # (depth, B, heads, N, n)
+        return tuple(FactoredLogits(self.resize.matrix, r) for r in keys_resized)
 
     def mixed(self, prev_logits: Sequence[torch.Tensor]) -> torch.Tensor:
         """The mixed logits on the small grid, block by block: (depth, B, heads, keys, queries)."""

@@ -55,7 +55,6 @@ def join(parts) -> tuple[torch.Tensor, Reuse]:
 class Stage(nn.Module):
     """One exit: a ViT / T2T-ViT at its own grid, reading what the previous stage left for reuse."""
 
-
     def __init__(self, spec: CascadeSpec, index: int):
         super().__init__()
         st = spec.stages[index]
@@ -104,10 +103,8 @@ class Stage(nn.Module):
         feats = rels = None
         if reuse is not None and self.has_feature_reuse:
             feats = self._reused_features(reuse.features)
-        factored = False
         if reuse is not None and self.relation_reuse is not None:
-            factored = self._factored_reuse(images, keep_relations)
-            rels = (self.relation_reuse.factored(reuse.relations) if factored
+            rels = (self.relation_reuse.factored(reuse.relations) if self._factored_reuse(images, keep_relations)
                     else self.relation_reuse(reuse.relations))
         logits_per_block = []
         for j, blk in enumerate(self.blocks):

@@ -159,7 +159,7 @@ def _with_columns(a: torch.Tensor, extra: torch.Tensor, pad: int) -> torch.Tenso
     matrices -> (rows, N, d + n + pad)."""
     rows, n = a.shape[0], a.shape[1]
     extra = extra.to(a.dtype).expand(rows, -1, -1) if extra.dim() == 2 else extra.reshape(rows, n, -1)
-    parts = (a, extra) if not pad else (a, extra, a.new_zeros(()).expand(a.shape[0], a.shape[1], pad))
+    parts = (a, extra) if not pad else (a, extra, a.new_zeros(()).expand(rows, n, pad))
     return torch.cat(parts, dim=-1)
 
 
@@ -168,7 +168,8 @@ class Attention(nn.Module):
 
     With ``need_logits=False`` (the last stage, a model without relation reuse, the static backbones)
     the logits are never materialised: the fused ``scaled_dot_product_attention`` runs, with the
-    reused logits, if any, as its additive mask. Same arithmetic, same scale.
+    reused logits, if any, as its additive mask. Same arithmetic, same scale. Reused logits may come
+    resized (B, heads, N, N) or factored (:class:`FactoredLogits`, explicit logits only).
     """
 
     def __init__(self, stage: StageSpec):

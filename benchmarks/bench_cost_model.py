@@ -6,9 +6,7 @@ and true early exit of the same images at the checkpoint's stored operating poin
 40 / 40 / 20 % of the images to the exits), the fastest round each. The prediction is
 ``cost_model.expected_seconds`` at the exit shares the adaptive run took, with each stage's hot time
 (``stage_hot_ms``) and, beside it, without (every stage priced all-through, as profiles before hot times were);
-the error is prediction / realised - 1; and, beside it, with every stage's calls priced on the line through
-``b // 8`` and ``b`` images (without the small-count times ``stage_small_ms``). The shipped Fashion-MNIST model on
-its test images.
+the error is prediction / realised - 1. The shipped Fashion-MNIST model on its test images.
 
     python3 benchmarks/bench_cost_model.py [--backends torch onnx] [--batch-sizes 1 64] [--images 256]
                                            [--rounds 5] [--threads 1] [--precision fp32]
@@ -66,18 +64,16 @@ def compare(model, images: np.ndarray, batch: int, rounds: int, precision: str, 
     best["stage_hot_ms"] = np.min([row["stage_hot_ms"] for row in rows[1:]], axis=0)[:-1].tolist() + \
         best["stage_ms"][-1:]
     cold = {k: v for k, v in best.items() if k != "stage_hot_ms"}  # the model before hot times: all-through only
-    line = {k: v for k, v in best.items() if k not in ("small_counts", "stage_small_ms")}  # calls on the line only
     out = []
     for name, _ in points:
         shares = np.bincount(exits[name], minlength=model.spec.num_exits) / count
         predicted, real = cost_model.expected_seconds(best, shares) * 1e3, realised[name] / count * 1e3
         before = cost_model.expected_seconds(cold, shares) * 1e3
-        on_line = cost_model.expected_seconds(line, shares) * 1e3
         out.append({"point": name, "batch": batch, "stage_ms": best["stage_ms"], "overhead_ms": best["overhead_ms"],
                     "stage_hot_ms": best["stage_hot_ms"], "stage_shape_ms": best.get("stage_shape_ms") or [],
                     "shares": shares.tolist(), "predicted_ms": predicted,
                     "realised_ms": real, "error": predicted / real - 1, "all_through_ms": before,
-                    "all_through_error": before / real - 1, "line_error": on_line / real - 1})
+                    "all_through_error": before / real - 1})
     return out
 
 
@@ -120,8 +116,7 @@ def main(argv=None) -> int:
                           f"+ call {c['overhead_ms']:.3f} ms/img, exits "
                           f"{' / '.join(f'{s:.0%}' for s in c['shares'])}: predicted {c['predicted_ms']:.3f} "
                           f"(all-through only {c['all_through_ms']:.3f}), realised {c['realised_ms']:.3f} ms/img "
-                          f"({c['error']:+.1%}; all-through only {c['all_through_error']:+.1%}; calls on the "
-                          f"line through b // 8 and b only {c['line_error']:+.1%})", flush=True)
+                          f"({c['error']:+.1%}; all-through only {c['all_through_error']:+.1%})", flush=True)
     return 0
 
 

@@ -186,43 +186,6 @@ def test_a_stage_pays_its_shape_change_cost_on_the_calls_whose_image_count_chang
     assert expected_seconds(without, [0.5, 0.5, 0.0]) * 1e3 == pytest.approx(2.25)
 
 
-def test_a_stage_few_images_reach_is_priced_on_its_measured_curve():
-    from math import comb
-
-    from dvt_core.runtime.cost_model import expected_seconds
-
-    # batch 16: stage 2 measured at 1 image (3 ms a call), the line through 2 (= 16 // 8) and 16 images gives
-    # 2 + 0.5 m (fixed 2, 0.625 ms per image at 16 = 10 ms a call): T(1) = 3, T(2) = 3, T(m >= 2) = 2 + 0.5 m
-    row = {"batch": 16, "stage_ms": [1.0, 0.625, 1.0], "stage_call_ms": [0.0, 2.0, 0.0], "overhead_ms": 0.1,
-           "small_counts": [1], "stage_small_ms": [[1.0], [3.0], [1.0]]}
-    shares, r = [0.75, 0.25, 0.0], 0.25  # stage 2 reached by a quarter of the images, stage 3 by none
-
-    def pmf(m):
-        return comb(16, m) * r ** m * (1 - r) ** (16 - m)
-
-    stage2 = sum(pmf(m) * (3.0 if m == 1 else 2.0 + 0.5 * m) for m in range(1, 17)) / 16
-    assert expected_seconds(row, shares) * 1e3 == pytest.approx(0.1 + 1.0 + stage2)
-    # the line alone (no small counts) prices one image at 2.5 ms: less
-    line = {k: v for k, v in row.items() if k not in ("small_counts", "stage_small_ms")}
-    line_stage2 = sum(pmf(m) * (2.0 + 0.5 * m) for m in range(1, 17)) / 16
-    assert expected_seconds(line, shares) * 1e3 == pytest.approx(0.1 + 1.0 + line_stage2)
-    assert expected_seconds(row, shares) - expected_seconds(line, shares) == pytest.approx(pmf(1) * 0.5 / 16 * 1e-3)
-
-
-def test_a_profile_at_batch_16_times_the_stages_at_one_image():
-    import dvt_core
-    from dvt_core.data.datasets import load_dataset
-    from dvt_core.data.images import preprocess
-    from dvt_core.runtime.cost_model import measure, small_counts
-
-    assert (small_counts(1), small_counts(16), small_counts(64)) == ([], [1], [1, 2, 4])
-    model = dvt_core.build("dvt_fashion_mnist", weights="default")
-    images = preprocess(load_dataset("fashion-mnist", "test", model.spec)[0][:16], model.spec).astype(np.float32)
-    row = measure(model, images, [16], repeats=1, warmup=0)["batches"][0]
-    assert row["small_counts"] == [1]
-    assert len(row["stage_small_ms"]) == 3 and all(len(t) == 1 and t[0] > 0 for t in row["stage_small_ms"])
-
-
 def test_payoff_says_from_which_batch_size_early_exit_pays():
     from dvt_core.runtime.cost_model import payoff, payoff_lines
 
@@ -252,15 +215,6 @@ def test_payoff_says_from_which_batch_size_early_exit_pays():
     (lambda p: p["batches"][0].update(stage_hot_ms="hot"), "cost_profile.batches[0].stage_hot_ms"),
     (lambda p: p["batches"][1].update(stage_shape_ms=[0.0, -1.0, 0.0]), "cost_profile.batches[1].stage_shape_ms[1]"),
     (lambda p: p["batches"][1].update(stage_shape_ms=[0.0, 1.0]), "cost_profile.batches[1].stage_shape_ms"),
-    (lambda p: p["batches"][1].update(small_counts=[1, 2], stage_small_ms=[[1, 2], [1, 2]]),
-     "cost_profile.batches[1].stage_small_ms"),
-    (lambda p: p["batches"][1].update(small_counts=[2, 1], stage_small_ms=[[1, 2]] * 3),
-     "cost_profile.batches[1].small_counts[1]"),
-    (lambda p: p["batches"][1].update(small_counts=[1, 8], stage_small_ms=[[1, 2]] * 3),
-     "counts must stay below batch // 8 (8)"),
-    (lambda p: p["batches"][1].update(small_counts=[1], stage_small_ms=[[1], [0], [1]]),
-     "cost_profile.batches[1].stage_small_ms[1][0]"),
-    (lambda p: p["batches"][1].update(small_counts=[1]), "small_counts without stage_small_ms"),
 ])
 def test_a_tampered_profile_is_refused_by_name(tmp_path, change, fragment):
     from dvt_core.checkpoint.files import read_checkpoint

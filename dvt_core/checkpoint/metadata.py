@@ -100,7 +100,6 @@ def _check_profile_row(row, here: str, error, exits: Optional[int]) -> int:
         for j, ms in enumerate(want_list(row["stage_shape_ms"], f"{here}.stage_shape_ms", len(stage_ms),
                                          error=error)):
             want_float(ms, f"{here}.stage_shape_ms[{j}]", 0.0, MAX_STAGE_MS, error=error)
-    _check_small_counts(row, here, error, batch, len(stage_ms))
     if row.get("static_ms") is not None:
         want_float(row["static_ms"], f"{here}.static_ms", 0.0, MAX_STAGE_MS, low_open=True, error=error)
     for key in ("overhead_ms", "total_ms"):
@@ -111,25 +110,6 @@ def _check_profile_row(row, here: str, error, exits: Optional[int]) -> int:
                                          error=error)):
             want_float(ms, f"{here}.stage_call_ms[{j}]", 0.0, stage_ms[j] * batch * (1 + 1e-9), error=error)
     return batch
-
-
-def _check_small_counts(row: dict, here: str, error, batch: int, stages: int) -> None:
-    """Optional ``small_counts`` (ascending image counts below ``batch // 8``) and ``stage_small_ms`` (per stage,
-    ms per call at each count): both or neither."""
-    counts, times = row.get("small_counts"), row.get("stage_small_ms")
-    if counts is None and times is None:
-        return
-    if counts is None or times is None:
-        raise error(f"{here} has {'stage_small_ms' if counts is None else 'small_counts'} without "
-                    f"{'small_counts' if counts is None else 'stage_small_ms'}")
-    previous = 0
-    for j, c in enumerate(want_list(counts, f"{here}.small_counts", error=error, max_len=8)):
-        previous = want_int(c, f"{here}.small_counts[{j}]", previous + 1, None, error)
-        if previous >= max(1, batch // 8):
-            raise error(f"{here}.small_counts[{j}] is {previous}; counts must stay below batch // 8 ({batch // 8})")
-    for k, per_stage in enumerate(want_list(times, f"{here}.stage_small_ms", stages, error=error)):
-        for j, ms in enumerate(want_list(per_stage, f"{here}.stage_small_ms[{k}]", len(counts), error=error)):
-            want_float(ms, f"{here}.stage_small_ms[{k}][{j}]", 0.0, MAX_STAGE_MS, low_open=True, error=error)
 
 
 META_RULES: dict[str, Callable] = {

@@ -11,11 +11,8 @@ read back through :func:`dvt_core.checkpoint.metadata.check_cost_profile` (untru
 The expected time per image of an operating point at batch size ``b`` is
 ``overhead_ms(b) + sum_k reaching_k * stage_ms_k(b)``, ``reaching_k`` the share of the images that run stage
 ``k`` and ``overhead_ms`` the host's part of an adaptive call per image (an adaptive call that sends every image
-through every stage, less its stages), with four refinements. A stage's fixed cost per call (``stage_call_ms``,
-measured at ``b // 8``) is paid by every batch that any image carries to it, not in proportion to the images;
-where the profile also timed the stages at 1, 2 and 4 images (``stage_small_ms``), a call is priced on the curve
-through those counts, ``b // 8`` and ``b``, averaged over how many images reach the stage (a stage's time per call
-bends up at few images, which the line through ``b // 8`` and ``b`` misses).
+through every stage, less its stages), with three refinements. A stage's fixed cost per call (``stage_call_ms``,
+measured at ``b // 8``) is paid by every batch that any image carries to it, not in proportion to the images.
 A stage whose weights the batch before left in cache costs less (``stage_hot_ms``: measured with every image
 leaving at its exit): at batch 1 most images leave at exit 1, so the next image's stage 1 usually finds its
 weights where the last one left them, which the all-through ``stage_ms`` never sees. And a call that runs
@@ -218,37 +215,14 @@ def _shape_change_seconds(model, images: np.ndarray, size: int, rounds: int) -> 
     return extra
 
 
-def small_counts(batch: int) -> list[int]:
-    """The image counts below ``batch // 8`` at which a profile also times each stage's call (1, 2, 4): where
-    few images reach a stage its time per call bends away from the line through ``batch // 8`` and ``batch``."""
-    return [c for c in (1, 2, 4) if c < batch // 8]
-
-
-def _small_count_seconds(model, images: np.ndarray, counts: Sequence[int], rounds: int) -> np.ndarray:
-    """(stages, counts): each stage's seconds per call when it runs ``counts[j]`` images, all-through in the
-    cascade's order as :func:`_adaptive_stage_seconds` runs it, over at most 8 calls of each count, the fastest
-    of ``rounds``."""
-    from dvt_core.runtime.contract import backend_of
-
-    runtime = backend_of(model)
-    out = np.zeros((model.spec.num_exits, len(counts)))
-    for j, c in enumerate(counts):
-        calls = max(1, min(8, len(images) // c))
-        xs = [runtime.to_tensor(model, images[i * c:(i + 1) * c]) for i in range(calls)]
-        out[:, j] = min((_adaptive_stage_seconds(model, xs) for _ in range(rounds)), key=lambda r: r[1])[0] / calls
-    return out
-
-
 def _row(batch: int, count: int, full: tuple, thin: Optional[tuple], thin_batch: int,
-         hot: Optional[np.ndarray] = None, shape: Optional[np.ndarray] = None,
-         small: Optional[tuple] = None) -> dict:
+         hot: Optional[np.ndarray] = None, shape: Optional[np.ndarray] = None) -> dict:
     """A profile row from the best round at ``batch`` (``full``) and at ``thin_batch`` (``thin``, a smaller
     batch of the same images): each stage's ms per image, its fixed ms per call (the intercept of its time
     per call against the rows it runs: what a stage costs a batch even when few of its images reach it), and
     the calls' own ms per image; with ``hot`` (:func:`_hot_seconds`), each stage's ms per image when the batch
     before was the deepest at it (the last stage's: its all-through time); with ``shape``
-    (:func:`_shape_change_seconds`), each stage's extra ms per call after a call with another image count; with
-    ``small`` (counts, :func:`_small_count_seconds`), each stage's ms per call at those few images."""
+    (:func:`_shape_change_seconds`), each stage's extra ms per call after a call with another image count."""
     (secs, calls), calls_per_stage = full, count / batch
     per_call = secs / calls_per_stage
     fixed = np.zeros_like(per_call)
@@ -263,9 +237,6 @@ def _row(batch: int, count: int, full: tuple, thin: Optional[tuple], thin_batch:
         row["stage_hot_ms"] = [float(v) for v in hot[:-1] / count * 1e3] + row["stage_ms"][-1:]
     if shape is not None:
         row["stage_shape_ms"] = [float(v) for v in shape * 1e3]
-    if small is not None:
-        row["small_counts"] = [int(c) for c in small[0]]
-        row["stage_small_ms"] = [[float(v) for v in per_stage * 1e3] for per_stage in small[1]]
     return row
 
 
@@ -279,8 +250,7 @@ def measure(model, images: np.ndarray, batch_sizes: Sequence[int], repeats: int 
     (``overhead_ms``), each stage's ms per image with its weights left hot by a batch before that was the
     deepest at it (``stage_hot_ms``, the fastest of ``repeats`` rounds of every image leaving at its exit),
     at ``b > 1`` each stage's extra ms per call when the count of images it runs changes from the call before
-    (``stage_shape_ms``, :func:`_shape_change_seconds` at ``b // 8`` images), each stage's ms per call at 1, 2
-    and 4 images where those are below ``b // 8`` (``small_counts``, ``stage_small_ms``) and, with ``static``, the same
+    (``stage_shape_ms``, :func:`_shape_change_seconds` at ``b // 8`` images) and, with ``static``, the same
     runtime's static model's ms per image, its rounds interleaved with the cascade's so that load hits both
     alike. ``step`` is called once per batch size."""
     from dvt_core.runtime.contract import backend_of
@@ -307,9 +277,7 @@ def measure(model, images: np.ndarray, batch_sizes: Sequence[int], repeats: int 
             if static is not None:
                 static_best = min(static_best, _time_static(static, xs_static, 1))
         shape = None if batch == 1 else _shape_change_seconds(model, images, thin_batch, repeats)
-        counts = small_counts(batch)
-        small = (counts, _small_count_seconds(model, images[:count], counts, repeats)) if counts else None
-        row = _row(batch, count, full, slim, thin_batch, hot, shape, small)
+        row = _row(batch, count, full, slim, thin_batch, hot, shape)
         if static is not None:
             row["static_ms"] = float(static_best / count * 1e3)
         rows.append(row)
@@ -399,43 +367,7 @@ def expected_seconds(row: dict, exit_shares: Sequence[float]) -> float:
     shape = np.asarray(row.get("stage_shape_ms") or np.zeros_like(cold), np.float64)
     calls = (1.0 - (1.0 - reaching) ** b) / b
     per_call = fixed + (count_change_chances(reaching, b) * shape if shape.any() else 0.0)
-    total = (row.get("overhead_ms") or 0.0) + reaching @ (stage - fixed / b) + calls @ per_call
-    if row.get("small_counts"):  # the stages' calls priced on their measured curve instead of the line
-        total += (reaching @ (fixed / b - cold) - calls @ fixed
-                  + expected_call_ms(row, reaching).sum() / b)
-    return float(total) * 1e-3
-
-
-def expected_call_ms(row: dict, reaching: Sequence[float]) -> np.ndarray:
-    """Per stage, the expected all-through ms a batch of ``b`` pays for it, ``sum_m P(N = m) T(m)``: ``N`` the
-    images that reach it (binomial, each with chance ``reaching[k]``; ``T(0) = 0``), ``T`` its ms per call,
-    piecewise linear through the measured counts (``small_counts``), ``b // 8`` (the fitted line's value
-    there) and ``b``. Without small counts this is ``calls x fixed + reaching x b x slope``, the line."""
-    b = int(row["batch"])
-    cold = np.asarray(row["stage_ms"], np.float64)
-    fixed = np.asarray(row.get("stage_call_ms") or np.zeros_like(cold), np.float64)
-    counts = [int(c) for c in row.get("small_counts") or []]
-    small = np.asarray(row.get("stage_small_ms") or np.zeros((len(cold), 0)), np.float64)
-    thin, m = max(1, b // 8), np.arange(1, b + 1, dtype=np.float64)
-    out = np.zeros(len(cold))
-    for k, r in enumerate(np.asarray(reaching, np.float64)):
-        slope = cold[k] - fixed[k] / b  # ms per image along the fitted line
-        xs = counts + ([thin] if thin not in counts and thin < b else []) + [b]
-        ys = list(small[k]) + ([fixed[k] + slope * thin] if thin not in counts and thin < b else []) + [cold[k] * b]
-        curve = np.interp(m, xs, ys) if counts else fixed[k] + slope * m
-        out[k] = _binomial_pmf(b, r)[1:] @ curve
-    return out
-
-
-def _binomial_pmf(b: int, r: float) -> np.ndarray:
-    """P(N = 0..b) for N ~ Binomial(b, r)."""
-    if r <= 0.0 or r >= 1.0:
-        pmf = np.zeros(b + 1)
-        pmf[b if r >= 1.0 else 0] = 1.0
-        return pmf
-    j = np.arange(b + 1, dtype=np.float64)
-    log_choose = np.array([math.lgamma(b + 1) - math.lgamma(k + 1) - math.lgamma(b - k + 1) for k in range(b + 1)])
-    return np.exp(log_choose + j * math.log(r) + (b - j) * math.log1p(-r))
+    return float((row.get("overhead_ms") or 0.0) + reaching @ (stage - fixed / b) + calls @ per_call) * 1e-3
 
 
 def count_change_chances(reaching: Sequence[float], batch: int) -> np.ndarray:
@@ -444,12 +376,14 @@ def count_change_chances(reaching: Sequence[float], batch: int) -> np.ndarray:
     independent, counts of 0 skipped): ``1 - sum_j p_j ** 2 / (1 - p_0) ** 2``. 0 at batch 1 and for a stage
     every image reaches; near 1 at batch 64 for a stage a third of the images reach."""
     b = int(batch)
+    j = np.arange(b + 1, dtype=np.float64)
+    log_choose = np.array([math.lgamma(b + 1) - math.lgamma(k + 1) - math.lgamma(b - k + 1) for k in range(b + 1)])
     out = []
     for r in np.asarray(reaching, np.float64):
         if r <= 0.0 or r >= 1.0:
             out.append(0.0)
             continue
-        pmf = _binomial_pmf(b, r)
+        pmf = np.exp(log_choose + j * math.log(r) + (b - j) * math.log1p(-r))
         out.append(float(max(0.0, 1.0 - (pmf[1:] ** 2).sum() / (1.0 - pmf[0]) ** 2)))
     return np.asarray(out)
 

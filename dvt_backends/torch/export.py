@@ -80,19 +80,10 @@ def _padded_taps(resize: TokenResize) -> tuple[torch.Tensor, torch.Tensor]:
     return index.to(resize.indices.device), weight.to(resize.weights.device)
 
 
-def _dense_matrix(resize: TokenResize) -> torch.Tensor:
-    """The resize as its (n_new, n_old) matrix (at most four non-zero weights a row)."""
-    matrix = torch.zeros(resize.n_new, resize.n_old, dtype=resize.weights.dtype)
-    rows = torch.repeat_interleave(torch.arange(resize.n_new),
-                                   torch.diff(torch.cat((resize.offsets.cpu(), torch.tensor([resize.nnz])))))
-    matrix.index_put_((rows, resize.indices.cpu()), resize.weights.cpu(), accumulate=True)
-    return matrix.to(resize.weights.device)
-
-
 def _resize_dense(self: TokenResize, x: torch.Tensor) -> torch.Tensor:
     """TokenResize as one MatMul by its constant matrix: more multiply-adds than the taps, but a product
     that runtimes run at full speed (and fuse with what is around it), where a gather runs as a copy loop."""
-    return torch.matmul(self._export_matrix.to(x.dtype), x)
+    return torch.matmul(self.matrix.to(x.dtype), x)
 
 
 def _resize_by_gather(self: TokenResize, x: torch.Tensor) -> torch.Tensor:
@@ -112,7 +103,7 @@ def _relation_reuse_activation_left(self: RelationReuse, prev_logits) -> torch.T
     bf16 hint: 0.95 of the time; fp32 and ONNX Runtime unchanged; docs/deploy.md). The 1x1 mixing before it is
     activation x constant too (:func:`_relations_mixed_export`)."""
     r = self.mixed(prev_logits)  # (depth, B, heads, keys, queries), small grid
-    m_t = self.resize._export_matrix.t().to(r.dtype)  # (n, N)
+    m_t = self.resize.matrix.t().to(r.dtype)  # (n, N)
     r = torch.matmul(r, m_t)  # queries resized: (depth, B, heads, keys, N)
     return torch.matmul(r.transpose(-2, -1), m_t)  # keys resized: (depth, B, heads, N, N), queries first
 
@@ -124,7 +115,7 @@ def _relation_reuse_factored_export(self: RelationReuse, prev_logits) -> tuple:
     and its (N x N) tensors are never written. The repeat is written as ``R + 0 x`` a slice of the activation, so
     that no node computes a shape from the batch size."""
     r = self.mixed(prev_logits)  # (depth, B, heads, keys, queries), small grid
-    m_t = self.resize._export_matrix.t().to(r.dtype)  # (n, N)
+    m_t = self.resize.matrix.t().to(r.dtype)  # (n, N)
     queries_resized = torch.matmul(r, m_t).transpose(-2, -1)  # (depth, B, heads, N queries, n keys): R M
     matrix = m_t.t() + queries_resized[0, :, :, :1, :1] * 0  # (B, heads, N keys, n)
     return tuple(FactoredLogits(left, matrix) for left in queries_resized)
@@ -194,7 +185,6 @@ def exportable(model: DVT, resize: str = "gather"):
         m._split = types.MethodType(_split_by_gather, m)
     for m in resizes:
         if resize == "dense":
-            m._export_matrix = _dense_matrix(m)
             m.forward = types.MethodType(_resize_dense, m)
         else:
             m._export_taps = _padded_taps(m)
@@ -228,7 +218,6 @@ def exportable(model: DVT, resize: str = "gather"):
             del m.factored
         for m in resizes:
             m.__dict__.pop("_export_taps", None)
-            m.__dict__.pop("_export_matrix", None)
 
 
 def export_stages(model: DVT, out_dir: Path, opset: int = 17, batch: int = 2, resize: str = "gather",

@@ -276,7 +276,7 @@ class TokenResize(nn.Module):
         self.register_buffer("indices", torch.from_numpy(taps.indices), persistent=False)
         self.register_buffer("offsets", torch.from_numpy(taps.indptr[:-1].copy()), persistent=False)
         self.register_buffer("weights", torch.from_numpy(taps.weights), persistent=False)
-        # the same resize as an (n_new, n_old) matrix: the left factor of relation reuse's FactoredLogits
+        # the same resize as an (n_new, n_old) matrix: what FactoredLogits and the export's dense form multiply by
         self.register_buffer("matrix", torch.from_numpy(token_resize_matrix(old, new, class_token)), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -129,7 +129,8 @@ def _relation_reuse_factored_export(self: RelationReuse, prev_logits) -> tuple:
 
 def _attention_export(self: Attention, x: torch.Tensor, reused_logits=None, need_logits: bool = True):
     """Attention as reshape, one Split into q, k, v (heads-major), products, softmax: reused + scale * q k^T,
-    the module's order of operations; the logits are returned when asked, as the module does."""
+    the module's order of operations, or with factored reused logits one product over the joined columns; the
+    logits are returned when asked, as the module does."""
     n, c = int(x.shape[1]), int(x.shape[2])
     h = self.num_heads
     qkv = self.qkv(x).reshape(-1, n, 3 * h, c // h).transpose(1, 2)  # (B, 3 x heads, N, d): q, k, v heads
@@ -139,8 +140,8 @@ def _attention_export(self: Attention, x: torch.Tensor, reused_logits=None, need
         logits = torch.matmul(qa, torch.cat((k, reused_logits.right.to(k.dtype)), dim=-1).transpose(-2, -1))
     else:
         logits = torch.matmul(q, k.transpose(-2, -1)) * self.scale
-    if reused_logits is not None and not isinstance(reused_logits, FactoredLogits):
-        logits = reused_logits.to(logits.dtype) + logits
+        if reused_logits is not None:
+            logits = reused_logits.to(logits.dtype) + logits
     y = torch.matmul(logits.softmax(dim=-1), v)  # (B, heads, N, d)
     return self.proj(y.transpose(1, 2).reshape(-1, n, c)), (logits if need_logits else None)
 

@@ -205,7 +205,7 @@ class Attention(nn.Module):
         """``scale q k^T + left right^T`` as one batched product over the joined columns; in bfloat16 / float16
         the joined inner size is padded with zero columns to a multiple of 32 (the matrix units' step), which
         adds nothing to any sum. The scale multiplies q, exact where it is a power of two (head sizes 16, 64)."""
-        rows, n, d = q.shape
+        d = q.shape[-1]
         width = d + reused.left.shape[-1]
         pad = 0 if q.dtype == torch.float32 else -width % 32
         qa = _with_columns(q, reused.left, pad)
